@@ -1,0 +1,213 @@
+"""Hashed coordinate index over the voxels of a multi-level sparse map.
+
+The index answers "which feature row holds voxel (b, l, coords)?" for millions of
+lookups at once, through spconv's ``HashTable`` (CPU and CUDA). It is built once
+per multi-level map and reused as long as the voxel *coordinates* do not change
+(every layer of an encoder): only features change between layers.
+
+Row convention: row ``r`` of the index is row ``r`` of the concatenated feature
+matrix returned by :func:`adapters.multilevel_features` for the same map, i.e.
+
+* a list of ``SparseConvTensor`` (one per level): ``torch.cat([lvl.features for lvl in levels])``,
+  levels in order, each level's rows in its own order;
+* a COO stack ``[batch, *spatial, n_levels, channels]``: the rows of
+  ``stacked.coalesce().values()`` (sorted by batch, spatial coords, level).
+
+Keys are linearised as ``((b * L + l) * S_0 + c_0) * S_1 + c_1 ...`` with ``S`` the
+per-axis maximum over levels; an overflow of int64 is a clear error. Coordinates
+that are negative or outside their own level's shape, and batch/level indices out
+of range, are reported "not found" and never reach the table, so they can never
+alias another voxel.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .spconv_compat import hash_insert, hash_query, new_hash_table, table_size
+from .validation import as_level_spatial_shapes, check_integer_tensor, check_voxel_bounds, in_bounds
+
+__all__ = ["SparseCoordinateIndex"]
+
+_MAX_KEY = 2**62
+
+
+class SparseCoordinateIndex:
+    """Hash index of a multi-level sparse voxel map.
+
+    Args:
+        batch_indices: ``[N]`` integer batch index of each row.
+        level_indices: ``[N]`` integer level index of each row.
+        spatial_indices: ``[N, position_dim]`` integer coordinates of each row in its
+            level's grid, spconv axis order ((y, x) or (z, y, x)).
+        level_spatial_shapes: ``[n_levels, position_dim]`` shape of each level's grid.
+        batch_size: number of batch items (items may hold no voxel).
+
+    Attributes:
+        n_voxels, n_levels, position_dim, batch_size, device
+        level_spatial_shapes: int64 ``[n_levels, position_dim]``
+        batch_indices, level_indices: int64 ``[N]``; spatial_indices: int64 ``[N, position_dim]``
+
+    Raises:
+        ValueError: coordinates outside their level, duplicate voxels, shape mismatches,
+            key-space overflow.
+    """
+
+    def __init__(
+        self,
+        batch_indices: torch.Tensor,
+        level_indices: torch.Tensor,
+        spatial_indices: torch.Tensor,
+        level_spatial_shapes,
+        batch_size: int,
+    ) -> None:
+        check_integer_tensor("batch_indices", batch_indices)
+        check_integer_tensor("level_indices", level_indices)
+        check_integer_tensor("spatial_indices", spatial_indices)
+        device = spatial_indices.device
+        shapes = as_level_spatial_shapes(level_spatial_shapes, device=device)
+        n_levels, dim = shapes.shape
+        if spatial_indices.ndim != 2 or spatial_indices.shape[1] != dim:
+            raise ValueError(
+                f"spatial_indices must have shape [N, {dim}] to match level_spatial_shapes, "
+                f"got spatial_indices.shape={tuple(spatial_indices.shape)}"
+            )
+        n = spatial_indices.shape[0]
+        for name, t in (("batch_indices", batch_indices), ("level_indices", level_indices)):
+            if t.shape != (n,):
+                raise ValueError(f"{name} must have shape [{n}], got {name}.shape={tuple(t.shape)}")
+        if not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"batch_size must be a non-negative int, got {batch_size=}")
+
+        self.batch_size = batch_size
+        self.level_spatial_shapes = shapes
+        self.batch_indices = batch_indices.to(torch.int64)
+        self.level_indices = level_indices.to(torch.int64)
+        self.spatial_indices = spatial_indices.to(torch.int64)
+        self._axis_extent = shapes.max(0).values  # [dim]
+        key_space = batch_size * n_levels * int(torch.prod(self._axis_extent))
+        if key_space >= _MAX_KEY:
+            raise ValueError(
+                f"key space batch_size * n_levels * prod(max spatial shape) = {key_space} overflows int64 keys"
+            )
+
+        check_voxel_bounds("SparseCoordinateIndex", self.batch_indices, self.level_indices, self.spatial_indices, shapes, batch_size)
+        keys = self._keys(self.batch_indices, self.level_indices, self.spatial_indices)
+        self._table = new_hash_table(device, n)
+        hash_insert(self._table, keys, torch.arange(n, dtype=torch.int64, device=device))
+        size = table_size(self._table)
+        if size is None:  # CUDA table: no size, count distinct keys instead
+            size = int(torch.unique(keys).numel()) if n else 0
+        if size != n:
+            raise ValueError(f"duplicate coordinates: {n - size} of {n} voxels repeat a (batch, level, coords) key")
+
+    # -- construction helpers -------------------------------------------------------------
+    @classmethod
+    def from_spconv(cls, levels) -> "SparseCoordinateIndex":
+        """Index of a list of ``SparseConvTensor`` (one per level); see module docstring for row order."""
+        from .conversion import check_spconv_levels
+
+        levels, batch_size, shapes = check_spconv_levels(levels)
+        indices = torch.cat([lvl.indices for lvl in levels]).to(torch.int64)
+        level_indices = torch.cat(
+            [torch.full((lvl.indices.shape[0],), i, dtype=torch.int64, device=indices.device) for i, lvl in enumerate(levels)]
+        )
+        return cls(indices[:, 0], level_indices, indices[:, 1:], shapes, batch_size)
+
+    @classmethod
+    def from_coo_stack(cls, stacked: torch.Tensor, level_spatial_shapes) -> "SparseCoordinateIndex":
+        """Index of a COO stack ``[batch, *spatial, n_levels, channels]`` (rows in coalesced order)."""
+        from .conversion import check_coo_stack
+
+        stacked, shapes = check_coo_stack(stacked, level_spatial_shapes)
+        idx = stacked.coalesce().indices() if not stacked.is_coalesced() else stacked.indices()
+        return cls(idx[0], idx[-1], idx[1:-1].T, shapes, stacked.shape[0])
+
+    # -- queries --------------------------------------------------------------------------
+    @property
+    def n_voxels(self) -> int:
+        return self.spatial_indices.shape[0]
+
+    @property
+    def n_levels(self) -> int:
+        return self.level_spatial_shapes.shape[0]
+
+    @property
+    def position_dim(self) -> int:
+        return self.level_spatial_shapes.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.spatial_indices.device
+
+    def _valid(self, b: torch.Tensor, l: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return in_bounds(b, l, c, self.level_spatial_shapes, self.batch_size)
+
+    def _keys(self, b: torch.Tensor, l: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        key = b * self.n_levels + l
+        for axis in range(self.position_dim):
+            key = key * self._axis_extent[axis] + c[..., axis]
+        return key
+
+    def lookup(
+        self,
+        batch_indices: torch.Tensor,
+        level_indices: torch.Tensor,
+        spatial_indices: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Find the feature rows of voxels.
+
+        Args:
+            batch_indices: integer ``[...]`` (broadcastable with the others).
+            level_indices: integer ``[...]``.
+            spatial_indices: integer ``[..., position_dim]``, spconv axis order.
+
+        Returns:
+            ``(rows, found)``: int64 ``[...]`` rows (``-1`` where not found) and a bool
+            ``[...]`` mask. Out-of-range batch, level or coordinates are not found.
+        """
+        c = spatial_indices.to(torch.int64)
+        if c.shape[-1] != self.position_dim:
+            raise ValueError(
+                f"spatial_indices must have a last dim of {self.position_dim}, got spatial_indices.shape={tuple(c.shape)}"
+            )
+        b = batch_indices.to(torch.int64)
+        l = level_indices.to(torch.int64)
+        b, l = torch.broadcast_tensors(b, l)
+        shape = torch.broadcast_shapes(b.shape, c.shape[:-1])
+        b, l = b.expand(shape), l.expand(shape)
+        c = c.expand(*shape, self.position_dim)
+        valid = self._valid(b, l, c)
+        keys = self._keys(b, l, c)[valid]
+        rows = torch.full(shape, -1, dtype=torch.int64, device=c.device)
+        if keys.numel() and self.n_voxels:
+            values, found = hash_query(self._table, keys.contiguous())
+            rows[valid] = torch.where(found, values, -1)
+        return rows, rows >= 0
+
+    def matches(self, batch_indices: torch.Tensor, level_indices: torch.Tensor, spatial_indices: torch.Tensor) -> bool:
+        """True when the given per-row coordinates are exactly those the index was built from (O(N))."""
+        return (
+            spatial_indices.shape == self.spatial_indices.shape
+            and torch.equal(spatial_indices.to(torch.int64), self.spatial_indices)
+            and torch.equal(batch_indices.to(torch.int64), self.batch_indices)
+            and torch.equal(level_indices.to(torch.int64), self.level_indices)
+        )
+
+    def to(self, device) -> "SparseCoordinateIndex":
+        """The same index on another device (rebuilt there)."""
+        return SparseCoordinateIndex(
+            self.batch_indices.to(device),
+            self.level_indices.to(device),
+            self.spatial_indices.to(device),
+            self.level_spatial_shapes.to(device),
+            self.batch_size,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n_voxels={self.n_voxels}, batch_size={self.batch_size}, "
+            f"level_spatial_shapes={self.level_spatial_shapes.tolist()}, device={self.device})"
+        )

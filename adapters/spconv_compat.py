@@ -1,0 +1,120 @@
+"""Narrow workarounds for the two defects of spconv's CPU wheel.
+
+1. ``HashTable.insert`` / ``HashTable.query`` on a *CPU* table do their work and
+   then raise ``RuntimeError("... spconv not compiled with cuda ...")``.
+   :func:`hash_insert` and :func:`hash_query` call the underlying C++ table,
+   swallow exactly that message for CPU tables only, and verify that the work
+   was done (table size after an insert, every "is empty" flag written after a
+   query). Any other error propagates.
+2. With a CPU-only torch, every sparse-convolution backward dies in
+   ``spconv.pytorch.ops.get_current_stream`` ("Torch not compiled with CUDA
+   enabled"). :func:`patch_spconv_cpu_stream` makes it return stream ``0`` when
+   torch has no CUDA; it is applied once when :mod:`adapters` is imported.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from spconv.pytorch.cppcore import torch_tensor_to_tv
+from spconv.pytorch.hash import HashTable
+
+__all__ = ["hash_insert", "hash_query", "new_hash_table", "patch_spconv_cpu_stream"]
+
+_NO_CUDA_MESSAGE = "spconv not compiled with cuda"
+
+
+def _is_no_cuda_error(err: RuntimeError) -> bool:
+    return _NO_CUDA_MESSAGE in str(err)
+
+
+def new_hash_table(device: torch.device, capacity: int) -> HashTable:
+    """An int64 -> int64 spconv ``HashTable`` on ``device`` for ``capacity`` keys."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return HashTable(device, torch.int64, torch.int64)
+    return HashTable(device, torch.int64, torch.int64, max_size=max(2 * capacity, 16))
+
+
+def table_size(table: HashTable) -> Optional[int]:
+    """Number of keys held by a CPU table (``None`` for CUDA tables)."""
+    return table._table.size_cpu() if table.is_cpu else None
+
+
+def hash_insert(table: HashTable, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """``table.insert(keys, values)`` that survives defect (1) on CPU tables.
+
+    For a CPU table the size after the insert is checked to have grown by the
+    number of distinct new keys at most, and by at least one when keys were given,
+    so a swallowed error cannot hide an insert that did not happen.
+    """
+    if keys.numel() == 0:
+        return
+    if not table.is_cpu:
+        table.insert(keys, values)
+        return
+    before = table_size(table)
+    try:
+        table.insert(keys, values)
+    except RuntimeError as err:
+        if not _is_no_cuda_error(err):
+            raise
+    after = table_size(table)
+    if not (before < after <= before + keys.numel()):
+        raise RuntimeError(
+            f"spconv HashTable.insert did not insert: size {before} -> {after} "
+            f"after inserting {keys.numel()} keys"
+        )
+
+
+def hash_query(table: HashTable, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``table.query(keys)`` that survives defect (1) on CPU tables.
+
+    Returns ``(values, found)``: int64 values (undefined where not found) and a
+    bool mask. On CPU the "is empty" buffer is pre-filled with a sentinel (2)
+    that the C++ query must overwrite with 0/1 for every key; a query that did
+    not run is an error, never a silent miss.
+    """
+    n = keys.shape[0]
+    values = torch.empty(n, dtype=table.value_dtype, device=keys.device)
+    if n == 0:
+        return values, torch.zeros(0, dtype=torch.bool, device=keys.device)
+    if not table.is_cpu:
+        values, is_empty = table.query(keys, values)
+        return values, ~is_empty
+    is_empty = torch.full((n,), 2, dtype=torch.uint8, device=keys.device)
+    try:
+        table._table.query(
+            torch_tensor_to_tv(keys), torch_tensor_to_tv(values), torch_tensor_to_tv(is_empty), 0
+        )
+    except RuntimeError as err:
+        if not _is_no_cuda_error(err):
+            raise
+    if bool((is_empty > 1).any()):
+        raise RuntimeError("spconv HashTable.query did not write every result")
+    return values, is_empty == 0
+
+
+def patch_spconv_cpu_stream() -> bool:
+    """Make spconv's ``get_current_stream`` return 0 when torch has no CUDA.
+
+    Returns True when the patch is (already) installed. On a CUDA-enabled torch
+    nothing is changed.
+    """
+    if torch.cuda.is_available():
+        return False
+    import spconv.pytorch.cppcore as cppcore
+    import spconv.pytorch.hash as hash_module
+    import spconv.pytorch.ops as ops
+    import spconv.pytorch.utils as utils
+
+    def get_current_stream() -> int:
+        return 0
+
+    get_current_stream._sparse_msda_patch = True  # type: ignore[attr-defined]
+    for module in (cppcore, ops, hash_module, utils):
+        current = getattr(module, "get_current_stream", None)
+        if current is not None and not getattr(current, "_sparse_msda_patch", False):
+            module.get_current_stream = get_current_stream
+    return True

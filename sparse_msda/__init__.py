@@ -1,0 +1,1 @@
+"""sparse-msda: sparse multi-scale deformable and neighborhood attention for spconv maps."""
