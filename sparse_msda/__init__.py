@@ -1,1 +1,20 @@
-"""sparse-msda: sparse multi-scale deformable and neighborhood attention for spconv maps."""
+"""sparse-msda: sparse multi-scale deformable and neighborhood attention for spconv maps.
+
+Layout:
+    sparse_msda.inputs      -- validation/normalisation of the layers' public inputs
+    sparse_msda.functional  -- the functional core (sampling, gathering, attention math)
+    sparse_msda.modules     -- thin nn.Module layers and blocks on top of it
+    adapters                -- (separate package) spconv <-> COO conversion, hashed coordinate index
+"""
+
+from adapters import SparseCoordinateIndex
+
+# --- deformable attention (issue 3) ---
+
+# --- neighborhood attention (issue 4) ---
+
+# --- encoder (issue 5) ---
+
+__all__ = [
+    "SparseCoordinateIndex",
+]

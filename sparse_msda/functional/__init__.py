@@ -1,0 +1,1 @@
+"""Functional core: sampling, gathering and attention math (no parameters)."""

@@ -1,0 +1,1 @@
+"""Thin nn.Module layers and blocks over sparse_msda.functional."""
