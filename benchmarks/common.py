@@ -1,0 +1,340 @@
+"""Shared benchmark harness: every case in a fresh subprocess, wall time and peak memory.
+
+Usage (from a benchmark module such as ``benchmarks/msda.py``; run it from the repository root
+as ``python -m benchmarks.msda``)::
+
+    from benchmarks.common import Case, add_common_args, run_cases
+
+    def setup_dense(n_queries: int, device: str = "cpu"):
+        # module-level function: builds inputs (not timed) and returns a zero-arg callable
+        x = torch.randn(n_queries, 256, device=device)
+        return lambda: x @ x.T  # the timed operation
+
+    if __name__ == "__main__":          # required: cases run in spawned subprocesses
+        args = add_common_args(argparse.ArgumentParser()).parse_args()
+        cases = [Case("dense", setup_dense, {"n_queries": n}) for n in (1000, 4000)]
+        run_cases(cases, repeats=args.repeats, warmup=args.warmup, out=args.out)
+
+What is measured, per case, in a *fresh* ``multiprocessing`` "spawn" child (so caches, the
+allocator and the high-water mark of one case never leak into another):
+
+1. ``torch.set_num_threads(2)`` (the CI machine has 2 cores), then ``fn = case.setup(**case.kwargs)``.
+2. ``warmup`` untimed calls of ``fn()`` (default 1).
+3. Memory baseline: ``gc.collect()``, glibc ``malloc_trim(0)`` (so freed-but-cached heap is
+   returned and cannot hide the op's allocations), the kernel's peak-RSS counter is reset by
+   writing ``5`` to ``/proc/self/clear_refs`` (that resets ``VmHWM`` and hence
+   ``resource.getrusage(RUSAGE_SELF).ru_maxrss``), and the current RSS is read from
+   ``/proc/self/statm``.
+4. ``repeats`` timed calls (default 5), each ``time.perf_counter`` around ``fn()`` (with
+   ``torch.cuda.synchronize()`` before and after on CUDA); the result is dropped after each call.
+5. ``peak RSS`` = ``ru_maxrss`` after the calls minus the RSS before them: the extra resident
+   memory the operation needed at its peak (inputs built by ``setup`` are not counted; outputs
+   are, while alive). If the counter could not be reset (no ``/proc/self/clear_refs``) the column
+   says ``(no reset)`` and the number is only a lower bound. On CUDA ``peak CUDA`` is
+   ``torch.cuda.max_memory_allocated()`` (reset before the calls) minus the allocated bytes before.
+
+The table reports the median and the minimum of the repeats. A case that raises, or runs past
+``timeout`` seconds, appears as a row with the error instead of numbers; the others still run.
+
+Real-scan inputs: :func:`scan_levels` builds the VoxelBackBone8x-shaped multi-level spconv map of
+the shipped scan (``examples/data/``; more frames from ``../shared/data/lidar/`` when present) via
+:mod:`sparse_msda.lidar`; :func:`sparse_msda.lidar.random_bev_levels` gives the synthetic
+reference setting (4 BEV levels 256..32, 5 % occupancy, batch 2, 256 channels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+__all__ = [
+    "Case",
+    "Result",
+    "REPO_ROOT",
+    "add_common_args",
+    "format_table",
+    "run_case",
+    "run_cases",
+    "scan_frames",
+    "scan_levels",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_THREADS = 2
+
+
+@dataclass
+class Case:
+    """One benchmark case.
+
+    Attributes:
+        name: row label.
+        setup: a *module-level* function (picklable by reference) that builds the inputs and
+            returns a zero-argument callable: the operation that is timed.
+        kwargs: keyword arguments for ``setup``; shown in the table's ``params`` column.
+        columns: extra table columns for this row (e.g. ``{"voxels": 1_000_000}``).
+    """
+
+    name: str
+    setup: Callable[..., Callable[[], Any]]
+    kwargs: dict = field(default_factory=dict)
+    columns: dict = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    case: Case
+    times_s: list = field(default_factory=list)
+    peak_rss_bytes: Optional[int] = None
+    rss_reset: bool = True
+    peak_cuda_bytes: Optional[int] = None
+    device: str = "cpu"
+    error: Optional[str] = None
+
+    @property
+    def median_ms(self) -> Optional[float]:
+        return 1e3 * statistics.median(self.times_s) if self.times_s else None
+
+    @property
+    def min_ms(self) -> Optional[float]:
+        return 1e3 * min(self.times_s) if self.times_s else None
+
+
+# --- memory probes (Linux) ------------------------------------------------------------------
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# --- the child ------------------------------------------------------------------------------
+def _measure(case: Case, warmup: int, repeats: int) -> Result:
+    import torch
+
+    torch.set_num_threads(NUM_THREADS)
+    fn = case.setup(**case.kwargs)
+    cuda = torch.cuda.is_available() and any("cuda" in str(v) for v in case.kwargs.values())
+    result = Result(case, device="cuda" if cuda else "cpu")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        out = fn()
+        del out
+    sync()
+    gc.collect()
+    _malloc_trim()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_before = torch.cuda.memory_allocated()
+    result.rss_reset = _reset_peak_rss()
+    rss_before = _current_rss_bytes()
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        result.times_s.append(time.perf_counter() - t0)
+        del out
+    result.peak_rss_bytes = max(_maxrss_bytes() - rss_before, 0)
+    if cuda:
+        result.peak_cuda_bytes = torch.cuda.max_memory_allocated() - cuda_before
+    result.case = Case(case.name, case.setup.__name__, case.kwargs, case.columns)  # type: ignore[arg-type]
+    return result
+
+
+def _child(conn, case: Case, warmup: int, repeats: int) -> None:
+    try:
+        result = _measure(case, warmup, repeats)
+    except BaseException as err:  # reported as a table row
+        result = Result(Case(case.name, getattr(case.setup, "__name__", "?"), case.kwargs, case.columns))  # type: ignore[arg-type]
+        result.error = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+        traceback.print_exc()
+    conn.send(result)
+    conn.close()
+
+
+def run_case(case: Case, *, warmup: int = 1, repeats: int = 5, timeout: float = 600.0) -> Result:
+    """Run one case in a fresh spawned subprocess and return its :class:`Result`."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, case, warmup, repeats))
+    proc.start()
+    child.close()
+    result, timed_out = None, not parent.poll(timeout)
+    if not timed_out:
+        try:
+            result = parent.recv()
+        except EOFError:
+            result = None
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if result is None:
+        result = Result(case)
+        result.error = f"timed out after {timeout:.0f} s" if timed_out else f"subprocess died (exit code {proc.exitcode})"
+    result.case = case
+    return result
+
+
+# --- reporting ------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v:,}"
+    return str(v)
+
+
+def format_table(results: Sequence[Result]) -> str:
+    """Markdown table: case, params, extra columns, median/min ms, peak RSS MiB (+ peak CUDA MiB)."""
+    extra = []
+    for r in results:
+        extra += [k for k in r.case.columns if k not in extra]
+    any_cuda = any(r.peak_cuda_bytes is not None for r in results)
+    head = ["case", "params", *extra, "median ms", "min ms", "peak RSS MiB"] + (["peak CUDA MiB"] if any_cuda else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in r.case.kwargs.items())
+        cells = [r.case.name, params] + [_fmt(r.case.columns.get(k, "")) for k in extra]
+        if r.error:
+            cells += [f"error: {r.error}", "", ""] + ([""] if any_cuda else [])
+        else:
+            mem = f"{r.peak_rss_bytes / 2**20:.1f}" + ("" if r.rss_reset else " (no reset)")
+            cells += [f"{r.median_ms:.3f}", f"{r.min_ms:.3f}", mem]
+            if any_cuda:
+                cells.append("" if r.peak_cuda_bytes is None else f"{r.peak_cuda_bytes / 2**20:.1f}")
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def run_cases(
+    cases: Sequence[Case],
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    timeout: float = 600.0,
+    out: Optional[str] = None,
+    title: Optional[str] = None,
+    verbose: bool = True,
+) -> str:
+    """Run every case (each in a fresh subprocess), print and return the markdown table.
+
+    Args:
+        cases: the cases, run one after the other.
+        warmup / repeats: untimed and timed calls per case.
+        timeout: seconds per case (setup included) before its subprocess is killed.
+        out: also write the table (with a header line naming the machine) to this file.
+        title: a heading printed above the table.
+    """
+    results = []
+    for case in cases:
+        if verbose:
+            print(f"[bench] {case.name} {case.kwargs} ...", file=sys.stderr, flush=True)
+        results.append(run_case(case, warmup=warmup, repeats=repeats, timeout=timeout))
+    table = format_table(results)
+    header = (
+        f"{title + chr(10) + chr(10) if title else ''}"
+        f"_{machine_description()}; torch.set_num_threads({NUM_THREADS}); warm-up {warmup}, "
+        f"median/min of {repeats}; each case in a fresh subprocess._\n\n"
+    )
+    text = header + table
+    print(text, flush=True)
+    if out:
+        Path(out).write_text(text + "\n")
+    return text
+
+
+def machine_description() -> str:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--repeats``, ``--warmup``, ``--timeout``, ``--out``, ``--device``, ``--quick``."""
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case before it is killed")
+    parser.add_argument("--out", default=None, help="also write the markdown table to this file")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    return parser
+
+
+# --- real-scan inputs -----------------------------------------------------------------------
+def scan_frames() -> list[Path]:
+    """The shipped frame, then the other frames in ``../shared/data/lidar/`` when present."""
+    frames = [REPO_ROOT / "examples" / "data" / "os1_128_1795.bin"]
+    shared = REPO_ROOT.parent / "shared" / "data" / "lidar"
+    if shared.is_dir():
+        frames += sorted(p for p in shared.glob("*.bin") if p.name != frames[0].name)
+    return frames
+
+
+def scan_levels(batch_size: int = 1, channels: Optional[int] = None, seed: int = 0, bev: bool = False):
+    """Multi-level spconv map of real scans (KITTI grid, VoxelBackBone8x shapes).
+
+    Args:
+        batch_size: number of frames; frames are taken from :func:`scan_frames` in order and
+            reused cyclically when there are fewer.
+        channels / seed: as in :func:`sparse_msda.lidar.multiscale_levels`.
+        bev: return the 2D BEV pyramid ``[200,176] .. [25,22]`` instead of the 3D levels.
+
+    Returns:
+        list of ``SparseConvTensor`` (3D: ``[41,1600,1408]``, ``[21,800,704]``, ``[11,400,352]``,
+        ``[5,200,176]``).
+    """
+    import adapters  # noqa: F401  (spconv CPU patches)
+    from sparse_msda import lidar
+
+    frames = scan_frames()
+    voxels = [lidar.voxelize(lidar.load_kitti_bin(frames[i % len(frames)])) for i in range(batch_size)]
+    x = lidar.stack_batch(voxels)
+    if bev:
+        return lidar.bev_levels(x, channels=channels, seed=seed)
+    return lidar.multiscale_levels(x, channels=channels, seed=seed)
