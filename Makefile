@@ -1,0 +1,41 @@
+# Single entry point: `make demo` (main job) and `make test` (test suite); `make bench` runs the
+# benchmarks. Each target creates .venv if missing and installs torch==2.13.0 FIRST (pinned: an
+# unpinned torch drags in gigabytes of CUDA packages), then the package with its extras.
+#
+# Variables: PYTHON (interpreter used to create .venv, default python3),
+#            SPCONV (the ONE spconv build extra: cpu (default), cu120, cu121, cu124, cu126).
+
+PYTHON ?= python3
+VENV ?= .venv
+SPCONV ?= cpu
+TORCH_PIN := torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q
+
+.PHONY: demo test bench venv clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-$(SPCONV)-test: pyproject.toml | $(PY)
+	$(PIP) $(TORCH_PIN)
+	$(PIP) -e '.[$(SPCONV),test]'
+	touch $@
+
+$(VENV)/.installed-$(SPCONV)-examples: $(VENV)/.installed-$(SPCONV)-test
+	$(PIP) -e '.[$(SPCONV),test,examples]'
+	touch $@
+
+venv: $(VENV)/.installed-$(SPCONV)-test
+
+test: $(VENV)/.installed-$(SPCONV)-test
+	$(PY) -m pytest -q
+
+demo: $(VENV)/.installed-$(SPCONV)-examples
+	$(PY) examples/demo.py
+
+bench: $(VENV)/.installed-$(SPCONV)-test
+	flock /tmp/bench.lock $(PY) -m benchmarks.index
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
