@@ -1,0 +1,169 @@
+"""Rotary position encoding (RoPE) over (full-scale spatial position, level index).
+
+A query or key of the multi-level neighborhood attention sits at a *position vector*
+``u = (p_0, ..., p_{D-1}, level)`` of ``D + 1`` coordinates: its spatial position in the
+frame of the largest level ("full scale", spconv axis order (y, x) / (z, y, x)) and the
+index of its level (a float). Each head's ``head_dim`` channels form ``head_dim // 2``
+rotation pairs; pair ``j`` of head ``h`` is rotated by the angle
+
+    theta[h, j] = sum_k freqs[h, j, k] * u[k]
+
+Channel pairing is "split half": pair ``j`` is ``(x[j], x[j + head_dim // 2])``, rotated as
+``(x1 cos - x2 sin, x1 sin + x2 cos)``. Because rotations compose,
+``<R(u_q) q, R(u_k) k> = <q, R(u_k - u_q) k>``: attention scores depend on relative
+positions only, and on nothing else about the positions.
+
+Frequency groups (``freq_group_pattern``): the rotation pairs are split into groups, and a
+pair's frequency vector is non-zero only on its group's coordinates.
+
+* ``"single"``: one group; every pair rotates with a mixed linear combination of all
+  spatial coordinates and the level (RoPE-Mixed style).
+* ``"partition"``: ``D + 1`` groups, one per spatial axis and one for the level (axial RoPE).
+* ``"spatial_level"``: two groups, the spatial axes (mixed) and the level.
+
+With ``enforce_freq_groups_equal`` the number of pairs (``head_dim // 2``) must divide
+equally among the groups; otherwise the first groups get one pair more.
+
+Initialisation (:func:`init_rope_frequencies`): the ``j``-th of the ``m`` pairs of a group gets
+magnitude ``spatial_base_theta ** (-j / m)`` on its spatial coordinates and
+``level_base_theta ** (-j / m)`` on the level, like the classic 1D RoPE spectrum
+``theta ** (-2j / head_dim)``. In a group with several spatial axes the spatial part is that
+magnitude times a random unit direction (per head and pair; per pair only with
+``share_heads``), so different pairs see different spatial directions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FREQ_GROUP_PATTERNS",
+    "apply_rope",
+    "init_rope_frequencies",
+    "rope_angles",
+    "rope_freq_groups",
+    "rope_group_sizes",
+    "rotate_pairs",
+]
+
+FREQ_GROUP_PATTERNS = ("single", "partition", "spatial_level")
+
+
+def rope_freq_groups(freq_group_pattern: str, position_dim: int) -> list[tuple[int, ...]]:
+    """Coordinates (``0..D-1`` spatial, ``D`` level) of each frequency group of a pattern.
+
+    Raises:
+        ValueError: unknown pattern.
+    """
+    n = position_dim + 1
+    if freq_group_pattern == "single":
+        return [tuple(range(n))]
+    if freq_group_pattern == "partition":
+        return [(k,) for k in range(n)]
+    if freq_group_pattern == "spatial_level":
+        return [tuple(range(position_dim)), (position_dim,)]
+    raise ValueError(
+        f"rope_freq_group_pattern must be one of {FREQ_GROUP_PATTERNS}, got {freq_group_pattern=}"
+    )
+
+
+def rope_group_sizes(n_pairs: int, n_groups: int, enforce_equal: bool) -> list[int]:
+    """Number of rotation pairs of each group.
+
+    Raises:
+        ValueError: ``enforce_equal`` and ``n_pairs`` not divisible by ``n_groups``, or fewer
+            pairs than groups.
+    """
+    if enforce_equal and n_pairs % n_groups != 0:
+        raise ValueError(
+            f"head_dim // 2 = {n_pairs} rotation pairs do not split equally into {n_groups} RoPE frequency "
+            f"groups (rope_enforce_freq_groups_equal=True); choose head_dim with head_dim // 2 divisible by "
+            f"{n_groups} or another rope_freq_group_pattern"
+        )
+    if n_pairs < n_groups:
+        raise ValueError(f"head_dim // 2 = {n_pairs} rotation pairs are fewer than the {n_groups} RoPE frequency groups")
+    base, extra = divmod(n_pairs, n_groups)
+    return [base + (1 if g < extra else 0) for g in range(n_groups)]
+
+
+def init_rope_frequencies(
+    n_heads: int,
+    head_dim: int,
+    position_dim: int,
+    spatial_base_theta: float = 100.0,
+    level_base_theta: float = 10.0,
+    share_heads: bool = False,
+    freq_group_pattern: str = "single",
+    enforce_freq_groups_equal: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, Tensor]:
+    """Initial frequencies and the group mask.
+
+    Returns:
+        ``(freqs, mask)``: float32 ``[H', head_dim // 2, position_dim + 1]`` with ``H' = 1`` if
+        ``share_heads`` else ``n_heads``, and a float mask of the same shape that is 1 on each
+        pair's group coordinates, 0 elsewhere (``freqs`` is already zero off the mask).
+
+    Raises:
+        ValueError: odd ``head_dim``, non-positive thetas, bad pattern, unequal groups.
+    """
+    if head_dim % 2 != 0:
+        raise ValueError(f"RoPE needs an even head_dim (embed_dim // n_heads), got {head_dim=}")
+    for name, theta in (("rope_spatial_base_theta", spatial_base_theta), ("rope_level_base_theta", level_base_theta)):
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0 or not math.isfinite(theta):
+            raise ValueError(f"{name} must be a positive finite number, got {name}={theta!r}")
+    groups = rope_freq_groups(freq_group_pattern, position_dim)
+    n_pairs = head_dim // 2
+    sizes = rope_group_sizes(n_pairs, len(groups), enforce_freq_groups_equal)
+    n_h = 1 if share_heads else n_heads
+    freqs = torch.zeros(n_h, n_pairs, position_dim + 1, dtype=torch.float64)
+    mask = torch.zeros_like(freqs)
+    start = 0
+    for coords, m in zip(groups, sizes):
+        j = torch.arange(m, dtype=torch.float64)
+        spatial = [k for k in coords if k < position_dim]
+        pairs = slice(start, start + m)
+        if spatial:
+            mag = spatial_base_theta ** (-j / m)  # [m]
+            if len(spatial) > 1:
+                direction = torch.randn(n_h, m, len(spatial), dtype=torch.float64, generator=generator)
+                direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            else:
+                direction = torch.ones(n_h, m, 1, dtype=torch.float64)
+            freqs[:, pairs, spatial] = mag[None, :, None] * direction
+        if position_dim in coords:
+            freqs[:, pairs, position_dim] = (level_base_theta ** (-j / m))[None, :]
+        mask[:, pairs, list(coords)] = 1.0
+        start += m
+    return freqs.float(), mask.float()
+
+
+def rope_angles(positions: Tensor, freqs: Tensor) -> Tensor:
+    """Rotation angles ``[..., H', n_pairs]`` of position vectors ``[..., D + 1]``.
+
+    Computed in float64 (positions of thousands of cells times frequencies near 1 would lose
+    ~1e-4 rad in float32), so relative-position invariance holds to float32 round-off.
+    """
+    return torch.einsum("...k,hjk->...hj", positions.to(torch.float64), freqs.to(torch.float64))
+
+
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate split-half pairs of ``x [..., H, head_dim]`` by angles given as ``cos``/``sin``
+    ``[..., H or 1, head_dim // 2]``."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def apply_rope(x: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:
+    """Rotate ``x [..., H, head_dim]`` at position vectors ``positions [..., D + 1]``.
+
+    ``freqs`` is ``[H or 1, head_dim // 2, D + 1]``. Differentiable w.r.t. ``x``,
+    ``positions`` and ``freqs``.
+    """
+    angles = rope_angles(positions, freqs)
+    return rotate_pairs(x, torch.cos(angles).to(x.dtype), torch.sin(angles).to(x.dtype))

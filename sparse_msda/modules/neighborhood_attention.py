@@ -1,0 +1,275 @@
+"""Multi-level sparse neighborhood attention block with rotary position encoding."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from adapters import SparseCoordinateIndex
+
+from ..functional.neighborhood import (
+    build_neighborhood_plan,
+    check_neighborhood_sizes,
+    default_chunk_pairs,
+    query_rope_positions,
+    sparse_neighborhood_attention,
+    voxel_rope_positions,
+)
+from ..functional.rope import apply_rope, init_rope_frequencies
+from ..inputs import check_embed_heads, check_position_dim, prepare_inputs
+
+__all__ = ["MultilevelRotaryEncoding", "SparseNeighborhoodAttentionBlock"]
+
+
+class MultilevelRotaryEncoding(nn.Module):
+    """Learnable RoPE frequencies over (full-scale spatial position, level index).
+
+    See :mod:`sparse_msda.functional.rope` for the rotation, the frequency-group patterns and
+    the initialisation. The frequencies are an ``nn.Parameter`` ``[H', head_dim // 2, D + 1]``
+    (``H' = 1`` with ``share_heads``), learnable, initialised from the base thetas; the entries
+    outside each pair's frequency group are held at zero by a fixed mask.
+    """
+
+    def __init__(
+        self,
+        n_heads: int,
+        head_dim: int,
+        position_dim: int,
+        spatial_base_theta: float = 100.0,
+        level_base_theta: float = 10.0,
+        share_heads: bool = False,
+        freq_group_pattern: str = "single",
+        enforce_freq_groups_equal: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(share_heads, bool):
+            raise TypeError(f"rope_share_heads must be a bool, got {share_heads=}")
+        if not isinstance(enforce_freq_groups_equal, bool):
+            raise TypeError(f"rope_enforce_freq_groups_equal must be a bool, got {enforce_freq_groups_equal=}")
+        self.n_heads, self.head_dim, self.position_dim = n_heads, head_dim, position_dim
+        self.spatial_base_theta, self.level_base_theta = spatial_base_theta, level_base_theta
+        self.share_heads, self.freq_group_pattern = share_heads, freq_group_pattern
+        self.enforce_freq_groups_equal = enforce_freq_groups_equal
+        freqs, mask = self._init()  # validates
+        self.freqs = nn.Parameter(freqs)
+        self.register_buffer("freq_mask", mask, persistent=False)
+
+    def _init(self, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+        return init_rope_frequencies(
+            self.n_heads, self.head_dim, self.position_dim, self.spatial_base_theta, self.level_base_theta,
+            self.share_heads, self.freq_group_pattern, self.enforce_freq_groups_equal, generator,
+        )
+
+    def reset_parameters(self) -> None:
+        freqs, mask = self._init()
+        with torch.no_grad():
+            self.freqs.copy_(freqs)
+        self.freq_mask.copy_(mask)
+
+    def frequencies(self) -> Tensor:
+        """Effective frequencies ``[H', head_dim // 2, D + 1]`` (zero off each pair's group)."""
+        return self.freqs * self.freq_mask
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate ``x [..., H, head_dim]`` at position vectors ``[..., D + 1]``."""
+        return apply_rope(x, positions, self.frequencies())
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_heads={self.n_heads}, head_dim={self.head_dim}, position_dim={self.position_dim}, "
+            f"spatial_base_theta={self.spatial_base_theta}, level_base_theta={self.level_base_theta}, "
+            f"share_heads={self.share_heads}, freq_group_pattern={self.freq_group_pattern!r}"
+        )
+
+
+class SparseNeighborhoodAttentionBlock(nn.Module):
+    """Multi-level sparse neighborhood attention (pre/post-norm block with residual).
+
+    Each query attends, at every level ``l``, to the voxels present in the
+    ``neighborhood_sizes[l] ** position_dim`` window centred on the cell containing its
+    position mapped to level ``l`` (``floor(p / shape_q * shape_l)``), with one softmax over
+    the union of its windows. Multi-head scaled dot-product attention; queries and keys are
+    rotated (RoPE, :class:`MultilevelRotaryEncoding`) at their (full-scale position, level)
+    so scores depend on relative positions only. Full scale = the largest level's frame; a
+    key voxel sits at its cell centre ``c + 0.5`` mapped to full scale and its level index; a
+    query at its position mapped to full scale and its own level index
+    (``query_level_indices``).
+
+    Block: ``x + dropout(out_proj(attn(norm(x))))`` if ``norm_first``, else
+    ``norm(x + dropout(out_proj(attn(x))))``. Keys and values are projected from the feature
+    maps as given (not normalised), once per voxel, and keys are rotated once per voxel.
+
+    Background: with ``background_embedding`` ``[batch, n_levels, embed_dim]`` (input feature
+    space) every in-bounds absent window cell behaves exactly like a voxel holding that
+    feature (its key rotated at the absent cell's own position); without it, absent cells
+    are masked out. Cells outside a level's grid are always masked out. A query with no key
+    at all gets an attention branch of exactly zero (output ``x`` with ``norm_first``,
+    ``norm(x)`` otherwise). ``query_mask[i] = True``: output row ``i`` is input row ``i``
+    exactly (the query is not computed).
+
+    Memory: :class:`~sparse_msda.functional.neighborhood.NeighborhoodAttentionFunction`
+    saves per-voxel keys/values and int32 pair indices only and recomputes gathers in
+    chunks in the backward.
+
+    Args:
+        embed_dim: feature size of queries and maps; divisible by ``n_heads``.
+        n_heads: attention heads (``head_dim = embed_dim // n_heads`` must be even).
+        n_levels: levels of the maps.
+        neighborhood_sizes: one odd window size per level (level order of the maps).
+        position_dim: 2 (y, x) or 3 (z, y, x).
+        dropout: dropout on the attention branch (after the output projection).
+        bias: bias of the q/k/v and output projections.
+        norm_first: pre-norm (True) or post-norm.
+        rope_spatial_base_theta, rope_level_base_theta: RoPE frequency bases.
+        rope_share_heads: one set of frequencies for all heads.
+        rope_freq_group_pattern: ``"single"``, ``"partition"`` or ``"spatial_level"``
+            (:mod:`sparse_msda.functional.rope`).
+        rope_enforce_freq_groups_equal: error if ``head_dim // 2`` does not split equally.
+
+    Raises:
+        ValueError: bad sizes/levels/position_dim/heads/RoPE options. TypeError: non-int sizes.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        n_heads: int,
+        n_levels: int = 4,
+        neighborhood_sizes: Sequence[int] = (3, 5, 7, 9),
+        position_dim: int = 2,
+        dropout: float = 0.0,
+        bias: bool = False,
+        norm_first: bool = True,
+        rope_spatial_base_theta: float = 100.0,
+        rope_level_base_theta: float = 10.0,
+        rope_share_heads: bool = False,
+        rope_freq_group_pattern: str = "single",
+        rope_enforce_freq_groups_equal: bool = True,
+    ) -> None:
+        super().__init__()
+        check_embed_heads(embed_dim, n_heads)
+        check_position_dim(position_dim)
+        if not isinstance(n_levels, int) or isinstance(n_levels, bool) or n_levels <= 0:
+            raise ValueError(f"n_levels must be a positive int, got {n_levels=}")
+        self.neighborhood_sizes = check_neighborhood_sizes(neighborhood_sizes, n_levels)
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout <= 1.0):
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout=}")
+        self.embed_dim, self.n_heads, self.n_levels, self.position_dim = embed_dim, n_heads, n_levels, position_dim
+        self.head_dim = embed_dim // n_heads
+        self.norm_first, self.bias = norm_first, bias
+        self.norm = nn.LayerNorm(embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.kv_proj = nn.Linear(embed_dim, 2 * embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.rope = MultilevelRotaryEncoding(
+            n_heads, self.head_dim, position_dim, rope_spatial_base_theta, rope_level_base_theta,
+            rope_share_heads, rope_freq_group_pattern, rope_enforce_freq_groups_equal,
+        )
+        self.chunk_pairs = default_chunk_pairs(embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform projections, zero biases, unit LayerNorm, RoPE frequencies from the thetas."""
+        self.norm.reset_parameters()
+        for lin in (self.q_proj, self.kv_proj, self.out_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        self.rope.reset_parameters()
+
+    def forward(
+        self,
+        query: Tensor,
+        query_spatial_positions: Tensor,
+        query_batch_offsets: Tensor,
+        stacked_feature_maps,
+        level_spatial_shapes,
+        background_embedding: Optional[Tensor] = None,
+        query_level_indices: Optional[Tensor] = None,
+        query_mask: Optional[Tensor] = None,
+        coordinate_index: Optional[SparseCoordinateIndex] = None,
+    ) -> Tensor:
+        """Attend from each query to the voxels of its multi-level windows.
+
+        Args:
+            query: ``[n_queries, embed_dim]``.
+            query_spatial_positions: float ``[n_queries, position_dim]`` in the frame of each
+                query's level (default the largest level); spconv axis order.
+            query_batch_offsets: int ``[batch_size + 1]``.
+            stacked_feature_maps: COO stack ``[batch, *spatial, n_levels, embed_dim]`` or a list
+                of ``SparseConvTensor`` (one per level).
+            level_spatial_shapes: ``[n_levels, position_dim]`` (may be None for spconv levels).
+            background_embedding: optional ``[batch, n_levels, embed_dim]`` feature of absent cells.
+            query_level_indices: optional int ``[n_queries]`` level of each query's frame.
+            query_mask: optional bool ``[n_queries]``; True rows are returned unchanged.
+            coordinate_index: optional prebuilt index of the map (reused across layers).
+
+        Returns:
+            ``[n_queries, embed_dim]``.
+        """
+        qb = prepare_inputs(
+            query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes,
+            embed_dim=self.embed_dim, n_levels=self.n_levels, position_dim=self.position_dim,
+            query_level_indices=query_level_indices, background_embedding=background_embedding,
+            index=coordinate_index,
+        )
+        n_q = query.shape[0]
+        active = None
+        if query_mask is not None:
+            if not isinstance(query_mask, Tensor) or query_mask.dtype != torch.bool:
+                raise TypeError(f"query_mask must be a bool tensor, got {getattr(query_mask, 'dtype', type(query_mask).__name__)}")
+            if query_mask.shape != (n_q,):
+                raise ValueError(f"query_mask must have shape [{n_q}], got query_mask.shape={tuple(query_mask.shape)}")
+            active = (~query_mask.to(query.device)).nonzero().squeeze(1)
+
+        x = query if active is None else query.index_select(0, active)
+        pos = query_spatial_positions if active is None else query_spatial_positions.index_select(0, active)
+        batch = qb.batch_indices if active is None else qb.batch_indices.index_select(0, active)
+        levels = qb.query_level_indices if active is None else qb.query_level_indices.index_select(0, active)
+        pos_shapes = qb.query_level_shapes if active is None else qb.query_level_shapes.index_select(0, active)
+        index, shapes = qb.index, qb.level_spatial_shapes
+        with_bg = background_embedding is not None
+
+        plan = build_neighborhood_plan(index, batch, pos, pos_shapes, self.neighborhood_sizes, with_bg)
+        full = plan.full_shape
+        freqs = self.rope.frequencies()
+        n_a, H, d = x.shape[0], self.n_heads, self.head_dim
+
+        h = self.norm(x) if self.norm_first else x
+        q = self.q_proj(h).view(n_a, H, d)
+        q = self.rope(q, query_rope_positions(pos, pos_shapes, levels, full))
+
+        rows = plan.voxel_rows
+        feats = qb.features if rows is None else qb.features.index_select(0, rows.to(qb.features.device))
+        kv = self.kv_proj(feats.to(query.dtype)).view(-1, 2, H, d)
+        vox_l = index.level_indices if rows is None else index.level_indices[rows]
+        vox_c = index.spatial_indices if rows is None else index.spatial_indices[rows]
+        k = self.rope(kv[:, 0], voxel_rope_positions(vox_c, vox_l, index.level_spatial_shapes, index.level_spatial_shapes[
+            int(torch.argmax(index.level_spatial_shapes.prod(-1)))]).to(query.device))
+        v = kv[:, 1]
+        bg_k = bg_v = None
+        if with_bg:
+            bkv = self.kv_proj(background_embedding.to(query.dtype)).view(-1, self.n_levels, 2, H, d)
+            bg_k, bg_v = bkv[:, :, 0], bkv[:, :, 1]
+
+        attn = sparse_neighborhood_attention(q, k, v, plan, bg_k, bg_v, freqs if with_bg else None, self.chunk_pairs)
+        branch = self.out_proj(attn.reshape(n_a, self.embed_dim))
+        has_key = plan.pair_counts > 0
+        if not bool(has_key.all()):
+            branch = torch.where(has_key[:, None], branch, torch.zeros((), dtype=branch.dtype, device=branch.device))
+        y = x + self.dropout(branch)
+        if not self.norm_first:
+            y = self.norm(y)
+        if active is None:
+            return y
+        return query.index_copy(0, active, y)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, n_heads={self.n_heads}, n_levels={self.n_levels}, "
+            f"neighborhood_sizes={self.neighborhood_sizes}, position_dim={self.position_dim}, "
+            f"bias={self.bias}, norm_first={self.norm_first}"
+        )
