@@ -14,11 +14,16 @@ from .functional.deformable import multilevel_sparse_bilinear_grid_sample, spars
 from .modules.deformable_attention import SparseMSDeformableAttention, SparseMSDeformableAttentionBlock
 
 # --- neighborhood attention (issue 4) ---
+from .functional.neighborhood import get_multilevel_neighborhoods
+from .modules.neighborhood_attention import SparseNeighborhoodAttentionBlock
 
 # --- encoder (issue 5) ---
 
 __all__ = [
     "SparseCoordinateIndex",
+    # neighborhood attention (issue 4)
+    "SparseNeighborhoodAttentionBlock",
+    "get_multilevel_neighborhoods",
     # deformable attention (issue 3)
     "SparseMSDeformableAttention",
     "SparseMSDeformableAttentionBlock",
