@@ -22,6 +22,7 @@ alias another voxel.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -87,7 +88,7 @@ class SparseCoordinateIndex:
         self.level_indices = level_indices.to(torch.int64)
         self.spatial_indices = spatial_indices.to(torch.int64)
         self._axis_extent = shapes.max(0).values  # [dim]
-        key_space = batch_size * n_levels * int(torch.prod(self._axis_extent))
+        key_space = batch_size * n_levels * math.prod(self._axis_extent.tolist())  # Python ints: no wrap-around
         if key_space >= _MAX_KEY:
             raise ValueError(
                 f"key space batch_size * n_levels * prod(max spatial shape) = {key_space} overflows int64 keys"
@@ -101,7 +102,14 @@ class SparseCoordinateIndex:
         if size is None:  # CUDA table: no size, count distinct keys instead
             size = int(torch.unique(keys).numel()) if n else 0
         if size != n:
-            raise ValueError(f"duplicate coordinates: {n - size} of {n} voxels repeat a (batch, level, coords) key")
+            uniq, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+            rows = (counts[inverse] > 1).nonzero().squeeze(1)[:2].tolist()
+            r = rows[0]
+            raise ValueError(
+                f"duplicate coordinates: {n - size} of {n} voxels repeat a (batch, level, coords) key, "
+                f"expected each voxel once; e.g. rows {rows} are both (batch={int(self.batch_indices[r])}, "
+                f"level={int(self.level_indices[r])}, coords={self.spatial_indices[r].tolist()})"
+            )
 
     # -- construction helpers -------------------------------------------------------------
     @classmethod
@@ -110,6 +118,11 @@ class SparseCoordinateIndex:
         from .conversion import check_spconv_levels
 
         levels, batch_size, shapes = check_spconv_levels(levels)
+        for i, lvl in enumerate(levels):  # per-level check, so that errors name the level's own row
+            idx = lvl.indices.to(torch.int64)
+            check_voxel_bounds(
+                f"levels[{i}]", idx[:, 0], torch.full_like(idx[:, 0], i), idx[:, 1:], shapes, batch_size
+            )
         indices = torch.cat([lvl.indices for lvl in levels]).to(torch.int64)
         level_indices = torch.cat(
             [torch.full((lvl.indices.shape[0],), i, dtype=torch.int64, device=indices.device) for i, lvl in enumerate(levels)]
@@ -167,7 +180,15 @@ class SparseCoordinateIndex:
         Returns:
             ``(rows, found)``: int64 ``[...]`` rows (``-1`` where not found) and a bool
             ``[...]`` mask. Out-of-range batch, level or coordinates are not found.
+
+        Raises:
+            TypeError: a non-integer input (a float would be truncated towards zero and could
+                alias another voxel: floor positions before looking them up).
+            ValueError: ``spatial_indices.shape[-1] != position_dim``.
         """
+        check_integer_tensor("batch_indices", batch_indices)
+        check_integer_tensor("level_indices", level_indices)
+        check_integer_tensor("spatial_indices", spatial_indices)
         c = spatial_indices.to(torch.int64)
         if c.shape[-1] != self.position_dim:
             raise ValueError(

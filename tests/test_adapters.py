@@ -1,0 +1,498 @@
+"""Tests of the adapter layer: COO <-> spconv round trips, the hashed coordinate index, errors.
+
+References are written here independently of the implementation: Python sorting of coordinate
+tuples for the documented row order and a Python ``dict`` for lookups.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from spconv.pytorch import SparseConvTensor
+
+import adapters
+from adapters import (
+    SparseCoordinateIndex,
+    coo_stack_to_spconv,
+    multilevel_features,
+    spconv_to_coo_stack,
+)
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- random multi-level maps -------------------------------------------------------------------
+def _unravel(flat: list[int], shape: list[int]) -> list[tuple[int, ...]]:
+    out = []
+    for f in flat:
+        coords = []
+        for size in reversed(shape):
+            coords.append(f % size)
+            f //= size
+        out.append(tuple(reversed(coords)))
+    return out
+
+
+def make_levels(voxels: list[list[tuple[int, ...]]], shapes, batch_size, channels, seed=0, dtype=torch.float32):
+    """One SparseConvTensor per level from lists of (batch, *coords) tuples (kept in the given order)."""
+    gen = torch.Generator().manual_seed(seed)
+    levels = []
+    for vox, shape in zip(voxels, shapes):
+        idx = torch.tensor(vox, dtype=torch.int32).reshape(-1, 1 + len(shape))
+        feats = torch.randn(len(vox), channels, generator=gen).to(dtype)
+        levels.append(SparseConvTensor(feats, idx, list(shape), batch_size))
+    return levels
+
+
+@st.composite
+def multilevel_maps(draw, dim=None, max_voxels=25):
+    """(levels, voxel lists): random shapes, batch items and levels may be empty, rows unsorted."""
+    dim = draw(st.sampled_from([2, 3])) if dim is None else dim
+    n_levels = draw(st.integers(1, 4))
+    batch_size = draw(st.integers(1, 3))
+    channels = draw(st.integers(1, 4))
+    shapes = [[draw(st.integers(1, 6)) for _ in range(dim)] for _ in range(n_levels)]
+    voxels = []
+    for shape in shapes:
+        n_sites = batch_size * math.prod(shape)
+        chosen = draw(st.lists(st.integers(0, n_sites - 1), unique=True, max_size=min(n_sites, max_voxels)))
+        voxels.append(_unravel(chosen, [batch_size, *shape]))  # draw order = row order (unsorted)
+    seed = draw(st.integers(0, 2**31 - 1))
+    return make_levels(voxels, shapes, batch_size, channels, seed), voxels
+
+
+def reference_rows(levels):
+    """Python reference of the index's row convention: concatenation of the levels' rows."""
+    table = {}
+    row = 0
+    for l, lvl in enumerate(levels):
+        for v in lvl.indices.tolist():
+            table[(v[0], l, *v[1:])] = row
+            row += 1
+    return table
+
+
+# --- round trips -------------------------------------------------------------------------------
+@SETTINGS
+@given(multilevel_maps())
+def test_spconv_coo_spconv_roundtrip(data):
+    levels, voxels = data
+    stacked, shapes = spconv_to_coo_stack(levels)
+    dim = len(levels[0].spatial_shape)
+    extent = [max(lvl.spatial_shape[a] for lvl in levels) for a in range(dim)]
+    assert stacked.is_sparse and stacked.is_coalesced()
+    assert list(stacked.shape) == [levels[0].batch_size, *extent, len(levels), levels[0].features.shape[1]]
+    assert shapes.dtype == torch.int64 and shapes.tolist() == [list(lvl.spatial_shape) for lvl in levels]
+    # the stack holds exactly every voxel, with its features bitwise
+    expected = {}
+    for l, lvl in enumerate(levels):
+        for v, f in zip(lvl.indices.tolist(), lvl.features):
+            expected[(v[0], *v[1:], l)] = f
+    got_idx = stacked.indices().T.tolist()
+    assert len(got_idx) == len(expected)
+    for key, f in zip(got_idx, stacked.values()):
+        assert torch.equal(f, expected[tuple(key)])
+
+    back = coo_stack_to_spconv(stacked, shapes)
+    assert len(back) == len(levels)
+    for lvl, out, vox in zip(levels, back, voxels):
+        assert out.indices.dtype == torch.int32 and out.indices.shape[1] == 1 + dim
+        assert list(out.spatial_shape) == list(lvl.spatial_shape) and out.batch_size == lvl.batch_size
+        order = sorted(range(len(vox)), key=lambda i: vox[i])  # documented order: (batch, *coords)
+        assert out.indices.tolist() == [list(vox[i]) for i in order]
+        assert torch.equal(out.features, lvl.features[order])
+
+
+@SETTINGS
+@given(multilevel_maps())
+def test_coo_spconv_coo_roundtrip(data):
+    levels, _ = data
+    stacked, shapes = spconv_to_coo_stack(levels)
+    again, shapes2 = spconv_to_coo_stack(coo_stack_to_spconv(stacked, shapes))
+    assert torch.equal(shapes, shapes2)
+    assert again.shape == stacked.shape
+    assert torch.equal(again.indices(), stacked.indices())
+    assert torch.equal(again.values(), stacked.values())
+
+
+def test_uncoalesced_coo_stack_is_accepted_and_sorted():
+    # COO built by hand, rows in reverse order, 3D, 2 levels of different shapes
+    coords = [(1, 3, 0, 1, 0), (0, 0, 1, 1, 1), (0, 2, 2, 2, 0), (1, 0, 0, 0, 1)]  # (b, z, y, x, level)
+    idx = torch.tensor(coords[::-1]).T
+    vals = torch.arange(8, dtype=torch.float64).reshape(4, 2)
+    stacked = torch.sparse_coo_tensor(idx, vals, (2, 4, 3, 3, 2, 2))
+    assert not stacked.is_coalesced()
+    levels = coo_stack_to_spconv(stacked, [[4, 3, 3], [2, 2, 2]])
+    rows = {c: vals[i] for i, c in enumerate(coords[::-1])}
+    for l, lvl in enumerate(levels):
+        keys = sorted(c for c in coords if c[-1] == l)
+        assert lvl.indices.tolist() == [list(c[:-1]) for c in keys]
+        assert torch.equal(lvl.features, torch.stack([rows[c] for c in keys]))
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_empty_batch_items_and_levels_survive(dim):
+    shapes = [[5] * dim, [3] * dim, [2] * dim]
+    # batch_size 3: item 0 and 2 empty everywhere; level 1 empty entirely
+    voxels = [[(1, *[1] * dim), (1, *[4] * dim)], [], [(1, *[0] * dim)]]
+    levels = make_levels(voxels, shapes, batch_size=3, channels=2)
+    stacked, out_shapes = spconv_to_coo_stack(levels)
+    assert stacked.shape[0] == 3 and stacked._nnz() == 3
+    back = coo_stack_to_spconv(stacked, out_shapes)
+    assert [lvl.indices.shape[0] for lvl in back] == [2, 0, 1]
+    assert all(lvl.batch_size == 3 for lvl in back)
+    assert [list(lvl.spatial_shape) for lvl in back] == shapes
+    assert back[1].features.shape == (0, 2) and back[1].indices.shape == (0, 1 + dim)
+    # an entirely empty map
+    empty = make_levels([[], []], shapes[:2], batch_size=2, channels=3)
+    stacked, out_shapes = spconv_to_coo_stack(empty)
+    assert stacked._nnz() == 0
+    back = coo_stack_to_spconv(stacked, out_shapes)
+    assert [lvl.indices.shape[0] for lvl in back] == [0, 0] and all(lvl.batch_size == 2 for lvl in back)
+    index = SparseCoordinateIndex.from_spconv(empty)
+    rows, found = index.lookup(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.zeros(2, dim, dtype=torch.long))
+    assert rows.tolist() == [-1, -1] and not found.any()
+
+
+def test_gradients_flow_both_ways():
+    levels = make_levels(
+        [[(0, 1, 2), (1, 0, 0), (0, 0, 1)], [(1, 1, 1), (0, 0, 0)]], [[3, 4], [2, 2]], 2, 3, dtype=torch.float64
+    )
+    feats = [lvl.features.clone().requires_grad_(True) for lvl in levels]
+    indices = [lvl.indices for lvl in levels]
+
+    def to_coo(*fs):
+        lv = [SparseConvTensor(f, i, s, 2) for f, i, s in zip(fs, indices, [[3, 4], [2, 2]])]
+        return spconv_to_coo_stack(lv)[0].values()
+
+    assert torch.autograd.gradcheck(to_coo, feats)
+    stacked, shapes = spconv_to_coo_stack(levels)
+    values = stacked.values().detach().clone().requires_grad_(True)
+    coo_idx = stacked.indices()
+
+    def to_spconv(v):
+        st_ = torch.sparse_coo_tensor(coo_idx, v, stacked.shape, is_coalesced=True)
+        return tuple(lvl.features for lvl in coo_stack_to_spconv(st_, shapes))
+
+    assert torch.autograd.gradcheck(to_spconv, (values,))
+    # and through multilevel_features, for both input kinds
+    weights = torch.randn(5, 3, dtype=torch.float64)
+    out, index = multilevel_features([SparseConvTensor(f, i, s, 2) for f, i, s in zip(feats, indices, [[3, 4], [2, 2]])])
+    (out * weights).sum().backward()
+    assert torch.equal(torch.cat([f.grad for f in feats]), weights)
+    st_ = torch.sparse_coo_tensor(coo_idx, values, stacked.shape, is_coalesced=True)
+    out, _ = multilevel_features(st_, shapes)
+    (out * weights).sum().backward()
+    assert torch.equal(values.grad, weights)
+
+
+# --- the coordinate index ----------------------------------------------------------------------
+def _random_queries(index, n, gen, margin=2):
+    """Queries spread over [-margin, extent + margin) per axis, batch and level slightly out of range too."""
+    extent = index.level_spatial_shapes.max(0).values
+    b = torch.randint(-1, index.batch_size + 1, (n,), generator=gen)
+    l = torch.randint(-1, index.n_levels + 1, (n,), generator=gen)
+    c = (torch.rand(n, index.position_dim, generator=gen) * (extent + 2 * margin)).long() - margin
+    return b, l, c
+
+
+def _check_against_dict(index, table, b, l, c):
+    rows, found = index.lookup(b, l, c)
+    assert rows.dtype == torch.int64 and found.dtype == torch.bool and rows.shape == b.shape
+    keys = torch.cat([b[:, None], l[:, None], c], 1).tolist()
+    expected = [table.get(tuple(k), -1) for k in keys]
+    assert rows.tolist() == expected
+    assert found.tolist() == [e >= 0 for e in expected]
+
+
+@SETTINGS
+@given(multilevel_maps(max_voxels=40), st.integers(0, 2**31 - 1))
+def test_lookup_matches_dict(data, seed):
+    levels, _ = data
+    index = SparseCoordinateIndex.from_spconv(levels)
+    table = reference_rows(levels)
+    assert index.n_voxels == len(table)
+    gen = torch.Generator().manual_seed(seed)
+    # every voxel is found at its row
+    if table:
+        keys = torch.tensor(list(table.keys()))
+        _check_against_dict(index, table, keys[:, 0], keys[:, 1], keys[:, 2:])
+    # random queries: misses, negative coords, coords beyond their own level but inside the extent,
+    # batch and level indices out of range
+    _check_against_dict(index, table, *_random_queries(index, 300, gen))
+
+
+def test_lookup_large_random_against_dict():
+    gen = torch.Generator().manual_seed(1)
+    shapes = [[41, 160, 140], [21, 80, 70], [11, 40, 35], [5, 20, 18]]
+    voxels = []
+    for shape in shapes:
+        n_sites = 2 * math.prod(shape)
+        flat = torch.randperm(n_sites, generator=gen)[: min(20_000, n_sites // 3)].tolist()
+        voxels.append(_unravel(flat, [2, *shape]))
+    levels = make_levels(voxels, shapes, 2, 1)
+    index = SparseCoordinateIndex.from_spconv(levels)
+    table = reference_rows(levels)
+    keys = torch.tensor(list(table.keys()))
+    hits = keys[torch.randint(len(keys), (50_000,), generator=gen)]
+    b, l, c = _random_queries(index, 50_000, gen)
+    b, l, c = torch.cat([hits[:, 0], b]), torch.cat([hits[:, 1], l]), torch.cat([hits[:, 2:], c])
+    _check_against_dict(index, table, b, l, c)
+
+
+def test_out_of_level_coords_never_alias():
+    # level 1 is smaller than level 0: (l=1, y=3) lies inside the stack extent but outside level 1;
+    # a key computed with level 1's own shape would alias (l=1, y=1, x=...) or level 0 voxels.
+    levels = make_levels([[(0, 3, 0), (0, 1, 1)], [(0, 1, 1), (0, 0, 0)]], [[4, 4], [2, 2]], 1, 1)
+    index = SparseCoordinateIndex.from_spconv(levels)
+    # (l=0, [2, 4]) is beyond the extent on x: a key without the bounds check would wrap onto (3, 0)
+    b = torch.zeros(7, dtype=torch.long)
+    l = torch.tensor([1, 1, 1, 0, 0, 1, 0])
+    c = torch.tensor([[3, 0], [1, 2], [0, -2], [-1, 3], [2, 4], [1, 1], [3, 0]])
+    rows, found = index.lookup(b, l, c)
+    assert rows.tolist() == [-1, -1, -1, -1, -1, 2, 0] and found.tolist() == [False] * 5 + [True] * 2
+
+
+def test_lookup_broadcasts():
+    levels = make_levels([[(0, 1, 1), (1, 2, 3)], [(1, 0, 1)]], [[3, 4], [2, 2]], 2, 1)
+    index = SparseCoordinateIndex.from_spconv(levels)
+    c = torch.tensor([[[1, 1], [2, 3]], [[0, 1], [0, 0]]])  # [2, 2, 2]
+    rows, found = index.lookup(torch.tensor(1), torch.tensor([[0], [1]]), c)
+    assert rows.shape == (2, 2) and rows.tolist() == [[-1, 1], [2, -1]]
+    assert found.tolist() == [[False, True], [True, False]]
+    rows, _ = index.lookup(torch.tensor([0, 1]), torch.tensor(0), torch.tensor([1, 1]))
+    assert rows.tolist() == [0, -1]
+
+
+def test_index_from_coo_stack_row_order_and_multilevel_features():
+    levels = make_levels([[(1, 2, 3), (0, 0, 1)], [(0, 1, 1)]], [[3, 4], [2, 2]], 2, 2)
+    stacked, shapes = spconv_to_coo_stack(levels)
+    index = SparseCoordinateIndex.from_coo_stack(stacked, shapes)
+    idx = stacked.indices()
+    assert torch.equal(index.batch_indices, idx[0]) and torch.equal(index.level_indices, idx[-1])
+    assert torch.equal(index.spatial_indices, idx[1:-1].T)
+    rows, found = index.lookup(idx[0], idx[-1], idx[1:-1].T)
+    assert torch.equal(rows, torch.arange(3)) and found.all()
+    features, same = multilevel_features(stacked, shapes, index=index)
+    assert same is index and torch.equal(features, stacked.values())
+    # spconv list: rows are the concatenation of the levels
+    features, sp_index = multilevel_features(levels)
+    assert torch.equal(features, torch.cat([lvl.features for lvl in levels]))
+    assert multilevel_features(levels, index=sp_index)[1] is sp_index
+    assert sp_index.level_indices.tolist() == [0, 0, 1]
+
+
+def test_index_attributes_and_to():
+    levels = make_levels([[(1, 0, 2, 3)], [(0, 1, 1, 0)]], [[2, 3, 4], [2, 2, 2]], 2, 1)
+    index = SparseCoordinateIndex.from_spconv(levels)
+    assert (index.n_voxels, index.n_levels, index.position_dim, index.batch_size) == (2, 2, 3, 2)
+    assert index.level_spatial_shapes.tolist() == [[2, 3, 4], [2, 2, 2]]
+    assert index.spatial_indices.dtype == torch.int64 and index.spatial_indices.tolist() == [[0, 2, 3], [1, 1, 0]]
+    moved = index.to("cpu")
+    assert moved.lookup(torch.tensor([0]), torch.tensor([1]), torch.tensor([[1, 1, 0]]))[0].tolist() == [1]
+    assert "n_voxels=2" in repr(index)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (spconv CUDA HashTable)")
+def test_index_on_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(3)
+    shapes = [[41, 160, 140], [21, 80, 70]]
+    voxels = [
+        _unravel(torch.randperm(2 * math.prod(s), generator=gen)[:5000].tolist(), [2, *s]) for s in shapes
+    ]
+    levels = make_levels(voxels, shapes, 2, 1)
+    index = SparseCoordinateIndex.from_spconv(levels)
+    cuda_index = index.to("cuda")
+    b, l, c = _random_queries(index, 20_000, gen)
+    rows, found = index.lookup(b, l, c)
+    rows_c, found_c = cuda_index.lookup(b.cuda(), l.cuda(), c.cuda())
+    assert torch.equal(rows_c.cpu(), rows) and torch.equal(found_c.cpu(), found)
+    dup = make_levels([[(0, 1, 1, 1), (0, 1, 1, 1)]], [[2, 2, 2]], 1, 1)
+    dup[0] = SparseConvTensor(dup[0].features.cuda(), dup[0].indices.cuda(), [2, 2, 2], 1)
+    with pytest.raises(ValueError, match="duplicate coordinates"):
+        SparseCoordinateIndex.from_spconv(dup)
+
+
+# --- errors ------------------------------------------------------------------------------------
+def _levels_2d():
+    return make_levels([[(0, 1, 2), (1, 0, 0)], [(1, 1, 1)]], [[3, 4], [2, 2]], 2, 3)
+
+
+def test_duplicates_are_errors():
+    dup = make_levels([[(0, 1, 2), (1, 0, 0), (0, 1, 2)]], [[3, 4]], 2, 1)
+    with pytest.raises(ValueError, match=r"duplicate coordinates: 1 of 3 voxels.*rows \[0, 2\] are both \(batch=0, level=0, coords=\[1, 2\]\)"):
+        SparseCoordinateIndex.from_spconv(dup)
+    with pytest.raises(ValueError, match="duplicate coordinates"):
+        spconv_to_coo_stack(dup)
+    with pytest.raises(ValueError, match="duplicate coordinates"):
+        multilevel_features(dup)
+    # a COO stack with a repeated index (coalesce() would silently sum it)
+    idx = torch.tensor([[0, 1, 2, 0], [0, 1, 2, 0], [1, 0, 0, 0]]).T
+    stacked = torch.sparse_coo_tensor(idx, torch.ones(3, 2), (2, 3, 4, 1, 2))
+    with pytest.raises(ValueError, match="duplicate coordinates"):
+        coo_stack_to_spconv(stacked, [[3, 4]])
+    with pytest.raises(ValueError, match="duplicate coordinates"):
+        multilevel_features(stacked, [[3, 4]])
+    with pytest.raises(ValueError, match="duplicate coordinates"):
+        SparseCoordinateIndex(idx[0], idx[-1], idx[1:-1].T, [[3, 4]], 2)
+
+
+def test_coo_stack_errors():
+    stacked, shapes = spconv_to_coo_stack(_levels_2d())
+    with pytest.raises(TypeError, match=r"stacked_feature_maps must be a sparse COO tensor .* got layout torch.strided"):
+        coo_stack_to_spconv(stacked.to_dense(), shapes)
+    with pytest.raises(TypeError, match="stacked_feature_maps must be a torch.Tensor, got list"):
+        coo_stack_to_spconv([stacked], shapes)
+    with pytest.raises(ValueError, match=r"exactly one dense \(feature\) dim, got stacked_feature_maps.dense_dim\(\)=0"):
+        coo_stack_to_spconv(stacked.to_dense().to_sparse(), shapes)
+    four_d = torch.sparse_coo_tensor(torch.zeros(6, 1, dtype=torch.long), torch.ones(1, 2), (1, 2, 2, 2, 2, 1, 2))
+    with pytest.raises(ValueError, match=r"2 or 3 spatial dims, got stacked_feature_maps.shape=\(1, 2, 2, 2, 2, 1, 2\)"):
+        coo_stack_to_spconv(four_d, [[2, 2, 2, 2]])
+    one_d = torch.sparse_coo_tensor(torch.zeros(3, 1, dtype=torch.long), torch.ones(1, 2), (1, 2, 1, 2))
+    with pytest.raises(ValueError, match="2 or 3 spatial dims"):
+        coo_stack_to_spconv(one_d, [[2]])
+    with pytest.raises(ValueError, match="level_spatial_shapes is required"):
+        coo_stack_to_spconv(stacked, None)
+    # level-count mismatch
+    with pytest.raises(ValueError, match=r"level_spatial_shapes must have shape \[n_levels=2, 2\].*got level_spatial_shapes.shape=\(3, 2\)"):
+        coo_stack_to_spconv(stacked, [[3, 4], [2, 2], [1, 1]])
+    with pytest.raises(ValueError, match=r"level_spatial_shapes must have shape \[n_levels=2, 2\].*\(2, 3\)"):
+        coo_stack_to_spconv(stacked, [[3, 4, 1], [2, 2, 1]])
+    with pytest.raises(TypeError, match=r"level_spatial_shapes must have an integer dtype, got level_spatial_shapes.dtype=torch.float32"):
+        coo_stack_to_spconv(stacked, shapes.float())
+    with pytest.raises(ValueError, match=r"level_spatial_shapes must be positive, got \[\[3, 4\], \[0, 2\]\]"):
+        coo_stack_to_spconv(stacked, [[3, 4], [0, 2]])
+    with pytest.raises(ValueError, match=r"spatial extent \(3, 4\) is smaller than the per-axis maximum of level_spatial_shapes \[3, 5\]"):
+        coo_stack_to_spconv(stacked, [[3, 5], [2, 2]])
+    # a voxel outside its own level (inside the stack extent): level 1 is 2x2, voxel at (2, 3)
+    idx = torch.tensor([[0, 2, 3, 1]]).T
+    bad = torch.sparse_coo_tensor(idx, torch.ones(1, 3), (2, 3, 4, 2, 3))
+    with pytest.raises(ValueError, match=r"voxel 0 \(batch=0, level=1, coords=\[2, 3\]\) is outside the map.*\[2, 2\]"):
+        coo_stack_to_spconv(bad, [[3, 4], [2, 2]])
+    with pytest.raises(ValueError, match="is outside the map"):
+        multilevel_features(bad, [[3, 4], [2, 2]])
+    with pytest.raises(ValueError, match="is outside the map"):
+        SparseCoordinateIndex.from_coo_stack(bad, [[3, 4], [2, 2]])
+
+
+def test_spconv_levels_errors():
+    levels = _levels_2d()
+    with pytest.raises(TypeError, match="levels must be a list of SparseConvTensor .*got SparseConvTensor"):
+        spconv_to_coo_stack(levels[0])
+    with pytest.raises(ValueError, match="levels must hold at least one SparseConvTensor, got an empty list"):
+        spconv_to_coo_stack([])
+    with pytest.raises(TypeError, match="levels\\[1\\] must be a SparseConvTensor, got Tensor"):
+        spconv_to_coo_stack([levels[0], levels[1].features])
+    # batch-size mismatch
+    other = SparseConvTensor(levels[1].features, levels[1].indices, [2, 2], 3)
+    with pytest.raises(ValueError, match=r"levels\[1\].batch_size=3 differs from levels\[0\].batch_size=2"):
+        spconv_to_coo_stack([levels[0], other])
+    # voxel batch index beyond batch_size
+    beyond = SparseConvTensor(levels[1].features, torch.tensor([[2, 1, 1]], dtype=torch.int32), [2, 2], 2)
+    with pytest.raises(ValueError, match=r"batch=2, level=1.*expected batch in \[0, 2\)"):
+        spconv_to_coo_stack([levels[0], beyond])
+    # ndim mismatch between levels / wrong ndim
+    three_d = SparseConvTensor(torch.ones(1, 3), torch.tensor([[0, 1, 1, 1]], dtype=torch.int32), [2, 2, 2], 2)
+    with pytest.raises(ValueError, match=r"levels\[1\].spatial_shape=\[2, 2, 2\] is not 2D like levels\[0\]"):
+        spconv_to_coo_stack([levels[0], three_d])
+    one_d = SparseConvTensor(torch.ones(1, 3), torch.tensor([[0, 1]], dtype=torch.int32), [4], 1)
+    with pytest.raises(ValueError, match=r"levels must be 2D or 3D, got levels\[0\].spatial_shape=\[4\]"):
+        spconv_to_coo_stack([one_d])
+    # channel mismatch
+    narrow = SparseConvTensor(torch.ones(1, 2), levels[1].indices, [2, 2], 2)
+    with pytest.raises(ValueError, match=r"levels\[1\].features must have shape \[N, 3\], got \(1, 2\)"):
+        spconv_to_coo_stack([levels[0], narrow])
+    # non-integer indices (spconv's constructor asserts int32, but the attribute can be replaced)
+    floaty = SparseConvTensor(levels[1].features, levels[1].indices, [2, 2], 2)
+    floaty.indices = floaty.indices.float()
+    with pytest.raises(TypeError, match=r"levels\[1\].indices must be integer, got torch.float32"):
+        spconv_to_coo_stack([levels[0], floaty])
+    # coordinates outside the level's spatial shape, negative coordinates
+    for coords in ([[0, 2, 0]], [[0, 0, -1]]):
+        outside = SparseConvTensor(levels[1].features, torch.tensor(coords, dtype=torch.int32), [2, 2], 2)
+        with pytest.raises(ValueError, match=r"levels\[1\]: voxel 0 \(batch=0, level=1, coords=.*\) is outside the map.*shape \[2, 2\]"):
+            spconv_to_coo_stack([levels[0], outside])
+        with pytest.raises(ValueError, match="is outside the map"):
+            SparseCoordinateIndex.from_spconv([levels[0], outside])
+    # dtype/device mismatch between levels
+    doubled = SparseConvTensor(levels[1].features.double(), levels[1].indices, [2, 2], 2)
+    with pytest.raises(TypeError, match=r"levels\[1\].features is torch.float64 on cpu, levels\[0\].features is torch.float32"):
+        spconv_to_coo_stack([levels[0], doubled])
+
+
+def test_multilevel_features_errors():
+    levels = _levels_2d()
+    stacked, shapes = spconv_to_coo_stack(levels)
+    index = SparseCoordinateIndex.from_spconv(levels)
+    with pytest.raises(ValueError, match=r"level_spatial_shapes=\[\[3, 4\], \[2, 3\]\] does not match the SparseConvTensor spatial shapes \[\[3, 4\], \[2, 2\]\]"):
+        multilevel_features(levels, [[3, 4], [2, 3]])
+    with pytest.raises(ValueError, match=r"level_spatial_shapes=\[\[3, 4\]\] does not match"):
+        multilevel_features(levels, [[3, 4]])  # level-count mismatch
+    with pytest.raises(TypeError, match="index must be a SparseCoordinateIndex, got dict"):
+        multilevel_features(levels, index={})
+    # mismatched prebuilt indexes: other voxels, other order, other batch size, other shapes
+    other = make_levels([[(0, 1, 2), (1, 0, 1)], [(1, 1, 1)]], [[3, 4], [2, 2]], 2, 3)
+    swapped = make_levels([[(1, 0, 0), (0, 1, 2)], [(1, 1, 1)]], [[3, 4], [2, 2]], 2, 3)
+    bigger_batch = make_levels([[(0, 1, 2), (1, 0, 0)], [(1, 1, 1)]], [[3, 4], [2, 2]], 3, 3)
+    bigger_shape = make_levels([[(0, 1, 2), (1, 0, 0)], [(1, 1, 1)]], [[3, 4], [2, 3]], 2, 3)
+    for wrong in (other, swapped, bigger_batch, bigger_shape):
+        wrong_index = SparseCoordinateIndex.from_spconv(wrong)
+        with pytest.raises(ValueError, match=r"index SparseCoordinateIndex\(.*\) was not built from this map"):
+            multilevel_features(levels, index=wrong_index)
+    # same voxels, but the COO stack's (coalesced) row order differs from the spconv list's
+    crossed = make_levels([[(1, 0, 0)], [(0, 1, 1)]], [[3, 4], [2, 2]], 2, 3)
+    crossed_stack, crossed_shapes = spconv_to_coo_stack(crossed)
+    with pytest.raises(ValueError, match="was not built from this map"):
+        multilevel_features(crossed_stack, crossed_shapes, index=SparseCoordinateIndex.from_spconv(crossed))
+    assert multilevel_features(stacked, shapes, index=SparseCoordinateIndex.from_coo_stack(stacked, shapes))[0].shape == (3, 3)
+    with pytest.raises(TypeError, match="stacked_feature_maps must be a sparse COO tensor"):
+        multilevel_features(stacked.to_dense(), shapes)
+
+
+def test_index_constructor_and_lookup_errors():
+    b = torch.tensor([0, 1])
+    l = torch.tensor([0, 0])
+    c = torch.tensor([[1, 2], [0, 0]])
+    with pytest.raises(TypeError, match=r"spatial_indices must have an integer dtype, got spatial_indices.dtype=torch.float32"):
+        SparseCoordinateIndex(b, l, c.float(), [[3, 4]], 2)
+    with pytest.raises(TypeError, match=r"batch_indices must have an integer dtype, got batch_indices.dtype=torch.bool"):
+        SparseCoordinateIndex(b.bool(), l, c, [[3, 4]], 2)
+    with pytest.raises(TypeError, match="level_indices must be a dense"):
+        SparseCoordinateIndex(b, l.to_sparse(), c, [[3, 4]], 2)
+    with pytest.raises(ValueError, match=r"spatial_indices must have shape \[N, 2\] to match level_spatial_shapes, got spatial_indices.shape=\(2, 3\)"):
+        SparseCoordinateIndex(b, l, torch.zeros(2, 3, dtype=torch.long), [[3, 4]], 2)
+    with pytest.raises(ValueError, match=r"batch_indices must have shape \[2\], got batch_indices.shape=\(3,\)"):
+        SparseCoordinateIndex(torch.tensor([0, 1, 0]), l, c, [[3, 4]], 2)
+    with pytest.raises(ValueError, match="batch_size must be a non-negative int, got batch_size=-1"):
+        SparseCoordinateIndex(b, l, c, [[3, 4]], -1)
+    with pytest.raises(ValueError, match="expected batch in \\[0, 1\\)"):
+        SparseCoordinateIndex(b, l, c, [[3, 4]], 1)  # batch-size mismatch with the voxels
+    with pytest.raises(ValueError, match="overflows int64 keys"):
+        SparseCoordinateIndex(b, l, torch.zeros(2, 3, dtype=torch.long), [[2**21, 2**21, 2**21]], 2)
+    with pytest.raises(ValueError, match=r"level_spatial_shapes must have shape \[n_levels, position_dim\].*got level_spatial_shapes.shape=\(2,\)"):
+        SparseCoordinateIndex(b, l, c, torch.tensor([3, 4]), 2)
+    with pytest.raises(TypeError, match=r"level_spatial_shapes must be an integer tensor or a sequence of per-level int sequences, got \[3, 4\]"):
+        SparseCoordinateIndex(b, l, c, [3, 4], 2)
+    index = SparseCoordinateIndex(b, l, c, [[3, 4]], 2)
+    with pytest.raises(ValueError, match=r"spatial_indices must have a last dim of 2, got spatial_indices.shape=\(2, 3\)"):
+        index.lookup(b, l, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"spatial_indices must have an integer dtype, got spatial_indices.dtype=torch.float32"):
+        index.lookup(b, l, torch.full((2, 2), -0.5))  # truncation would alias (0, 0)
+    with pytest.raises(TypeError, match="batch_indices must have an integer dtype"):
+        index.lookup(b.double(), l, c)
+
+
+def test_public_api():
+    assert set(adapters.__all__) >= {
+        "SparseCoordinateIndex",
+        "coo_stack_to_spconv",
+        "spconv_to_coo_stack",
+        "multilevel_features",
+        "hash_insert",
+        "hash_query",
+        "patch_spconv_cpu_stream",
+    }
