@@ -18,9 +18,14 @@ from .functional.neighborhood import get_multilevel_neighborhoods
 from .modules.neighborhood_attention import SparseNeighborhoodAttentionBlock
 
 # --- encoder (issue 5) ---
+from .modules.encoder import FeedForwardBlock, SparseMSDAEncoder, SparseMSDAEncoderLayer
 
 __all__ = [
     "SparseCoordinateIndex",
+    # encoder (issue 5)
+    "FeedForwardBlock",
+    "SparseMSDAEncoder",
+    "SparseMSDAEncoderLayer",
     # neighborhood attention (issue 4)
     "SparseNeighborhoodAttentionBlock",
     "get_multilevel_neighborhoods",
