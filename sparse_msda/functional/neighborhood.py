@@ -247,36 +247,56 @@ def build_neighborhood_plan(
     offsets, slot_level = window_offsets(neighborhood_sizes, dim, device=device)
     centres = window_centres(positions, position_shapes, shapes)
     n_q, n_slots = positions.shape[0], offsets.shape[0]
-    threshold = -1 if with_background else 0
     level_slots = [(slot_level == l).nonzero().squeeze(1) for l in range(n_levels)]
+    radii = [(s - 1) // 2 for s in neighborhood_sizes]
     qc = max(1, cells_per_chunk // max(n_slots, 1))
-    slots_list, rows_list, counts_list = [], [], []
-    slot_ids = torch.arange(n_slots, dtype=torch.int32, device=device)
+    query_batch = query_batch.to(torch.int64)
+    parts = []  # (query, level, slot, row) per level and chunk
     for q0 in range(0, n_q, qc):
         q1 = min(n_q, q0 + qc)
         b = query_batch[q0:q1]
-        codes = []
         for level in range(n_levels):
-            key = torch.cat([b[:, None], centres[q0:q1, level]], dim=1)
-            uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
-            cells = uniq[:, None, 1:] + offsets[level_slots[level]][None]  # [U, K_l, D]
-            rows, found = index.lookup(uniq[:, :1], torch.tensor(level, device=device), cells)
-            inside = ((cells >= 0) & (cells < shapes[level])).all(-1)
-            code = torch.where(found, rows, torch.where(inside, -1, -2))
-            codes.append(code[inverse])
-        code = torch.cat(codes, dim=1)  # [n, K], -1 absent in-bounds, -2 out of bounds
-        sel = code >= threshold
-        counts_list.append(sel.sum(1))
-        slots_list.append(slot_ids.expand(q1 - q0, n_slots)[sel])
-        rows_list.append(code[sel])
-    if n_q:
-        pair_slot = torch.cat(slots_list)
-        pair_row = torch.cat(rows_list)
-        counts = torch.cat(counts_list)
+            # centres further than the radius outside the grid have all-outside windows: clamping
+            # them to just outside keeps that, and bounds the linearised key below
+            r, shape = radii[level], shapes[level]
+            centre = torch.minimum(torch.maximum(centres[q0:q1, level], torch.full_like(shape, -r - 1)), shape + r)
+            key = b
+            for axis in range(dim):
+                key = key * (int(shape[axis]) + 2 * r + 2) + (centre[:, axis] + r + 1)
+            uniq_key, inverse = torch.unique(key, return_inverse=True)
+            first = torch.zeros(uniq_key.shape[0], dtype=torch.int64, device=device).scatter_(
+                0, inverse, torch.arange(q1 - q0, device=device)
+            )  # a representative query of each distinct (batch, centre)
+            cells = centre[first][:, None, :] + offsets[level_slots[level]][None]  # [U, K_l, D]
+            rows, found = index.lookup(b[first][:, None], torch.tensor(level, device=device), cells)
+            if with_background:
+                inside = ((cells >= 0) & (cells < shape)).all(-1)
+                keep = inside
+            else:
+                keep = found
+            u_count = keep.sum(1)
+            u_start = torch.cumsum(u_count, 0) - u_count
+            u_slot = level_slots[level].expand(keep.shape)[keep]
+            u_row = rows[keep]  # -1 where absent (background)
+            q_count = u_count[inverse]
+            total = int(q_count.sum())
+            q_start = torch.cumsum(q_count, 0) - q_count
+            pair_query = torch.repeat_interleave(torch.arange(q0, q1, device=device), q_count, output_size=total)
+            local = pair_query - q0
+            src = u_start[inverse][local] + torch.arange(total, device=device) - q_start[local]
+            parts.append((pair_query, level, u_slot[src], u_row[src]))
+    if parts:
+        pair_query = torch.cat([p[0] for p in parts])
+        sort_key = pair_query * n_levels + torch.cat([torch.full_like(p[0], p[1]) for p in parts])
+        order = torch.argsort(sort_key, stable=True)
+        pair_query = pair_query[order]
+        pair_slot = torch.cat([p[2] for p in parts])[order].to(torch.int32)
+        pair_row = torch.cat([p[3] for p in parts])[order]
+        counts = torch.bincount(pair_query, minlength=n_q)
     else:
         pair_slot = torch.zeros(0, dtype=torch.int32, device=device)
         pair_row = torch.zeros(0, dtype=torch.int64, device=device)
-        counts = torch.zeros(0, dtype=torch.int64, device=device)
+        counts = torch.zeros(n_q, dtype=torch.int64, device=device)
     pair_offsets = torch.zeros(n_q + 1, dtype=torch.int64, device=device)
     pair_offsets[1:] = torch.cumsum(counts, 0)
 
