@@ -22,14 +22,16 @@ allocator and the high-water mark of one case never leak into another):
 2. ``warmup`` untimed calls of ``fn()`` (default 1).
 3. Memory baseline: ``gc.collect()``, glibc ``malloc_trim(0)`` (so freed-but-cached heap is
    returned and cannot hide the op's allocations), the kernel's peak-RSS counter is reset by
-   writing ``5`` to ``/proc/self/clear_refs`` (that resets ``VmHWM`` and hence
-   ``resource.getrusage(RUSAGE_SELF).ru_maxrss``), and the current RSS is read from
-   ``/proc/self/statm``.
+   writing ``5`` to ``/proc/self/clear_refs`` (that resets ``VmHWM``, the memory map's
+   high-water mark behind ``resource.getrusage(RUSAGE_SELF).ru_maxrss``), and the current RSS
+   is read from ``/proc/self/statm``.
 4. ``repeats`` timed calls (default 5), each ``time.perf_counter`` around ``fn()`` (with
    ``torch.cuda.synchronize()`` before and after on CUDA); the result is dropped after each call.
-5. ``peak RSS`` = ``ru_maxrss`` after the calls minus the RSS before them: the extra resident
+5. ``peak RSS`` = the high-water mark after the calls minus the RSS before them: the extra resident
    memory the operation needed at its peak (inputs built by ``setup`` are not counted; outputs
-   are, while alive). If the counter could not be reset (no ``/proc/self/clear_refs``) the column
+   are, while alive). The mark is read as ``VmHWM`` from ``/proc/self/status``, not
+   ``ru_maxrss``: the latter also keeps the peak recorded whenever a thread of the process
+   exited, which no reset clears (``ru_maxrss`` is the fallback without ``/proc``). If the counter could not be reset (no ``/proc/self/clear_refs``) the column
    says ``(no reset)`` and the number is only a lower bound. On CUDA ``peak CUDA`` is
    ``torch.cuda.max_memory_allocated()`` (reset before the calls) minus the allocated bytes before.
 
@@ -118,8 +120,21 @@ def _current_rss_bytes() -> int:
 
 
 def _maxrss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The process's resident-memory high-water mark.
+
+    ``VmHWM`` of ``/proc/self/status`` (the memory map's peak, which ``clear_refs`` resets);
+    ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` is the fallback. The two agree except that
+    ``ru_maxrss`` also keeps the peak recorded when any thread of the process exited, which
+    ``clear_refs`` cannot reset (thread-pool churn during ``setup`` would pin it).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _reset_peak_rss() -> bool:
