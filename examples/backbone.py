@@ -40,10 +40,10 @@ __all__ = [
 
 def crop_points(points: np.ndarray, crop: Optional[float] = None, max_points: Optional[int] = None,
                 seed: int = 0) -> np.ndarray:
-    """Keep the points with ``0 <= x < crop`` and ``|y| < crop / 2`` (metres), then at most
+    """Keep the points with ``0 <= x < crop`` and ``|y| < crop`` (metres), then at most
     ``max_points`` of them (a seeded random subset). ``None`` disables each option."""
     if crop is not None:
-        keep = (points[:, 0] >= 0) & (points[:, 0] < crop) & (np.abs(points[:, 1]) < crop / 2)
+        keep = (points[:, 0] >= 0) & (points[:, 0] < crop) & (np.abs(points[:, 1]) < crop)
         points = points[keep]
     if max_points is not None and points.shape[0] > max_points:
         rng = np.random.default_rng(seed)
@@ -157,8 +157,9 @@ class LidarEncoderNet(nn.Module):
         bev_channels: channels of the BEV head.
 
     ``forward(voxels)`` returns a dict with ``levels`` (the backbone's 4 projected levels),
-    ``index`` (their :class:`sparse_msda.SparseCoordinateIndex`, built once), ``encoded`` (the encoder's 4 levels: same indices and shapes, new features), ``bev`` (the
-    ``conv_out`` sparse tensor) and ``scores`` (``[B, 1, 200, 176]``).
+    ``index`` (their :class:`sparse_msda.SparseCoordinateIndex`, built once), ``encoded`` (the
+    encoder's 4 levels: same indices and shapes, new features), ``bev`` (the ``conv_out`` sparse
+    tensor) and ``scores`` (``[B, 1, 200, 176]``).
     """
 
     def __init__(self, embed_dim: int = 32, n_heads: int = 4, n_layers: int = 1, n_points: int = 4,
