@@ -155,8 +155,12 @@ def _malloc_trim() -> None:
 
 # --- the child ------------------------------------------------------------------------------
 def _measure(case: Case, warmup: int, repeats: int) -> Result:
+    import logging
+
     import torch
 
+    # spconv calls torch.fx.is_fx_tracing(), which logs a one-off deprecation notice per process
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     torch.set_num_threads(NUM_THREADS)
     fn = case.setup(**case.kwargs)
     cuda = torch.cuda.is_available() and any("cuda" in str(v) for v in case.kwargs.values())
