@@ -153,14 +153,20 @@ def plot(path: str, voxels, positions: Tensor, locations: Tensor, weights: Tenso
     x0, y0, x1, y1 = point_range[0], point_range[1], point_range[3], point_range[4]
     ny, nx = voxels.spatial_shape[1], voxels.spatial_shape[2]
     idx = voxels.indices.long()
-    occ = torch.bincount(idx[:, 2] * nx + idx[:, 3], minlength=ny * nx).view(ny, nx).float().numpy()
+    # occupancy (voxels per column) pooled to at most ~500 pixels across the occupied region
+    span = int((idx[:, 2:].max(0).values - idx[:, 2:].min(0).values).max()) + 1 if idx.numel() else 1
+    f = max(1, -(-span // 500))
+    gy, gx = -(-ny // f), -(-nx // f)
+    occ = torch.bincount((idx[:, 2] // f) * gx + idx[:, 3] // f, minlength=gy * gx).view(gy, gx).float().numpy()
+    ex1, ey1 = x0 + gx * f * voxel_size[0], y0 + gy * f * voxel_size[1]
 
     def metres(p_cells: Tensor, level: int):  # (z, y, x) cells of `level` -> (x, y) metres
         s = level_shapes[level].to(p_cells)
         return (p_cells[..., 2] / s[2] * (x1 - x0) + x0).numpy(), (p_cells[..., 1] / s[1] * (y1 - y0) + y0).numpy()
 
     fig, ax = plt.subplots(figsize=(9, 9))
-    ax.imshow(np.log1p(occ), origin="lower", extent=(x0, x1, y0, y1), cmap="Greys", interpolation="nearest")
+    ax.imshow(np.log1p(occ), origin="lower", extent=(x0, ex1, y0, ey1), cmap="Greys", interpolation="nearest",
+              vmin=0, vmax=max(float(np.log1p(occ).max()) * 0.7, 1e-6))
     colours = plt.cm.tab10(np.arange(len(positions)) % 10)
     markers = ["o", "s", "^", "D"]
     for q in range(len(positions)):
