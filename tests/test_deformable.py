@@ -429,3 +429,36 @@ def test_error_grid_sample_inputs():
 def test_extra_repr():
     r = repr(SparseMSDeformableAttention(16, 4, 2, 3, 3))
     assert "embed_dim=16, n_heads=4, n_levels=2, n_points=3, position_dim=3" in r
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_gradcheck_fused_gather_with_repeated_corners(dim):
+    """The custom backward of the fused interpolation + weighted sum, with corners shared by
+    several samples of one bag (points of a head close together) and a background."""
+    from sparse_msda.functional.sampling import sparse_weighted_gather
+
+    gen = torch.Generator().manual_seed(81 + dim)
+    shapes = [[4, 5], [2, 3]] if dim == 2 else [[3, 4, 3], [2, 2, 2]]
+    stack, shapes_t = random_map(shapes, 2, 3, 0.6, torch.float64, gen)
+    index = SparseCoordinateIndex.from_coo_stack(stack, shapes_t)
+    n_heads = 3
+    table = torch.randn(index.n_voxels * n_heads, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    bg = torch.randn(2 * 2 * n_heads, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    centre = torch.rand(4, 1, dim, generator=gen, dtype=torch.float64) * 3 + 0.5
+    pos = (centre + 0.2 * torch.rand(4, 5, dim, generator=gen, dtype=torch.float64)).requires_grad_()
+    w = torch.rand(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0, 1, 1, 0])[:, None]
+    lvl = torch.tensor([0, 0, 1, 1, 0])[None, :]
+    h = torch.tensor([0, 2, 1, 1])[:, None]
+
+    def f(t, p, weights, background):
+        return sparse_weighted_gather(t, index, p, b, lvl, h, n_heads, weights, background)
+
+    from sparse_msda.functional.sampling import lookup_corners
+
+    rows, found, _ = lookup_corners(index, torch.floor(pos.detach() - 0.5).long(), b, lvl, h, n_heads)
+    found_rows = [r[m].tolist() for r, m in zip(rows.flatten(1), found.flatten(1))]
+    assert any(len(r) > len(set(r)) for r in found_rows), "the test needs repeated rows within a bag"
+    out = f(table, pos, w, bg)
+    assert out.shape == (4, 2)
+    assert torch.autograd.gradcheck(f, (table, pos, w, bg), eps=1e-6, atol=1e-7)
