@@ -83,10 +83,13 @@ def lookup_corners(
     level_indices: Tensor,
     head_indices: Optional[Tensor] = None,
     n_heads: int = 1,
-    with_inside: bool = False,
+    background_row_offset: Optional[int] = None,
     chunk: Optional[int] = None,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Table rows of the ``2**D`` interpolation corners of every sample, via ``index.lookup``.
+) -> tuple[Tensor, Tensor]:
+    """The corners of every sample that hold a value, via ``index.lookup``.
+
+    Corner ``k`` of sample ``(s, j)`` is the cell ``base[s, j] + corner_bits(D)[k]``; its
+    flat entry number is ``(s * J + j) * K + k`` with ``K = 2**D``.
 
     Args:
         index: coordinate index of the map.
@@ -94,14 +97,15 @@ def lookup_corners(
         batch_indices, level_indices, head_indices: integer tensors broadcastable to ``[S, J]``
             (``head_indices`` None means head 0).
         n_heads: heads per voxel row of the value table.
-        with_inside: also return where corners lie inside their level's grid.
+        background_row_offset: when given, a corner inside its level's grid but absent from
+            the map holds the background row ``background_row_offset + (b * n_levels + l) *
+            n_heads + h``; otherwise absent corners hold nothing.
         chunk: corners per lookup call (default :data:`LOOKUP_CHUNK`).
 
     Returns:
-        ``(rows, found, inside)``: int32 (int64 for tables of 2**31 rows or more)
-        ``[S, J, K]`` value-table rows ``voxel_row * n_heads + head`` (0 where the corner is
-        absent or outside), bool ``[S, J, K]`` found mask, and bool ``[S, J, K]`` inside mask
-        (None unless ``with_inside``).
+        ``(entries, rows)``: int64 ``[M]`` flat entry numbers of the corners that hold a value
+        (ascending) and ``[M]`` their value-table rows (``voxel_row * n_heads + head`` or a
+        background row; int32 when the table has fewer than 2**31 rows, else int64).
     """
     n_samples, n_per, dim = base.shape
     bits = corner_bits(dim, base.device)  # [K, D]
@@ -110,132 +114,122 @@ def lookup_corners(
     l = level_indices.to(torch.int64).expand(n_samples, n_per)
     h = None if head_indices is None else head_indices.to(torch.int64).expand(n_samples, n_per)
     shapes = index.level_spatial_shapes.to(base.device)
-    idx_dtype = torch.int32 if index.n_voxels * n_heads < 2**31 else torch.int64
-    rows = torch.empty(n_samples, n_per, k, dtype=idx_dtype, device=base.device)
-    found = torch.empty(n_samples, n_per, k, dtype=torch.bool, device=base.device)
-    inside = torch.empty(n_samples, n_per, k, dtype=torch.bool, device=base.device) if with_inside else None
+    n_rows = index.n_voxels * n_heads + (0 if background_row_offset is None else index.batch_size * index.n_levels * n_heads)
+    idx_dtype = torch.int32 if n_rows < 2**31 else torch.int64
+    entries, rows = [], []
     step = max(1, (chunk or LOOKUP_CHUNK) // max(1, n_per * k))
     for start in range(0, n_samples, step):
         sl = slice(start, start + step)
         coords = base[sl, :, None, :] + bits  # [s, J, K, D]
         lb, ll = b[sl, :, None], l[sl, :, None]
-        r, f = index.lookup(lb, ll, coords)
+        r, found = index.lookup(lb, ll, coords)
         if h is not None and n_heads > 1:
             r = r * n_heads + h[sl, :, None]
-        rows[sl] = r.masked_fill_(~f, 0)
-        found[sl] = f
-        if with_inside:
-            inside[sl] = ((coords >= 0) & (coords < shapes[ll])).all(-1)
-    return rows, found, inside
+        if background_row_offset is not None:
+            inside = ((coords >= 0) & (coords < shapes[ll])).all(-1)
+            bg = (lb * index.n_levels + ll) * n_heads + background_row_offset
+            if h is not None:
+                bg = bg + h[sl, :, None]
+            r = torch.where(found, r, bg)
+            found = found | inside
+        hit = found.reshape(-1).nonzero().squeeze(1)
+        entries.append(hit + start * n_per * k)
+        rows.append(r.reshape(-1)[hit].to(idx_dtype))
+    if not entries:
+        return torch.zeros(0, dtype=torch.int64, device=base.device), torch.zeros(0, dtype=idx_dtype, device=base.device)
+    return torch.cat(entries), torch.cat(rows)
 
 
-def _sampled_dots(table: Tensor, grad_out: Tensor, rows: Tensor, chunk_elements: int = 1 << 22) -> Tensor:
-    """``out[s, e] = <table[rows[s, e]], grad_out[s]>``, in chunks of ``chunk_elements`` gathered values.
-
-    (``torch.sparse.sampled_addmm`` would avoid the gather but rejects repeated rows within a
-    bag, which are common: two points of a head often share a corner.)
-    """
-    n_bags, per_bag = rows.shape
-    out = grad_out.new_empty(n_bags, per_bag)
-    step = max(1, chunk_elements // max(1, per_bag * table.shape[1]))
-    for s in range(0, n_bags, step):
-        gathered = F.embedding(rows[s : s + step], table)  # [s, E, Dh]
-        out[s : s + step] = torch.bmm(gathered, grad_out[s : s + step, :, None]).squeeze(-1)
+def _row_dots(table: Tensor, rows: Tensor, grad_out: Tensor, bags: Tensor, chunk: int = 1 << 16) -> Tensor:
+    """``out[m] = <table[rows[m]], grad_out[bags[m]]>`` in chunks (never ``[M, Dh]`` at once)."""
+    out = grad_out.new_empty(rows.shape[0])
+    for s in range(0, rows.shape[0], chunk):
+        out[s : s + chunk] = (F.embedding(rows[s : s + chunk], table) * grad_out[bags[s : s + chunk]]).sum(-1)
     return out
 
 
+def _bag_offsets(bags: Tensor, n_bags: int) -> Tensor:
+    """Start offsets ``[n_bags]`` of ascending bag ids ``bags``."""
+    counts = torch.bincount(bags, minlength=n_bags)
+    offsets = torch.zeros(n_bags, dtype=torch.int64, device=bags.device)
+    if n_bags > 1:
+        offsets[1:] = counts.cumsum(0)[:-1]
+    return offsets
+
+
 def _corner_factors(frac: Tensor) -> list[Tensor]:
-    """Per-axis factors ``[..., 2]`` = ``(1 - f_d, f_d)``, shaped to broadcast over ``[..., 2, ..., 2]``."""
+    """Per-axis factors ``(1 - f_d, f_d)``, shaped to broadcast over ``[S, J, 2, ..., 2]``."""
     dim = frac.shape[-1]
     out = []
     for d in range(dim):
-        f = torch.stack([1.0 - frac[..., d], frac[..., d]], -1)  # [..., 2]
+        f = torch.stack([1.0 - frac[..., d], frac[..., d]], -1)  # [S, J, 2]
         out.append(f.view(*frac.shape[:-1], *([1] * d), 2, *([1] * (dim - 1 - d))))
     return out
 
 
-def _corner_weights_from_factors(factors: list[Tensor]) -> Tensor:
+def _product(factors: list[Tensor]) -> Tensor:
     w = factors[0]
     for f in factors[1:]:
         w = w * f
     return w
 
 
-def _transposed_gather(grad_out: Tensor, weights: Tensor, rows: Tensor, n_rows: int) -> Tensor:
-    """``W^T grad_out`` for ``W[s, rows[s, e]] += weights[s, e]``: ``[n_rows, Dh]``.
-
-    The entries are sorted by table row once (integer sort), then one ``embedding_bag``
-    sums the weighted ``grad_out`` rows of each table row.
-    """
-    per_bag = rows.shape[1]
-    flat = rows.reshape(-1)
-    sorted_rows, perm = torch.sort(flat)
-    counts = torch.bincount(sorted_rows.to(torch.int64), minlength=n_rows)
-    offsets = torch.zeros(n_rows, dtype=torch.int64, device=flat.device)
-    offsets[1:] = counts.cumsum(0)[:-1]
-    bag_of_entry = torch.div(perm, per_bag, rounding_mode="floor")
-    return F.embedding_bag(bag_of_entry, grad_out, offsets, mode="sum", per_sample_weights=weights.reshape(-1)[perm])
-
-
 class _InterpolatedGather(torch.autograd.Function):
     """Bilinear/trilinear interpolation and weighted sum over samples, fused.
 
-    ``out[s] = sum_j a[s, j] * sum_k c_k(frac[s, j]) * V(s, j, k)`` where ``c_k`` are the
-    interpolation weights of corner ``k`` and ``V`` is ``table[rows]`` for found corners,
-    ``bg_table[bg_rows]`` for corners inside the grid but absent (when a background is
-    given) and 0 otherwise. Forward is one ``embedding_bag`` over the table (plus one over
-    the tiny background table). Backward computes the per-corner value/gradient dot
-    products ``G`` once (sampled dense-dense products) and from them, analytically, the
-    gradients of ``a`` and ``frac``; table gradients are transposed gathers. Only
-    ``frac [S, J, D]``, ``a [S, J]``, the int32 rows and bool masks are saved.
+    ``out[s] = sum_j a[s, j] * sum_k c_k(frac[s, j]) * table[row(s, j, k)]`` over the corners
+    that hold a value (``entries`` / ``rows`` from :func:`lookup_corners`; all others are
+    zero), ``c_k`` the interpolation weights. Forward is one ``embedding_bag`` over those
+    corners only. Backward computes the value/gradient dot product of each such corner once;
+    from them, analytically, the gradients of ``a`` and ``frac``; the table gradient is a
+    transposed gather (corners sorted by table row, one ``embedding_bag``). Saved: ``frac
+    [S, J, D]``, ``a [S, J]``, ``entries`` and ``rows``: memory is linear in samples and
+    in present corners, nothing ``[samples, corners, head_dim]``.
     """
 
     @staticmethod
-    def forward(ctx, table, frac, attn, rows, found, bg_table, bg_rows, absent):
+    def forward(ctx, table, frac, attn, entries, rows):
         n_samples, n_per, dim = frac.shape
         k = 2**dim
-        factors = _corner_factors(frac)
-        bil = _corner_weights_from_factors(factors).reshape(n_samples, n_per, k)
-        aw = bil * attn[..., None]
-        weights = (aw * found).reshape(n_samples, n_per * k)
-        out = F.embedding_bag(rows.reshape(n_samples, n_per * k), table, per_sample_weights=weights, mode="sum")
-        if bg_table is not None:
-            out = out + F.embedding_bag(bg_rows, bg_table, per_sample_weights=(aw * absent).sum(-1), mode="sum")
-        ctx.save_for_backward(table, frac, attn, rows, found, bg_table, bg_rows, absent)
+        bil = _product(_corner_factors(frac)).reshape(n_samples * n_per * k)
+        bags = torch.div(entries, n_per * k, rounding_mode="floor")
+        weights = bil[entries] * attn.reshape(-1)[torch.div(entries, k, rounding_mode="floor")]
+        offsets = _bag_offsets(bags, n_samples).to(rows.dtype)
+        out = F.embedding_bag(rows, table, offsets, per_sample_weights=weights, mode="sum")
+        ctx.save_for_backward(table, frac, attn, entries, rows)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        table, frac, attn, rows, found, bg_table, bg_rows, absent = ctx.saved_tensors
+        table, frac, attn, entries, rows = ctx.saved_tensors
         n_samples, n_per, dim = frac.shape
         k = 2**dim
         grad_out = grad_out.contiguous()
         factors = _corner_factors(frac)
-        bil = _corner_weights_from_factors(factors).reshape(n_samples, n_per, k)
-        rows2 = rows.reshape(n_samples, n_per * k)
-        g_table = g_frac = g_attn = g_bg = None
+        bil = _product(factors).reshape(n_samples * n_per * k)
+        bags = torch.div(entries, n_per * k, rounding_mode="floor")
+        samples = torch.div(entries, k, rounding_mode="floor")
+        g_table = g_frac = g_attn = None
         if ctx.needs_input_grad[0]:
-            weights = (bil * attn[..., None] * found).reshape(n_samples, n_per * k)
-            g_table = _transposed_gather(grad_out, weights, rows2, table.shape[0])
-        if ctx.needs_input_grad[5]:
-            bg_w = (bil * attn[..., None] * absent).sum(-1)
-            g_bg = _transposed_gather(grad_out, bg_w, bg_rows, bg_table.shape[0])
+            weights = bil[entries] * attn.reshape(-1)[samples]
+            sorted_rows, perm = torch.sort(rows, stable=True)
+            offsets = _bag_offsets(sorted_rows.to(torch.int64), table.shape[0])
+            g_table = F.embedding_bag(bags[perm], grad_out, offsets, per_sample_weights=weights[perm], mode="sum")
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dots = _sampled_dots(table, grad_out, rows2).view(n_samples, n_per, k) * found
-            if bg_table is not None:
-                dots = dots + _sampled_dots(bg_table, grad_out, bg_rows)[..., None] * absent
+            dots = grad_out.new_zeros(n_samples * n_per * k)
+            dots[entries] = _row_dots(table, rows, grad_out, bags)
+            dots = dots.view(n_samples, n_per, *([2] * dim))
             if ctx.needs_input_grad[2]:
-                g_attn = (dots * bil).sum(-1)
+                g_attn = (dots.reshape(n_samples, n_per, k) * bil.view(n_samples, n_per, k)).sum(-1)
             if ctx.needs_input_grad[1]:
-                grid = dots.view(n_samples, n_per, *([2] * dim))
                 parts = []
                 for d in range(dim):
                     others = [f for e, f in enumerate(factors) if e != d]
-                    partial = grid if not others else grid * _corner_weights_from_factors(others)
+                    partial = dots * _product(others) if others else dots
                     partial = partial.transpose(2 + d, -1).reshape(n_samples, n_per, k // 2, 2)
                     parts.append((partial[..., 1] - partial[..., 0]).sum(-1))
                 g_frac = torch.stack(parts, -1) * attn[..., None]
-        return g_table, g_frac, g_attn, None, None, g_bg, None, None
+        return g_table, g_frac, g_attn, None, None
 
 
 def sparse_weighted_gather(
@@ -270,23 +264,15 @@ def sparse_weighted_gather(
     shifted = positions - 0.5
     base = torch.floor(shifted.detach())
     frac = (shifted - base).to(table.dtype)
-    with_bg = background_table is not None
-    rows, found, inside = lookup_corners(
-        index, base.to(torch.int64), batch_indices, level_indices, head_indices, n_heads, with_inside=with_bg
+    n_value_rows = table.shape[0]
+    if background_table is not None:
+        table = torch.cat([table, background_table.to(table.dtype)])
+    entries, rows = lookup_corners(
+        index, base.to(torch.int64), batch_indices, level_indices, head_indices, n_heads,
+        background_row_offset=None if background_table is None else n_value_rows,
     )
     if sample_weights is None:
         sample_weights = table.new_ones(n_samples, n_per)
-    bg_rows = absent = None
-    if with_bg:
-        with torch.no_grad():
-            absent = inside & ~found
-            b = batch_indices.to(torch.int64).expand(n_samples, n_per)
-            l = level_indices.to(torch.int64).expand(n_samples, n_per)
-            h = torch.zeros((), dtype=torch.int64, device=b.device) if head_indices is None else head_indices.to(torch.int64)
-            bg_rows = (b * index.n_levels + l) * n_heads + h.expand(n_samples, n_per)
-        background_table = background_table.to(table.dtype)
-    if table.shape[0] == 0:  # no voxel at all: every corner is absent; a zero row keeps shapes valid
+    if table.shape[0] == 0:  # no voxel and no background: no corner holds a value
         table = table.new_zeros(1, table.shape[1]) + 0 * table.sum()
-    return _InterpolatedGather.apply(
-        table, frac, sample_weights.to(table.dtype), rows, found, background_table, bg_rows, absent
-    )
+    return _InterpolatedGather.apply(table, frac, sample_weights.to(table.dtype), entries, rows)
