@@ -86,12 +86,19 @@ class Case:
             returns a zero-argument callable: the operation that is timed.
         kwargs: keyword arguments for ``setup``; shown in the table's ``params`` column.
         columns: extra table columns for this row (e.g. ``{"voxels": 1_000_000}``).
+        device: ``"cuda"`` to synchronise around the timed calls and report the CUDA peak;
+            default: ``kwargs["device"]`` if given, else ``"cpu"``.
     """
 
     name: str
     setup: Callable[..., Callable[[], Any]]
     kwargs: dict = field(default_factory=dict)
     columns: dict = field(default_factory=dict)
+    device: Optional[str] = None
+
+    @property
+    def device_type(self) -> str:
+        return str(self.device if self.device is not None else self.kwargs.get("device", "cpu")).split(":")[0]
 
 
 @dataclass
@@ -163,7 +170,7 @@ def _measure(case: Case, warmup: int, repeats: int) -> Result:
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     torch.set_num_threads(NUM_THREADS)
     fn = case.setup(**case.kwargs)
-    cuda = torch.cuda.is_available() and any("cuda" in str(v) for v in case.kwargs.values())
+    cuda = case.device_type == "cuda"
     result = Result(case, device="cuda" if cuda else "cpu")
 
     def sync():
@@ -192,7 +199,7 @@ def _measure(case: Case, warmup: int, repeats: int) -> Result:
     result.peak_rss_bytes = max(_maxrss_bytes() - rss_before, 0)
     if cuda:
         result.peak_cuda_bytes = torch.cuda.max_memory_allocated() - cuda_before
-    result.case = Case(case.name, case.setup.__name__, case.kwargs, case.columns)  # type: ignore[arg-type]
+    result.case = Case(case.name, case.setup.__name__, case.kwargs, case.columns, case.device)  # type: ignore[arg-type]
     return result
 
 
@@ -200,7 +207,7 @@ def _child(conn, case: Case, warmup: int, repeats: int) -> None:
     try:
         result = _measure(case, warmup, repeats)
     except BaseException as err:  # reported as a table row
-        result = Result(Case(case.name, getattr(case.setup, "__name__", "?"), case.kwargs, case.columns))  # type: ignore[arg-type]
+        result = Result(Case(case.name, getattr(case.setup, "__name__", "?"), case.kwargs, case.columns, case.device))  # type: ignore[arg-type]
         result.error = f"{type(err).__name__}: {err}".splitlines()[0][:200]
         traceback.print_exc()
     conn.send(result)
