@@ -127,12 +127,12 @@ def voxelize(
     del gen
     kept = point_voxel >= 0
     ids = point_voxel[kept]
-    sums = torch.zeros(n_voxels, pts.shape[1], dtype=torch.float64).index_add_(0, ids, pts[kept].double())
+    sums = torch.zeros(n_voxels, pts.shape[1], dtype=torch.float64, device=pts.device).index_add_(0, ids, pts[kept].double())
     counts = torch.bincount(ids, minlength=n_voxels).clamp_min(1)
     features = (sums / counts[:, None]).to(torch.float32)
     coords = coords.to(torch.int64)
     order = _lex_order(coords, grid)
-    indices = torch.cat([torch.zeros(n_voxels, 1, dtype=torch.int32), coords[order].to(torch.int32)], 1)
+    indices = torch.cat([torch.zeros(n_voxels, 1, dtype=torch.int32, device=pts.device), coords[order].to(torch.int32)], 1)
     shape = [grid[0] + z_padding, grid[1], grid[2]]
     return SparseConvTensor(features[order], indices, shape, 1)
 
@@ -180,27 +180,28 @@ def _downsample(x: SparseConvTensor, padding: Sequence[int], kernel: int = 3, st
     with ``0 <= k < kernel`` on every axis -- exactly spconv's (non-submanifold) rule.
     """
     ndim = len(x.spatial_shape)
-    in_shape = torch.tensor(x.spatial_shape, dtype=torch.int64)
-    pad = torch.tensor(list(padding), dtype=torch.int64)
-    out_shape = (in_shape + 2 * pad - kernel) // stride + 1
     idx = x.indices.to(torch.int64)
+    dev = idx.device
+    in_shape = torch.tensor(x.spatial_shape, dtype=torch.int64, device=dev)
+    pad = torch.tensor(list(padding), dtype=torch.int64, device=dev)
+    out_shape = (in_shape + 2 * pad - kernel) // stride + 1
     b, c = idx[:, 0], idx[:, 1:]
     # all kernel offsets k in [0, kernel)^ndim
-    offsets = torch.cartesian_prod(*[torch.arange(kernel)] * ndim).reshape(-1, ndim)
+    offsets = torch.cartesian_prod(*[torch.arange(kernel, device=dev)] * ndim).reshape(-1, ndim)
     num = c[:, None, :] + pad - offsets[None]  # [N, K, D]
     o = torch.div(num, stride, rounding_mode="floor")
     ok = ((num % stride) == 0).all(-1) & (o >= 0).all(-1) & (o < out_shape).all(-1)
-    src = torch.arange(idx.shape[0])[:, None].expand_as(ok)[ok]
+    src = torch.arange(idx.shape[0], device=dev)[:, None].expand_as(ok)[ok]
     out_idx = torch.cat([b[src, None], o[ok]], 1)
     key = out_idx[:, 0]
     for axis in range(ndim):
         key = key * out_shape[axis] + out_idx[:, axis + 1]
     uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
-    sums = torch.zeros(uniq.numel(), x.features.shape[1], dtype=torch.float64).index_add_(
+    sums = torch.zeros(uniq.numel(), x.features.shape[1], dtype=torch.float64, device=dev).index_add_(
         0, inverse, x.features[src].double()
     )
     counts = torch.bincount(inverse, minlength=uniq.numel())
-    out_coords = torch.empty(uniq.numel(), ndim + 1, dtype=torch.int64)
+    out_coords = torch.empty(uniq.numel(), ndim + 1, dtype=torch.int64, device=dev)
     rest = uniq.clone()
     for axis in range(ndim, 0, -1):
         out_coords[:, axis] = rest % out_shape[axis - 1]
@@ -221,8 +222,8 @@ def _project(levels: list[SparseConvTensor], channels: Optional[int], seed: int)
         gen = torch.Generator().manual_seed(seed * 1009 + level)
         f = x.features.to(torch.float32)
         f = (f - f.mean(0)) / f.std(0).clamp_min(1e-6) if f.shape[0] > 1 else f
-        w = torch.randn(f.shape[1], channels, generator=gen) / f.shape[1] ** 0.5
-        bias = 0.1 * torch.randn(channels, generator=gen)
+        w = (torch.randn(f.shape[1], channels, generator=gen) / f.shape[1] ** 0.5).to(f.device)
+        bias = (0.1 * torch.randn(channels, generator=gen)).to(f.device)
         out.append(x.replace_feature(torch.tanh(f @ w + bias)))
     return out
 
@@ -325,7 +326,7 @@ def bev_levels(
         b, y, x = idx[:, 0], idx[:, 2] * h // in_y, idx[:, 3] * w // in_x
         key = (b * h + y) * w + x
         uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
-        sums = torch.zeros(uniq.numel(), feats.shape[1], dtype=torch.float64).index_add_(0, inverse, feats)
+        sums = torch.zeros(uniq.numel(), feats.shape[1], dtype=torch.float64, device=feats.device).index_add_(0, inverse, feats)
         counts = torch.bincount(inverse, minlength=uniq.numel())
         coords = torch.stack([uniq // (h * w), (uniq // w) % h, uniq % w], 1).to(torch.int32)
         levels.append(
@@ -359,7 +360,7 @@ def random_sparse_levels(
     ``round(occupancy * prod(shape))`` distinct uniformly random sites with N(0, 1) features.
 
     Returns:
-        ``len(shapes)`` ``SparseConvTensor`` s, rows sorted by (batch, *coords); seeded.
+        ``len(shapes)`` ``SparseConvTensor`` s on the CPU, rows sorted by (batch, *coords); seeded.
     """
     shapes = [[int(v) for v in s] for s in shapes]
     if not shapes or len({len(s) for s in shapes}) != 1 or len(shapes[0]) not in (2, 3) or min(map(min, shapes)) <= 0:
