@@ -34,8 +34,16 @@ test: $(VENV)/.installed-$(SPCONV)-test
 demo: $(VENV)/.installed-$(SPCONV)-examples
 	$(PY) examples/demo.py
 
+# every benchmark module present, one after the other (under flock when available, so two
+# benchmarks never share the CPU); e.g. `make bench BENCHMARKS=index BENCH_ARGS=--quick`
+BENCHMARKS ?= index msda neighborhood
+BENCH_ARGS ?=
+LOCK := $(if $(shell command -v flock),flock /tmp/bench.lock,)
+
 bench: $(VENV)/.installed-$(SPCONV)-test
-	flock /tmp/bench.lock $(PY) -m benchmarks.index
+	@set -e; for m in $(BENCHMARKS); do \
+	  if [ -f benchmarks/$$m.py ]; then echo "== benchmarks.$$m"; $(LOCK) $(PY) -m benchmarks.$$m $(BENCH_ARGS); fi; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
