@@ -143,9 +143,13 @@ class BEVHead(nn.Module):
     def forward(self, level3: SparseConvTensor) -> tuple[SparseConvTensor, torch.Tensor]:
         """Returns the sparse ``conv_out`` output and the ``[B, n_outputs, H, W]`` BEV scores."""
         out = self.conv_out(level3)
-        dense = out.dense()  # [B, C, D, H, W]
-        b, c, d, h, w = dense.shape
-        return out, self.score(self.shared(dense.view(b, c * d, h, w)))
+        d, h, w = out.spatial_shape
+        idx = out.indices.long()
+        # height compression (OpenPCDet's HeightCompression): scatter to [B, D, H, W, C], z into channels
+        dense = out.features.new_zeros(out.batch_size, d, h, w, out.features.shape[1])
+        dense[idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]] = out.features
+        bev = dense.permute(0, 4, 1, 2, 3).reshape(out.batch_size, -1, h, w)
+        return out, self.score(self.shared(bev))
 
 
 class LidarEncoderNet(nn.Module):

@@ -80,7 +80,8 @@ def deformable_sampling_locations(
     weights = attn.attention_weights(x).view(n_q, h, n_l * n_p).softmax(-1).view(n_q, h, n_l, n_p)
     shapes = level_spatial_shapes.to(query_spatial_positions)
     if query_level_indices is None:
-        query_level_indices = torch.full((n_q,), largest_level(level_spatial_shapes), dtype=torch.int64)
+        query_level_indices = torch.full((n_q,), largest_level(level_spatial_shapes), dtype=torch.int64,
+                                         device=query.device)
     ref = query_spatial_positions / shapes[query_level_indices]
     return ref[:, None, None, None, :] * shapes[None, None, :, None, :] + offsets, weights
 
@@ -107,8 +108,9 @@ class DecoderStep(nn.Module):
         Returns ``(positions [Q, 3] in the finest level's frame, batch_offsets [B + 1],
         slot [Q] index into the query embeddings)``.
         """
-        fine, shape0 = encoded[0], torch.tensor(encoded[0].spatial_shape)
-        bev_shape = torch.tensor(bev.spatial_shape[1:])  # (H, W) of the BEV grid
+        dev = bev.indices.device
+        fine, shape0 = encoded[0], torch.tensor(encoded[0].spatial_shape, device=dev)
+        bev_shape = torch.tensor(bev.spatial_shape[1:], device=dev)  # (H, W) of the BEV grid
         ratio = shape0[1:] / bev_shape  # finest cells per BEV cell, (y, x)
         b, y, x = bev.indices[:, 0].long(), bev.indices[:, 2].long(), bev.indices[:, 3].long()
         h, w = bev_shape.tolist()
@@ -119,7 +121,7 @@ class DecoderStep(nn.Module):
         fi = fine.indices.long()
         col = (fi[:, 0] * h + (fi[:, 2] / ratio[0]).long()) * w + (fi[:, 3] / ratio[1]).long()
         n_cols = bev.batch_size * h * w
-        z_sum = torch.zeros(n_cols).index_add_(0, col, fi[:, 1].float() + 0.5)
+        z_sum = torch.zeros(n_cols, device=dev).index_add_(0, col, fi[:, 1].float() + 0.5)
         z_cnt = torch.bincount(col, minlength=n_cols).float()
         z_default = float(z_sum.sum() / z_cnt.sum().clamp_min(1)) if fi.numel() else shape0[0].item() / 2
         z = torch.where(z_cnt[cells] > 0, z_sum[cells] / z_cnt[cells].clamp_min(1), z_default)
@@ -130,9 +132,9 @@ class DecoderStep(nn.Module):
             pos = torch.stack([z[top], (cy[top] + 0.5) * ratio[0], (cx[top] + 0.5) * ratio[1]], 1)
             positions.append(pos)
             counts.append(top.numel())
-        offsets = torch.zeros(bev.batch_size + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(torch.tensor(counts), 0)
-        slot = torch.cat([torch.arange(c) for c in counts])
+        offsets = torch.zeros(bev.batch_size + 1, dtype=torch.int64, device=dev)
+        offsets[1:] = torch.cumsum(torch.tensor(counts, device=dev), 0)
+        slot = torch.cat([torch.arange(c, device=dev) for c in counts])
         return torch.cat(positions).float(), offsets, slot
 
     def forward(self, encoded, index, bev, scores) -> dict:
@@ -207,6 +209,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="out/lidar_encoder.png", help="PNG path ('' to skip the plot)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (needs a CUDA spconv build) or cpu; default cuda when available")
     return p.parse_args(argv)
 
 
@@ -220,13 +224,20 @@ def main(argv=None) -> dict:
     def stage(name, fn, *a, **kw):
         t = time.perf_counter()
         out = fn(*a, **kw)
+        sync()
         timings[name] = time.perf_counter() - t
         return out
 
+    sync = lambda: None  # noqa: E731  (replaced once the device is known)
+
     points = stage("load", lambda: crop_points(load_kitti_bin(args.frame), args.crop, args.max_points, args.seed))
     voxels = stage("voxelize", voxelize_frames, [points])
-    net = LidarEncoderNet(args.embed_dim, args.heads, args.layers, args.points, args.neighborhood).eval()
-    decoder = DecoderStep(args.embed_dim, args.heads, args.points, args.queries).eval()
+    device = torch.device(args.device)
+    voxels = voxels.replace_feature(voxels.features.to(device))
+    voxels.indices = voxels.indices.to(device)
+    net = LidarEncoderNet(args.embed_dim, args.heads, args.layers, args.points, args.neighborhood).to(device).eval()
+    decoder = DecoderStep(args.embed_dim, args.heads, args.points, args.queries).to(device).eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         levels = stage("backbone", lambda: net.projection(net.backbone(voxels)))
         from sparse_msda import SparseCoordinateIndex
@@ -253,7 +264,9 @@ def main(argv=None) -> dict:
             loc, w = deformable_sampling_locations(
                 decoder.cross_attn, dec["query"][:n], dec["positions"][:n], index.level_spatial_shapes)
         t = time.perf_counter()
-        plot(args.out, voxels, dec["positions"][:n], loc, w, index.level_spatial_shapes)
+        cpu_voxels = voxels.replace_feature(voxels.features.cpu())
+        cpu_voxels.indices = voxels.indices.cpu()
+        plot(args.out, cpu_voxels, dec["positions"][:n].cpu(), loc.cpu(), w.cpu(), index.level_spatial_shapes.cpu())
         print(f"wrote {args.out} ({time.perf_counter() - t:.2f} s)")
     return {"levels": levels, "encoded": encoded, "bev": bev, "scores": scores, "decoder": dec, "timings": timings}
 
