@@ -157,21 +157,19 @@ def _bag_offsets(bags: Tensor, n_bags: int) -> Tensor:
     return offsets
 
 
-def _corner_factors(frac: Tensor) -> list[Tensor]:
-    """Per-axis factors ``(1 - f_d, f_d)``, shaped to broadcast over ``[S, J, 2, ..., 2]``."""
+def _entry_factors(frac: Tensor, entries: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per present corner: sample number ``[M]``, axis factors ``[M, D]`` and corner bit signs ``[M, D]``.
+
+    Corner ``k`` of a sample with fractional offsets ``f`` has weight ``prod_d fac_d`` with
+    ``fac_d = f_d`` where bit ``d`` of ``k`` is set and ``1 - f_d`` otherwise.
+    """
     dim = frac.shape[-1]
-    out = []
-    for d in range(dim):
-        f = torch.stack([1.0 - frac[..., d], frac[..., d]], -1)  # [S, J, 2]
-        out.append(f.view(*frac.shape[:-1], *([1] * d), 2, *([1] * (dim - 1 - d))))
-    return out
-
-
-def _product(factors: list[Tensor]) -> Tensor:
-    w = factors[0]
-    for f in factors[1:]:
-        w = w * f
-    return w
+    k = 2**dim
+    samples = torch.div(entries, k, rounding_mode="floor")
+    bits = corner_bits(dim, frac.device)[entries - samples * k].to(torch.bool)  # [M, D]
+    f = frac.reshape(-1, dim)[samples]
+    factors = torch.where(bits, f, 1.0 - f)
+    return samples, factors, bits
 
 
 class _InterpolatedGather(torch.autograd.Function):
@@ -181,19 +179,19 @@ class _InterpolatedGather(torch.autograd.Function):
     that hold a value (``entries`` / ``rows`` from :func:`lookup_corners`; all others are
     zero), ``c_k`` the interpolation weights. Forward is one ``embedding_bag`` over those
     corners only. Backward computes the value/gradient dot product of each such corner once;
-    from them, analytically, the gradients of ``a`` and ``frac``; the table gradient is a
-    transposed gather (corners sorted by table row, one ``embedding_bag``). Saved: ``frac
-    [S, J, D]``, ``a [S, J]``, ``entries`` and ``rows``: memory is linear in samples and
-    in present corners, nothing ``[samples, corners, head_dim]``.
+    from them, analytically, the gradients of ``a`` and ``frac`` (scatter-added per sample);
+    the table gradient is a transposed gather (corners sorted by table row, one
+    ``embedding_bag``). Saved: ``frac [S, J, D]``, ``a [S, J]``, ``entries`` and ``rows``:
+    work and memory are linear in samples and in *present* corners; nothing of size
+    ``[samples, corners]`` or ``[samples, corners, head_dim]`` is formed.
     """
 
     @staticmethod
     def forward(ctx, table, frac, attn, entries, rows):
         n_samples, n_per, dim = frac.shape
-        k = 2**dim
-        bil = _product(_corner_factors(frac)).reshape(n_samples * n_per * k)
-        bags = torch.div(entries, n_per * k, rounding_mode="floor")
-        weights = bil[entries] * attn.reshape(-1)[torch.div(entries, k, rounding_mode="floor")]
+        samples, factors, _ = _entry_factors(frac, entries)
+        weights = factors.prod(-1) * attn.reshape(-1)[samples]
+        bags = torch.div(samples, n_per, rounding_mode="floor")
         offsets = _bag_offsets(bags, n_samples).to(rows.dtype)
         out = F.embedding_bag(rows, table, offsets, per_sample_weights=weights, mode="sum")
         ctx.save_for_backward(table, frac, attn, entries, rows)
@@ -203,32 +201,31 @@ class _InterpolatedGather(torch.autograd.Function):
     def backward(ctx, grad_out):
         table, frac, attn, entries, rows = ctx.saved_tensors
         n_samples, n_per, dim = frac.shape
-        k = 2**dim
         grad_out = grad_out.contiguous()
-        factors = _corner_factors(frac)
-        bil = _product(factors).reshape(n_samples * n_per * k)
-        bags = torch.div(entries, n_per * k, rounding_mode="floor")
-        samples = torch.div(entries, k, rounding_mode="floor")
+        samples, factors, bits = _entry_factors(frac, entries)
+        corner_w = factors.prod(-1)
+        a = attn.reshape(-1)[samples]
+        bags = torch.div(samples, n_per, rounding_mode="floor")
         g_table = g_frac = g_attn = None
         if ctx.needs_input_grad[0]:
-            weights = bil[entries] * attn.reshape(-1)[samples]
             sorted_rows, perm = torch.sort(rows, stable=True)
             offsets = _bag_offsets(sorted_rows.to(torch.int64), table.shape[0])
-            g_table = F.embedding_bag(bags[perm], grad_out, offsets, per_sample_weights=weights[perm], mode="sum")
+            g_table = F.embedding_bag(bags[perm], grad_out, offsets, per_sample_weights=(corner_w * a)[perm], mode="sum")
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dots = grad_out.new_zeros(n_samples * n_per * k)
-            dots[entries] = _row_dots(table, rows, grad_out, bags)
-            dots = dots.view(n_samples, n_per, *([2] * dim))
+            dots = _row_dots(table, rows, grad_out, bags)  # [M]
             if ctx.needs_input_grad[2]:
-                g_attn = (dots.reshape(n_samples, n_per, k) * bil.view(n_samples, n_per, k)).sum(-1)
+                g_attn = grad_out.new_zeros(n_samples * n_per).index_add_(0, samples, dots * corner_w).view(n_samples, n_per)
             if ctx.needs_input_grad[1]:
-                parts = []
+                # d c / d f_d = sign_d * prod_{e != d} fac_e, sign_d = +1 where bit d is set else -1
+                cols = []
                 for d in range(dim):
-                    others = [f for e, f in enumerate(factors) if e != d]
-                    partial = dots * _product(others) if others else dots
-                    partial = partial.transpose(2 + d, -1).reshape(n_samples, n_per, k // 2, 2)
-                    parts.append((partial[..., 1] - partial[..., 0]).sum(-1))
-                g_frac = torch.stack(parts, -1) * attn[..., None]
+                    others = [factors[:, e] for e in range(dim) if e != d]
+                    excl = others[0] if others else torch.ones_like(corner_w)
+                    for o in others[1:]:
+                        excl = excl * o
+                    cols.append(torch.where(bits[:, d], excl, -excl))
+                per_entry = torch.stack(cols, -1) * (dots * a)[:, None]
+                g_frac = grad_out.new_zeros(n_samples * n_per, dim).index_add_(0, samples, per_entry).view(n_samples, n_per, dim)
         return g_table, g_frac, g_attn, None, None
 
 
