@@ -199,6 +199,21 @@ def test_voxel_queries_bookkeeping():
     assert VoxelQueries.from_levels(take_item(levels, 0)).order is None
 
 
+def test_empty_batch_item_level_and_map():
+    levels = levels_3d(batch_size=1, seed=16)
+    enc = perturb(make_encoder())
+    alone = enc(levels)
+    two = enc([SparseConvTensor(l.features, l.indices, l.spatial_shape, 2) for l in levels])  # item 1 empty
+    for a, b in zip(alone, two):
+        torch.testing.assert_close(a.features, b.features, rtol=1e-10, atol=1e-10)
+    no_level1 = [levels[0], SparseConvTensor(levels[1].features[:0], levels[1].indices[:0], levels[1].spatial_shape, 1), levels[2]]
+    out = enc(no_level1)
+    assert [o.features.shape[0] for o in out] == [levels[0].features.shape[0], 0, levels[2].features.shape[0]]
+    assert all(torch.isfinite(o.features).all() for o in out)
+    empty = enc([SparseConvTensor(l.features[:0], l.indices[:0], l.spatial_shape, 1) for l in levels])
+    assert [o.features.shape for o in empty] == [(0, C)] * 3
+
+
 # --- coordinate index reuse ----------------------------------------------------------------------
 def count_index_builds(monkeypatch):
     calls = []

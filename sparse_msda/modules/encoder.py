@@ -40,7 +40,7 @@ import torch
 from spconv.pytorch import SparseConvTensor
 from torch import Tensor, nn
 
-from adapters import SparseCoordinateIndex
+from adapters import SparseCoordinateIndex, multilevel_features
 from adapters.conversion import check_spconv_levels
 
 from ..inputs import check_embed_heads, check_position_dim
@@ -171,8 +171,6 @@ class VoxelQueries:
                 raise TypeError(
                     f"coordinate_index must be a SparseCoordinateIndex or None, got {type(coordinate_index).__name__}"
                 )
-            from adapters import multilevel_features
-
             _, index = multilevel_features(levels, None, coordinate_index)  # validates, O(N)
         batch = index.batch_indices
         if batch.numel() and bool((batch[1:] < batch[:-1]).any()):
