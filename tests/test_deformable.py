@@ -463,3 +463,19 @@ def test_gradcheck_fused_gather_with_repeated_corners(dim):
     out = f(table, pos, w, bg)
     assert out.shape == (4, 2)
     assert torch.autograd.gradcheck(f, (table, pos, w, bg), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(91)
+    stack, shapes = random_map(SHAPES[3], 2, 8, 0.5, torch.float64, gen)
+    module = randomize(SparseMSDeformableAttention(8, 2, 3, 2, 3), gen).double()
+    query, pos, offsets, levels = random_queries([4, 3], SHAPES[3], 8, torch.float64, gen)
+    bg = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64)
+    out = module(query, pos, offsets, stack, shapes, query_level_indices=levels, background_embedding=bg)
+    dev = torch.device("cuda")
+    out_cuda = module.to(dev)(
+        query.to(dev), pos.to(dev), offsets.to(dev), stack.to(dev), shapes.to(dev),
+        query_level_indices=levels.to(dev), background_embedding=bg.to(dev),
+    )
+    torch.testing.assert_close(out_cuda.cpu(), out, **TOL[torch.float64])

@@ -14,17 +14,18 @@ padding_mode='zeros')`` on the (implicitly) densified map, written for sparse ma
   site behaves exactly as if it held that value.
 
 Every corner is found through :meth:`adapters.SparseCoordinateIndex.lookup` (spconv
-hashing), so memory scales with voxels and samples, never with the spatial extent.
-The lookups run in chunks of the sample dimension: one call per ~256k corners keeps
-the integer temporaries of the key computation cache- and allocator-friendly (a single
-call over tens of millions of corners is several times slower on CPU), while the
-number of calls stays small.
+hashing), once per forward (never again in backward), so memory scales with voxels and
+samples, never with the spatial extent. The lookups run in chunks of ~1M corners: the
+integer temporaries of the key computation stay bounded, and only the corners that hold a
+value (present voxels, or background sites) are kept, as flat entry numbers and value-table
+rows.
 
-The interpolation and any weighted sum over samples (the attention sum of deformable
-attention) are one ``F.embedding_bag(..., per_sample_weights=..., mode='sum')`` over a
-flat value table: ``[queries, heads, levels, points, corners, head_dim]`` is never
-materialised. Autograd gives gradients to the table (values), to the per-sample weights
-and, through the bilinear weights, to the positions.
+The interpolation and the weighted sum over samples (the attention sum of deformable
+attention) are one ``F.embedding_bag(..., per_sample_weights=..., mode='sum')`` over those
+present corners; ``[queries, heads, levels, points, corners, head_dim]`` (or even
+``[..., corners]``) is never materialised. A custom autograd Function gives the gradients
+of the value table (a transposed gather), of the sample weights and, analytically through
+the interpolation weights, of the positions.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from adapters import SparseCoordinateIndex
 
-__all__ = ["LOOKUP_CHUNK", "bilinear_corner_weights", "corner_bits", "lookup_corners", "sparse_weighted_gather"]
+__all__ = ["LOOKUP_CHUNK", "corner_bits", "lookup_corners", "sparse_weighted_gather"]
 
 #: number of corner lookups per ``SparseCoordinateIndex.lookup`` call
 LOOKUP_CHUNK = 1 << 20
@@ -47,32 +48,11 @@ def corner_bits(position_dim: int, device=None) -> Tensor:
     """``[2**position_dim, position_dim]`` int64 offsets of the interpolation corners.
 
     Corner ``k`` is ``base + corner_bits[k]``; the first axis is the most significant bit
-    (same order as :func:`bilinear_corner_weights`).
+    (corner ``k`` has weight ``prod_d (f_d if bit d of k else 1 - f_d)``).
     """
     k = torch.arange(2**position_dim, device=device)
     shifts = torch.arange(position_dim - 1, -1, -1, device=device)
     return (k[:, None] >> shifts[None, :]) & 1
-
-
-def bilinear_corner_weights(positions: Tensor) -> tuple[Tensor, Tensor]:
-    """Base cells and (differentiable) interpolation weights of continuous positions.
-
-    Args:
-        positions: float ``[..., D]`` in level cells (cell ``i`` covers ``[i, i + 1)``).
-
-    Returns:
-        ``(base, weights)``: int64 ``[..., D]`` base cell ``floor(p - 0.5)`` and
-        ``[..., 2**D]`` weights of the corners ``base + corner_bits(D)[k]``; they sum to 1.
-    """
-    shifted = positions - 0.5
-    base = torch.floor(shifted.detach())
-    frac = shifted - base  # [..., D], gradient 1 w.r.t. positions
-    factors = torch.stack([1.0 - frac, frac], dim=-1)  # [..., D, 2]
-    dim = positions.shape[-1]
-    weights = factors[..., 0, :]
-    for axis in range(1, dim):
-        weights = (weights[..., :, None] * factors[..., axis, None, :]).flatten(-2)
-    return base.to(torch.int64), weights
 
 
 @torch.no_grad()
