@@ -102,7 +102,11 @@ def lookup_corners(
         sl = slice(start, start + step)
         coords = base[sl, :, None, :] + bits  # [s, J, K, D]
         lb, ll = b[sl, :, None], l[sl, :, None]
-        r, found = index.lookup(lb, ll, coords)
+        # flat contiguous inputs: the index's elementwise key math is fastest without broadcasting
+        r, found = index.lookup(
+            lb.expand(coords.shape[:-1]).reshape(-1), ll.expand(coords.shape[:-1]).reshape(-1), coords.reshape(-1, dim)
+        )
+        r, found = r.view(coords.shape[:-1]), found.view(coords.shape[:-1])
         if h is not None and n_heads > 1:
             r = r * n_heads + h[sl, :, None]
         if background_row_offset is not None:
