@@ -259,6 +259,12 @@ def main(argv=None) -> dict:
     print("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in timings.items()))
 
     if args.out:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("matplotlib is not installed (pip install matplotlib, or the 'examples' extra): no plot")
+            args.out = ""
+    if args.out:
         n = min(args.plot_queries, dec["positions"].shape[0])
         with torch.no_grad():
             loc, w = deformable_sampling_locations(

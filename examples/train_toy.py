@@ -70,6 +70,30 @@ def make_batch(points: np.ndarray, ground_z: float, crop, max_points, rng: np.ra
     return normalise_features(voxels), labels
 
 
+class _PlainProgress:
+    """Fallback when tqdm (the optional ``examples`` extra) is not installed: one line per step."""
+
+    def __init__(self, iterable, desc: str, disable: bool) -> None:
+        self.iterable, self.desc, self.disable, self.step = iterable, desc, disable, 0
+
+    def __iter__(self):
+        for self.step, item in enumerate(self.iterable, 1):
+            yield item
+
+    def set_postfix(self, **kw) -> None:
+        if not self.disable:
+            print(f"{self.desc} step {self.step}/{len(self.iterable)}: " + ", ".join(f"{k}={v}" for k, v in kw.items()))
+
+
+def progress(iterable, desc: str, disable: bool):
+    """A tqdm progress bar (``pip install tqdm``, part of the ``examples`` extra) or a plain log."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainProgress(iterable, desc, disable)
+    return tqdm(iterable, desc=desc, disable=disable, dynamic_ncols=True)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", nargs="+", default=[str(DEFAULT_FRAME)], help="KITTI-layout .bin scans")
@@ -83,7 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / processes)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (default 1: the problems are tiny, and extra threads "
+                   "only spin when the machine is oversubscribed)")
     p.add_argument("--save", default=None, help="write PREFIX.rank{r}.pt state dicts at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -102,7 +128,7 @@ def main(argv=None) -> dict:
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = ToySegmentationNet(args.embed_dim, args.heads, args.layers, args.points).to(device)
@@ -112,9 +138,7 @@ def main(argv=None) -> dict:
     crop = args.crop or None
     max_points = args.max_points or None
 
-    from tqdm import tqdm
-
-    bar = tqdm(range(args.steps), desc=f"train (world {world})", disable=args.quiet or rank != 0, dynamic_ncols=True)
+    bar = progress(range(args.steps), f"train (world {world})", disable=args.quiet or rank != 0)
     losses = []
     for step in bar:
         rng = np.random.default_rng([args.seed, rank, step])

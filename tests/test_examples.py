@@ -112,12 +112,21 @@ def test_sampling_locations_reproduce_the_block_output(voxels):
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
 
-def test_example_main_writes_png(tmp_path):
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "bev.png"
+def test_example_main(tmp_path, capsys):
+    """The README command on a cropped frame; the PNG is checked when matplotlib (``examples``
+    extra) is installed, otherwise the run goes without a plot (``--out ''``)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        png = None
+    else:
+        png = tmp_path / "bev.png"
     res = lidar_encoder.main([str(FRAME), "--crop", str(CROP), "--max-points", "800", "--embed-dim", "16",
-                              "--heads", "2", "--points", "2", "--out", str(png), "--threads", "1"])
-    assert png.exists() and png.stat().st_size > 10_000
+                              "--heads", "2", "--points", "2", "--out", str(png or ""), "--threads", "1"])
+    if png is not None:
+        assert png.exists() and png.stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "indices preserved: True" in printed and "timings (s)" in printed
     n_cells = torch.unique(res["bev"].indices[:, 2:].long() @ torch.tensor([176, 1])).numel()
     assert res["decoder"]["positions"].shape == (min(900, n_cells), 3)
     assert res["decoder"]["output"].shape == (min(900, n_cells), 16)
@@ -128,7 +137,6 @@ def test_example_main_writes_png(tmp_path):
 
 
 def test_toy_training_loss_decreases():
-    pytest.importorskip("tqdm")
     res = train_toy.main(["--steps", "6", "--max-points", "600", "--seed", "0", "--quiet", "--threads", "1"])
     losses = res["losses"]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
@@ -136,7 +144,6 @@ def test_toy_training_loss_decreases():
 
 
 def test_ddp_two_processes_keep_identical_weights(tmp_path):
-    pytest.importorskip("tqdm")
     prefix = tmp_path / "sd"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
