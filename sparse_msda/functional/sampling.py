@@ -15,7 +15,7 @@ padding_mode='zeros')`` on the (implicitly) densified map, written for sparse ma
 
 Every corner is found through :meth:`adapters.SparseCoordinateIndex.lookup` (spconv
 hashing), once per forward (never again in backward), so memory scales with voxels and
-samples, never with the spatial extent. The lookups run in chunks of ~1M corners: the
+samples, never with the spatial extent. The lookups run in chunks of ~512k corners: the
 integer temporaries of the key computation stay bounded, and only the corners that hold a
 value (present voxels, or background sites) are kept, as flat entry numbers and value-table
 rows.
@@ -41,7 +41,7 @@ from adapters import SparseCoordinateIndex
 __all__ = ["LOOKUP_CHUNK", "corner_bits", "lookup_corners", "sparse_weighted_gather"]
 
 #: number of corner lookups per ``SparseCoordinateIndex.lookup`` call
-LOOKUP_CHUNK = 1 << 20
+LOOKUP_CHUNK = 1 << 19
 
 
 def corner_bits(position_dim: int, device=None) -> Tensor:
@@ -73,7 +73,7 @@ def lookup_corners(
 
     Args:
         index: coordinate index of the map.
-        base: int64 ``[S, J, D]`` base cells.
+        base: ``[S, J, D]`` base cells (integer, or integral floats).
         batch_indices, level_indices, head_indices: integer tensors broadcastable to ``[S, J]``
             (``head_indices`` None means head 0).
         n_heads: heads per voxel row of the value table.
@@ -100,7 +100,7 @@ def lookup_corners(
     step = max(1, (chunk or LOOKUP_CHUNK) // max(1, n_per * k))
     for start in range(0, n_samples, step):
         sl = slice(start, start + step)
-        coords = base[sl, :, None, :] + bits  # [s, J, K, D]
+        coords = base[sl, :, None, :].to(torch.int64) + bits  # [s, J, K, D]
         lb, ll = b[sl, :, None], l[sl, :, None]
         # flat contiguous inputs: the index's elementwise key math is fastest without broadcasting
         r, found = index.lookup(
@@ -249,7 +249,7 @@ def sparse_weighted_gather(
     if background_table is not None:
         table = torch.cat([table, background_table.to(table.dtype)])
     entries, rows = lookup_corners(
-        index, base.to(torch.int64), batch_indices, level_indices, head_indices, n_heads,
+        index, base, batch_indices, level_indices, head_indices, n_heads,
         background_row_offset=None if background_table is None else n_value_rows,
     )
     if sample_weights is None:
