@@ -19,6 +19,16 @@ from sparse_msda.functional.neighborhood import (
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny sparse CSR ops pay an OpenMP fork/join per call; gradcheck makes thousands of calls
+    on a few elements, so run it single-threaded (results do not depend on the thread count)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------
@@ -189,7 +199,7 @@ def test_spconv_levels_input_and_prebuilt_index_match_coo_stack():
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("share_heads", [False, True])
-def test_gradcheck_function(background, share_heads):
+def test_gradcheck_function(background, share_heads, one_thread):
     shapes, sizes = [[8, 8], [4, 4]], [3, 3]
     _, voxels, _ = make_map(shapes, 2, 0.3, 1, seed=11)
     idx = SparseCoordinateIndex(
@@ -210,12 +220,14 @@ def test_gradcheck_function(background, share_heads):
     inputs = [t for t in (q, k, v, bk, bv, fr)]
 
     def fn(q, k, v, bk, bv, fr):
-        return NeighborhoodAttentionFunction.apply(q, k, v, bk, bv, fr, plan, 0.7, 5)  # chunks of <= 5 pairs
+        # small chunks (several per call), so the chunked recomputation is exercised
+        return NeighborhoodAttentionFunction.apply(q, k, v, bk, bv, fr, plan, 0.7, 40 if background else 8)
 
+    assert len(plan.chunks(40 if background else 8, background)) >= 3
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
 
-def test_gradcheck_block_through_positions_background_and_features():
+def test_gradcheck_block_through_positions_background_and_features(one_thread):
     shapes, sizes = [[8, 6], [4, 3]], [3, 3]
     block = make_block(8, 2, 2, sizes, 2, rope_share_heads=False)
     stacked, _, _ = make_map(shapes, 1, 0.35, 8, seed=21)

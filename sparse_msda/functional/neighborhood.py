@@ -169,10 +169,10 @@ def get_multilevel_neighborhoods(
 class NeighborhoodPlan:
     """Which keys each query attends to (integer bookkeeping only, no features).
 
-    Pairs are sorted by query, then by window slot. ``pair_row[p]`` is the key row (into the
-    compacted voxel list ``voxel_rows``, or the index rows if ``voxel_rows`` is None) or ``-1``
-    for an absent in-bounds cell that takes the background embedding (only when
-    ``with_background``). Out-of-bounds cells never form pairs.
+    Pairs (present voxels only) are sorted by query, then by level. ``pair_row[p]`` is the key
+    row (into the compacted voxel list ``voxel_rows``, or the index rows if ``voxel_rows`` is
+    None) and ``pair_slot[p]`` its window slot. With ``with_background`` the kernel also
+    attends to every in-bounds window slot that holds no pair (background cells).
     """
 
     n_queries: int
@@ -202,14 +202,27 @@ class NeighborhoodPlan:
     def pair_counts(self) -> Tensor:
         return self.pair_offsets.diff()
 
-    def chunks(self, chunk_pairs: int) -> list[tuple[int, int]]:
-        """Query ranges ``[q0, q1)`` holding at most ``chunk_pairs`` pairs (or one query)."""
-        offsets = self.pair_offsets.cpu()
+    def has_keys(self) -> Tensor:
+        """bool ``[Q]``: the query attends to at least one key (a voxel, or with background
+        any in-bounds window cell)."""
+        has = self.pair_counts > 0
+        if self.with_background:
+            radius = torch.stack([self.slot_offset[self.slot_level == l].max(0).values for l in range(self.n_levels)])
+            lo, hi = self.centres - radius[None], self.centres + radius[None]  # [Q, L, D]
+            overlaps = ((hi >= 0) & (lo < self.level_spatial_shapes[None])).all(-1).any(-1)
+            has = has | overlaps
+        return has
+
+    def chunks(self, chunk_pairs: int, with_background: bool = False) -> list[tuple[int, int]]:
+        """Query ranges ``[q0, q1)`` whose work (voxel pairs, plus every window slot with
+        background, plus one per query) is at most ``chunk_pairs`` (or a single query)."""
         n = self.n_queries
+        per_query = 1 + (self.slot_level.shape[0] if with_background else 0)
+        cost = self.pair_offsets.cpu() + torch.arange(n + 1) * per_query
         bounds, q0 = [], 0
         while q0 < n:
-            target = int(offsets[q0]) + chunk_pairs
-            q1 = int(torch.searchsorted(offsets, torch.tensor(target), right=True)) - 1
+            target = int(cost[q0]) + chunk_pairs
+            q1 = int(torch.searchsorted(cost, torch.tensor(target), right=True)) - 1
             q1 = min(max(q1, q0 + 1), n)
             bounds.append((q0, q1))
             q0 = q1
@@ -237,7 +250,8 @@ def build_neighborhood_plan(
         positions: float ``[Q, D]`` in the frame of ``position_shapes``.
         position_shapes: ``[Q, D]`` (or ``[D]``) shape of each query's frame.
         neighborhood_sizes: validated odd sizes, one per level.
-        with_background: keep absent in-bounds cells as background pairs.
+        with_background: recorded in the plan (the kernel then also attends to the absent
+            in-bounds slots; they are derived from ``centres`` and the pairs, not stored).
         cells_per_chunk: bound on window cells looked up at once (memory of the lookup).
         compact_rows: renumber key rows to the voxels used by some pair (``voxel_rows``).
     """
@@ -269,15 +283,11 @@ def build_neighborhood_plan(
             )  # a representative query of each distinct (batch, centre)
             cells = centre[first][:, None, :] + offsets[level_slots[level]][None]  # [U, K_l, D]
             rows, found = index.lookup(b[first][:, None], torch.tensor(level, device=device), cells)
-            if with_background:
-                inside = ((cells >= 0) & (cells < shape)).all(-1)
-                keep = inside
-            else:
-                keep = found
+            keep = found
             u_count = keep.sum(1)
             u_start = torch.cumsum(u_count, 0) - u_count
             u_slot = level_slots[level].expand(keep.shape)[keep]
-            u_row = rows[keep]  # -1 where absent (background)
+            u_row = rows[keep]
             q_count = u_count[inverse]
             total = int(q_count.sum())
             q_start = torch.cumsum(q_count, 0) - q_count
@@ -353,85 +363,160 @@ def voxel_rope_positions(
 # ---------------------------------------------------------------------------------------------
 # attention kernel
 # ---------------------------------------------------------------------------------------------
-class _Chunk:
-    """Pairs of queries ``[q0, q1)``: global query of each pair, key row into the extended key
-    table (voxels, then ``B * L`` background rows), and the background pairs' rotation."""
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
+    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
-    def __init__(self, plan: NeighborhoodPlan, q0: int, q1: int, freqs: Optional[Tensor], dtype: torch.dtype):
+
+class _Chunk:
+    """Queries ``[q0, q1)`` of a plan: CSR structure of their voxel pairs for all heads at once
+    (block-diagonal ``[H * n, H * n_keys]``, head-major; and its transpose), and, with
+    background, the in-bounds absent window slots of each query."""
+
+    def __init__(self, plan: NeighborhoodPlan, q0: int, q1: int, n_heads: int, with_background: bool):
         p0, p1 = int(plan.pair_offsets[q0]), int(plan.pair_offsets[q1])
         device = plan.pair_offsets.device
-        self.q0, self.q1 = q0, q1
-        counts = plan.pair_offsets[q0 + 1 : q1 + 1] - plan.pair_offsets[q0:q1]
-        self.local = torch.repeat_interleave(torch.arange(q1 - q0, device=device), counts, output_size=p1 - p0)
-        self.qi = self.local + q0
-        rows = plan.pair_row[p0:p1].to(torch.int64)
-        self.bg_idx = None
-        if plan.with_background:
-            bg_idx = (rows < 0).nonzero().squeeze(1)
-            if bg_idx.numel():
-                slot = plan.pair_slot[p0:p1][bg_idx].to(torch.int64)
-                level = plan.slot_level[slot]
-                query = self.qi[bg_idx]
-                batch = plan.query_batch[query]
-                rows = rows.clone()
-                rows[bg_idx] = plan.n_keys + batch * plan.n_levels + level
-                cells = plan.centres[query, level] + plan.slot_offset[slot]
-                self.positions = voxel_rope_positions(cells, level, plan.level_spatial_shapes, plan.full_shape)
-                angles = rope_angles(self.positions, freqs)
-                self.cos, self.sin = torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
-                self.bg_idx = bg_idx
-        self.rows = rows
+        n, n_pairs, n_keys = q1 - q0, p1 - p0, plan.n_keys
+        self.q0, self.q1, self.n, self.n_pairs, self.n_heads, self.n_keys = q0, q1, n, n_pairs, n_heads, n_keys
+        crow = plan.pair_offsets[q0 : q1 + 1] - p0
+        self.local = torch.repeat_interleave(torch.arange(n, device=device), crow.diff(), output_size=n_pairs)
+        col = plan.pair_row[p0:p1].to(torch.int64)
+        heads = torch.arange(n_heads, device=device)[:, None]
+        end = torch.tensor([n_heads * n_pairs], device=device)
+        self.crow = torch.cat([(crow[None, :-1] + heads * n_pairs).reshape(-1), end])
+        self.col = (col[None] + heads * n_keys).reshape(-1)
+        self.perm_t = torch.argsort(col, stable=True)
+        crow_t = torch.zeros(n_keys + 1, dtype=torch.int64, device=device)
+        crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=n_keys), 0)
+        self.crow_t = torch.cat([(crow_t[None, :-1] + heads * n_pairs).reshape(-1), end])
+        self.col_t = (self.local[self.perm_t][None] + heads * n).reshape(-1)
+        if with_background:
+            slots = plan.pair_slot[p0:p1].to(torch.int64)
+            present = torch.zeros(n, plan.slot_level.shape[0], dtype=torch.bool, device=device)
+            present[self.local, slots] = True
+            cells = plan.centres[q0:q1][:, plan.slot_level] + plan.slot_offset[None]  # [n, K, D]
+            inside = ((cells >= 0) & (cells < plan.level_spatial_shapes[plan.slot_level][None])).all(-1)
+            self.bg_valid = inside & ~present  # [n, K]
+            self.batch = plan.query_batch[q0:q1]
 
-    def keys_values(self, k_ext: Tensor, v_ext: Tensor) -> tuple[Tensor, Tensor]:
-        kp = k_ext.index_select(0, self.rows)
-        if self.bg_idx is not None:
-            kp.index_copy_(0, self.bg_idx, rotate_pairs(kp.index_select(0, self.bg_idx), self.cos, self.sin))
-        return kp, v_ext.index_select(0, self.rows)
+    def voxel_scores(self, a: Tensor, b_t: Tensor, alpha: float) -> Tensor:
+        """``alpha * <a[h, i], b_t[:, h * n_keys + j]>`` at every pair ``(i, j)``: ``[H, P]``.
+
+        ``a`` is ``[H, n, d]``, ``b_t`` is ``[d, H * n_keys]``."""
+        shape = (self.n_heads * self.n, self.n_heads * self.n_keys)
+        pattern = _csr(self.crow, self.col, a.new_ones(self.col.shape[0]), shape)
+        s = torch.sparse.sampled_addmm(pattern, a.reshape(-1, a.shape[-1]), b_t, beta=0.0, alpha=alpha)
+        return s.values().view(self.n_heads, self.n_pairs)
+
+    def gather_sum(self, weights: Tensor, table: Tensor) -> Tensor:
+        """``sum_p weights[h, p] * table[h * n_keys + col_p]`` per query: ``[n, H, d]``
+        (``table`` is ``[H * n_keys, d]``)."""
+        shape = (self.n_heads * self.n, self.n_heads * self.n_keys)
+        out = _csr(self.crow, self.col, weights.reshape(-1), shape) @ table
+        return out.view(self.n_heads, self.n, -1).transpose(0, 1)
+
+    def scatter_sum(self, weights: Tensor, rows: Tensor) -> Tensor:
+        """``sum_p weights[h, p] * rows[h * n + local_p]`` per key: ``[H * n_keys, d]``
+        (``rows`` is ``[H * n, d]``)."""
+        shape = (self.n_heads * self.n_keys, self.n_heads * self.n)
+        return _csr(self.crow_t, self.col_t, weights[:, self.perm_t].reshape(-1), shape) @ rows
 
 
-def _extend(keys: Tensor, background: Optional[Tensor]) -> Tensor:
-    if background is None:
-        return keys
-    return torch.cat([keys, background.reshape(-1, *keys.shape[1:])])
+def background_scores(
+    q: Tensor, bg_k: Tensor, freqs: Tensor, batch: Tensor, centres: Tensor, plan: NeighborhoodPlan, scale: float
+) -> Tensor:
+    """Scores ``[n, H, K]`` of queries against the background key of every window slot.
+
+    The background key of an absent cell ``u`` is ``R(u) bg_k[b, l]``. With split-half pairs as
+    complex numbers and ``u = u_centre + u_offset`` (window centre cell, slot offset),
+    ``<q, R(u) k> = Re sum_j q_j conj(k_j) e^{-i theta_j(u_centre)} e^{-i theta_j(u_offset)}``:
+    one ``[n, d] x [d, K_l]`` matmul per head and level, no per-(query, slot) key. Differentiable
+    (autograd) w.r.t. ``q``, ``bg_k`` and ``freqs``.
+    """
+    half = q.shape[-1] // 2
+    q1, q2 = q[..., :half], q[..., half:]
+    full = plan.full_shape.to(torch.float64)
+    out = []
+    for level in range(plan.n_levels):
+        shape = plan.level_spatial_shapes[level].to(torch.float64)
+        k = bg_k[batch, level]  # [n, H, d]
+        k1, k2 = k[..., :half], k[..., half:]
+        pr, pi = q1 * k1 + q2 * k2, q2 * k1 - q1 * k2  # q conj(k)
+        lvl = torch.full((centres.shape[0], 1), float(level), dtype=torch.float64, device=q.device)
+        th_c = rope_angles(torch.cat([(centres[:, level].to(torch.float64) + 0.5) / shape * full, lvl], 1), freqs)
+        cos_c, sin_c = torch.cos(th_c).to(q.dtype), torch.sin(th_c).to(q.dtype)
+        wr, wi = pr * cos_c + pi * sin_c, pi * cos_c - pr * sin_c  # [n, H, d/2]
+        sel = plan.slot_level == level
+        off = plan.slot_offset[sel].to(torch.float64) / shape * full
+        th_o = rope_angles(torch.cat([off, torch.zeros_like(off[:, :1])], 1), freqs)  # [K_l, H', d/2]
+        e = torch.cat([torch.cos(th_o), torch.sin(th_o)], -1).to(q.dtype).expand(-1, q.shape[1], -1)  # [K_l, H, d]
+        out.append(torch.einsum("nhj,khj->nhk", torch.cat([wr, wi], -1), e))
+    return torch.cat(out, -1) * scale
+
+
+def _level_sums(a_bg: Tensor, slot_level: Tensor, n_levels: int) -> Tensor:
+    """Sum ``[n, H, K]`` over the slots of each level: ``[n, H, L]``."""
+    return torch.zeros(*a_bg.shape[:2], n_levels, dtype=a_bg.dtype, device=a_bg.device).index_add_(2, slot_level, a_bg)
 
 
 def default_chunk_pairs(embed_dim: int) -> int:
-    """Pairs per chunk: ~32 MiB per float32 ``[pairs, embed_dim]`` buffer."""
-    return max(1024, (1 << 23) // max(embed_dim, 1))
+    """Work per chunk (voxel pairs + background slots): bounds the ``[H, pairs]`` and
+    ``[n, H, slots]`` buffers to a few MiB each."""
+    return 1 << 18
 
 
 class NeighborhoodAttentionFunction(torch.autograd.Function):
-    """Softmax attention of each query over its plan's keys, with a recomputing backward.
+    """Softmax attention of each query over its window keys, with a recomputing backward.
 
     Inputs: rotated queries ``q [Q, H, d]``, rotated voxel keys ``k [n_keys, H, d]``, values
     ``v [n_keys, H, d]``, unrotated background keys/values ``bg_k, bg_v [B, L, H, d]`` (or
-    None), the RoPE frequencies ``freqs [H', d/2, D+1]`` (used for background keys only), the
-    plan, the score scale and the chunk size. Output ``[Q, H, d]`` (zero for queries
-    without keys). Saves ``q, k, v, bg_k, bg_v, freqs``, the output and a ``[Q, H]``
-    log-sum-exp; the backward regathers keys/values per chunk of queries.
+    None), the RoPE frequencies ``freqs [H', d/2, D+1]`` (background keys only), the plan, the
+    score scale and the chunk size. Output ``[Q, H, d]`` (zero for queries without keys).
+
+    Voxel pairs are handled as per-head sparse CSR matrices ``[Q, n_keys]``: scores by
+    ``sampled_addmm`` (SDDMM), aggregation by sparse-dense matmuls, the backward's key/value
+    gradients through the transposed CSR. Background slots are scored by
+    :func:`background_scores` and aggregate ``bg_v`` per level. Saved for the backward:
+    ``q, k, v, bg_k, bg_v, freqs``, the output, a ``[Q, H]`` log-sum-exp and the plan's
+    integer indices; no ``[pairs, embed_dim]`` tensor exists at any time, and the
+    ``[H, pairs]`` / ``[n, H, slots]`` buffers are bounded by the chunking.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, bg_k, bg_v, freqs, plan: NeighborhoodPlan, scale: float, chunk_pairs: int):
         n_q, n_heads, head_dim = q.shape
-        k_ext, v_ext = _extend(k, bg_k), _extend(v, bg_v)
+        with_bg = bg_k is not None
+        k_t = k.permute(2, 1, 0).reshape(head_dim, -1)  # [d, H * N], head-major columns
+        v_h = v.transpose(0, 1).reshape(-1, head_dim)  # [H * N, d]
         out = q.new_zeros(n_q, n_heads, head_dim)
         lse = q.new_full((n_q, n_heads), float("-inf"))
-        for q0, q1 in plan.chunks(chunk_pairs):
-            c = _Chunk(plan, q0, q1, freqs, q.dtype)
-            if c.rows.numel() == 0:
-                continue
-            kp, vp = c.keys_values(k_ext, v_ext)
-            s = (q.index_select(0, c.qi) * kp).sum(-1) * scale  # [P, H]
-            del kp
-            n = q1 - q0
-            m = q.new_full((n, n_heads), float("-inf"))
-            m.scatter_reduce_(0, c.local[:, None].expand(-1, n_heads), s, reduce="amax", include_self=True)
-            e = torch.exp(s - m.index_select(0, c.local))
-            z = q.new_zeros(n, n_heads).index_add_(0, c.local, e)
+        for q0, q1 in plan.chunks(chunk_pairs, with_bg):
+            c = _Chunk(plan, q0, q1, n_heads, with_bg)
+            qc = q[q0:q1]
+            m = q.new_full((c.n, n_heads), float("-inf"))
+            if c.n_pairs:
+                s = c.voxel_scores(qc.transpose(0, 1).contiguous(), k_t, scale)  # [H, P]
+                m.scatter_reduce_(0, c.local[:, None].expand(-1, n_heads), s.T, reduce="amax", include_self=True)
+            if with_bg:
+                s_bg = background_scores(qc, bg_k, freqs, c.batch, plan.centres[q0:q1], plan, scale)
+                s_bg = s_bg.masked_fill(~c.bg_valid[:, None, :], float("-inf"))
+                m = torch.maximum(m, s_bg.amax(-1))
+            m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))
+            z = q.new_zeros(c.n, n_heads)
+            if c.n_pairs:
+                e = torch.exp(s - m.T[:, c.local])
+                z.index_add_(0, c.local, e.T)
+            if with_bg:
+                e_bg = torch.exp(s_bg - m[..., None])
+                z += e_bg.sum(-1)
             lse[q0:q1] = m + torch.log(z)
-            a = e / z.index_select(0, c.local)
-            out[q0:q1] = q.new_zeros(n, n_heads, head_dim).index_add_(0, c.local, a[..., None] * vp)
+            z_inv = torch.where(z > 0, 1.0 / z, torch.zeros((), dtype=z.dtype, device=z.device))
+            acc = q.new_zeros(c.n, n_heads, head_dim)
+            if c.n_pairs:
+                acc += c.gather_sum(e * z_inv.T[:, c.local], v_h)
+            if with_bg:
+                a_l = _level_sums(e_bg * z_inv[..., None], plan.slot_level, plan.n_levels)  # [n, H, L]
+                acc += torch.einsum("nhl,nlhd->nhd", a_l, bg_v[c.batch])
+            out[q0:q1] = acc
         ctx.save_for_backward(q, k, v, bg_k, bg_v, freqs, out, lse)
         ctx.plan, ctx.scale, ctx.chunk_pairs = plan, scale, chunk_pairs
         return out
@@ -442,44 +527,56 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
         q, k, v, bg_k, bg_v, freqs, out, lse = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         need_q, need_k, need_v, need_bk, need_bv, need_f = ctx.needs_input_grad[:6]
+        with_bg = bg_k is not None
+        n_heads = q.shape[1]
         g = grad_out.contiguous()
-        k_ext, v_ext = _extend(k, bg_k), _extend(v, bg_v)
-        delta = (g * out).sum(-1)  # [Q, H] = sum_p a_p <g, v_p>
+        head_dim = q.shape[2]
+        k_t, v_t = k.permute(2, 1, 0).reshape(head_dim, -1), v.permute(2, 1, 0).reshape(head_dim, -1)  # [d, H*N]
+        k_h = k.transpose(0, 1).reshape(-1, head_dim)  # [H * N, d]
+        delta = torch.einsum("qhd,qhd->qh", g, out)  # [Q, H] = sum over keys of a <g, v>
         dq = torch.zeros_like(q)
-        dk_ext = torch.zeros_like(k_ext)
-        dv_ext = torch.zeros_like(v_ext)
-        dfreqs = torch.zeros(freqs.shape, dtype=torch.float64, device=freqs.device) if (need_f and freqs is not None) else None
-        half = q.shape[-1] // 2
-        for q0, q1 in plan.chunks(ctx.chunk_pairs):
-            c = _Chunk(plan, q0, q1, freqs, q.dtype)
-            if c.rows.numel() == 0:
-                continue
-            kp, vp = c.keys_values(k_ext, v_ext)
-            qp, gp = q.index_select(0, c.qi), g.index_select(0, c.qi)
-            a = torch.exp((qp * kp).sum(-1) * scale - lse.index_select(0, c.qi))  # [P, H]
-            dv_ext.index_add_(0, c.rows, a[..., None] * gp)
-            ds = a * ((gp * vp).sum(-1) - delta.index_select(0, c.qi)) * scale
-            del vp, gp
-            dq.index_add_(0, c.qi, ds[..., None] * kp)
-            dkp = ds[..., None] * qp
-            del qp
-            if c.bg_idx is not None:
-                dkb = dkp.index_select(0, c.bg_idx)
-                if dfreqs is not None:
-                    kb = kp.index_select(0, c.bg_idx)  # rotated background keys
-                    dtheta = -dkb[..., :half] * kb[..., half:] + dkb[..., half:] * kb[..., :half]  # [Pb, H, d/2]
-                    contrib = torch.einsum("phj,pk->hjk", dtheta.to(torch.float64), c.positions)
-                    dfreqs += contrib.sum(0, keepdim=True) if freqs.shape[0] == 1 else contrib
-                dkp.index_copy_(0, c.bg_idx, rotate_pairs(dkb, c.cos, -c.sin))
-            del kp
-            dk_ext.index_add_(0, c.rows, dkp)
-        n_keys = k.shape[0]
-        dk = dk_ext[:n_keys] if need_k else None
-        dv = dv_ext[:n_keys] if need_v else None
-        dbk = dk_ext[n_keys:].reshape(bg_k.shape) if (need_bk and bg_k is not None) else None
-        dbv = dv_ext[n_keys:].reshape(bg_v.shape) if (need_bv and bg_v is not None) else None
-        dfr = dfreqs.to(freqs.dtype) if dfreqs is not None else None
-        return (dq if need_q else None), dk, dv, dbk, dbv, dfr, None, None, None
+        dk_h = torch.zeros_like(k_h)
+        dv_h = torch.zeros_like(k_h)
+        dbk = torch.zeros_like(bg_k) if with_bg else None
+        dbv = torch.zeros_like(bg_v) if with_bg else None
+        dfreqs = torch.zeros_like(freqs) if (with_bg and need_f) else None
+        for q0, q1 in plan.chunks(ctx.chunk_pairs, with_bg):
+            c = _Chunk(plan, q0, q1, n_heads, with_bg)
+            qc, gc, lc, dc = q[q0:q1], g[q0:q1], lse[q0:q1], delta[q0:q1]
+            q_h, g_h = qc.transpose(0, 1).contiguous(), gc.transpose(0, 1).contiguous()
+            if c.n_pairs:
+                a = torch.exp(c.voxel_scores(q_h, k_t, scale) - lc.T[:, c.local])  # [H, P]
+                ds = a * (c.voxel_scores(g_h, v_t, 1.0) - dc.T[:, c.local]) * scale
+                dq[q0:q1] += c.gather_sum(ds, k_h)
+                dk_h += c.scatter_sum(ds, q_h.view(-1, head_dim))
+                dv_h += c.scatter_sum(a, g_h.view(-1, head_dim))
+            if with_bg:
+                with torch.enable_grad():
+                    leaves = [
+                        qc.detach().requires_grad_(need_q),
+                        bg_k.detach().requires_grad_(need_bk),
+                        freqs.detach().requires_grad_(need_f),
+                    ]
+                    s_bg = background_scores(leaves[0], leaves[1], leaves[2], c.batch, plan.centres[q0:q1], plan, scale)
+                    with torch.no_grad():
+                        a_bg = torch.exp(s_bg - lc[..., None]) * c.bg_valid[:, None, :]
+                        gv = torch.einsum("nhd,nlhd->nhl", gc, bg_v[c.batch])  # <g, bg_v> per level
+                        ds_bg = a_bg * (gv[..., plan.slot_level] - dc[..., None])
+                        if need_bv:
+                            a_l = _level_sums(a_bg, plan.slot_level, plan.n_levels)
+                            dbv.index_add_(0, c.batch, torch.einsum("nhl,nhd->nlhd", a_l, gc))
+                    wanted = [t for t in leaves if t.requires_grad]
+                    if wanted:
+                        grads = iter(torch.autograd.grad(s_bg, wanted, ds_bg))
+                        if need_q:
+                            dq[q0:q1] += next(grads)
+                        if need_bk:
+                            dbk += next(grads)
+                        if need_f:
+                            dfreqs += next(grads)
+        dk = dk_h.view(n_heads, -1, head_dim).transpose(0, 1) if need_k else None
+        dv = dv_h.view(n_heads, -1, head_dim).transpose(0, 1) if need_v else None
+        return (dq if need_q else None), dk, dv, (dbk if need_bk else None), (dbv if need_bv else None), dfreqs, None, None, None
 
 
 def sparse_neighborhood_attention(
@@ -502,15 +599,15 @@ def sparse_neighborhood_attention(
         plan: from :func:`build_neighborhood_plan`.
         background_k, background_v: ``[B, L, H, d]`` projected (unrotated) background
             key/value of each batch item and level; required iff ``plan.with_background``.
-            Background keys are rotated per pair at the absent cell's own position.
+            A background key acts rotated at the absent cell's own position.
         rope_freqs: ``[H or 1, d / 2, D + 1]`` frequencies; required with background.
-        chunk_pairs: pairs processed at once (memory bound); default ~32 MiB per buffer.
+        chunk_pairs: work per chunk (voxel pairs + background slots); bounds the buffers.
 
     Returns:
         ``[Q, H, d]``, zero rows for queries without keys.
     """
     if plan.with_background != (background_k is not None) or (background_k is None) != (background_v is None):
-        raise ValueError("background_k/background_v must be given exactly when the plan keeps background pairs")
+        raise ValueError("background_k/background_v must be given exactly when the plan was built with_background")
     if plan.with_background and rope_freqs is None:
         raise ValueError("rope_freqs is required to rotate background keys")
     if q.shape[0] != plan.n_queries or k.shape[0] != plan.n_keys or v.shape[0] != plan.n_keys:

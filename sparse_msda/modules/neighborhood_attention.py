@@ -257,7 +257,7 @@ class SparseNeighborhoodAttentionBlock(nn.Module):
 
         attn = sparse_neighborhood_attention(q, k, v, plan, bg_k, bg_v, freqs if with_bg else None, self.chunk_pairs)
         branch = self.out_proj(attn.reshape(n_a, self.embed_dim))
-        has_key = plan.pair_counts > 0
+        has_key = plan.has_keys()
         if not bool(has_key.all()):
             branch = torch.where(has_key[:, None], branch, torch.zeros((), dtype=branch.dtype, device=branch.device))
         y = x + self.dropout(branch)

@@ -1,0 +1,234 @@
+"""Speed and memory of SparseNeighborhoodAttentionBlock (issue 4).
+
+Run from the repository root (one benchmark at a time on the machine)::
+
+    flock /tmp/bench.lock .venv/bin/python -m benchmarks.neighborhood [--quick] [--out FILE]
+
+Implementations, side by side for each setting (embed 256, 8 heads, windows [3, 5, 7, 9]):
+
+* ``block``: :class:`sparse_msda.SparseNeighborhoodAttentionBlock` (hashed window plan,
+  per-voxel k/v, chunked recomputing custom backward);
+* ``floor``: the block's own linear layers alone (q and output projections on the queries,
+  the k/v projection on *every* voxel of the map), i.e. what any implementation must pay;
+* ``naive``: gather everything: the same window lookup, then ``[Q, K, H, d]`` keys/values
+  gathered per (query, window cell), dense masked softmax, plain autograd. Skipped (with the
+  reason in the table) where its estimated memory would not fit this machine.
+
+Modes: ``fwd`` (training forward: autograd records, the graph is then dropped) and
+``fwd+bwd`` (forward + backward of ``(out * w).sum()``). Settings:
+
+* ``syn``: synthetic BEV levels 256^2..32^2, 5 % occupancy, batch 2
+  (:func:`sparse_msda.lidar.random_bev_levels`);
+* ``scan-bev`` / ``scan-3d``: the real scans' BEV pyramid ``[200,176]..[25,22]`` / the 3D
+  VoxelBackBone8x levels ``[41,1600,1408]..[5,200,176]``, batch 2 (two frames);
+* ``enc``: every voxel of every level is a query (positions = cell centres in their own
+  level's frame, ``query_level_indices`` = level, query = the voxel's feature);
+  ``dec``: ``n_queries`` per item, positions near random finest-level voxels (jitter of
+  +-2 cells) for the scans, uniform over the frame for ``syn``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from benchmarks.common import Case, add_common_args, run_cases, scan_levels
+
+EMBED, HEADS, SIZES = 256, 8, [3, 5, 7, 9]
+NAIVE_LIMIT_BYTES = 12 * 2**30  # estimated naive peak above which it is skipped (24 GiB machine)
+
+
+# ------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------
+def _levels(setting: str):
+    from sparse_msda.lidar import random_bev_levels
+
+    if setting == "syn":
+        return random_bev_levels(channels=EMBED)
+    if setting == "syn3d":
+        from sparse_msda.lidar import random_sparse_levels
+
+        return random_sparse_levels([[16, 128, 128], [8, 64, 64], [4, 32, 32], [2, 16, 16]], 0.05, 2, EMBED)
+    return scan_levels(batch_size=2, channels=EMBED, bev=setting == "scan-bev")
+
+
+def _inputs(setting: str, role: str, n_queries: int, background: bool, seed: int = 0):
+    from adapters import multilevel_features
+
+    levels = _levels(setting)
+    features, index = multilevel_features(levels)
+    shapes = index.level_spatial_shapes
+    g = torch.Generator().manual_seed(seed)
+    if role == "enc":
+        query = features.clone()
+        pos = index.spatial_indices.float() + 0.5
+        qlev = index.level_indices.clone()
+        counts = torch.bincount(index.batch_indices, minlength=index.batch_size)
+        order = torch.argsort(index.batch_indices, stable=True)
+        query, pos, qlev = query[order], pos[order], qlev[order]
+    else:
+        full = shapes[int(torch.argmax(shapes.prod(-1)))].float()
+        pos_list = []
+        for b in range(index.batch_size):
+            if setting.startswith("syn"):
+                pos_list.append(torch.rand(n_queries, shapes.shape[1], generator=g) * full)
+            else:
+                fine = ((index.batch_indices == b) & (index.level_indices == int(torch.argmax(shapes.prod(-1))))).nonzero().squeeze(1)
+                pick = fine[torch.randint(fine.numel(), (n_queries,), generator=g)]
+                jitter = (torch.rand(n_queries, shapes.shape[1], generator=g) - 0.5) * 4
+                pos_list.append((index.spatial_indices[pick].float() + 0.5 + jitter).clamp(torch.zeros_like(full), full - 1e-3))
+        pos = torch.cat(pos_list)
+        query = torch.randn(pos.shape[0], EMBED, generator=g)
+        qlev = None
+        counts = torch.full((index.batch_size,), n_queries)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+    bg = torch.randn(index.batch_size, shapes.shape[0], EMBED, generator=g) if background else None
+    return dict(query=query, pos=pos, offsets=offsets, levels=levels, features=features, index=index, qlev=qlev, bg=bg)
+
+
+def _block(dim: int):
+    from sparse_msda import SparseNeighborhoodAttentionBlock
+
+    torch.manual_seed(0)
+    return SparseNeighborhoodAttentionBlock(EMBED, HEADS, n_levels=4, neighborhood_sizes=SIZES, position_dim=dim)
+
+
+# ------------------------------------------------------------------------------------------
+# implementations
+# ------------------------------------------------------------------------------------------
+def _run_block(block, x):
+    return block(
+        x["query"], x["pos"], x["offsets"], x["levels"], None, background_embedding=x["bg"],
+        query_level_indices=x["qlev"], coordinate_index=x["index"],
+    )
+
+
+def _run_floor(block, x):
+    q = block.out_proj(block.q_proj(x["query"]))
+    kv = block.kv_proj(x["features"])
+    return q.sum() + kv.sum()  # scalar; both branches in the graph
+
+
+def _run_naive(block, x):
+    """Gather-everything reference: [Q, K, H, d] keys/values, plain autograd."""
+    from sparse_msda.functional.neighborhood import (
+        get_multilevel_neighborhoods,
+        query_rope_positions,
+        voxel_rope_positions,
+    )
+    from sparse_msda.inputs import prepare_inputs
+
+    qb = prepare_inputs(
+        x["query"], x["pos"], x["offsets"], x["levels"], None, embed_dim=EMBED, n_levels=4,
+        position_dim=block.position_dim, query_level_indices=x["qlev"], background_embedding=x["bg"], index=x["index"],
+    )
+    index, shapes = qb.index, qb.level_spatial_shapes
+    full = shapes[int(torch.argmax(shapes.prod(-1)))]
+    H, d = HEADS, EMBED // HEADS
+    query = x["query"]
+    full_pos = x["pos"] / qb.query_level_shapes * full.float()
+    cells, oob, lev = get_multilevel_neighborhoods(full_pos, shapes, SIZES)
+    rows, found = index.lookup(qb.batch_indices[:, None], lev[None], cells)
+    freqs = block.rope.frequencies()
+    q = block.rope(block.q_proj(block.norm(query)).view(-1, H, d), query_rope_positions(x["pos"], qb.query_level_shapes, qb.query_level_indices, full))
+    kv = block.kv_proj(qb.features).view(-1, 2, H, d)
+    k = block.rope(kv[:, 0], voxel_rope_positions(index.spatial_indices, index.level_indices, shapes, full))
+    K = k[rows.clamp_min(0)]  # [Q, K, H, d]
+    V = kv[:, 1][rows.clamp_min(0)]
+    if x["bg"] is not None:
+        bkv = block.kv_proj(x["bg"]).view(-1, 4, 2, H, d)
+        cell_pos = voxel_rope_positions(cells.reshape(-1, cells.shape[-1]), lev.repeat(cells.shape[0]), shapes, full)
+        Kb = block.rope(bkv[:, :, 0][qb.batch_indices[:, None], lev[None]].reshape(-1, H, d), cell_pos).view(K.shape)
+        Vb = bkv[:, :, 1][qb.batch_indices[:, None], lev[None]]
+        K = torch.where(found[..., None, None], K, Kb)
+        V = torch.where(found[..., None, None], V, Vb)
+        valid = ~oob
+    else:
+        valid = found
+    s = torch.einsum("qhd,qkhd->qhk", q, K) / math.sqrt(d)
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    a = torch.softmax(s, -1).nan_to_num(0.0)
+    out = torch.einsum("qhk,qkhd->qhd", a, V).reshape(-1, EMBED)
+    branch = block.out_proj(out) * valid.any(-1, keepdim=True)
+    return query + branch
+
+
+IMPLS = {"block": _run_block, "floor": _run_floor, "naive": _run_naive}
+
+
+def setup(impl: str, mode: str, setting: str, role: str, n_queries: int = 900, background: bool = False):
+    x = _inputs(setting, role, n_queries, background)
+    block = _block(x["index"].position_dim)
+    run = IMPLS[impl]
+    query = x["query"].requires_grad_(True)
+    w = None
+
+    def fn():
+        nonlocal w
+        block.zero_grad(set_to_none=True)
+        query.grad = None
+        out = run(block, x)
+        if mode == "fwd":
+            return None
+        if w is None or w.shape != out.shape:
+            w = torch.randn(out.shape)
+        (out * w).sum().backward()
+        return None
+
+    return fn
+
+
+def naive_estimate_bytes(setting: str, role: str, n_queries: int) -> int:
+    """~5 live float32 [Q, K, E] tensors (gathered K, V, rotated/where'd copies, grads)."""
+    n_q = {"syn": 8704, "syn3d": 0, "scan-bev": 11700, "scan-3d": 236000}[setting] if role == "enc" else 2 * n_queries
+    dim = 3 if "3d" in setting else 2
+    k = sum(s**dim for s in SIZES)
+    return 5 * n_q * k * EMBED * 4
+
+
+def build_cases(quick: bool) -> list[Case]:
+    settings = [
+        ("syn", "enc", 0, False),
+        ("syn", "enc", 0, True),
+        ("syn", "dec", 900, False),
+        ("syn", "dec", 900, True),
+        ("scan-bev", "enc", 0, False),
+        ("scan-bev", "dec", 900, False),
+        ("scan-3d", "dec", 900, False),
+        ("syn", "dec", 50_000, False),  # 100k queries (2 x 50k)
+        ("syn", "dec", 50_000, True),
+        ("syn3d", "dec", 50_000, False),
+    ]
+    if quick:
+        settings = [("syn", "dec", 900, False)]
+    cases = []
+    for setting, role, n, bg in settings:
+        label = f"{setting}-{role}" + (f"-{2 * n // 1000}k" if n >= 10_000 else "") + ("-bg" if bg else "")
+        for impl in ("floor", "block", "naive"):
+            if impl == "naive" and naive_estimate_bytes(setting, role, n) > NAIVE_LIMIT_BYTES:
+                continue
+            if impl == "floor" and n >= 10_000:
+                continue
+            for mode in ("fwd", "fwd+bwd"):
+                kw = dict(impl=impl, mode=mode, setting=setting, role=role, n_queries=n, background=bg)
+                cases.append(Case(f"{label} {impl} {mode}", setup, kw))
+    return cases
+
+
+if __name__ == "__main__":
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--only", default=None, help="run only cases whose name contains this string")
+    args = parser.parse_args()
+    cases = build_cases(args.quick)
+    if args.only:
+        cases = [c for c in cases if args.only in c.name]
+    skipped = [
+        f"{s}-{r}{'-bg' if b else ''}"
+        for s, r, n, b in [("scan-3d", "dec", 900, False)]
+        if naive_estimate_bytes(s, r, n) > NAIVE_LIMIT_BYTES
+    ]
+    run_cases(cases, repeats=args.repeats, warmup=args.warmup, timeout=args.timeout, out=args.out,
+              title="SparseNeighborhoodAttentionBlock: embed 256, 8 heads, windows [3, 5, 7, 9]")
