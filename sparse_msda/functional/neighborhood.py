@@ -24,7 +24,7 @@ log-sum-exp. Its backward recomputes the gathers chunk by chunk, so no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -189,6 +189,7 @@ class NeighborhoodPlan:
     full_shape: Tensor  # int64 [D]
     n_keys: int  # number of voxel keys the rows refer to
     voxel_rows: Optional[Tensor]  # int64 [n_keys] index rows of the keys, None = all rows in order
+    transpose_cache: dict = field(default_factory=dict, repr=False)  # chunk -> (perm, crow) of the CSR transpose
 
     @property
     def n_levels(self) -> int:
@@ -265,7 +266,8 @@ def build_neighborhood_plan(
     radii = [(s - 1) // 2 for s in neighborhood_sizes]
     qc = max(1, cells_per_chunk // max(n_slots, 1))
     query_batch = query_batch.to(torch.int64)
-    parts = []  # (query, level, slot, row) per level and chunk
+    parts = []  # (query, level, rank, slot, row) per level and chunk
+    level_counts = torch.zeros(n_q, n_levels, dtype=torch.int64, device=device)
     for q0 in range(0, n_q, qc):
         q1 = min(n_q, q0 + qc)
         b = query_batch[q0:q1]
@@ -293,22 +295,22 @@ def build_neighborhood_plan(
             q_start = torch.cumsum(q_count, 0) - q_count
             pair_query = torch.repeat_interleave(torch.arange(q0, q1, device=device), q_count, output_size=total)
             local = pair_query - q0
-            src = u_start[inverse][local] + torch.arange(total, device=device) - q_start[local]
-            parts.append((pair_query, level, u_slot[src], u_row[src]))
-    if parts:
-        pair_query = torch.cat([p[0] for p in parts])
-        sort_key = pair_query * n_levels + torch.cat([torch.full_like(p[0], p[1]) for p in parts])
-        order = torch.argsort(sort_key, stable=True)
-        pair_query = pair_query[order]
-        pair_slot = torch.cat([p[2] for p in parts])[order].to(torch.int32)
-        pair_row = torch.cat([p[3] for p in parts])[order]
-        counts = torch.bincount(pair_query, minlength=n_q)
-    else:
-        pair_slot = torch.zeros(0, dtype=torch.int32, device=device)
-        pair_row = torch.zeros(0, dtype=torch.int64, device=device)
-        counts = torch.zeros(n_q, dtype=torch.int64, device=device)
+            rank = torch.arange(total, device=device) - q_start[local]  # rank within (query, level)
+            src = u_start[inverse][local] + rank
+            level_counts[q0:q1, level] = q_count
+            parts.append((pair_query, level, rank, u_slot[src], u_row[src]))
+    # place every pair at its (query, level, rank) position: sorted by query, then level (no sort)
+    counts = level_counts.sum(1)
     pair_offsets = torch.zeros(n_q + 1, dtype=torch.int64, device=device)
     pair_offsets[1:] = torch.cumsum(counts, 0)
+    start = pair_offsets[:-1, None] + torch.cumsum(level_counts, 1) - level_counts  # [Q, L]
+    n_pairs = int(pair_offsets[-1])
+    pair_slot = torch.zeros(n_pairs, dtype=torch.int32, device=device)
+    pair_row = torch.zeros(n_pairs, dtype=torch.int64, device=device)
+    for pair_query, level, rank, slot, row in parts:
+        dest = start[pair_query, level] + rank
+        pair_slot[dest] = slot.to(torch.int32)
+        pair_row[dest] = row
 
     n_keys, voxel_rows = index.n_voxels, None
     if compact_rows:
@@ -384,9 +386,13 @@ class _Chunk:
         end = torch.tensor([n_heads * n_pairs], device=device)
         self.crow = torch.cat([(crow[None, :-1] + heads * n_pairs).reshape(-1), end])
         self.col = (col[None] + heads * n_keys).reshape(-1)
-        self.perm_t = torch.argsort(col, stable=True)
-        crow_t = torch.zeros(n_keys + 1, dtype=torch.int64, device=device)
-        crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=n_keys), 0)
+        cached = plan.transpose_cache.get((q0, q1))
+        if cached is None:  # computed in the forward, reused by the backward
+            perm_t = torch.argsort(col, stable=True)
+            crow_t = torch.zeros(n_keys + 1, dtype=torch.int64, device=device)
+            crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=n_keys), 0)
+            plan.transpose_cache[(q0, q1)] = cached = (perm_t, crow_t)
+        self.perm_t, crow_t = cached
         self.crow_t = torch.cat([(crow_t[None, :-1] + heads * n_pairs).reshape(-1), end])
         self.col_t = (self.local[self.perm_t][None] + heads * n).reshape(-1)
         if with_background:
