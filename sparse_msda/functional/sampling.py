@@ -118,17 +118,18 @@ def lookup_corners(
             found = found | inside
         hit = found.reshape(-1).nonzero().squeeze(1)
         entries.append(hit + start * n_per * k)
-        rows.append(r.reshape(-1)[hit].to(idx_dtype))
+        rows.append(r.reshape(-1).index_select(0, hit).to(idx_dtype))
     if not entries:
         return torch.zeros(0, dtype=torch.int64, device=base.device), torch.zeros(0, dtype=idx_dtype, device=base.device)
     return torch.cat(entries), torch.cat(rows)
 
 
-def _row_dots(table: Tensor, rows: Tensor, grad_out: Tensor, bags: Tensor, chunk: int = 1 << 16) -> Tensor:
+def _row_dots(table: Tensor, rows: Tensor, grad_out: Tensor, bags: Tensor, chunk: int = 1 << 17) -> Tensor:
     """``out[m] = <table[rows[m]], grad_out[bags[m]]>`` in chunks (never ``[M, Dh]`` at once)."""
     out = grad_out.new_empty(rows.shape[0])
     for s in range(0, rows.shape[0], chunk):
-        out[s : s + chunk] = (F.embedding(rows[s : s + chunk], table) * grad_out[bags[s : s + chunk]]).sum(-1)
+        gathered = F.embedding(rows[s : s + chunk], table)
+        out[s : s + chunk] = (gathered * grad_out.index_select(0, bags[s : s + chunk])).sum(-1)
     return out
 
 
@@ -150,8 +151,9 @@ def _entry_factors(frac: Tensor, entries: Tensor) -> tuple[Tensor, Tensor, Tenso
     dim = frac.shape[-1]
     k = 2**dim
     samples = torch.div(entries, k, rounding_mode="floor")
-    bits = corner_bits(dim, frac.device)[entries - samples * k].to(torch.bool)  # [M, D]
-    f = frac.reshape(-1, dim)[samples]
+    shifts = torch.arange(dim - 1, -1, -1, device=frac.device)
+    bits = (((entries - samples * k)[:, None] >> shifts) & 1).to(torch.bool)  # [M, D]
+    f = frac.reshape(-1, dim).index_select(0, samples)
     factors = torch.where(bits, f, 1.0 - f)
     return samples, factors, bits
 
@@ -174,7 +176,7 @@ class _InterpolatedGather(torch.autograd.Function):
     def forward(ctx, table, frac, attn, entries, rows):
         n_samples, n_per, dim = frac.shape
         samples, factors, _ = _entry_factors(frac, entries)
-        weights = factors.prod(-1) * attn.reshape(-1)[samples]
+        weights = factors.prod(-1) * attn.reshape(-1).index_select(0, samples)
         bags = torch.div(samples, n_per, rounding_mode="floor")
         offsets = _bag_offsets(bags, n_samples).to(rows.dtype)
         out = F.embedding_bag(rows, table, offsets, per_sample_weights=weights, mode="sum")
@@ -188,13 +190,16 @@ class _InterpolatedGather(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         samples, factors, bits = _entry_factors(frac, entries)
         corner_w = factors.prod(-1)
-        a = attn.reshape(-1)[samples]
+        a = attn.reshape(-1).index_select(0, samples)
         bags = torch.div(samples, n_per, rounding_mode="floor")
         g_table = g_frac = g_attn = None
         if ctx.needs_input_grad[0]:
             sorted_rows, perm = torch.sort(rows, stable=True)
             offsets = _bag_offsets(sorted_rows.to(torch.int64), table.shape[0])
-            g_table = F.embedding_bag(bags[perm], grad_out, offsets, per_sample_weights=(corner_w * a)[perm], mode="sum")
+            g_table = F.embedding_bag(
+                bags.index_select(0, perm), grad_out, offsets,
+                per_sample_weights=(corner_w * a).index_select(0, perm), mode="sum",
+            )
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             dots = _row_dots(table, rows, grad_out, bags)  # [M]
             if ctx.needs_input_grad[2]:
