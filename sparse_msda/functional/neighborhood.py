@@ -15,11 +15,17 @@ row-major order of the offsets (last axis fastest). Cells outside the level's gr
 never attended to (with or without a background embedding). The union of all levels'
 windows forms one softmax.
 
-Memory: :class:`NeighborhoodAttentionFunction` keeps only the pair plan (int32 indices), the
-per-voxel rotated keys and values, the rotated queries, the output and a per-(query, head)
-log-sum-exp. Its backward recomputes the gathers chunk by chunk, so no
-``[n_queries, keys_per_query, embed_dim]`` tensor is ever alive; peak extra memory is a few
-``[chunk_pairs, embed_dim]`` buffers.
+Kernel and memory (:class:`NeighborhoodAttentionFunction`): keys and values are projected and
+rotated once per voxel. Voxel pairs form per-head sparse CSR matrices ``[Q, n_keys]`` (all
+heads in one block-diagonal matrix): scores by ``torch.sparse.sampled_addmm`` (SDDMM), the
+weighted sum of values by sparse x dense matmuls, key/value gradients through the transposed
+CSR. Background slots (absent in-bounds window cells, only with a background embedding) are
+scored by one matmul per level against the window offsets' rotations
+(:func:`background_scores`) and aggregate the background value per level. The function saves
+only ``q, k, v``, the background key/value, the RoPE frequencies, its output, a ``[Q, H]``
+log-sum-exp and the plan's integer indices; the backward recomputes scores chunk by chunk of
+queries. No ``[pairs, embed_dim]`` tensor ever exists; the ``[H, pairs]`` and
+``[queries, H, slots]`` buffers are bounded by the chunk size.
 """
 
 from __future__ import annotations

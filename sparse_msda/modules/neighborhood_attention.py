@@ -110,8 +110,9 @@ class SparseNeighborhoodAttentionBlock(nn.Module):
     exactly (the query is not computed).
 
     Memory: :class:`~sparse_msda.functional.neighborhood.NeighborhoodAttentionFunction`
-    saves per-voxel keys/values and int32 pair indices only and recomputes gathers in
-    chunks in the backward.
+    saves per-voxel keys/values and integer pair indices only (sparse CSR attention; no
+    ``[queries, keys, embed_dim]`` tensor) and recomputes scores in chunks in the backward.
+    Dropout acts on the attention branch only (not on attention weights).
 
     Args:
         embed_dim: feature size of queries and maps; divisible by ``n_heads``.
