@@ -95,6 +95,12 @@ def _module(dim: int):
     return m
 
 
+def _threads(threads: int) -> None:
+    """``threads > 0`` overrides the harness's ``torch.set_num_threads(2)`` (e.g. 1 on a loaded machine)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def _runner(fn, backward: bool, inputs):
     if not backward:
         def run():
@@ -112,7 +118,8 @@ def _runner(fn, backward: bool, inputs):
 
 
 # --- the three implementations ---------------------------------------------------------------
-def setup_sparse(source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2):
+def setup_sparse(source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0):
+    _threads(threads)
     from adapters import SparseCoordinateIndex
 
     levels = _levels(source, occupancy, batch_size)
@@ -126,7 +133,8 @@ def setup_sparse(source: str, mode: str, backward: bool, occupancy: float = 0.05
     return _runner(fn, backward, [query, *feats])
 
 
-def setup_floor(source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2):
+def setup_floor(source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0):
+    _threads(threads)
     levels = _levels(source, occupancy, batch_size)
     dim = len(levels[0].spatial_shape)
     query, _, _, _ = _queries(levels, mode)
@@ -158,7 +166,8 @@ def _dense_core(value_list, sampling_locations, attention_weights):
     return out.view(b, h * dh, q).transpose(1, 2)
 
 
-def setup_dense(source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2):
+def setup_dense(source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0):
+    _threads(threads)
     levels = _levels(source, occupancy, batch_size)
     dim = len(levels[0].spatial_shape)
     query, pos, offsets, lev = _queries(levels, mode)
@@ -193,7 +202,7 @@ def setup_dense(source: str, mode: str, backward: bool, occupancy: float = 0.05,
 
 
 # --- case list ------------------------------------------------------------------------------
-def cases(quick: bool, only: str | None):
+def cases(quick: bool, only: str | None, threads: int = 0):
     out = []
     impls = (("sparse", setup_sparse), ("dense", setup_dense), ("floor", setup_floor))
 
@@ -203,6 +212,8 @@ def cases(quick: bool, only: str | None):
                 if name == "dense" and not dense:
                     continue
                 kw = dict(source=source, mode=mode, backward=backward, occupancy=occupancy, batch_size=batch_size)
+                if threads:
+                    kw["threads"] = threads
                 label = f"{tag}{source}/{mode}/{'fwd+bwd' if backward else 'fwd'}/{name}"
                 out.append(Case(label, setup, kw))
 
@@ -226,9 +237,10 @@ def cases(quick: bool, only: str | None):
 if __name__ == "__main__":
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--only", choices=["synthetic", "scan", "scan_bev", "scan_3d", "sweep"], default=None)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per case (default: the harness's 2)")
     args = parser.parse_args()
     run_cases(
-        cases(args.quick, args.only),
+        cases(args.quick, args.only, args.threads),
         repeats=args.repeats,
         warmup=args.warmup,
         timeout=args.timeout,
