@@ -1,16 +1,18 @@
 """Backend layer of sparse-msda: spconv <-> COO conversion and hashed coordinate lookup.
 
 Attention code finds voxels only through :class:`SparseCoordinateIndex` (spconv's
-``HashTable``). Importing this package applies the narrow fix for spconv's CPU-wheel
-sparse-conv backward (see :mod:`adapters.spconv_compat`).
+``HashTable``). Importing this package applies the narrow fixes for spconv's CPU code:
+sparse-conv backward on a CPU-only torch, and the data race in the CPU sparse-conv
+scatter-add (see :mod:`adapters.spconv_compat`).
 """
 
 from .conversion import coo_stack_to_spconv, multilevel_features, spconv_to_coo_stack
 from .coordinate_index import SparseCoordinateIndex
-from .spconv_compat import hash_insert, hash_query, patch_spconv_cpu_stream
+from .spconv_compat import hash_insert, hash_query, patch_spconv_cpu_scatter_add, patch_spconv_cpu_stream
 from .validation import as_level_spatial_shapes
 
 patch_spconv_cpu_stream()
+patch_spconv_cpu_scatter_add()
 
 __all__ = [
     "SparseCoordinateIndex",
@@ -19,6 +21,7 @@ __all__ = [
     "hash_insert",
     "hash_query",
     "multilevel_features",
+    "patch_spconv_cpu_scatter_add",
     "patch_spconv_cpu_stream",
     "spconv_to_coo_stack",
 ]

@@ -1,4 +1,4 @@
-"""Narrow workarounds for the two defects of spconv's CPU wheel.
+"""Narrow workarounds for three defects of spconv's CPU code (spconv 2.3.x).
 
 1. ``HashTable.insert`` / ``HashTable.query`` on a *CPU* table do their work and
    then raise ``RuntimeError("... spconv not compiled with cuda ...")``.
@@ -10,6 +10,14 @@
    ``spconv.pytorch.ops.get_current_stream`` ("Torch not compiled with CUDA
    enabled"). :func:`patch_spconv_cpu_stream` makes it return stream ``0`` when
    torch has no CUDA; it is applied once when :mod:`adapters` is imported.
+3. ``SpconvOps.scatter_add_cpu`` -- the scatter-add of every CPU sparse convolution's
+   forward (and of its backward w.r.t. the input) -- has a data race: its parallel loop
+   (``tv::kernel_1d``, OpenMP) shares the row pointers ``buf``/``out_ptr`` between threads
+   (captured by reference), so with more than one OpenMP thread (``torch.get_num_threads()``
+   > 1) rows are silently added from/to the wrong places. :func:`patch_spconv_cpu_scatter_add`
+   replaces it, for spconv's ops module only, with ``torch.Tensor.index_add_`` on the same
+   memory (the same per-element additions, exact); it is applied when :mod:`adapters` is
+   imported, on every torch build (CPU tensors take that path also with CUDA available).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import torch
 from spconv.pytorch.cppcore import torch_tensor_to_tv
 from spconv.pytorch.hash import HashTable
 
-__all__ = ["hash_insert", "hash_query", "new_hash_table", "patch_spconv_cpu_stream"]
+__all__ = ["hash_insert", "hash_query", "new_hash_table", "patch_spconv_cpu_scatter_add", "patch_spconv_cpu_stream"]
 
 _NO_CUDA_MESSAGE = "spconv not compiled with cuda"
 
@@ -117,4 +125,47 @@ def patch_spconv_cpu_stream() -> bool:
         current = getattr(module, "get_current_stream", None)
         if current is not None and not getattr(current, "_sparse_msda_patch", False):
             module.get_current_stream = get_current_stream
+    return True
+
+
+class _SpconvOpsWithSafeScatterAdd:
+    """Proxy of spconv's ``SpconvOps`` whose ``scatter_add_cpu`` is race-free (defect 3)."""
+
+    _sparse_msda_patch = True
+
+    def __init__(self, base) -> None:
+        self._base = base
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+    def scatter_add_cpu(self, out, inp, inds) -> None:
+        """``out[inds[i]] += inp[i]`` for ``i < len(inds)`` (tensorview tensors, in place)."""
+        import numpy as np
+
+        n = int(inds.dim(0))
+        if n == 0:
+            return
+        out_np, inp_np, inds_np = out.numpy_view(), inp.numpy_view(), inds.numpy_view()
+        if out_np.dtype not in (np.float16, np.float32, np.float64):  # e.g. bf16: original, one thread
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                self._base.scatter_add_cpu(out, inp, inds)
+            finally:
+                torch.set_num_threads(threads)
+            return
+        target = torch.from_numpy(out_np)
+        target.index_add_(0, torch.from_numpy(inds_np).to(torch.int64), torch.from_numpy(inp_np)[:n])
+
+
+def patch_spconv_cpu_scatter_add() -> bool:
+    """Route ``spconv.pytorch.ops``' CPU scatter-add through a race-free torch implementation.
+
+    Returns True when the patch is (already) installed.
+    """
+    import spconv.pytorch.ops as ops
+
+    if not getattr(ops.SpconvOps, "_sparse_msda_patch", False):
+        ops.SpconvOps = _SpconvOpsWithSafeScatterAdd(ops.SpconvOps)
     return True

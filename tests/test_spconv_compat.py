@@ -8,10 +8,20 @@ from spconv.pytorch.hash import HashTable
 
 import adapters  # noqa: F401  (applies patch_spconv_cpu_stream)
 import spconv.pytorch as spconv
-from adapters import hash_insert, hash_query, patch_spconv_cpu_stream
+from adapters import hash_insert, hash_query, patch_spconv_cpu_scatter_add, patch_spconv_cpu_stream
 from adapters.spconv_compat import new_hash_table
+from spconv.pytorch.cppcore import torch_tensor_to_tv
 
 CPU_ONLY = not torch.cuda.is_available()
+
+
+@pytest.fixture
+def two_threads():
+    """Run with 2 intra-op (OpenMP) threads, as CI does, so that thread races can show."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def _random_keys(n, high, seed):
@@ -153,6 +163,51 @@ def test_stream_patch_installed_and_still_needed():
     assert ops.get_current_stream() == 0
 
 
+# --- defect 3: data race in spconv's CPU scatter-add ---------------------------------------------
+def _scatter_case(seed, n_rows=20_000, channels=32, dtype=torch.float32, n=None):
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, n_rows, (1,), generator=gen)) if n is None else n
+    inds = torch.randperm(n_rows, generator=gen)[:n].to(torch.int32)
+    out = torch.randn(n_rows, channels, generator=gen).to(dtype)
+    buffer = torch.randn(n_rows, channels, generator=gen).to(dtype)  # only the first n rows are used
+    expected = out.index_add(0, inds.long(), buffer[:n])
+    return out, buffer, inds, expected
+
+
+def test_raw_scatter_add_cpu_race_still_present(two_threads):
+    """Documents why the patch exists; skipped (not failed) where the race does not show."""
+    raw = ops_module().SpconvOps._base
+    base, buffer, inds, expected = _scatter_case(0, dtype=torch.float64, n=15_000)
+    wrong = 0
+    for _ in range(150):  # the race is intermittent: same inputs, repeated until it shows
+        out = base.clone()
+        raw.scatter_add_cpu(torch_tensor_to_tv(out), torch_tensor_to_tv(buffer), torch_tensor_to_tv(inds))
+        wrong += not torch.equal(out, expected)
+        if wrong:
+            break
+    if wrong == 0:
+        pytest.skip("spconv's raw scatter_add_cpu gave 150 correct results with 2 threads: race not reproduced here")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_patched_scatter_add_cpu_is_exact(two_threads, dtype):
+    assert patch_spconv_cpu_scatter_add() is True
+    ops = ops_module()
+    assert getattr(ops.SpconvOps, "_sparse_msda_patch", False)
+    for seed in range(20):
+        out, buffer, inds, expected = _scatter_case(seed, n_rows=5000, channels=16, dtype=dtype)
+        ops.SpconvOps.scatter_add_cpu(torch_tensor_to_tv(out), torch_tensor_to_tv(buffer), torch_tensor_to_tv(inds))
+        assert torch.equal(out, expected)
+    # everything else is still spconv's
+    assert ops.SpconvOps.gather_cpu is ops.SpconvOps._base.gather_cpu
+
+
+def ops_module():
+    import spconv.pytorch.ops as ops
+
+    return ops
+
+
 def _random_sparse_input(shape, batch_size, n, channels, seed):
     gen = torch.Generator().manual_seed(seed)
     volume = batch_size * shape[0] * shape[1] * shape[2]
@@ -169,15 +224,17 @@ def _random_sparse_input(shape, batch_size, n, channels, seed):
 @pytest.mark.parametrize(
     "make_conv",
     [
-        pytest.param(lambda: spconv.SubMConv3d(3, 4, 3, padding=1, bias=True), id="SubMConv3d"),
-        pytest.param(lambda: spconv.SparseConv3d(3, 4, 3, stride=2, padding=1, bias=True), id="SparseConv3d-s2"),
-        pytest.param(lambda: spconv.SparseConv3d(3, 4, (3, 3, 3), stride=2, padding=(0, 1, 1), bias=False), id="SparseConv3d-s2-p011"),
+        pytest.param(lambda: spconv.SubMConv3d(8, 32, 3, padding=1, bias=True), id="SubMConv3d"),
+        pytest.param(lambda: spconv.SparseConv3d(8, 32, 3, stride=2, padding=1, bias=True), id="SparseConv3d-s2"),
+        pytest.param(lambda: spconv.SparseConv3d(8, 32, (3, 3, 3), stride=2, padding=(0, 1, 1), bias=False), id="SparseConv3d-s2-p011"),
     ],
 )
-def test_sparse_conv_backward_on_cpu_matches_dense_conv3d(make_conv):
-    torch.manual_seed(0)
-    shape, batch_size = [7, 6, 5], 2
-    idx, feats = _random_sparse_input(shape, batch_size, 40, 3, seed=1)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_sparse_conv_backward_on_cpu_matches_dense_conv3d(make_conv, seed, two_threads):
+    """Forward and backward of spconv's CPU convs (fixes 2 and 3) against torch's dense conv3d."""
+    torch.manual_seed(seed)
+    shape, batch_size = [15, 16, 17], 2
+    idx, feats = _random_sparse_input(shape, batch_size, 4000, 8, seed=seed)
     conv = make_conv().double()
     feats = feats.requires_grad_(True)
     out = conv(spconv.SparseConvTensor(feats, idx.to(torch.int32), shape, batch_size))
@@ -189,7 +246,7 @@ def test_sparse_conv_backward_on_cpu_matches_dense_conv3d(make_conv):
     weight = conv.weight.detach().clone().requires_grad_(True)  # [out, kz, ky, kx, in]
     bias = conv.bias.detach().clone().requires_grad_(True) if conv.bias is not None else None
     b, z, y, x = idx.T
-    dense = torch.zeros(batch_size, *shape, 3, dtype=torch.float64).index_put((b, z, y, x), dense_feats)
+    dense = torch.zeros(batch_size, *shape, feats.shape[1], dtype=torch.float64).index_put((b, z, y, x), dense_feats)
     dense_out = torch.nn.functional.conv3d(
         dense.permute(0, 4, 1, 2, 3), weight.permute(0, 4, 1, 2, 3), bias, stride=conv.stride, padding=conv.padding
     ).permute(0, 2, 3, 4, 1)
