@@ -142,20 +142,34 @@ def _bag_offsets(bags: Tensor, n_bags: int) -> Tensor:
     return offsets
 
 
-def _entry_factors(frac: Tensor, entries: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per present corner: sample number ``[M]``, axis factors ``[M, D]`` and corner bit signs ``[M, D]``.
+def _entry_factors(frac: Tensor, entries: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Per present corner: sample number ``[M]``, per-axis factors and corner bits (lists of ``[M]``).
 
     Corner ``k`` of a sample with fractional offsets ``f`` has weight ``prod_d fac_d`` with
-    ``fac_d = f_d`` where bit ``d`` of ``k`` is set and ``1 - f_d`` otherwise.
+    ``fac_d = f_d`` where bit ``d`` of ``k`` (most significant first) is set, else ``1 - f_d``.
+    One ``[M]`` tensor per axis keeps the transient memory low.
     """
     dim = frac.shape[-1]
     k = 2**dim
     samples = torch.div(entries, k, rounding_mode="floor")
-    shifts = torch.arange(dim - 1, -1, -1, device=frac.device)
-    bits = (((entries - samples * k)[:, None] >> shifts) & 1).to(torch.bool)  # [M, D]
-    f = frac.reshape(-1, dim).index_select(0, samples)
-    factors = torch.where(bits, f, 1.0 - f)
+    corner = entries - samples * k
+    flat = frac.reshape(-1, dim)
+    factors, bits = [], []
+    for d in range(dim):
+        bit = ((corner >> (dim - 1 - d)) & 1).to(torch.bool)
+        f = flat[:, d].contiguous().index_select(0, samples)
+        factors.append(torch.where(bit, f, 1.0 - f))
+        bits.append(bit)
     return samples, factors, bits
+
+
+def _prod(tensors: list[Tensor], like: Tensor) -> Tensor:
+    if not tensors:
+        return torch.ones_like(like)
+    out = tensors[0]
+    for t in tensors[1:]:
+        out = out * t
+    return out
 
 
 class _InterpolatedGather(torch.autograd.Function):
@@ -176,7 +190,7 @@ class _InterpolatedGather(torch.autograd.Function):
     def forward(ctx, table, frac, attn, entries, rows):
         n_samples, n_per, dim = frac.shape
         samples, factors, _ = _entry_factors(frac, entries)
-        weights = factors.prod(-1) * attn.reshape(-1).index_select(0, samples)
+        weights = _prod(factors, samples) * attn.reshape(-1).index_select(0, samples)
         bags = torch.div(samples, n_per, rounding_mode="floor")
         offsets = _bag_offsets(bags, n_samples).to(rows.dtype)
         out = F.embedding_bag(rows, table, offsets, per_sample_weights=weights, mode="sum")
@@ -189,7 +203,7 @@ class _InterpolatedGather(torch.autograd.Function):
         n_samples, n_per, dim = frac.shape
         grad_out = grad_out.contiguous()
         samples, factors, bits = _entry_factors(frac, entries)
-        corner_w = factors.prod(-1)
+        corner_w = _prod(factors, samples)
         a = attn.reshape(-1).index_select(0, samples)
         bags = torch.div(samples, n_per, rounding_mode="floor")
         g_table = g_frac = g_attn = None
@@ -206,15 +220,12 @@ class _InterpolatedGather(torch.autograd.Function):
                 g_attn = grad_out.new_zeros(n_samples * n_per).index_add_(0, samples, dots * corner_w).view(n_samples, n_per)
             if ctx.needs_input_grad[1]:
                 # d c / d f_d = sign_d * prod_{e != d} fac_e, sign_d = +1 where bit d is set else -1
-                cols = []
+                da = dots * a
+                g_frac = grad_out.new_zeros(n_samples * n_per, dim)
                 for d in range(dim):
-                    others = [factors[:, e] for e in range(dim) if e != d]
-                    excl = others[0] if others else torch.ones_like(corner_w)
-                    for o in others[1:]:
-                        excl = excl * o
-                    cols.append(torch.where(bits[:, d], excl, -excl))
-                per_entry = torch.stack(cols, -1) * (dots * a)[:, None]
-                g_frac = grad_out.new_zeros(n_samples * n_per, dim).index_add_(0, samples, per_entry).view(n_samples, n_per, dim)
+                    excl = _prod([factors[e] for e in range(dim) if e != d], corner_w) * da
+                    g_frac[:, d].index_add_(0, samples, torch.where(bits[d], excl, -excl))
+                g_frac = g_frac.view(n_samples, n_per, dim)
         return g_table, g_frac, g_attn, None, None
 
 
