@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from .spconv_compat import hash_insert, hash_query, new_hash_table, table_size
-from .validation import as_level_spatial_shapes, check_integer_tensor, check_voxel_bounds, in_bounds
+from .validation import as_level_spatial_shapes, check_integer_tensor, check_voxel_bounds
 
 __all__ = ["SparseCoordinateIndex"]
 
@@ -155,9 +155,6 @@ class SparseCoordinateIndex:
     def device(self) -> torch.device:
         return self.spatial_indices.device
 
-    def _valid(self, b: torch.Tensor, l: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return in_bounds(b, l, c, self.level_spatial_shapes, self.batch_size)
-
     def _keys(self, b: torch.Tensor, l: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         key = b * self.n_levels + l
         for axis in range(self.position_dim):
@@ -200,13 +197,33 @@ class SparseCoordinateIndex:
         shape = torch.broadcast_shapes(b.shape, c.shape[:-1])
         b, l = b.expand(shape), l.expand(shape)
         c = c.expand(*shape, self.position_dim)
-        valid = self._valid(b, l, c)
-        keys = self._keys(b, l, c)[valid]
-        rows = torch.full(shape, -1, dtype=torch.int64, device=c.device)
-        if keys.numel() and self.n_voxels:
-            values, found = hash_query(self._table, keys.contiguous())
+        keys, valid = self._query_keys(b.reshape(-1), l.reshape(-1), c.reshape(-1, self.position_dim))
+        if not self.n_voxels or not keys.numel():
+            rows = torch.full(shape, -1, dtype=torch.int64, device=c.device)
+            return rows, rows >= 0
+        if self._table.is_cpu:
+            # out-of-bounds entries carry the key -1, which no voxel has (keys are >= 0)
+            rows, found = hash_query(self._table, keys)
+            rows.masked_fill_(~found, -1)
+        else:  # CUDA tables reserve a sentinel key of their own: query only the valid keys
+            rows = torch.full_like(keys, -1)
+            values, found = hash_query(self._table, keys[valid])
             rows[valid] = torch.where(found, values, -1)
+        rows = rows.reshape(shape)
         return rows, rows >= 0
+
+    def _query_keys(self, b: torch.Tensor, l: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat keys ``[M]`` (``-1`` where out of bounds) and the in-bounds mask, in one pass per axis."""
+        n_levels = self.n_levels
+        valid = (b >= 0) & (b < self.batch_size) & (l >= 0) & (l < n_levels)
+        level = l.clamp(0, n_levels - 1)
+        key = b * n_levels + l
+        for axis in range(self.position_dim):
+            ca = c[:, axis]
+            valid &= (ca >= 0) & (ca < self.level_spatial_shapes[:, axis][level])
+            key.mul_(int(self._axis_extent[axis])).add_(ca)
+        key.masked_fill_(~valid, -1)
+        return key, valid
 
     def matches(self, batch_indices: torch.Tensor, level_indices: torch.Tensor, spatial_indices: torch.Tensor) -> bool:
         """True when the given per-row coordinates are exactly those the index was built from (O(N))."""
