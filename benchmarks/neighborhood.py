@@ -218,10 +218,10 @@ def build_cases(quick: bool) -> list[Case]:
 
 if __name__ == "__main__":
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    parser.add_argument("--only", default=None, help="run only cases whose name contains this string")
+    parser.add_argument("--only", default=None, help="comma-separated substrings: run only cases whose name contains one")
     args = parser.parse_args()
     cases = build_cases(args.quick)
     if args.only:
-        cases = [c for c in cases if args.only in c.name]
+        cases = [c for c in cases if any(part in c.name for part in args.only.split(","))]
     run_cases(cases, repeats=args.repeats, warmup=args.warmup, timeout=args.timeout, out=args.out,
               title="SparseNeighborhoodAttentionBlock: embed 256, 8 heads, windows [3, 5, 7, 9]")

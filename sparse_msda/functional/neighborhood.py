@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -371,6 +372,14 @@ def voxel_rope_positions(
 # ---------------------------------------------------------------------------------------------
 # attention kernel
 # ---------------------------------------------------------------------------------------------
+def _stable_argsort(x: Tensor) -> Tensor:
+    """Stable argsort; on CPU through numpy's single-threaded radix sort (torch's parallel sort
+    is orders of magnitude slower on a loaded 2-core machine)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.argsort(x.numpy(), kind="stable")).to(torch.int64)
+    return torch.argsort(x, stable=True)
+
+
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
     return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
@@ -394,7 +403,7 @@ class _Chunk:
         self.col = (col[None] + heads * n_keys).reshape(-1)
         cached = plan.transpose_cache.get((q0, q1))
         if cached is None:  # computed in the forward, reused by the backward
-            perm_t = torch.argsort(col, stable=True)
+            perm_t = _stable_argsort(col)
             crow_t = torch.zeros(n_keys + 1, dtype=torch.int64, device=device)
             crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=n_keys), 0)
             plan.transpose_cache[(q0, q1)] = cached = (perm_t, crow_t)
