@@ -30,6 +30,7 @@ queries. No ``[pairs, embed_dim]`` tensor ever exists; the ``[H, pairs]`` and
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -381,7 +382,9 @@ def _stable_argsort(x: Tensor) -> Tensor:
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
-    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    with warnings.catch_warnings():  # torch's "Sparse CSR tensor support is in beta" notice
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 class _Chunk:
