@@ -7,7 +7,7 @@ scatter-add (see :mod:`adapters.spconv_compat`).
 """
 
 from .conversion import coo_stack_to_spconv, multilevel_features, spconv_to_coo_stack
-from .coordinate_index import SparseCoordinateIndex
+from .coordinate_index import SparseCoordinateIndex, corner_offsets
 from .spconv_compat import hash_insert, hash_query, patch_spconv_cpu_scatter_add, patch_spconv_cpu_stream
 from .validation import as_level_spatial_shapes
 
@@ -18,6 +18,7 @@ __all__ = [
     "SparseCoordinateIndex",
     "as_level_spatial_shapes",
     "coo_stack_to_spconv",
+    "corner_offsets",
     "hash_insert",
     "hash_query",
     "multilevel_features",

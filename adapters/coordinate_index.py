@@ -30,9 +30,20 @@ import torch
 from .spconv_compat import hash_insert, hash_query, new_hash_table, table_size
 from .validation import as_level_spatial_shapes, check_integer_tensor, check_voxel_bounds
 
-__all__ = ["SparseCoordinateIndex"]
+__all__ = ["SparseCoordinateIndex", "corner_offsets"]
 
 _MAX_KEY = 2**62
+
+
+def corner_offsets(position_dim: int, device=None) -> torch.Tensor:
+    """``[2**position_dim, position_dim]`` int64 offsets of the interpolation corners of a cell.
+
+    Corner ``k`` of base cell ``c`` is ``c + corner_offsets[k]``; the first axis is the most
+    significant bit of ``k`` (``(0, 0), (0, 1), (1, 0), (1, 1)`` in 2D).
+    """
+    k = torch.arange(2**position_dim, device=device)
+    shifts = torch.arange(position_dim - 1, -1, -1, device=device)
+    return (k[:, None] >> shifts[None, :]) & 1
 
 
 class SparseCoordinateIndex:
@@ -88,10 +99,11 @@ class SparseCoordinateIndex:
         self.level_indices = level_indices.to(torch.int64)
         self.spatial_indices = spatial_indices.to(torch.int64)
         self._axis_extent = shapes.max(0).values  # [dim]
-        key_space = batch_size * n_levels * math.prod(self._axis_extent.tolist())  # Python ints: no wrap-around
+        # Python ints: no wrap-around; +1 per axis for the base-cell keys of lookup_corners
+        key_space = batch_size * n_levels * math.prod(e + 1 for e in self._axis_extent.tolist())
         if key_space >= _MAX_KEY:
             raise ValueError(
-                f"key space batch_size * n_levels * prod(max spatial shape) = {key_space} overflows int64 keys"
+                f"key space batch_size * n_levels * prod(max spatial shape + 1) = {key_space} overflows int64 keys"
             )
 
         check_voxel_bounds("SparseCoordinateIndex", self.batch_indices, self.level_indices, self.spatial_indices, shapes, batch_size)
@@ -212,18 +224,101 @@ class SparseCoordinateIndex:
         rows = rows.reshape(shape)
         return rows, rows >= 0
 
-    def _query_keys(self, b: torch.Tensor, l: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat keys ``[M]`` (``-1`` where out of bounds) and the in-bounds mask, in one pass per axis."""
+    def _query_keys(
+        self, b: torch.Tensor, l: torch.Tensor, c: torch.Tensor, extra: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat keys ``[M]`` (``-1`` where out of bounds) and the in-bounds mask, in one pass per axis.
+
+        ``extra`` widens every axis by that many cells (``c < shape + extra``): the key space
+        of base cells shifted by +1, which is separate from the voxel table's.
+        """
         n_levels = self.n_levels
         valid = (b >= 0) & (b < self.batch_size) & (l >= 0) & (l < n_levels)
         level = l.clamp(0, n_levels - 1)
         key = b * n_levels + l
         for axis in range(self.position_dim):
             ca = c[:, axis]
-            valid &= (ca >= 0) & (ca < self.level_spatial_shapes[:, axis][level])
-            key.mul_(int(self._axis_extent[axis])).add_(ca)
+            valid &= (ca >= 0) & (ca < self.level_spatial_shapes[:, axis][level] + extra)
+            key.mul_(int(self._axis_extent[axis]) + extra).add_(ca)
         key.masked_fill_(~valid, -1)
         return key, valid
+
+    def lookup_corners(
+        self, batch_indices: torch.Tensor, level_indices: torch.Tensor, base_cells: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows of the ``2**D`` interpolation corners of base cells, one hash query per cell.
+
+        Bilinear (trilinear) sampling at a point reads the cells ``base + corner_offsets(D)[k]``
+        around it. Instead of ``2**D`` lookups per point, the index keeps (built once, on first
+        use, through spconv's ``HashTable``) a table of every base cell that has at least one
+        voxel among its corners, holding the rows of those corners; a point then costs one
+        query. Base cells range over ``[-1, shape_l - 1]`` per axis (a point in the first half
+        of cell 0 has base cell -1).
+
+        Args:
+            batch_indices: integer ``[M]``.
+            level_indices: integer ``[M]``.
+            base_cells: integer ``[M, position_dim]``, spconv axis order.
+
+        Returns:
+            int64 ``[M, 2**position_dim]``: the row of corner ``k`` of each base cell, ``-1``
+            where the corner is absent or outside its level (never another voxel's row).
+        """
+        for name, t in (("batch_indices", batch_indices), ("level_indices", level_indices), ("base_cells", base_cells)):
+            check_integer_tensor(name, t)
+        dim, k = self.position_dim, 2**self.position_dim
+        if base_cells.ndim != 2 or base_cells.shape[1] != dim or batch_indices.shape != base_cells.shape[:1] or (
+            level_indices.shape != base_cells.shape[:1]
+        ):
+            raise ValueError(
+                f"lookup_corners takes batch_indices [M], level_indices [M] and base_cells [M, {dim}], got "
+                f"{tuple(batch_indices.shape)}, {tuple(level_indices.shape)}, {tuple(base_cells.shape)}"
+            )
+        m = base_cells.shape[0]
+        if not self.n_voxels or not m:
+            return torch.full((m, k), -1, dtype=torch.int64, device=base_cells.device)
+        table, corner_rows = self._corner_table()
+        keys, valid = self._query_keys(
+            batch_indices.to(torch.int64), level_indices.to(torch.int64), base_cells.to(torch.int64) + 1, extra=1
+        )
+        if table.is_cpu:
+            ids, found = hash_query(table, keys)
+        else:
+            ids = torch.full_like(keys, -1)
+            values, hit = hash_query(table, keys[valid])
+            ids[valid] = torch.where(hit, values, -1)
+            found = ids >= 0
+        ids.masked_fill_(~found, corner_rows.shape[0] - 1)  # the last row of the table is all -1
+        return corner_rows.index_select(0, ids)
+
+    def _corner_table(self):
+        """(hash table of base-cell keys -> id, int64 ``[n_base_cells + 1, 2**D]`` corner rows)."""
+        if getattr(self, "_corners", None) is None:
+            dim, device = self.position_dim, self.device
+            offsets = corner_offsets(dim, device)
+            k = offsets.shape[0]
+            n_cand = self.n_voxels * k
+            # candidate c = v * K + j: the base cell of which voxel v is corner j
+            cells = (self.spatial_indices[:, None, :] - offsets + 1).reshape(-1, dim)
+            # every voxel lies inside its level, so each shifted base cell is inside [0, shape + 1)
+            keys, _ = self._query_keys(
+                self.batch_indices.repeat_interleave(k), self.level_indices.repeat_interleave(k), cells, extra=1
+            )
+            first = new_hash_table(device, n_cand)  # key -> one representative candidate
+            hash_insert(first, keys, torch.arange(n_cand, dtype=torch.int64, device=device))
+            rep, _ = hash_query(first, keys)
+            is_rep = torch.zeros(n_cand, dtype=torch.bool, device=device)
+            is_rep[rep] = True
+            unique = is_rep.nonzero().squeeze(1)
+            ids = torch.full((n_cand,), -1, dtype=torch.int64, device=device)
+            ids[unique] = torch.arange(unique.numel(), device=device)
+            cand = torch.arange(n_cand, device=device)
+            corner_rows = torch.full((unique.numel() + 1, k), -1, dtype=torch.int64, device=device)
+            corner_rows[ids[rep], cand % k] = cand // k
+            table = new_hash_table(device, unique.numel())
+            hash_insert(table, keys[unique], torch.arange(unique.numel(), dtype=torch.int64, device=device))
+            self._corners = (table, corner_rows)
+        return self._corners
 
     def matches(self, batch_indices: torch.Tensor, level_indices: torch.Tensor, spatial_indices: torch.Tensor) -> bool:
         """True when the given per-row coordinates are exactly those the index was built from (O(N))."""

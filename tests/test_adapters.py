@@ -244,6 +244,59 @@ def test_lookup_large_random_against_dict():
     _check_against_dict(index, table, b, l, c)
 
 
+def _check_corners_against_dict(index, table, b, l, base):
+    rows = index.lookup_corners(b, l, base)
+    offsets = adapters.corner_offsets(index.position_dim)
+    assert rows.dtype == torch.int64 and rows.shape == (b.shape[0], offsets.shape[0])
+    expected = [
+        [table.get((bi, li, *(ci + oi for ci, oi in zip(cell, off))), -1) for off in offsets.tolist()]
+        for bi, li, cell in zip(b.tolist(), l.tolist(), base.tolist())
+    ]
+    assert rows.tolist() == expected
+
+
+@SETTINGS
+@given(multilevel_maps(max_voxels=40), st.integers(0, 2**31 - 1))
+def test_lookup_corners_matches_dict(data, seed):
+    levels, _ = data
+    index = SparseCoordinateIndex.from_spconv(levels)
+    table = reference_rows(levels)
+    gen = torch.Generator().manual_seed(seed)
+    if table:  # base cells next to every voxel: each voxel appears as every corner k of some base cell
+        keys = torch.tensor(list(table.keys()))
+        offsets = adapters.corner_offsets(index.position_dim)
+        near = (keys[:, None, 2:] - offsets).reshape(-1, index.position_dim)
+        k = offsets.shape[0]
+        _check_corners_against_dict(
+            index, table, keys[:, 0].repeat_interleave(k), keys[:, 1].repeat_interleave(k), near
+        )
+    # misses, base cell -1 (the first half of cell 0), beyond the level, batch / level out of range
+    _check_corners_against_dict(index, table, *_random_queries(index, 300, gen))
+
+
+def test_lookup_corners_edge_cells_do_not_alias():
+    # level 1 [2, 2] is smaller than level 0 [4, 4]; base cells on and past every border
+    levels = make_levels([[(0, 0, 0), (0, 3, 3)], [(0, 0, 0), (0, 1, 1)]], [[4, 4], [2, 2]], 1, 1)
+    index = SparseCoordinateIndex.from_spconv(levels)
+    b = torch.zeros(6, dtype=torch.long)
+    l = torch.tensor([0, 0, 1, 1, 1, 0])
+    base = torch.tensor([[-1, -1], [3, 3], [1, 1], [0, 0], [-2, -1], [2, 4]])
+    rows = index.lookup_corners(b, l, base)
+    # corners in order (0,0), (0,1), (1,0), (1,1) of each base cell
+    assert rows.tolist() == [
+        [-1, -1, -1, 0],  # (-1,-1): only (0,0) of level 0
+        [1, -1, -1, -1],  # (3,3): (3,3) of level 0; (3,4), (4,3), (4,4) outside
+        [3, -1, -1, -1],  # level 1 (1,1); (1,2), (2,1), (2,2) are outside level 1 (inside level 0)
+        [2, -1, -1, 3],
+        [-1, -1, -1, -1],
+        [-1, -1, -1, -1],
+    ]
+    with pytest.raises(TypeError, match="base_cells"):
+        index.lookup_corners(b, l, base.float())
+    with pytest.raises(ValueError, match="base_cells"):
+        index.lookup_corners(b, l, base[:, :1])
+
+
 def test_out_of_level_coords_never_alias():
     # level 1 is smaller than level 0: (l=1, y=3) lies inside the stack extent but outside level 1;
     # a key computed with level 1's own shape would alias (l=1, y=1, x=...) or level 0 voxels.

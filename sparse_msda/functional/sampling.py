@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adapters import SparseCoordinateIndex
+from adapters.coordinate_index import corner_offsets
 
 __all__ = ["LOOKUP_CHUNK", "corner_bits", "lookup_corners", "sparse_weighted_gather"]
 
@@ -44,15 +45,8 @@ __all__ = ["LOOKUP_CHUNK", "corner_bits", "lookup_corners", "sparse_weighted_gat
 LOOKUP_CHUNK = 1 << 19
 
 
-def corner_bits(position_dim: int, device=None) -> Tensor:
-    """``[2**position_dim, position_dim]`` int64 offsets of the interpolation corners.
-
-    Corner ``k`` is ``base + corner_bits[k]``; the first axis is the most significant bit
-    (corner ``k`` has weight ``prod_d (f_d if bit d of k else 1 - f_d)``).
-    """
-    k = torch.arange(2**position_dim, device=device)
-    shifts = torch.arange(position_dim - 1, -1, -1, device=device)
-    return (k[:, None] >> shifts[None, :]) & 1
+#: ``[2**D, D]`` corner offsets, ``corner_bits(D)[k]`` = bits of ``k``, first axis most significant
+corner_bits = corner_offsets
 
 
 @torch.no_grad()
@@ -66,7 +60,7 @@ def lookup_corners(
     background_row_offset: Optional[int] = None,
     chunk: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
-    """The corners of every sample that hold a value, via ``index.lookup``.
+    """The corners of every sample that hold a value, via ``index.lookup_corners``.
 
     Corner ``k`` of sample ``(s, j)`` is the cell ``base[s, j] + corner_bits(D)[k]``; its
     flat entry number is ``(s * J + j) * K + k`` with ``K = 2**D``.
@@ -100,16 +94,16 @@ def lookup_corners(
     step = max(1, (chunk or LOOKUP_CHUNK) // max(1, n_per * k))
     for start in range(0, n_samples, step):
         sl = slice(start, start + step)
-        coords = base[sl, :, None, :].to(torch.int64) + bits  # [s, J, K, D]
+        base_sl = base[sl].to(torch.int64)  # [s, J, D]
         lb, ll = b[sl, :, None], l[sl, :, None]
-        # flat contiguous inputs: the index's elementwise key math is fastest without broadcasting
-        r, found = index.lookup(
-            lb.expand(coords.shape[:-1]).reshape(-1), ll.expand(coords.shape[:-1]).reshape(-1), coords.reshape(-1, dim)
-        )
-        r, found = r.view(coords.shape[:-1]), found.view(coords.shape[:-1])
+        # one hash query per sample: the index returns the rows of all K corners of its base cell
+        r = index.lookup_corners(b[sl].reshape(-1), l[sl].reshape(-1), base_sl.reshape(-1, dim))
+        r = r.view(*base_sl.shape[:-1], k)  # [s, J, K]
+        found = r >= 0
         if h is not None and n_heads > 1:
             r = r * n_heads + h[sl, :, None]
         if background_row_offset is not None:
+            coords = base_sl[:, :, None, :] + bits  # [s, J, K, D]
             inside = ((coords >= 0) & (coords < shapes[ll])).all(-1)
             bg = (lb * index.n_levels + ll) * n_heads + background_row_offset
             if h is not None:
