@@ -28,14 +28,7 @@ SHAPES_2D = [[12, 10], [6, 5], [3, 3]]
 C = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: one intra-op thread is as fast, and immune to OpenMP spin-waiting when the
-    machine is oversubscribed (several times faster then)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def levels_3d(batch_size=2, seed=0, occupancy=0.15, dtype=torch.float64, shapes=SHAPES_3D):

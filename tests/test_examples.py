@@ -28,14 +28,7 @@ LEVEL_SHAPES = [[41, 1600, 1408], [21, 800, 704], [11, 400, 352], [5, 200, 176]]
 CROP, MAX_POINTS = 10.0, 1200
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: one intra-op thread is as fast, and immune to OpenMP spin-waiting when the
-    machine is oversubscribed (several times faster then)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
