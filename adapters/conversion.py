@@ -30,6 +30,7 @@ from .validation import as_level_spatial_shapes, check_tensor, check_voxel_bound
 __all__ = [
     "check_coo_stack",
     "check_spconv_levels",
+    "coalesce_checked",
     "coo_stack_to_spconv",
     "multilevel_features",
     "spconv_to_coo_stack",
@@ -67,6 +68,21 @@ def check_coo_stack(stacked, level_spatial_shapes) -> tuple[torch.Tensor, torch.
             f"maximum of level_spatial_shapes {extent}"
         )
     return stacked, shapes
+
+
+def coalesce_checked(stacked: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+    """The coalesced form of a checked COO stack, with every voxel inside its own level.
+
+    Duplicate coordinates are an error: ``coalesce()`` would silently sum them.
+    """
+    if stacked.is_coalesced():
+        idx = stacked.indices()
+        check_voxel_bounds("stacked_feature_maps", idx[0], idx[-1], idx[1:-1].T, shapes, stacked.shape[0])
+        return stacked
+    raw = stacked._indices()
+    # validates bounds and rejects duplicates
+    SparseCoordinateIndex(raw[0], raw[-1], raw[1:-1].T, shapes, stacked.shape[0])
+    return stacked.coalesce()
 
 
 def check_spconv_levels(levels) -> tuple[list[SparseConvTensor], int, torch.Tensor]:
@@ -123,13 +139,8 @@ def coo_stack_to_spconv(stacked: torch.Tensor, level_spatial_shapes) -> list[Spa
         duplicate coordinates.
     """
     stacked, shapes = check_coo_stack(stacked, level_spatial_shapes)
-    if not stacked.is_coalesced():
-        raw = stacked._indices()
-        # validates bounds and rejects duplicates (which coalesce() would silently sum)
-        SparseCoordinateIndex(raw[0], raw[-1], raw[1:-1].T, shapes, stacked.shape[0])
-        stacked = stacked.coalesce()
+    stacked = coalesce_checked(stacked, shapes)
     idx, values = stacked.indices(), stacked.values()
-    check_voxel_bounds("stacked_feature_maps", idx[0], idx[-1], idx[1:-1].T, shapes, stacked.shape[0])
     out = []
     for level, shape in enumerate(shapes.tolist()):
         rows = (idx[-1] == level).nonzero().squeeze(1)
@@ -183,10 +194,7 @@ def multilevel_features(
     """
     if isinstance(stacked_feature_maps, torch.Tensor):
         stacked, shapes = check_coo_stack(stacked_feature_maps, level_spatial_shapes)
-        if not stacked.is_coalesced():
-            raw = stacked._indices()
-            SparseCoordinateIndex(raw[0], raw[-1], raw[1:-1].T, shapes, stacked.shape[0])
-            stacked = stacked.coalesce()
+        stacked = coalesce_checked(stacked, shapes)
         idx = stacked.indices()
         b, l, c = idx[0], idx[-1], idx[1:-1].T
         features, batch_size = stacked.values(), stacked.shape[0]

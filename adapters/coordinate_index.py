@@ -107,7 +107,7 @@ class SparseCoordinateIndex:
             )
 
         check_voxel_bounds("SparseCoordinateIndex", self.batch_indices, self.level_indices, self.spatial_indices, shapes, batch_size)
-        keys = self._keys(self.batch_indices, self.level_indices, self.spatial_indices)
+        keys, _ = self._query_keys(self.batch_indices, self.level_indices, self.spatial_indices)
         self._table = new_hash_table(device, n)
         hash_insert(self._table, keys, torch.arange(n, dtype=torch.int64, device=device))
         size = table_size(self._table)
@@ -144,10 +144,10 @@ class SparseCoordinateIndex:
     @classmethod
     def from_coo_stack(cls, stacked: torch.Tensor, level_spatial_shapes) -> "SparseCoordinateIndex":
         """Index of a COO stack ``[batch, *spatial, n_levels, channels]`` (rows in coalesced order)."""
-        from .conversion import check_coo_stack
+        from .conversion import check_coo_stack, coalesce_checked
 
         stacked, shapes = check_coo_stack(stacked, level_spatial_shapes)
-        idx = stacked.coalesce().indices() if not stacked.is_coalesced() else stacked.indices()
+        idx = coalesce_checked(stacked, shapes).indices()
         return cls(idx[0], idx[-1], idx[1:-1].T, shapes, stacked.shape[0])
 
     # -- queries --------------------------------------------------------------------------
@@ -166,12 +166,6 @@ class SparseCoordinateIndex:
     @property
     def device(self) -> torch.device:
         return self.spatial_indices.device
-
-    def _keys(self, b: torch.Tensor, l: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        key = b * self.n_levels + l
-        for axis in range(self.position_dim):
-            key = key * self._axis_extent[axis] + c[..., axis]
-        return key
 
     def lookup(
         self,

@@ -391,6 +391,8 @@ def test_duplicates_are_errors():
     with pytest.raises(ValueError, match="duplicate coordinates"):
         multilevel_features(stacked, [[3, 4]])
     with pytest.raises(ValueError, match="duplicate coordinates"):
+        SparseCoordinateIndex.from_coo_stack(stacked, [[3, 4]])
+    with pytest.raises(ValueError, match="duplicate coordinates"):
         SparseCoordinateIndex(idx[0], idx[-1], idx[1:-1].T, [[3, 4]], 2)
 
 
