@@ -16,6 +16,7 @@ from .modules.deformable_attention import SparseMSDeformableAttention, SparseMSD
 # --- neighborhood attention (issue 4) ---
 from .functional.neighborhood import get_multilevel_neighborhoods
 from .modules.neighborhood_attention import SparseNeighborhoodAttentionBlock
+from .modules.self_attention import SparseMultilevelSelfAttentionBlock
 
 # --- encoder (issue 5) ---
 from .modules.encoder import FeedForwardBlock, SparseMSDAEncoder, SparseMSDAEncoderLayer
@@ -27,6 +28,7 @@ __all__ = [
     "SparseMSDAEncoder",
     "SparseMSDAEncoderLayer",
     # neighborhood attention (issue 4)
+    "SparseMultilevelSelfAttentionBlock",
     "SparseNeighborhoodAttentionBlock",
     "get_multilevel_neighborhoods",
     # deformable attention (issue 3)

@@ -1,0 +1,214 @@
+"""Multi-level sparse self-attention block (global window) with rotary position encoding."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from adapters import SparseCoordinateIndex
+
+from ..functional.neighborhood import query_rope_positions, voxel_rope_positions
+from ..functional.self_attention import check_no_background, group_rows_by_batch, multilevel_self_attention, segment_offsets
+from ..inputs import check_embed_heads, check_position_dim, largest_level, prepare_inputs
+from .neighborhood_attention import MultilevelRotaryEncoding
+
+__all__ = ["SparseMultilevelSelfAttentionBlock"]
+
+
+class SparseMultilevelSelfAttentionBlock(nn.Module):
+    """Multi-level sparse self-attention (pre/post-norm block with residual).
+
+    Each query attends to *every* voxel (all levels) of its own batch item, with one softmax;
+    i.e. :class:`~sparse_msda.SparseNeighborhoodAttentionBlock` with windows that cover the
+    whole map. Multi-head scaled dot-product attention; queries and keys are rotated (RoPE,
+    :class:`~sparse_msda.modules.neighborhood_attention.MultilevelRotaryEncoding`) at their
+    (full-scale position, level) so scores depend on relative positions only. Full scale = the
+    largest level's frame; a key voxel sits at its cell centre ``c + 0.5`` mapped to full scale
+    and its level index; a query at its position mapped to full scale and its own level index
+    (``query_level_indices``). Coordinates in spconv axis order, (y, x) / (z, y, x).
+
+    Block: ``x + dropout(out_proj(attn(norm(x))))`` if ``norm_first``, else
+    ``norm(x + dropout(out_proj(attn(x))))``. Keys and values are projected from the feature
+    maps as given (not normalised), once per voxel (only voxels of items that have queries),
+    and keys are rotated once per voxel. A query whose item holds no voxel gets an attention
+    branch of exactly zero (output ``x`` with ``norm_first``, ``norm(x)`` otherwise).
+    ``query_mask[i] = True``: output row ``i`` is input row ``i`` exactly (not computed).
+
+    Parameter names and shapes are those of the neighborhood block (``norm``, ``q_proj``,
+    ``kv_proj``, ``out_proj``, ``rope.freqs``), so either block's ``state_dict`` loads into
+    the other.
+
+    Encoder use (every voxel a query): ``query`` = the voxel features, positions = cell
+    centres ``c + 0.5`` in their own level's frame, ``query_level_indices`` = their levels.
+
+    Cost: time ``O(sum_b Q_b * N_b * embed_dim)`` (``N_b`` voxels of item ``b``), memory
+    ``O((Q + N) * embed_dim)``: each item is one
+    :func:`torch.nn.functional.scaled_dot_product_attention` call (flash kernel on CPU), no
+    ``[Q_b, N_b]`` matrix kept for the backward. Meant for the coarse levels (few voxels) and
+    as a reference.
+
+    ``background_embedding`` is not supported (``ValueError``): with a global window every
+    in-bounds absent cell would be a key, i.e. the dense grid (see
+    :func:`sparse_msda.functional.self_attention.check_no_background`).
+
+    Args:
+        embed_dim: feature size of queries and maps; divisible by ``n_heads``.
+        n_heads: attention heads (``head_dim = embed_dim // n_heads`` must be even).
+        n_levels: levels of the maps.
+        position_dim: 2 (y, x) or 3 (z, y, x).
+        dropout: dropout on the attention branch (after the output projection).
+        bias: bias of the q/k/v and output projections.
+        norm_first: pre-norm (True) or post-norm.
+        rope_spatial_base_theta, rope_level_base_theta: RoPE frequency bases.
+        rope_share_heads: one set of frequencies for all heads.
+        rope_freq_group_pattern: ``"single"``, ``"partition"`` or ``"spatial_level"``
+            (:mod:`sparse_msda.functional.rope`).
+        rope_enforce_freq_groups_equal: error if ``head_dim // 2`` does not split equally.
+
+    Raises:
+        ValueError: bad levels/position_dim/heads/dropout/RoPE options.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        n_heads: int,
+        n_levels: int = 4,
+        position_dim: int = 2,
+        dropout: float = 0.0,
+        bias: bool = False,
+        norm_first: bool = True,
+        rope_spatial_base_theta: float = 100.0,
+        rope_level_base_theta: float = 10.0,
+        rope_share_heads: bool = False,
+        rope_freq_group_pattern: str = "single",
+        rope_enforce_freq_groups_equal: bool = True,
+    ) -> None:
+        super().__init__()
+        check_embed_heads(embed_dim, n_heads)
+        check_position_dim(position_dim)
+        if not isinstance(n_levels, int) or isinstance(n_levels, bool) or n_levels <= 0:
+            raise ValueError(f"n_levels must be a positive int, got {n_levels=}")
+        if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout <= 1.0):
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout=}")
+        self.embed_dim, self.n_heads, self.n_levels, self.position_dim = embed_dim, n_heads, n_levels, position_dim
+        self.head_dim = embed_dim // n_heads
+        self.norm_first, self.bias = norm_first, bias
+        self.norm = nn.LayerNorm(embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.kv_proj = nn.Linear(embed_dim, 2 * embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.rope = MultilevelRotaryEncoding(
+            n_heads, self.head_dim, position_dim, rope_spatial_base_theta, rope_level_base_theta,
+            rope_share_heads, rope_freq_group_pattern, rope_enforce_freq_groups_equal,
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform projections, zero biases, unit LayerNorm, RoPE frequencies from the thetas."""
+        self.norm.reset_parameters()
+        for lin in (self.q_proj, self.kv_proj, self.out_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        self.rope.reset_parameters()
+
+    def forward(
+        self,
+        query: Tensor,
+        query_spatial_positions: Tensor,
+        query_batch_offsets: Tensor,
+        stacked_feature_maps,
+        level_spatial_shapes,
+        background_embedding: Optional[Tensor] = None,
+        query_level_indices: Optional[Tensor] = None,
+        query_mask: Optional[Tensor] = None,
+        coordinate_index: Optional[SparseCoordinateIndex] = None,
+    ) -> Tensor:
+        """Attend from each query to every voxel of its batch item (all levels).
+
+        Args:
+            query: ``[n_queries, embed_dim]``.
+            query_spatial_positions: float ``[n_queries, position_dim]`` in the frame of each
+                query's level (default the largest level); spconv axis order.
+            query_batch_offsets: int ``[batch_size + 1]``.
+            stacked_feature_maps: COO stack ``[batch, *spatial, n_levels, embed_dim]`` or a list
+                of ``SparseConvTensor`` (one per level).
+            level_spatial_shapes: ``[n_levels, position_dim]`` (may be None for spconv levels).
+            background_embedding: must be None (not supported with a global window, see the
+                class docstring); kept for signature compatibility with the neighborhood block.
+            query_level_indices: optional int ``[n_queries]`` level of each query's frame.
+            query_mask: optional bool ``[n_queries]``; True rows are returned unchanged.
+            coordinate_index: optional prebuilt index of the map (reused across layers).
+
+        Returns:
+            ``[n_queries, embed_dim]``.
+
+        Raises:
+            ValueError: ``background_embedding`` given; shape mismatches (see
+                :func:`sparse_msda.inputs.prepare_inputs`). TypeError: wrong dtypes.
+        """
+        check_no_background(background_embedding)
+        qb = prepare_inputs(
+            query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes,
+            embed_dim=self.embed_dim, n_levels=self.n_levels, position_dim=self.position_dim,
+            query_level_indices=query_level_indices, index=coordinate_index,
+        )
+        n_q = query.shape[0]
+        active = None
+        if query_mask is not None:
+            if not isinstance(query_mask, Tensor) or query_mask.dtype != torch.bool:
+                raise TypeError(
+                    f"query_mask must be a bool tensor, got {getattr(query_mask, 'dtype', type(query_mask).__name__)}"
+                )
+            if query_mask.shape != (n_q,):
+                raise ValueError(f"query_mask must have shape [{n_q}], got query_mask.shape={tuple(query_mask.shape)}")
+            active = (~query_mask.to(query.device)).nonzero().squeeze(1)
+
+        def sel(t: Tensor) -> Tensor:
+            return t if active is None else t.index_select(0, active)
+
+        x, pos = sel(query), sel(query_spatial_positions)
+        batch, levels, pos_shapes = sel(qb.batch_indices), sel(qb.query_level_indices), sel(qb.query_level_shapes)
+        index, shapes = qb.index, qb.level_spatial_shapes
+        batch_size = index.batch_size
+        n_a, H, d = x.shape[0], self.n_heads, self.head_dim
+
+        # queries: batch indices are non-decreasing (from the offsets; active keeps the order)
+        q_offsets = segment_offsets(batch, batch_size)
+        has_queries = q_offsets.diff() > 0
+        key_batch = index.batch_indices.to(query.device)
+        rows, k_offsets = group_rows_by_batch(key_batch, batch_size, has_queries.to(query.device))
+        full = shapes[largest_level(shapes)]
+
+        h = self.norm(x) if self.norm_first else x
+        q = self.q_proj(h).view(n_a, H, d)
+        q = self.rope(q, query_rope_positions(pos, pos_shapes, levels, full))
+
+        feats = qb.features if rows is None else qb.features.index_select(0, rows.to(qb.features.device))
+        kv = self.kv_proj(feats.to(device=query.device, dtype=query.dtype)).view(-1, 2, H, d)
+        vox_l = index.level_indices if rows is None else index.level_indices[rows.to(index.level_indices.device)]
+        vox_c = index.spatial_indices if rows is None else index.spatial_indices[rows.to(index.spatial_indices.device)]
+        u = voxel_rope_positions(vox_c, vox_l, index.level_spatial_shapes, index.level_spatial_shapes[largest_level(index.level_spatial_shapes)])
+        k = self.rope(kv[:, 0], u.to(query.device))
+        v = kv[:, 1]
+
+        attn, has_key = multilevel_self_attention(q, k, v, q_offsets, k_offsets)
+        branch = self.out_proj(attn.reshape(n_a, self.embed_dim))
+        if not bool(has_key.all()):
+            branch = torch.where(has_key[:, None], branch, torch.zeros((), dtype=branch.dtype, device=branch.device))
+        y = x + self.dropout(branch)
+        if not self.norm_first:
+            y = self.norm(y)
+        if active is None:
+            return y
+        return query.index_copy(0, active, y)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, n_heads={self.n_heads}, n_levels={self.n_levels}, "
+            f"position_dim={self.position_dim}, bias={self.bias}, norm_first={self.norm_first}, dropout={self.dropout.p}"
+        )
