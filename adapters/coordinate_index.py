@@ -247,7 +247,7 @@ class SparseCoordinateIndex:
         use, through spconv's ``HashTable``) a table of every base cell that has at least one
         voxel among its corners, holding the rows of those corners; a point then costs one
         query. Base cells range over ``[-1, shape_l - 1]`` per axis (a point in the first half
-        of cell 0 has base cell -1).
+        of cell 0 has base cell -1). Equivalent to ``corner_rows(base_cell_ids(...))``.
 
         Args:
             batch_indices: integer ``[M]``.
@@ -258,20 +258,36 @@ class SparseCoordinateIndex:
             int64 ``[M, 2**position_dim]``: the row of corner ``k`` of each base cell, ``-1``
             where the corner is absent or outside its level (never another voxel's row).
         """
+        return self.corner_rows(self.base_cell_ids(batch_indices, level_indices, base_cells)).to(torch.int64)
+
+    def base_cell_ids(
+        self, batch_indices: torch.Tensor, level_indices: torch.Tensor, base_cells: torch.Tensor
+    ) -> torch.Tensor:
+        """Ids of base cells in the corner table (one hash query per cell); see :meth:`corner_rows`.
+
+        Args:
+            batch_indices, level_indices: integer ``[M]``.
+            base_cells: integer ``[M, position_dim]``, spconv axis order.
+
+        Returns:
+            int64 ``[M]`` ids; a base cell none of whose corners holds a voxel (including one
+            outside the level, or with an out-of-range batch or level) gets the id of an
+            all-absent row.
+        """
         for name, t in (("batch_indices", batch_indices), ("level_indices", level_indices), ("base_cells", base_cells)):
             check_integer_tensor(name, t)
-        dim, k = self.position_dim, 2**self.position_dim
+        dim = self.position_dim
         if base_cells.ndim != 2 or base_cells.shape[1] != dim or batch_indices.shape != base_cells.shape[:1] or (
             level_indices.shape != base_cells.shape[:1]
         ):
             raise ValueError(
-                f"lookup_corners takes batch_indices [M], level_indices [M] and base_cells [M, {dim}], got "
+                f"base cells take batch_indices [M], level_indices [M] and base_cells [M, {dim}], got "
                 f"{tuple(batch_indices.shape)}, {tuple(level_indices.shape)}, {tuple(base_cells.shape)}"
             )
-        m = base_cells.shape[0]
-        if not self.n_voxels or not m:
-            return torch.full((m, k), -1, dtype=torch.int64, device=base_cells.device)
         table, corner_rows = self._corner_table()
+        absent = corner_rows.shape[0] - 1  # the last row of the table is all -1
+        if table is None or not base_cells.shape[0]:
+            return torch.full(base_cells.shape[:1], absent, dtype=torch.int64, device=base_cells.device)
         keys, valid = self._query_keys(
             batch_indices.to(torch.int64), level_indices.to(torch.int64), base_cells.to(torch.int64) + 1, extra=1
         )
@@ -282,15 +298,27 @@ class SparseCoordinateIndex:
             values, hit = hash_query(table, keys[valid])
             ids[valid] = torch.where(hit, values, -1)
             found = ids >= 0
-        ids.masked_fill_(~found, corner_rows.shape[0] - 1)  # the last row of the table is all -1
-        return corner_rows.index_select(0, ids)
+        return ids.masked_fill_(~found, absent)
+
+    def corner_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[..., 2**D]`` rows of the corners of base cells given by :meth:`base_cell_ids` ids.
+
+        Corner ``k`` is ``base + corner_offsets(D)[k]``; ``-1`` where absent or outside the
+        level. The dtype is int32 when the index holds fewer than ``2**31`` voxels, else int64.
+        """
+        _, corner_rows = self._corner_table()
+        return corner_rows.index_select(0, ids.reshape(-1)).view(*ids.shape, corner_rows.shape[1])
 
     def _corner_table(self):
-        """(hash table of base-cell keys -> id, int64 ``[n_base_cells + 1, 2**D]`` corner rows)."""
+        """(hash table of base-cell keys -> id or None, ``[n_base_cells + 1, 2**D]`` corner rows)."""
         if getattr(self, "_corners", None) is None:
             dim, device = self.position_dim, self.device
             offsets = corner_offsets(dim, device)
             k = offsets.shape[0]
+            row_dtype = torch.int32 if self.n_voxels < 2**31 else torch.int64
+            if not self.n_voxels:
+                self._corners = (None, torch.full((1, k), -1, dtype=row_dtype, device=device))
+                return self._corners
             n_cand = self.n_voxels * k
             # candidate c = v * K + j: the base cell of which voxel v is corner j
             cells = (self.spatial_indices[:, None, :] - offsets + 1).reshape(-1, dim)
@@ -307,8 +335,8 @@ class SparseCoordinateIndex:
             ids = torch.full((n_cand,), -1, dtype=torch.int64, device=device)
             ids[unique] = torch.arange(unique.numel(), device=device)
             cand = torch.arange(n_cand, device=device)
-            corner_rows = torch.full((unique.numel() + 1, k), -1, dtype=torch.int64, device=device)
-            corner_rows[ids[rep], cand % k] = cand // k
+            corner_rows = torch.full((unique.numel() + 1, k), -1, dtype=row_dtype, device=device)
+            corner_rows[ids[rep], cand % k] = (cand // k).to(row_dtype)
             table = new_hash_table(device, unique.numel())
             hash_insert(table, keys[unique], torch.arange(unique.numel(), dtype=torch.int64, device=device))
             self._corners = (table, corner_rows)

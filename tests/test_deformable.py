@@ -454,11 +454,10 @@ def test_gradcheck_fused_gather_with_repeated_corners(dim):
     def f(t, p, weights, background):
         return sparse_weighted_gather(t, index, p, b, lvl, h, n_heads, weights, background)
 
-    from sparse_msda.functional.sampling import lookup_corners
-
-    entries, rows = lookup_corners(index, torch.floor(pos.detach() - 0.5).long(), b, lvl, h, n_heads)
-    bags = entries // (5 * 2**dim)
-    found_rows = [rows[bags == i].tolist() for i in range(4)]
+    base = torch.floor(pos.detach() - 0.5).long()  # [4, 5, dim]
+    bb, ll = b.expand(4, 5).reshape(-1), lvl.expand(4, 5).reshape(-1)
+    corner = index.lookup_corners(bb, ll, base.reshape(-1, dim)).view(4, 5 * 2**dim)
+    found_rows = [[r for r in row.tolist() if r >= 0] for row in corner]
     assert any(len(r) > len(set(r)) for r in found_rows), "the test needs repeated rows within a bag"
     out = f(table, pos, w, bg)
     assert out.shape == (4, 2)
@@ -479,3 +478,32 @@ def test_cuda_matches_cpu():
         query_level_indices=levels.to(dev), background_embedding=bg.to(dev),
     )
     torch.testing.assert_close(out_cuda.cpu(), out, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("with_bg", [False, True])
+def test_chunked_sampling_matches_one_chunk(dim, with_bg):
+    """Many small chunks (forward and recomputing backward) give the one-chunk result."""
+    from sparse_msda.functional.sampling import sparse_weighted_gather
+
+    gen = torch.Generator().manual_seed(13 + dim)
+    shapes = [[6, 5], [3, 3]] if dim == 2 else [[4, 5, 3], [2, 3, 2]]
+    stack, shapes_t = random_map(shapes, 2, 3, 0.5, torch.float64, gen)
+    index = SparseCoordinateIndex.from_coo_stack(stack, shapes_t)
+    n_heads, n = 2, 11
+    table = torch.randn(index.n_voxels * n_heads, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bg = torch.randn(2 * 2 * n_heads, 3, generator=gen, dtype=torch.float64, requires_grad=True) if with_bg else None
+    pos = (torch.rand(n, 4, dim, generator=gen, dtype=torch.float64) * 7 - 1).requires_grad_()
+    w = torch.rand(n, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randint(0, 2, (n, 1), generator=gen)
+    lvl = torch.tensor([0, 1, 1, 0])[None, :]
+    h = torch.randint(0, n_heads, (n, 1), generator=gen)
+    inputs = [t for t in (table, pos, w, bg) if t is not None]
+    results = []
+    for chunk in (None, 2**dim):  # default: one chunk; 2**dim corners: one sample per chunk
+        out = sparse_weighted_gather(table, index, pos, b, lvl, h, n_heads, w, bg, chunk_corners=chunk)
+        grads = torch.autograd.grad(out.square().sum(), inputs)
+        results.append((out, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    for g0, g1 in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g0, g1, rtol=0, atol=1e-12)

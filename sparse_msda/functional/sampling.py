@@ -13,214 +13,220 @@ padding_mode='zeros')`` on the (implicitly) densified map, written for sparse ma
   background table is given, the background row of its (batch, level[, head]): an absent
   site behaves exactly as if it held that value.
 
-Every corner is found through :meth:`adapters.SparseCoordinateIndex.lookup` (spconv
-hashing), once per forward (never again in backward), so memory scales with voxels and
-samples, never with the spatial extent. The lookups run in chunks of ~512k corners: the
-integer temporaries of the key computation stay bounded, and only the corners that hold a
-value (present voxels, or background sites) are kept, as flat entry numbers and value-table
-rows.
+Lookups: one hash query per sample, through
+:meth:`adapters.SparseCoordinateIndex.base_cell_ids` (spconv hashing), in the forward only;
+the sample's ``2**D`` corner rows are then one row of the index's corner table
+(:meth:`~adapters.SparseCoordinateIndex.corner_rows`). The backward reuses the saved int32
+base-cell ids and never hashes again.
 
-The interpolation and the weighted sum over samples (the attention sum of deformable
-attention) are one ``F.embedding_bag(..., per_sample_weights=..., mode='sum')`` over those
-present corners; ``[queries, heads, levels, points, corners, head_dim]`` (or even
-``[..., corners]``) is never materialised. A custom autograd Function gives the gradients
-of the value table (a transposed gather), of the sample weights and, analytically through
-the interpolation weights, of the positions.
+Compute: samples are processed in chunks of about :data:`CHUNK_CORNERS` corners. In each,
+the interpolation and the weighted sum over samples (the attention sum of deformable
+attention) are one ``F.embedding_bag(..., per_sample_weights=..., mode='sum')`` with a fixed
+bag of ``J * 2**D`` corners per output row; ``[samples, corners, head_dim]`` is never
+materialised beyond one chunk. The custom autograd Function saves only its inputs and the
+``[S, J]`` int32 base-cell ids, and recomputes corner rows and weights chunk by chunk in
+backward: memory is linear in samples (a few bytes each) and voxels, never in corners.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from adapters import SparseCoordinateIndex
-from adapters.coordinate_index import corner_offsets
 
-__all__ = ["LOOKUP_CHUNK", "corner_bits", "lookup_corners", "sparse_weighted_gather"]
+__all__ = ["CHUNK_CORNERS", "sparse_weighted_gather"]
 
-#: number of corner lookups per ``SparseCoordinateIndex.lookup`` call
-LOOKUP_CHUNK = 1 << 19
-
-
-#: ``[2**D, D]`` corner offsets, ``corner_bits(D)[k]`` = bits of ``k``, first axis most significant
-corner_bits = corner_offsets
+#: corners processed per chunk (bounds the ``[corners, head_dim]`` scratch buffer of backward)
+CHUNK_CORNERS = 1 << 19
 
 
-@torch.no_grad()
-def lookup_corners(
-    index: SparseCoordinateIndex,
-    base: Tensor,
-    batch_indices: Tensor,
-    level_indices: Tensor,
-    head_indices: Optional[Tensor] = None,
-    n_heads: int = 1,
-    background_row_offset: Optional[int] = None,
-    chunk: Optional[int] = None,
-) -> tuple[Tensor, Tensor]:
-    """The corners of every sample that hold a value, via ``index.lookup_corners``.
+@dataclass
+class _Sampling:
+    """Non-tensor context of one sampling call: where each sample's corners live."""
 
-    Corner ``k`` of sample ``(s, j)`` is the cell ``base[s, j] + corner_bits(D)[k]``; its
-    flat entry number is ``(s * J + j) * K + k`` with ``K = 2**D``.
+    index: SparseCoordinateIndex
+    batch: Tensor  # int64, broadcastable to [S, J]
+    level: Tensor  # int64, broadcastable to [S, J]
+    head: Optional[Tensor]  # int64, broadcastable to [S, J], or None (head 0)
+    n_heads: int
+    background_offset: Optional[int]  # first background row of the table, or None
+    chunk_corners: int
 
-    Args:
-        index: coordinate index of the map.
-        base: ``[S, J, D]`` base cells (integer, or integral floats).
-        batch_indices, level_indices, head_indices: integer tensors broadcastable to ``[S, J]``
-            (``head_indices`` None means head 0).
-        n_heads: heads per voxel row of the value table.
-        background_row_offset: when given, a corner inside its level's grid but absent from
-            the map holds the background row ``background_row_offset + (b * n_levels + l) *
-            n_heads + h``; otherwise absent corners hold nothing.
-        chunk: corners per lookup call (default :data:`LOOKUP_CHUNK`).
+    def steps(self, n_samples: int, n_per: int, dim: int):
+        step = max(1, self.chunk_corners // max(1, n_per * 2**dim))
+        for start in range(0, n_samples, step):
+            yield slice(start, min(n_samples, start + step))
 
-    Returns:
-        ``(entries, rows)``: int64 ``[M]`` flat entry numbers of the corners that hold a value
-        (ascending) and ``[M]`` their value-table rows (``voxel_row * n_heads + head`` or a
-        background row; int32 when the table has fewer than 2**31 rows, else int64).
-    """
-    n_samples, n_per, dim = base.shape
-    bits = corner_bits(dim, base.device)  # [K, D]
-    k = bits.shape[0]
-    b = batch_indices.to(torch.int64).expand(n_samples, n_per)
-    l = level_indices.to(torch.int64).expand(n_samples, n_per)
-    h = None if head_indices is None else head_indices.to(torch.int64).expand(n_samples, n_per)
-    shapes = index.level_spatial_shapes.to(base.device)
-    n_rows = index.n_voxels * n_heads + (0 if background_row_offset is None else index.batch_size * index.n_levels * n_heads)
-    idx_dtype = torch.int32 if n_rows < 2**31 else torch.int64
-    entries, rows = [], []
-    step = max(1, (chunk or LOOKUP_CHUNK) // max(1, n_per * k))
-    for start in range(0, n_samples, step):
-        sl = slice(start, start + step)
-        base_sl = base[sl].to(torch.int64)  # [s, J, D]
-        lb, ll = b[sl, :, None], l[sl, :, None]
-        # one hash query per sample: the index returns the rows of all K corners of its base cell
-        r = index.lookup_corners(b[sl].reshape(-1), l[sl].reshape(-1), base_sl.reshape(-1, dim))
-        r = r.view(*base_sl.shape[:-1], k)  # [s, J, K]
-        found = r >= 0
-        if h is not None and n_heads > 1:
-            r = r * n_heads + h[sl, :, None]
-        if background_row_offset is not None:
-            coords = base_sl[:, :, None, :] + bits  # [s, J, K, D]
-            inside = ((coords >= 0) & (coords < shapes[ll])).all(-1)
-            bg = (lb * index.n_levels + ll) * n_heads + background_row_offset
-            if h is not None:
-                bg = bg + h[sl, :, None]
-            r = torch.where(found, r, bg)
-            found = found | inside
-        hit = found.reshape(-1).nonzero().squeeze(1)
-        entries.append(hit + start * n_per * k)
-        rows.append(r.reshape(-1).index_select(0, hit).to(idx_dtype))
-    if not entries:
-        return torch.zeros(0, dtype=torch.int64, device=base.device), torch.zeros(0, dtype=idx_dtype, device=base.device)
-    return torch.cat(entries), torch.cat(rows)
+    def rows_of(self, t: Optional[Tensor], sl: slice) -> Optional[Tensor]:
+        """A ``[S | 1, J | 1]`` index tensor restricted to the chunk's samples (None stays None)."""
+        if t is None:
+            return None
+        return t if t.shape[0] == 1 else t[sl]
 
 
-def _row_dots(table: Tensor, rows: Tensor, grad_out: Tensor, bags: Tensor, chunk: int = 1 << 17) -> Tensor:
-    """``out[m] = <table[rows[m]], grad_out[bags[m]]>`` in chunks (never ``[M, Dh]`` at once)."""
-    out = grad_out.new_empty(rows.shape[0])
-    for s in range(0, rows.shape[0], chunk):
-        gathered = F.embedding(rows[s : s + chunk], table)
-        out[s : s + chunk] = (gathered * grad_out.index_select(0, bags[s : s + chunk])).sum(-1)
-    return out
+def _split(positions: Tensor, dtype) -> tuple[Tensor, Tensor]:
+    """Base cells (int64) and fractional offsets (``dtype``) of positions ``[..., D]``."""
+    shifted = positions - 0.5
+    base = torch.floor(shifted)
+    return base.to(torch.int64), (shifted - base).to(dtype)
 
 
-def _bag_offsets(bags: Tensor, n_bags: int) -> Tensor:
-    """Start offsets ``[n_bags]`` of ascending bag ids ``bags``."""
-    counts = torch.bincount(bags, minlength=n_bags)
-    offsets = torch.zeros(n_bags, dtype=torch.int64, device=bags.device)
-    if n_bags > 1:
-        offsets[1:] = counts.cumsum(0)[:-1]
-    return offsets
+def _outer(u: Tensor) -> Tensor:
+    """``[..., D, 2]`` per-axis factors -> ``[..., 2**D]`` corner weights (first axis most significant)."""
+    dim = u.shape[-2]
+    w = u[..., 0, :]
+    for d in range(1, dim):
+        w = (w[..., :, None] * u[..., d, None, :]).flatten(-2)
+    return w
 
 
-def _entry_factors(frac: Tensor, entries: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Per present corner: sample number ``[M]``, per-axis factors and corner bits (lists of ``[M]``).
-
-    Corner ``k`` of a sample with fractional offsets ``f`` has weight ``prod_d fac_d`` with
-    ``fac_d = f_d`` where bit ``d`` of ``k`` (most significant first) is set, else ``1 - f_d``.
-    One ``[M]`` tensor per axis keeps the transient memory low.
-    """
-    dim = frac.shape[-1]
-    k = 2**dim
-    samples = torch.div(entries, k, rounding_mode="floor")
-    corner = entries - samples * k
-    flat = frac.reshape(-1, dim)
-    factors, bits = [], []
-    for d in range(dim):
-        bit = ((corner >> (dim - 1 - d)) & 1).to(torch.bool)
-        f = flat[:, d].contiguous().index_select(0, samples)
-        factors.append(torch.where(bit, f, 1.0 - f))
-        bits.append(bit)
-    return samples, factors, bits
-
-
-def _prod(tensors: list[Tensor], like: Tensor) -> Tensor:
-    if not tensors:
-        return torch.ones_like(like)
-    out = tensors[0]
-    for t in tensors[1:]:
-        out = out * t
-    return out
+def _corners(ctx: _Sampling, ids: Tensor, base: Tensor, frac: Tensor, sl: slice):
+    """Table rows ``[c, J, K]``, corner weights ``[c, J, K]``, per-axis factors ``[c, J, D, 2]``,
+    the per-axis validity ``(lo, hi)`` of the corners (None without background) and the
+    present-corner mask (None with background: absent in-grid corners hold the background)."""
+    c, n_per, dim = base.shape
+    index = ctx.index
+    cr = index.corner_rows(ids)  # [c, J, K], -1 absent
+    found = cr >= 0
+    head = ctx.rows_of(ctx.head, sl)
+    if head is not None and ctx.n_heads > 1:
+        cr = cr * ctx.n_heads + head.to(cr.dtype)[..., None]
+    u = torch.stack([1.0 - frac, frac], -1)  # [c, J, D, 2]
+    if ctx.background_offset is None:
+        rows = cr.masked_fill(~found, 0)  # weight 0 below: any valid row will do
+        return rows, _outer(u) * found, u, None, found
+    batch, level = ctx.rows_of(ctx.batch, sl), ctx.rows_of(ctx.level, sl)
+    fill = (batch * index.n_levels + level) * ctx.n_heads + ctx.background_offset
+    if head is not None:
+        fill = fill + head
+    rows = torch.where(found, cr, fill.to(cr.dtype)[..., None])
+    shape = index.level_spatial_shapes.to(base.device)[level.expand(c, n_per)]  # [c, J, D]
+    valid = torch.stack([(base >= 0) & (base < shape), (base >= -1) & (base < shape - 1)], -1)  # [c, J, D, 2]
+    u = u * valid
+    return rows, _outer(u), u, valid, None
 
 
-class _InterpolatedGather(torch.autograd.Function):
-    """Bilinear/trilinear interpolation and weighted sum over samples, fused.
+class _SparseSample(torch.autograd.Function):
+    """``out[s] = sum_j a[s, j] * sum_k c_k(frac[s, j]) * table[row(s, j, k)]``, chunked.
 
-    ``out[s] = sum_j a[s, j] * sum_k c_k(frac[s, j]) * table[row(s, j, k)]`` over the corners
-    that hold a value (``entries`` / ``rows`` from :func:`lookup_corners`; all others are
-    zero), ``c_k`` the interpolation weights. Forward is one ``embedding_bag`` over those
-    corners only. Backward computes the value/gradient dot product of each such corner once;
-    from them, analytically, the gradients of ``a`` and ``frac`` (scatter-added per sample);
-    the table gradient is a transposed gather (corners sorted by table row, one
-    ``embedding_bag``). Saved: ``frac [S, J, D]``, ``a [S, J]``, ``entries`` and ``rows``:
-    work and memory are linear in samples and in *present* corners; nothing of size
-    ``[samples, corners]`` or ``[samples, corners, head_dim]`` is formed.
+    Forward hashes each sample's base cell once (ids saved as int32) and runs one fixed-bag
+    ``embedding_bag`` per chunk. Backward recomputes each chunk's rows and weights from the
+    saved ids and positions; per corner it forms the value/gradient dot product (a gather
+    into a reused buffer and a batched matmul) for the gradients of ``a`` and of the
+    positions (analytically through the per-axis factors), and scatters the weighted
+    output gradient into the table gradient (``index_add_``).
     """
 
     @staticmethod
-    def forward(ctx, table, frac, attn, entries, rows):
-        n_samples, n_per, dim = frac.shape
-        samples, factors, _ = _entry_factors(frac, entries)
-        weights = _prod(factors, samples) * attn.reshape(-1).index_select(0, samples)
-        bags = torch.div(samples, n_per, rounding_mode="floor")
-        offsets = _bag_offsets(bags, n_samples).to(rows.dtype)
-        out = F.embedding_bag(rows, table, offsets, per_sample_weights=weights, mode="sum")
-        ctx.save_for_backward(table, frac, attn, entries, rows)
+    def forward(ctx, table: Tensor, positions: Tensor, weights: Tensor, sampling: _Sampling):
+        n_samples, n_per, dim = positions.shape
+        out = table.new_empty(n_samples, table.shape[1])
+        ids = torch.empty(n_samples, n_per, dtype=torch.int32, device=positions.device)
+        index = sampling.index
+        with torch.no_grad():
+            for sl in sampling.steps(n_samples, n_per, dim):
+                c = sl.stop - sl.start
+                base, frac = _split(positions[sl], table.dtype)
+                b = sampling.rows_of(sampling.batch, sl).expand(c, n_per).reshape(-1)
+                l = sampling.rows_of(sampling.level, sl).expand(c, n_per).reshape(-1)
+                chunk_ids = index.base_cell_ids(b, l, base.reshape(-1, dim)).view(c, n_per)
+                ids[sl] = chunk_ids
+                rows, wc, _, _, _ = _corners(sampling, chunk_ids, base, frac, sl)
+                psw = (wc * weights[sl, :, None]).view(c, -1)
+                out[sl] = F.embedding_bag(rows.view(c, -1), table, per_sample_weights=psw, mode="sum")
+        ctx.sampling = sampling
+        ctx.save_for_backward(table, positions, weights, ids)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        table, frac, attn, entries, rows = ctx.saved_tensors
-        n_samples, n_per, dim = frac.shape
+        table, positions, weights, ids = ctx.saved_tensors
+        sampling = ctx.sampling
+        n_samples, n_per, dim = positions.shape
+        head_dim = table.shape[1]
         grad_out = grad_out.contiguous()
-        samples, factors, bits = _entry_factors(frac, entries)
-        corner_w = _prod(factors, samples)
-        a = attn.reshape(-1).index_select(0, samples)
-        bags = torch.div(samples, n_per, rounding_mode="floor")
-        g_table = g_frac = g_attn = None
-        if ctx.needs_input_grad[0]:
-            sorted_rows, perm = torch.sort(rows, stable=True)
-            offsets = _bag_offsets(sorted_rows.to(torch.int64), table.shape[0])
-            g_table = F.embedding_bag(
-                bags.index_select(0, perm), grad_out, offsets,
-                per_sample_weights=(corner_w * a).index_select(0, perm), mode="sum",
-            )
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dots = _row_dots(table, rows, grad_out, bags)  # [M]
-            if ctx.needs_input_grad[2]:
-                g_attn = grad_out.new_zeros(n_samples * n_per).index_add_(0, samples, dots * corner_w).view(n_samples, n_per)
-            if ctx.needs_input_grad[1]:
-                # d c / d f_d = sign_d * prod_{e != d} fac_e, sign_d = +1 where bit d is set else -1
-                da = dots * a
-                g_frac = grad_out.new_zeros(n_samples * n_per, dim)
-                for d in range(dim):
-                    excl = _prod([factors[e] for e in range(dim) if e != d], corner_w) * da
-                    g_frac[:, d].index_add_(0, samples, torch.where(bits[d], excl, -excl))
-                g_frac = g_frac.view(n_samples, n_per, dim)
-        return g_table, g_frac, g_attn, None, None
+        need_table, need_pos, need_w = ctx.needs_input_grad[:3]
+        g_table = torch.zeros_like(table) if need_table else None
+        g_pos = torch.zeros_like(positions) if need_pos else None
+        g_w = torch.zeros_like(weights) if need_w else None
+        k = 2**dim
+        buf = None
+        for sl in sampling.steps(n_samples, n_per, dim):
+            c = sl.stop - sl.start
+            base, frac = _split(positions[sl], table.dtype)
+            rows, wc, u, valid, found = _corners(sampling, ids[sl], base, frac, sl)
+            a = weights[sl]
+            g = grad_out[sl]
+            n = c * n_per * k
+            if buf is None:
+                buf = table.new_empty(min(n_samples * n_per * k, max(n, sampling.chunk_corners)), head_dim)
+            flat = rows.reshape(-1)
+            if need_pos or need_w:
+                gathered = torch.index_select(table, 0, flat, out=buf[:n]).view(c, n_per * k, head_dim)
+                dots = torch.bmm(gathered, g[:, :, None]).view(c, n_per, k)
+                if need_w:
+                    g_w[sl] = (dots * wc).sum(-1)
+                if need_pos:
+                    gc = dots * a[..., None]  # dL / d corner weight
+                    if found is not None:
+                        gc = gc * found
+                    g_pos[sl] = _factor_grads(gc, u, valid).to(positions.dtype)
+            if need_table:
+                _scatter_rows(g_table, flat, (wc * a[..., None]).view(-1), g, n_per * k)
+        return g_table, g_pos, g_w, None
+
+
+def _scatter_rows(g_table: Tensor, rows: Tensor, weights: Tensor, grad: Tensor, bag: int) -> None:
+    """``g_table[rows[m]] += weights[m] * grad[m // bag]`` (the transposed weighted gather).
+
+    Entries are sorted by row and each distinct row's weighted sum is one ``embedding_bag``
+    over the chunk's output gradient, so the scatter writes each row once per chunk and no
+    ``[entries, head_dim]`` product is formed.
+    """
+    sorted_rows, perm = torch.sort(rows)
+    uniq, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    offsets = torch.zeros_like(counts)
+    torch.cumsum(counts[:-1], 0, out=offsets[1:])
+    sums = F.embedding_bag(
+        torch.div(perm, bag, rounding_mode="floor"), grad, offsets,
+        per_sample_weights=weights.index_select(0, perm), mode="sum",
+    )
+    g_table.index_add_(0, uniq, sums)
+
+
+def _factor_grads(gc: Tensor, u: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """``d L / d frac`` ``[c, J, D]`` from ``d L / d corner weight`` ``[c, J, 2**D]``.
+
+    Corner weight ``k`` is ``prod_d u[d, bit_d(k)]`` with ``u[d] = (1 - f_d, f_d)`` (times
+    the corners' validity with a background), so ``dL/du[d, e]`` sums ``gc`` over the
+    other axes weighted by their factors, and ``dL/df_d = dL/du[d, 1] - dL/du[d, 0]``
+    (each masked by validity).
+    """
+    dim = u.shape[-2]
+    lead = gc.shape[:-1]
+    nl = len(lead)
+    g = gc.view(*lead, *([2] * dim))
+    out = []
+    for d in range(dim):
+        t = g
+        for e in range(dim):
+            if e != d:
+                shape = [*lead] + [1] * dim
+                shape[nl + e] = 2
+                t = t * u[..., e, :].reshape(shape)
+        du = t.sum([nl + e for e in range(dim) if e != d]) if dim > 1 else t  # [..., 2]
+        if valid is None:
+            out.append(du[..., 1] - du[..., 0])
+        else:
+            out.append(du[..., 1] * valid[..., d, 1] - du[..., 0] * valid[..., d, 0])
+    return torch.stack(out, -1)
 
 
 def sparse_weighted_gather(
@@ -233,6 +239,7 @@ def sparse_weighted_gather(
     n_heads: int = 1,
     sample_weights: Optional[Tensor] = None,
     background_table: Optional[Tensor] = None,
+    chunk_corners: Optional[int] = None,
 ) -> Tensor:
     """``out[s] = sum_j w[s, j] * interp(map[b[s, j], l[s, j], h[s, j]], positions[s, j])``.
 
@@ -247,23 +254,24 @@ def sparse_weighted_gather(
         sample_weights: ``[S, J]`` weights (e.g. attention weights) or None (all 1).
         background_table: ``[batch * n_levels * n_heads, Dh]`` value of an absent site,
             row ``(b * n_levels + l) * n_heads + h``, or None (absent sites are zero).
+        chunk_corners: corners per chunk (default :data:`CHUNK_CORNERS`).
 
     Returns:
         ``[S, Dh]``; differentiable w.r.t. table, positions, sample_weights, background_table.
     """
     n_samples, n_per, dim = positions.shape
-    shifted = positions - 0.5
-    base = torch.floor(shifted.detach())
-    frac = (shifted - base).to(table.dtype)
     n_value_rows = table.shape[0]
     if background_table is not None:
         table = torch.cat([table, background_table.to(table.dtype)])
-    entries, rows = lookup_corners(
-        index, base, batch_indices, level_indices, head_indices, n_heads,
-        background_row_offset=None if background_table is None else n_value_rows,
-    )
     if sample_weights is None:
         sample_weights = table.new_ones(n_samples, n_per)
     if table.shape[0] == 0:  # no voxel and no background: no corner holds a value
         table = table.new_zeros(1, table.shape[1]) + 0 * table.sum()
-    return _InterpolatedGather.apply(table, frac, sample_weights.to(table.dtype), entries, rows)
+    as_idx = lambda t: None if t is None else t.to(device=positions.device, dtype=torch.int64).expand(  # noqa: E731
+        *torch.broadcast_shapes(t.shape, (1, 1))
+    )
+    sampling = _Sampling(
+        index, as_idx(batch_indices), as_idx(level_indices), as_idx(head_indices), n_heads,
+        None if background_table is None else n_value_rows, chunk_corners or CHUNK_CORNERS,
+    )
+    return _SparseSample.apply(table, positions, sample_weights.to(table.dtype), sampling)
