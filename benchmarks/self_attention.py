@@ -1,0 +1,141 @@
+"""Speed and memory of SparseMultilevelSelfAttentionBlock (issue 4, global window).
+
+Run from the repository root (one benchmark at a time on the machine)::
+
+    flock /tmp/bench.lock .venv/bin/python -m benchmarks.self_attention [--quick] [--out FILE]
+
+Implementations, side by side for each setting (embed 256, 8 heads):
+
+* ``block``: :class:`sparse_msda.SparseMultilevelSelfAttentionBlock` (per-item
+  ``scaled_dot_product_attention``, flash kernel on CPU: no ``[Q_b, N_b]`` matrix kept);
+* ``math``: the same block forced onto SDPA's math backend (``SDPBackend.MATH``): plain
+  autograd that materialises and saves the ``[H, Q_b, N_b]`` scores/weights, the
+  "naive dense softmax" reference;
+* ``floor``: the block's own linear layers alone (q and output projections on the queries,
+  the k/v projection on every voxel of the map), what any implementation must pay.
+
+Modes: ``fwd`` (autograd records, graph dropped) and ``fwd+bwd`` (backward of ``(out * w).sum()``).
+Settings on the real scans (batch 2, two frames, :func:`benchmarks.common.scan_levels`):
+
+* ``bev-c2``: the two coarsest BEV levels ``[50,44], [25,22]``;
+* ``bev-all``: all four BEV levels ``[200,176]..[25,22]``;
+* ``3d-c1``: the coarsest 3D VoxelBackBone8x level ``[5,200,176]``.
+
+Roles: ``enc`` every voxel is a query (positions = cell centres in their own level's frame,
+``query_level_indices`` = level, query = the voxel's feature); ``dec`` 900 queries per item near
+random finest-level voxels (+-2 cells jitter).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import Case, add_common_args, run_cases, scan_levels
+
+EMBED, HEADS = 256, 8
+SETTINGS = {"bev-c2": (True, slice(2, 4)), "bev-all": (True, slice(0, 4)), "3d-c1": (False, slice(3, 4))}
+
+
+def _inputs(setting: str, role: str, n_queries: int, seed: int = 0):
+    from adapters import multilevel_features
+
+    bev, levels_slice = SETTINGS[setting]
+    levels = scan_levels(batch_size=2, channels=EMBED, bev=bev)[levels_slice]
+    features, index = multilevel_features(levels)
+    shapes = index.level_spatial_shapes
+    g = torch.Generator().manual_seed(seed)
+    if role == "enc":
+        order = torch.argsort(index.batch_indices, stable=True)
+        query = features[order].clone()
+        pos = index.spatial_indices[order].float() + 0.5
+        qlev = index.level_indices[order].clone()
+        counts = torch.bincount(index.batch_indices, minlength=index.batch_size)
+    else:
+        big = int(torch.argmax(shapes.prod(-1)))
+        full = shapes[big].float()
+        pos_list = []
+        for b in range(index.batch_size):
+            fine = ((index.batch_indices == b) & (index.level_indices == big)).nonzero().squeeze(1)
+            pick = fine[torch.randint(fine.numel(), (n_queries,), generator=g)]
+            jitter = (torch.rand(n_queries, shapes.shape[1], generator=g) - 0.5) * 4
+            pos_list.append((index.spatial_indices[pick].float() + 0.5 + jitter).clamp(torch.zeros_like(full), full - 1e-3))
+        pos = torch.cat(pos_list)
+        query = torch.randn(pos.shape[0], EMBED, generator=g)
+        qlev = None
+        counts = torch.full((index.batch_size,), n_queries)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+    return dict(query=query, pos=pos, offsets=offsets, levels=levels, features=features, index=index, qlev=qlev)
+
+
+def _run_block(block, x):
+    return block(x["query"], x["pos"], x["offsets"], x["levels"], None, query_level_indices=x["qlev"],
+                 coordinate_index=x["index"])
+
+
+def _run_math(block, x):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return _run_block(block, x)
+
+
+def _run_floor(block, x):
+    q = block.out_proj(block.q_proj(x["query"]))
+    kv = block.kv_proj(x["features"])
+    return q.sum() + kv.sum()
+
+
+IMPLS = {"floor": _run_floor, "block": _run_block, "math": _run_math}
+
+
+def setup(impl: str, mode: str, setting: str, role: str, n_queries: int = 900):
+    from sparse_msda import SparseMultilevelSelfAttentionBlock
+
+    x = _inputs(setting, role, n_queries)
+    torch.manual_seed(0)
+    index = x["index"]
+    block = SparseMultilevelSelfAttentionBlock(EMBED, HEADS, n_levels=index.n_levels, position_dim=index.position_dim)
+    run = IMPLS[impl]
+    query = x["query"].requires_grad_(True)
+    w = None
+
+    def fn():
+        nonlocal w
+        block.zero_grad(set_to_none=True)
+        query.grad = None
+        out = run(block, x)
+        if mode != "fwd+bwd":
+            return None
+        if w is None or w.shape != out.shape:
+            w = torch.randn(out.shape)
+        (out * w).sum().backward()
+        return None
+
+    return fn
+
+
+def build_cases(quick: bool) -> list[Case]:
+    settings = [("bev-c2", "enc"), ("bev-c2", "dec"), ("bev-all", "enc"), ("bev-all", "dec"), ("3d-c1", "dec"), ("3d-c1", "enc")]
+    if quick:
+        settings = [("bev-c2", "enc")]
+    cases = []
+    for setting, role in settings:
+        for impl in ("floor", "block", "math"):
+            if impl == "math" and (setting, role) == ("3d-c1", "enc"):
+                continue  # [8, 12k, 12k] float32 scores per item, several copies: ~20 GB
+            for mode in ("fwd", "fwd+bwd"):
+                cases.append(Case(f"{setting}-{role} {impl} {mode}", setup, dict(impl=impl, mode=mode, setting=setting, role=role)))
+    return cases
+
+
+if __name__ == "__main__":
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--only", default=None, help="comma-separated substrings: run only cases whose name contains one")
+    args = parser.parse_args()
+    cases = build_cases(args.quick)
+    if args.only:
+        cases = [c for c in cases if any(part in c.name for part in args.only.split(","))]
+    run_cases(cases, repeats=args.repeats, warmup=args.warmup, timeout=args.timeout, out=args.out,
+              title="SparseMultilevelSelfAttentionBlock: embed 256, 8 heads, global window (real scans, batch 2)")
