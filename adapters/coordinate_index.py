@@ -309,6 +309,14 @@ class SparseCoordinateIndex:
         _, corner_rows = self._corner_table()
         return corner_rows.index_select(0, ids.reshape(-1)).view(*ids.shape, corner_rows.shape[1])
 
+    def corner_row_table(self) -> torch.Tensor:
+        """The ``[n_base_cells + 1, 2**D]`` table behind :meth:`corner_rows` (built on first use).
+
+        Row ``id`` holds the corner rows of the base cell with that id; the last row is all -1.
+        For kernels that read corner rows themselves from :meth:`base_cell_ids` ids.
+        """
+        return self._corner_table()[1]
+
     def _corner_table(self):
         """(hash table of base-cell keys -> id or None, ``[n_base_cells + 1, 2**D]`` corner rows)."""
         if getattr(self, "_corners", None) is None:

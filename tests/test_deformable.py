@@ -25,6 +25,8 @@ SHAPES = {
 }
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 # ----------------------------------------------------------------------------- helpers
 def random_map(shapes, batch_size, channels, occupancy, dtype, gen, empty_items=()):
@@ -479,31 +481,3 @@ def test_cuda_matches_cpu():
     )
     torch.testing.assert_close(out_cuda.cpu(), out, **TOL[torch.float64])
 
-
-@pytest.mark.parametrize("dim", [2, 3])
-@pytest.mark.parametrize("with_bg", [False, True])
-def test_chunked_sampling_matches_one_chunk(dim, with_bg):
-    """Many small chunks (forward and recomputing backward) give the one-chunk result."""
-    from sparse_msda.functional.sampling import sparse_weighted_gather
-
-    gen = torch.Generator().manual_seed(13 + dim)
-    shapes = [[6, 5], [3, 3]] if dim == 2 else [[4, 5, 3], [2, 3, 2]]
-    stack, shapes_t = random_map(shapes, 2, 3, 0.5, torch.float64, gen)
-    index = SparseCoordinateIndex.from_coo_stack(stack, shapes_t)
-    n_heads, n = 2, 11
-    table = torch.randn(index.n_voxels * n_heads, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    bg = torch.randn(2 * 2 * n_heads, 3, generator=gen, dtype=torch.float64, requires_grad=True) if with_bg else None
-    pos = (torch.rand(n, 4, dim, generator=gen, dtype=torch.float64) * 7 - 1).requires_grad_()
-    w = torch.rand(n, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randint(0, 2, (n, 1), generator=gen)
-    lvl = torch.tensor([0, 1, 1, 0])[None, :]
-    h = torch.randint(0, n_heads, (n, 1), generator=gen)
-    inputs = [t for t in (table, pos, w, bg) if t is not None]
-    results = []
-    for chunk in (None, 2**dim):  # default: one chunk; 2**dim corners: one sample per chunk
-        out = sparse_weighted_gather(table, index, pos, b, lvl, h, n_heads, w, bg, chunk_corners=chunk)
-        grads = torch.autograd.grad(out.square().sum(), inputs)
-        results.append((out, grads))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
-    for g0, g1 in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(g0, g1, rtol=0, atol=1e-12)

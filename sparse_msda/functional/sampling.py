@@ -40,6 +40,8 @@ from torch.autograd.function import once_differentiable
 
 from adapters import SparseCoordinateIndex
 
+from .cpu_kernels import sampling_kernels
+
 __all__ = ["CHUNK_CORNERS", "sparse_weighted_gather"]
 
 #: corners processed per chunk (bounds the ``[corners, head_dim]`` scratch buffer of backward)
@@ -112,6 +114,42 @@ def _corners(ctx: _Sampling, ids: Tensor, base: Tensor, frac: Tensor, sl: slice)
     return rows, _outer(u), u, valid, None
 
 
+def _cpu_kernels(table: Tensor, positions: Tensor, sampling: _Sampling):
+    """The fused CPU kernels when they apply (CPU tensors, one dtype, int32 corner rows), else None."""
+    if table.device.type != "cpu" or positions.dtype != table.dtype or table.dtype not in (torch.float32, torch.float64):
+        return None
+    if sampling.index.corner_row_table().dtype != torch.int32:
+        return None
+    return sampling_kernels()
+
+
+def _base_cell_ids(sampling: _Sampling, positions: Tensor) -> Tensor:
+    """int32 ``[S, J]`` corner-table ids of every sample's base cell (hash queries in chunks)."""
+    n_samples, n_per, dim = positions.shape
+    ids = torch.empty(n_samples, n_per, dtype=torch.int32, device=positions.device)
+    for sl in sampling.steps(n_samples, n_per, dim):
+        c = sl.stop - sl.start
+        base = torch.floor(positions[sl] - 0.5).to(torch.int64).reshape(-1, dim)
+        b = sampling.rows_of(sampling.batch, sl).expand(c, n_per).reshape(-1)
+        l = sampling.rows_of(sampling.level, sl).expand(c, n_per).reshape(-1)
+        ids[sl] = sampling.index.base_cell_ids(b, l, base).view(c, n_per)
+    return ids
+
+
+def _kernel_args(sampling: _Sampling, positions: Tensor) -> tuple:
+    """(corner_rows, batch, level, head, shapes, n_heads, bg_offset, n_threads) for the CPU kernels."""
+    n_samples, n_per, _ = positions.shape
+    index = sampling.index
+    corner_rows = index.corner_row_table()
+    expand = lambda t: t.expand(n_samples, n_per)  # noqa: E731  (broadcast views: the kernel reads strides)
+    head = sampling.head if sampling.head is not None else torch.zeros(1, 1, dtype=torch.int64)
+    bg = -1 if sampling.background_offset is None else sampling.background_offset
+    return (
+        corner_rows, expand(sampling.batch), expand(sampling.level), expand(head),
+        index.level_spatial_shapes.contiguous(), sampling.n_heads, bg, torch.get_num_threads(),
+    )
+
+
 class _SparseSample(torch.autograd.Function):
     """``out[s] = sum_j a[s, j] * sum_k c_k(frac[s, j]) * table[row(s, j, k)]``, chunked.
 
@@ -126,6 +164,17 @@ class _SparseSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: Tensor, positions: Tensor, weights: Tensor, sampling: _Sampling):
         n_samples, n_per, dim = positions.shape
+        ctx.sampling = sampling
+        kernels = _cpu_kernels(table, positions, sampling)
+        if kernels is not None:
+            positions, weights = positions.contiguous(), weights.contiguous()
+            with torch.no_grad():
+                ids = _base_cell_ids(sampling, positions)
+                out = kernels.sample_forward(table, positions, weights, ids, *_kernel_args(sampling, positions))
+            ctx.kernels = kernels
+            ctx.save_for_backward(table, positions, weights, ids)
+            return out
+        ctx.kernels = None
         out = table.new_empty(n_samples, table.shape[1])
         ids = torch.empty(n_samples, n_per, dtype=torch.int32, device=positions.device)
         index = sampling.index
@@ -140,7 +189,6 @@ class _SparseSample(torch.autograd.Function):
                 rows, wc, _, _, _ = _corners(sampling, chunk_ids, base, frac, sl)
                 psw = (wc * weights[sl, :, None]).view(c, -1)
                 out[sl] = F.embedding_bag(rows.view(c, -1), table, per_sample_weights=psw, mode="sum")
-        ctx.sampling = sampling
         ctx.save_for_backward(table, positions, weights, ids)
         return out
 
@@ -153,6 +201,12 @@ class _SparseSample(torch.autograd.Function):
         head_dim = table.shape[1]
         grad_out = grad_out.contiguous()
         need_table, need_pos, need_w = ctx.needs_input_grad[:3]
+        if ctx.kernels is not None:
+            g_table, g_pos, g_w = ctx.kernels.sample_backward(
+                table, positions, weights, ids, *_kernel_args(sampling, positions)[:-1], grad_out,
+                need_table, need_pos, need_w, torch.get_num_threads(),
+            )
+            return (g_table if need_table else None), (g_pos if need_pos else None), (g_w if need_w else None), None
         g_table = torch.zeros_like(table) if need_table else None
         g_pos = torch.zeros_like(positions) if need_pos else None
         g_w = torch.zeros_like(weights) if need_w else None
