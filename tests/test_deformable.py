@@ -481,3 +481,26 @@ def test_cuda_matches_cpu():
     )
     torch.testing.assert_close(out_cuda.cpu(), out, **TOL[torch.float64])
 
+
+
+def test_grid_sample_head_split_uncoalesced_stack():
+    """An uncoalesced head-split stack: unsorted but distinct sites sample as its coalesced form
+    (gradients flow to the values); duplicate sites are an error, never silently summed."""
+    gen = torch.Generator().manual_seed(5)
+    stack, shapes = random_map(SHAPES[2], 2, 4, 0.6, torch.float64, gen)
+    split = sparse_split_heads(stack, 2)
+    idx, vals = split.indices(), split.values()
+    perm = torch.randperm(idx.shape[1], generator=gen)
+    values = vals[perm].clone().requires_grad_()
+    shuffled = torch.sparse_coo_tensor(idx[:, perm], values, split.shape)
+    assert not shuffled.is_coalesced()
+    pos = torch.rand(5, 2, generator=gen, dtype=torch.float64) * 3
+    b, lvl = torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 0, 1, 1, 0])
+    out = multilevel_sparse_bilinear_grid_sample(shuffled, pos, b, shapes, lvl)
+    ref = multilevel_sparse_bilinear_grid_sample(split, pos, b, shapes, lvl)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    out.sum().backward()
+    assert values.grad is not None and values.grad.abs().sum() > 0
+    dup = torch.sparse_coo_tensor(torch.cat([idx, idx[:, :1]], 1), torch.cat([vals, vals[:1]]), split.shape)
+    with pytest.raises(ValueError, match="duplicate coordinates"):
+        multilevel_sparse_bilinear_grid_sample(dup, pos, b, shapes, lvl)

@@ -110,6 +110,14 @@ def multilevel_sparse_bilinear_grid_sample(
     """
     n_heads = 1
     if isinstance(sparse_tensor, Tensor) and sparse_tensor.layout == torch.sparse_coo and sparse_tensor.dense_dim() == 2:
+        if not sparse_tensor.is_coalesced():  # coalesce() would silently sum duplicate coordinates
+            raw = sparse_tensor._indices()
+            n_unique = torch.unique(raw, dim=1).shape[1]
+            if n_unique != raw.shape[1]:
+                raise ValueError(
+                    f"sparse_tensor has duplicate coordinates: {raw.shape[1] - n_unique} of {raw.shape[1]} entries repeat "
+                    "a (batch, *coords, level) site, expected each voxel once"
+                )
         st = sparse_tensor.coalesce()
         n_heads, head_dim = st.shape[-2], st.shape[-1]
         flat = torch.sparse_coo_tensor(
