@@ -208,8 +208,13 @@ def test_gradcheck_function(background, share_heads, one_thread):
     )
     pos, offsets = random_queries([4, 3], [8, 8], seed=12)
     batch = torch.repeat_interleave(torch.arange(2), offsets.diff())
-    plan = build_neighborhood_plan(idx, batch, pos, torch.tensor([8.0, 8.0], dtype=torch.float64), sizes, background)
+    # small chunks and tiles (several of each per call), so the chunked recomputation and the
+    # padding of tiles are exercised
+    plan = build_neighborhood_plan(
+        idx, batch, pos, torch.tensor([8.0, 8.0], dtype=torch.float64), sizes, background, chunk_size=12, tile_queries=2
+    )
     assert plan.n_pairs > 0 and plan.pair_counts.max() > 2
+    assert len(plan.chunks) >= 3 and plan.n_padded_pairs > plan.n_pairs
     H, d = 2, 4
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
@@ -220,10 +225,8 @@ def test_gradcheck_function(background, share_heads, one_thread):
     inputs = [t for t in (q, k, v, bk, bv, fr)]
 
     def fn(q, k, v, bk, bv, fr):
-        # small chunks (several per call), so the chunked recomputation is exercised
-        return NeighborhoodAttentionFunction.apply(q, k, v, bk, bv, fr, plan, 0.7, 40 if background else 8)
+        return NeighborhoodAttentionFunction.apply(q, k, v, bk, bv, fr, plan, 0.7)
 
-    assert len(plan.chunks(40 if background else 8, background)) >= 3
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
 

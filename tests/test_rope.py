@@ -81,7 +81,8 @@ def test_frequencies_are_learnable_and_stay_in_their_groups():
     rope = MultilevelRotaryEncoding(2, 12, 2, freq_group_pattern="partition")
     x = torch.randn(6, 2, 12)
     u = torch.rand(6, 3) * 10
-    rope(x, u).square().sum().backward()
+    w = torch.randn(6, 2, 12)
+    (rope(x, u) * w).sum().backward()  # (a rotation preserves norms: |rope(x)|^2 has no gradient)
     assert rope.freqs.grad is not None and rope.freqs.grad.abs().sum() > 0
     assert torch.equal(rope.freqs.grad * (1 - rope.freq_mask), torch.zeros_like(rope.freqs.grad))
 
@@ -100,11 +101,26 @@ def test_errors():
         init_rope_frequencies(2, 8, 2, level_base_theta=0.0)
 
 
-def test_gradient_through_positions_matches_finite_differences():
-    rope = MultilevelRotaryEncoding(2, 8, 3).double()
-    x = torch.randn(3, 2, 8, dtype=torch.float64)
+@pytest.mark.parametrize("share_heads", [False, True])
+def test_gradcheck_custom_backward_through_x_positions_and_frequencies(share_heads):
+    rope = MultilevelRotaryEncoding(2, 8, 3, share_heads=share_heads).double()
+    x = torch.randn(3, 2, 8, dtype=torch.float64, requires_grad=True)
     u = (torch.rand(3, 4, dtype=torch.float64) * 5).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda u, f: apply_rope(x, u, f), (u, rope.freqs.detach().clone().requires_grad_(True)))
+    f = rope.freqs.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(apply_rope, (x, u, f))
+    # positions broadcast over leading dims of x
+    x2 = torch.randn(2, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(apply_rope, (x2, u, f))
+
+
+def test_float32_rotation_matches_float64():
+    rope = MultilevelRotaryEncoding(4, 16, 2)
+    x = torch.randn(50, 4, 16, dtype=torch.float64)
+    u = torch.rand(50, 3, dtype=torch.float64) * torch.tensor([1600.0, 1400.0, 3.0], dtype=torch.float64)
+    f = rope.frequencies().detach()
+    ref = apply_rope(x, u, f.double())
+    out = apply_rope(x.float(), u.float(), f)  # angles up to ~1e3 rad, reduced before float32 trig
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-4)
 
 
 def test_all_pattern_share_combinations_construct_in_block():

@@ -16,22 +16,23 @@ never attended to (with or without a background embedding). The union of all lev
 windows forms one softmax.
 
 Kernel and memory (:class:`NeighborhoodAttentionFunction`): keys and values are projected and
-rotated once per voxel. Voxel pairs form per-head sparse CSR matrices ``[Q, n_keys]`` (all
-heads in one block-diagonal matrix): scores by ``torch.sparse.sampled_addmm`` (SDDMM), the
-weighted sum of values by sparse x dense matmuls, key/value gradients through the transposed
-CSR. Background slots (absent in-bounds window cells, only with a background embedding) are
-scored by one matmul per level against the window offsets' rotations
-(:func:`background_scores`) and aggregate the background value per level. The function saves
-only ``q, k, v``, the background key/value, the RoPE frequencies, its output, a ``[Q, H]``
-log-sum-exp and the plan's integer indices; the backward recomputes scores chunk by chunk of
-queries. No ``[pairs, embed_dim]`` tensor ever exists; the ``[H, pairs]`` and
-``[queries, H, slots]`` buffers are bounded by the chunk size.
+rotated once per voxel. Queries are grouped into tiles (same batch item and same window centre
+at the coarsest level, at most ``tile_queries``); a tile's keys are the voxels present in the
+union of its queries' windows, looked up once per tile (:func:`build_neighborhood_plan`).
+Tiles are padded and batched into chunks: scores by batched matmuls ``[H, T, G, d] x [H, T, d,
+U]``, masked to each query's own windows, one softmax per query, values by batched matmuls.
+Background slots (absent in-bounds window cells, only with a background embedding) are scored
+by matmuls against the window offsets' rotations (:func:`background_scores`) and aggregate the
+background value per level. The function saves only ``q, k, v``, the background key/value,
+the RoPE frequencies, its output, a ``[H, Q]`` log-sum-exp and the plan's integer indices and
+masks; the backward recomputes scores chunk by chunk. No ``[pairs, embed_dim]`` tensor ever
+exists; the per-chunk ``[H, T, G, U]`` and ``[H, n, slots]`` buffers are bounded by the
+chunk size.
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -41,13 +42,16 @@ from torch.autograd.function import once_differentiable
 
 from adapters import SparseCoordinateIndex, as_level_spatial_shapes
 
-from .rope import rope_angles, rotate_pairs
+from .rope import rope_angles, rope_cos_sin
 
 __all__ = [
     "NeighborhoodAttentionFunction",
     "NeighborhoodPlan",
+    "PlanChunk",
+    "background_scores",
     "build_neighborhood_plan",
     "check_neighborhood_sizes",
+    "default_chunk_size",
     "get_multilevel_neighborhoods",
     "query_rope_positions",
     "sparse_neighborhood_attention",
@@ -171,16 +175,39 @@ def get_multilevel_neighborhoods(
 
 
 # ---------------------------------------------------------------------------------------------
-# pair plan
+# tiled pair plan
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class NeighborhoodPlan:
-    """Which keys each query attends to (integer bookkeeping only, no features).
+class PlanChunk:
+    """``T`` tiles of the plan, padded to ``G`` queries and ``U`` keys each.
 
-    Pairs (present voxels only) are sorted by query, then by level. ``pair_row[p]`` is the key
-    row (into the compacted voxel list ``voxel_rows``, or the index rows if ``voxel_rows`` is
-    None) and ``pair_slot[p]`` its window slot. With ``with_background`` the kernel also
-    attends to every in-bounds window slot that holds no pair (background cells).
+    A tile is a group of queries that share their batch item and their window centre at the
+    coarsest level (at most ``tile_queries`` of them, spatially sorted); its keys are the
+    voxels present in the union of its queries' windows. Scores are computed densely per tile
+    (``[G, U]`` per head, batched matmuls) and ``masked`` removes the (query, key) pairs that
+    lie outside the query's own windows, and the padding.
+    """
+
+    query: Tensor  # int64 [T, G] query ids; padding = n_queries
+    key: Tensor  # int64 [T, U] key rows; padding = n_keys
+    query_gather: Tensor  # int64 [T * G] query ids clamped into range (for gathers)
+    key_gather: Tensor  # int64 [T * U] key rows clamped into range (for gathers)
+    masked: Tensor  # bool [T, G, U] True where query g must not see key u
+    bg_masked: Optional[Tensor]  # bool [1, T * G, K] True where a window slot is no background key
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.masked.shape)
+
+
+@dataclass
+class NeighborhoodPlan:
+    """Which keys each query attends to, as padded tiles (integer bookkeeping only).
+
+    ``chunks`` partition the queries (every query sits in exactly one tile of one chunk). Key
+    rows index the compacted voxel list ``voxel_rows`` (or the index rows if None). With
+    ``with_background`` each query also attends to the in-bounds window slots that hold no
+    voxel (``PlanChunk.bg_masked`` False), scored against the background key of the slot's level.
     """
 
     n_queries: int
@@ -188,16 +215,15 @@ class NeighborhoodPlan:
     with_background: bool
     query_batch: Tensor  # int64 [Q]
     centres: Tensor  # int64 [Q, L, D]
-    pair_offsets: Tensor  # int64 [Q + 1] CSR offsets of each query's pairs
-    pair_slot: Tensor  # int32 [P]
-    pair_row: Tensor  # int32/int64 [P]
     slot_level: Tensor  # int64 [K]
     slot_offset: Tensor  # int64 [K, D]
     level_spatial_shapes: Tensor  # int64 [L, D]
     full_shape: Tensor  # int64 [D]
     n_keys: int  # number of voxel keys the rows refer to
     voxel_rows: Optional[Tensor]  # int64 [n_keys] index rows of the keys, None = all rows in order
-    transpose_cache: dict = field(default_factory=dict, repr=False)  # chunk -> (perm, crow) of the CSR transpose
+    chunks: list  # [PlanChunk]
+    pair_counts: Tensor  # int64 [Q] voxel keys of each query
+    background_counts: Optional[Tensor]  # int64 [Q] background slots of each query
 
     @property
     def n_levels(self) -> int:
@@ -205,37 +231,47 @@ class NeighborhoodPlan:
 
     @property
     def n_pairs(self) -> int:
-        return self.pair_row.shape[0]
+        """Number of (query, voxel key) pairs."""
+        return int(self.pair_counts.sum())
 
     @property
-    def pair_counts(self) -> Tensor:
-        return self.pair_offsets.diff()
+    def n_padded_pairs(self) -> int:
+        """Number of (query, key) score entries computed per head (tiles, with padding)."""
+        return sum(c.masked.numel() for c in self.chunks)
 
     def has_keys(self) -> Tensor:
         """bool ``[Q]``: the query attends to at least one key (a voxel, or with background
         any in-bounds window cell)."""
         has = self.pair_counts > 0
-        if self.with_background:
-            radius = torch.stack([self.slot_offset[self.slot_level == l].max(0).values for l in range(self.n_levels)])
-            lo, hi = self.centres - radius[None], self.centres + radius[None]  # [Q, L, D]
-            overlaps = ((hi >= 0) & (lo < self.level_spatial_shapes[None])).all(-1).any(-1)
-            has = has | overlaps
+        if self.background_counts is not None:
+            has = has | (self.background_counts > 0)
         return has
 
-    def chunks(self, chunk_pairs: int, with_background: bool = False) -> list[tuple[int, int]]:
-        """Query ranges ``[q0, q1)`` whose work (voxel pairs, plus every window slot with
-        background, plus one per query) is at most ``chunk_pairs`` (or a single query)."""
-        n = self.n_queries
-        per_query = 1 + (self.slot_level.shape[0] if with_background else 0)
-        cost = self.pair_offsets.cpu() + torch.arange(n + 1) * per_query
-        bounds, q0 = [], 0
-        while q0 < n:
-            target = int(cost[q0]) + chunk_pairs
-            q1 = int(torch.searchsorted(cost, torch.tensor(target), right=True)) - 1
-            q1 = min(max(q1, q0 + 1), n)
-            bounds.append((q0, q1))
-            q0 = q1
-        return bounds
+
+def _clamped_linear_key(batch: Tensor, cells: Tensor, shape: Tensor) -> Tensor:
+    """int64 key of (batch, cell) with cells clamped to ``[-1, shape]`` per axis."""
+    key = batch.to(torch.int64)
+    for axis in range(cells.shape[1]):
+        n = int(shape[axis])
+        key = key * (n + 2) + (cells[:, axis].clamp(-1, n) + 1)
+    return key
+
+
+def _lexsort(primary: Tensor, secondary: Tensor) -> Tensor:
+    """Stable order sorting by ``primary`` then ``secondary`` (ties keep the input order)."""
+    if primary.device.type == "cpu":  # numpy: single-threaded and fast on a loaded machine
+        return torch.from_numpy(np.lexsort((secondary.numpy(), primary.numpy()))).to(torch.int64)
+    order = torch.argsort(secondary, stable=True)
+    return order[torch.argsort(primary[order], stable=True)]
+
+
+def _size_classes(limit: int) -> Tensor:
+    """Padded tile sizes 1, 2, 3, 4, 6, 8, 12, 16, ... up to ``limit`` (inclusive)."""
+    sizes, s = {limit}, 1
+    while s < limit:
+        sizes.update(x for x in (s, s + s // 2) if x <= limit)
+        s *= 2
+    return torch.tensor(sorted(sizes), dtype=torch.int64)
 
 
 def build_neighborhood_plan(
@@ -245,13 +281,20 @@ def build_neighborhood_plan(
     position_shapes: Tensor,
     neighborhood_sizes: Sequence[int],
     with_background: bool,
-    cells_per_chunk: int = 1 << 22,
+    chunk_size: int = 1 << 18,
+    tile_queries: int = 32,
+    cells_per_chunk: int = 1 << 21,
     compact_rows: bool = True,
 ) -> NeighborhoodPlan:
-    """Look up every query's window cells (one batched ``index.lookup`` per level and chunk).
+    """Group queries into tiles and look up each tile's window cells through the index.
 
-    Queries sharing (batch, centre cell) at a level are looked up once (coarse levels of an
-    encoder hold many queries per cell).
+    Tiles: queries sharing (batch item, window centre at the coarsest level), sorted by their
+    finest-level centre and split into pieces of at most ``tile_queries``. At every level the
+    union of a tile's windows is a box (its queries' centres spread over a few cells); every
+    cell of the box is looked up once per tile (``index.lookup``), the present voxels are the
+    tile's keys. Tiles are then sorted by size and packed into chunks of at most
+    ``chunk_size`` padded (query, key) entries, each with a ``[T, G, U]`` mask of the pairs
+    inside each query's own windows.
 
     Args:
         index: coordinate index of the map.
@@ -259,95 +302,193 @@ def build_neighborhood_plan(
         positions: float ``[Q, D]`` in the frame of ``position_shapes``.
         position_shapes: ``[Q, D]`` (or ``[D]``) shape of each query's frame.
         neighborhood_sizes: validated odd sizes, one per level.
-        with_background: recorded in the plan (the kernel then also attends to the absent
-            in-bounds slots; they are derived from ``centres`` and the pairs, not stored).
+        with_background: also record each query's absent in-bounds window slots.
+        chunk_size: bound on padded (query, key) entries per chunk (the kernel's buffers are
+            ``n_heads`` times that).
+        tile_queries: most queries per tile.
         cells_per_chunk: bound on window cells looked up at once (memory of the lookup).
-        compact_rows: renumber key rows to the voxels used by some pair (``voxel_rows``).
+        compact_rows: renumber key rows to the voxels some tile uses (``voxel_rows``).
     """
-    shapes = index.level_spatial_shapes.to(positions.device)
-    n_levels, dim = shapes.shape
     device = positions.device
-    offsets, slot_level = window_offsets(neighborhood_sizes, dim, device=device)
-    centres = window_centres(positions, position_shapes, shapes)
-    n_q, n_slots = positions.shape[0], offsets.shape[0]
-    level_slots = [(slot_level == l).nonzero().squeeze(1) for l in range(n_levels)]
-    radii = [(s - 1) // 2 for s in neighborhood_sizes]
-    qc = max(1, cells_per_chunk // max(n_slots, 1))
-    query_batch = query_batch.to(torch.int64)
-    parts = []  # (query, level, rank, slot, row) per level and chunk
-    level_counts = torch.zeros(n_q, n_levels, dtype=torch.int64, device=device)
-    for q0 in range(0, n_q, qc):
-        q1 = min(n_q, q0 + qc)
-        b = query_batch[q0:q1]
-        for level in range(n_levels):
-            # centres further than the radius outside the grid have all-outside windows: clamping
-            # them to just outside keeps that, and bounds the linearised key below
-            r, shape = radii[level], shapes[level]
-            centre = torch.minimum(torch.maximum(centres[q0:q1, level], torch.full_like(shape, -r - 1)), shape + r)
-            key = b
-            for axis in range(dim):
-                key = key * (int(shape[axis]) + 2 * r + 2) + (centre[:, axis] + r + 1)
-            uniq_key, inverse = torch.unique(key, return_inverse=True)
-            first = torch.zeros(uniq_key.shape[0], dtype=torch.int64, device=device).scatter_(
-                0, inverse, torch.arange(q1 - q0, device=device)
-            )  # a representative query of each distinct (batch, centre)
-            cells = centre[first][:, None, :] + offsets[level_slots[level]][None]  # [U, K_l, D]
-            rows, found = index.lookup(b[first][:, None], torch.tensor(level, device=device), cells)
-            keep = found
-            u_count = keep.sum(1)
-            u_start = torch.cumsum(u_count, 0) - u_count
-            u_slot = level_slots[level].expand(keep.shape)[keep]
-            u_row = rows[keep]
-            q_count = u_count[inverse]
-            total = int(q_count.sum())
-            q_start = torch.cumsum(q_count, 0) - q_count
-            pair_query = torch.repeat_interleave(torch.arange(q0, q1, device=device), q_count, output_size=total)
-            local = pair_query - q0
-            rank = torch.arange(total, device=device) - q_start[local]  # rank within (query, level)
-            src = u_start[inverse][local] + rank
-            level_counts[q0:q1, level] = q_count
-            parts.append((pair_query, level, rank, u_slot[src], u_row[src]))
-    # place every pair at its (query, level, rank) position: sorted by query, then level (no sort)
-    counts = level_counts.sum(1)
-    pair_offsets = torch.zeros(n_q + 1, dtype=torch.int64, device=device)
-    pair_offsets[1:] = torch.cumsum(counts, 0)
-    start = pair_offsets[:-1, None] + torch.cumsum(level_counts, 1) - level_counts  # [Q, L]
-    n_pairs = int(pair_offsets[-1])
-    pair_slot = torch.zeros(n_pairs, dtype=torch.int32, device=device)
-    pair_row = torch.zeros(n_pairs, dtype=torch.int64, device=device)
-    for pair_query, level, rank, slot, row in parts:
-        dest = start[pair_query, level] + rank
-        pair_slot[dest] = slot.to(torch.int32)
-        pair_row[dest] = row
+    shapes = index.level_spatial_shapes.to(device)
+    n_levels, dim = shapes.shape
+    sizes = list(neighborhood_sizes)
+    offsets, slot_level = window_offsets(sizes, dim, device=device)
+    centres = window_centres(positions, position_shapes, shapes)  # [Q, L, D]
+    n_q = positions.shape[0]
+    radius = torch.tensor([(s - 1) // 2 for s in sizes], dtype=torch.int64, device=device)
+    query_batch = query_batch.to(device=device, dtype=torch.int64)
+    coarse, fine = int(torch.argmin(shapes.prod(-1))), int(torch.argmax(shapes.prod(-1)))
+    full_shape = shapes[fine]
+
+    # --- tiles: (batch, coarsest centre), spatially sorted, split into pieces ---------------
+    tile_key = _clamped_linear_key(query_batch, centres[:, coarse], shapes[coarse])
+    fine_key = _clamped_linear_key(torch.zeros_like(query_batch), centres[:, fine], shapes[fine])
+    order = _lexsort(tile_key, fine_key).to(device)
+    tk = tile_key[order]
+    new_tile = torch.ones(n_q, dtype=torch.bool, device=device)
+    new_tile[1:] = tk[1:] != tk[:-1]
+    tile_id = torch.cumsum(new_tile, 0) - 1
+    tile_start = new_tile.nonzero().squeeze(1)
+    tile_size = torch.diff(tile_start, append=torch.tensor([n_q], device=device))
+    rank = torch.arange(n_q, device=device) - tile_start[tile_id]
+    tile_pieces = (tile_size + tile_queries - 1) // tile_queries
+    piece = (torch.cumsum(tile_pieces, 0) - tile_pieces)[tile_id] + rank * tile_pieces[tile_id] // tile_size[tile_id]
+    n_pieces = int(tile_pieces.sum()) if n_q else 0
+    piece_size = torch.bincount(piece, minlength=n_pieces)
+    piece_qstart = torch.cumsum(piece_size, 0) - piece_size
+    piece_batch = query_batch[order][piece_qstart]
+
+    # --- union box of each piece's windows at each level ------------------------------------
+    c_sorted = centres[order].view(n_q, n_levels * dim)
+    idx = piece[:, None].expand_as(c_sorted)
+    lo = c_sorted.new_zeros(n_pieces, n_levels * dim).scatter_reduce_(0, idx, c_sorted, "amin", include_self=False)
+    hi = c_sorted.new_zeros(n_pieces, n_levels * dim).scatter_reduce_(0, idx, c_sorted, "amax", include_self=False)
+    r = radius[None, :, None]
+    box_lo = torch.maximum(lo.view(-1, n_levels, dim) - r, torch.zeros((), dtype=torch.int64, device=device))
+    box_hi = torch.minimum(hi.view(-1, n_levels, dim) + r, shapes[None] - 1)
+    ext = (box_hi - box_lo + 1).clamp_min(0).view(-1, dim)  # [P * L, D]
+    box_lo = box_lo.reshape(-1, dim)
+    n_cells = ext.prod(-1)  # [P * L] piece-major, then level
+    cum = torch.cumsum(n_cells, 0)
+
+    # --- look the boxes up (bounded number of cells at a time) ------------------------------
+    k_piece, k_row, k_level, k_cell = [], [], [], []
+    cum_cpu = cum.cpu()
+    o0, n_owner = 0, n_cells.shape[0]
+    while o0 < n_owner:
+        base = int(cum_cpu[o0 - 1]) if o0 else 0
+        o1 = int(torch.searchsorted(cum_cpu, torch.tensor(base + cells_per_chunk), right=True))
+        o1 = min(max(o1, o0 + 1), n_owner)
+        cnt = n_cells[o0:o1]
+        total = int(cum_cpu[o1 - 1]) - base
+        if total:
+            owner = torch.repeat_interleave(torch.arange(o0, o1, device=device), cnt, output_size=total)
+            local = torch.arange(total, device=device) - (cum[owner] - n_cells[owner] - base)
+            e = ext[owner]
+            cells = torch.empty(total, dim, dtype=torch.int64, device=device)
+            for axis in range(dim - 1, -1, -1):
+                cells[:, axis] = local % e[:, axis]
+                local = local // e[:, axis]
+            cells += box_lo[owner]
+            lvl, pc = owner % n_levels, owner // n_levels
+            rows, found = index.lookup(piece_batch[pc], lvl, cells)
+            k_piece.append(pc[found])
+            k_row.append(rows[found])
+            k_level.append(lvl[found])
+            k_cell.append(cells[found])
+        o0 = o1
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    k_piece = torch.cat(k_piece) if k_piece else empty
+    k_row = torch.cat(k_row) if k_row else empty
+    k_level = torch.cat(k_level) if k_level else empty
+    k_cell = torch.cat(k_cell) if k_cell else empty.view(0, dim)
 
     n_keys, voxel_rows = index.n_voxels, None
     if compact_rows:
-        present = pair_row >= 0
         used = torch.zeros(index.n_voxels, dtype=torch.bool, device=device)
-        used[pair_row[present]] = True
+        used[k_row] = True
         n_used = int(used.sum())
         if n_used < index.n_voxels:
             voxel_rows = used.nonzero().squeeze(1)
-            remap = torch.cumsum(used, 0) - 1
-            pair_row = torch.where(present, remap[pair_row.clamp_min(0)], -1)
+            k_row = (torch.cumsum(used, 0) - 1)[k_row]
             n_keys = n_used
-    if n_keys < 2**31 - 1:
-        pair_row = pair_row.to(torch.int32)
+    piece_nkeys = torch.bincount(k_piece, minlength=n_pieces)
+    piece_kstart = torch.cumsum(piece_nkeys, 0) - piece_nkeys
+
+    # --- pack pieces into chunks: sorted by (padded size class, keys) -----------------------
+    classes = _size_classes(tile_queries).to(device)
+    g_cls = classes[torch.searchsorted(classes, piece_size)]
+    p_order = _lexsort(g_cls.cpu(), piece_nkeys.cpu()).tolist()
+    g_list, u_list, gc_list = piece_size.tolist(), piece_nkeys.tolist(), g_cls.tolist()
+    groups, cur, cur_g, cur_u, real = [], [], 0, 0, 0
+    for p in p_order:
+        if u_list[p] == 0 and not with_background:
+            continue  # no key at all: the output row stays zero
+        g, u = gc_list[p], max(u_list[p], 1)
+        new_g, new_u = max(cur_g, g), max(cur_u, u)
+        padded = (len(cur) + 1) * new_g * new_u
+        work = real + g_list[p] * u
+        if cur and (padded > chunk_size or (padded > 1.3 * work and real * 8 > chunk_size)):
+            groups.append((cur, cur_g, cur_u))
+            cur, cur_g, cur_u, real = [], 0, 0, 0
+            new_g, new_u, work = g, u, g_list[p] * u
+        cur.append(p)
+        cur_g, cur_u, real = new_g, new_u, work
+    if cur:
+        groups.append((cur, cur_g, cur_u))
+
+    size_l = torch.tensor(sizes, dtype=torch.int64, device=device)
+    slot_start = torch.cumsum(size_l**dim, 0) - size_l**dim
+    order_pad = torch.cat([order, torch.tensor([n_q], device=device)])
+    pair_counts = torch.zeros(n_q + 1, dtype=torch.int64, device=device)
+    bg_counts = torch.zeros(n_q + 1, dtype=torch.int64, device=device) if with_background else None
+    chunks = []
+    n_entries = k_row.shape[0]
+    for pieces, G, U in groups:
+        pcs = torch.tensor(pieces, dtype=torch.int64, device=device)
+        T = pcs.shape[0]
+        gi = torch.arange(G, device=device)
+        q_valid = gi[None] < piece_size[pcs][:, None]  # [T, G]
+        query = order_pad[torch.where(q_valid, piece_qstart[pcs][:, None] + gi[None], n_q)]
+        ui = torch.arange(U, device=device)
+        k_valid = ui[None] < piece_nkeys[pcs][:, None]  # [T, U]
+        kp = (piece_kstart[pcs][:, None] + ui[None]).clamp_max(max(n_entries - 1, 0))
+        if n_entries:
+            key = torch.where(k_valid, k_row[kp], n_keys)
+            klev, kcell = k_level[kp], k_cell[kp]  # [T, U], [T, U, D]
+        else:
+            key = torch.full((T, U), n_keys, dtype=torch.int64, device=device)
+            klev, kcell = torch.zeros_like(key), torch.zeros(T, U, dim, dtype=torch.int64, device=device)
+        q_gather = query.clamp_max(max(n_q - 1, 0))
+        cq = centres[q_gather]  # [T, G, L, D]
+        # centre of query g at the level of key u: gather from [T, G, L * D]
+        sel = (klev[:, None, :, None] * dim + torch.arange(dim, device=device)).expand(T, G, U, dim)
+        csel = cq.reshape(T, G, -1).gather(2, sel.reshape(T, G, -1)).view(T, G, U, dim)
+        rel = kcell[:, None] - csel + radius[klev][:, None, :, None]  # offset + radius, [T, G, U, D]
+        allowed = ((rel >= 0) & (rel <= 2 * radius[klev][:, None, :, None])).all(-1)
+        allowed &= q_valid[:, :, None] & k_valid[:, None, :]
+        pair_counts.index_add_(0, query.reshape(-1), allowed.sum(-1).reshape(-1))
+        bg_valid = None
+        if with_background:
+            cells = cq[:, :, slot_level] + offsets  # [T, G, K, D]
+            inside = ((cells >= 0) & (cells < shapes[slot_level])).all(-1)
+            inside &= q_valid[..., None]
+            t, g, u = allowed.nonzero(as_tuple=True)
+            lev = klev[t, u]
+            rr = rel[t, g, u]  # [n, D] in [0, size)
+            slot = torch.zeros_like(lev)
+            for axis in range(dim):
+                slot = slot * size_l[lev] + rr[:, axis]
+            present = torch.zeros_like(inside)
+            present[t, g, slot_start[lev] + slot] = True
+            bg_valid = inside & ~present
+            bg_counts.index_add_(0, query.reshape(-1), bg_valid.sum(-1).reshape(-1))
+        chunks.append(
+            PlanChunk(
+                query=query,
+                key=key,
+                query_gather=q_gather.reshape(-1),
+                key_gather=key.clamp_max(max(n_keys - 1, 0)).reshape(-1),
+                masked=~allowed,
+                bg_masked=None if bg_valid is None else ~bg_valid.view(1, T * G, -1),
+            )
+        )
     return NeighborhoodPlan(
         n_queries=n_q,
         batch_size=index.batch_size,
         with_background=with_background,
-        query_batch=query_batch.to(torch.int64),
+        query_batch=query_batch,
         centres=centres,
-        pair_offsets=pair_offsets,
-        pair_slot=pair_slot,
-        pair_row=pair_row,
         slot_level=slot_level,
         slot_offset=offsets,
         level_spatial_shapes=shapes,
-        full_shape=shapes[int(torch.argmax(shapes.prod(-1)))],
+        full_shape=full_shape,
         n_keys=n_keys,
         voxel_rows=voxel_rows,
+        chunks=chunks,
+        pair_counts=pair_counts[:n_q],
+        background_counts=bg_counts[:n_q] if with_background else None,
     )
 
 
@@ -373,119 +514,67 @@ def voxel_rope_positions(
 # ---------------------------------------------------------------------------------------------
 # attention kernel
 # ---------------------------------------------------------------------------------------------
-def _stable_argsort(x: Tensor) -> Tensor:
-    """Stable argsort; on CPU through numpy's single-threaded radix sort (torch's parallel sort
-    is orders of magnitude slower on a loaded 2-core machine)."""
-    if x.device.type == "cpu":
-        return torch.from_numpy(np.argsort(x.numpy(), kind="stable")).to(torch.int64)
-    return torch.argsort(x, stable=True)
+def background_scores(q: Tensor, kb: Tensor, freqs: Tensor, centres: Tensor, plan: NeighborhoodPlan, scale: float) -> Tensor:
+    """Scores ``[H, n, K]`` (head-major) of queries against the background key of every window slot.
 
+    Args:
+        q: ``[n, H, d]`` rotated queries.
+        kb: ``[n, L, H, d]`` unrotated background key of each query's batch item and level.
+        freqs: ``[H', d/2, D+1]`` RoPE frequencies.
+        centres: int64 ``[n, L, D]`` window centres of the queries.
 
-def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
-    with warnings.catch_warnings():  # torch's "Sparse CSR tensor support is in beta" notice
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
-
-
-class _Chunk:
-    """Queries ``[q0, q1)`` of a plan: CSR structure of their voxel pairs for all heads at once
-    (block-diagonal ``[H * n, H * n_keys]``, head-major; and its transpose), and, with
-    background, the in-bounds absent window slots of each query."""
-
-    def __init__(self, plan: NeighborhoodPlan, q0: int, q1: int, n_heads: int, with_background: bool):
-        p0, p1 = int(plan.pair_offsets[q0]), int(plan.pair_offsets[q1])
-        device = plan.pair_offsets.device
-        n, n_pairs, n_keys = q1 - q0, p1 - p0, plan.n_keys
-        self.q0, self.q1, self.n, self.n_pairs, self.n_heads, self.n_keys = q0, q1, n, n_pairs, n_heads, n_keys
-        crow = plan.pair_offsets[q0 : q1 + 1] - p0
-        self.local = torch.repeat_interleave(torch.arange(n, device=device), crow.diff(), output_size=n_pairs)
-        col = plan.pair_row[p0:p1].to(torch.int64)
-        heads = torch.arange(n_heads, device=device)[:, None]
-        end = torch.tensor([n_heads * n_pairs], device=device)
-        self.crow = torch.cat([(crow[None, :-1] + heads * n_pairs).reshape(-1), end])
-        self.col = (col[None] + heads * n_keys).reshape(-1)
-        cached = plan.transpose_cache.get((q0, q1))
-        if cached is None:  # computed in the forward, reused by the backward
-            perm_t = _stable_argsort(col)
-            crow_t = torch.zeros(n_keys + 1, dtype=torch.int64, device=device)
-            crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=n_keys), 0)
-            plan.transpose_cache[(q0, q1)] = cached = (perm_t, crow_t)
-        self.perm_t, crow_t = cached
-        self.crow_t = torch.cat([(crow_t[None, :-1] + heads * n_pairs).reshape(-1), end])
-        self.col_t = (self.local[self.perm_t][None] + heads * n).reshape(-1)
-        if with_background:
-            slots = plan.pair_slot[p0:p1].to(torch.int64)
-            present = torch.zeros(n, plan.slot_level.shape[0], dtype=torch.bool, device=device)
-            present[self.local, slots] = True
-            cells = plan.centres[q0:q1][:, plan.slot_level] + plan.slot_offset[None]  # [n, K, D]
-            inside = ((cells >= 0) & (cells < plan.level_spatial_shapes[plan.slot_level][None])).all(-1)
-            self.bg_valid = inside & ~present  # [n, K]
-            self.batch = plan.query_batch[q0:q1]
-
-    def voxel_scores(self, a: Tensor, b_t: Tensor, alpha: float) -> Tensor:
-        """``alpha * <a[h, i], b_t[:, h * n_keys + j]>`` at every pair ``(i, j)``: ``[H, P]``.
-
-        ``a`` is ``[H, n, d]``, ``b_t`` is ``[d, H * n_keys]``."""
-        shape = (self.n_heads * self.n, self.n_heads * self.n_keys)
-        pattern = _csr(self.crow, self.col, a.new_ones(self.col.shape[0]), shape)
-        s = torch.sparse.sampled_addmm(pattern, a.reshape(-1, a.shape[-1]), b_t, beta=0.0, alpha=alpha)
-        return s.values().view(self.n_heads, self.n_pairs)
-
-    def gather_sum(self, weights: Tensor, table: Tensor) -> Tensor:
-        """``sum_p weights[h, p] * table[h * n_keys + col_p]`` per query: ``[n, H, d]``
-        (``table`` is ``[H * n_keys, d]``)."""
-        shape = (self.n_heads * self.n, self.n_heads * self.n_keys)
-        out = _csr(self.crow, self.col, weights.reshape(-1), shape) @ table
-        return out.view(self.n_heads, self.n, -1).transpose(0, 1)
-
-    def scatter_sum(self, weights: Tensor, rows: Tensor) -> Tensor:
-        """``sum_p weights[h, p] * rows[h * n + local_p]`` per key: ``[H * n_keys, d]``
-        (``rows`` is ``[H * n, d]``)."""
-        shape = (self.n_heads * self.n_keys, self.n_heads * self.n)
-        return _csr(self.crow_t, self.col_t, weights[:, self.perm_t].reshape(-1), shape) @ rows
-
-
-def background_scores(
-    q: Tensor, bg_k: Tensor, freqs: Tensor, batch: Tensor, centres: Tensor, plan: NeighborhoodPlan, scale: float
-) -> Tensor:
-    """Scores ``[n, H, K]`` of queries against the background key of every window slot.
-
-    The background key of an absent cell ``u`` is ``R(u) bg_k[b, l]``. With split-half pairs as
+    The background key of an absent cell ``u`` is ``R(u) kb[l]``. With split-half pairs as
     complex numbers and ``u = u_centre + u_offset`` (window centre cell, slot offset),
     ``<q, R(u) k> = Re sum_j q_j conj(k_j) e^{-i theta_j(u_centre)} e^{-i theta_j(u_offset)}``:
-    one ``[n, d] x [d, K_l]`` matmul per head and level, no per-(query, slot) key. Differentiable
-    (autograd) w.r.t. ``q``, ``bg_k`` and ``freqs``.
+    one ``[n, d] x [d, K_l]`` matmul per head and level, no per-(query, slot) key.
+    Differentiable (autograd) w.r.t. ``q``, ``kb`` and ``freqs``.
     """
-    half = q.shape[-1] // 2
-    q1, q2 = q[..., :half], q[..., half:]
+    n, n_heads, head_dim = q.shape
+    half = head_dim // 2
+    n_levels = plan.n_levels
+    q1, q2 = q[:, None, :, :half], q[:, None, :, half:]  # [n, 1, H, d/2]
+    k1, k2 = kb[..., :half], kb[..., half:]  # [n, L, H, d/2]
+    pr, pi = q1 * k1 + q2 * k2, q2 * k1 - q1 * k2  # q conj(k)
     full = plan.full_shape.to(torch.float64)
+    shapes = plan.level_spatial_shapes.to(torch.float64)
+    lvl = torch.arange(n_levels, dtype=torch.float64, device=q.device)
+    u_c = torch.cat([(centres.to(torch.float64) + 0.5) / shapes * full, lvl[None, :, None].expand(n, -1, 1)], -1)
+    cos_c, sin_c = rope_cos_sin(rope_angles(u_c, freqs), q.dtype)  # [n, L, H', d/2]
+    w = torch.cat([pr * cos_c + pi * sin_c, pi * cos_c - pr * sin_c], -1)  # [n, L, H, d]
+    off = plan.slot_offset.to(torch.float64) / shapes[plan.slot_level] * full
+    th_o = rope_angles(torch.cat([off, torch.zeros_like(off[:, :1])], 1), freqs)  # [K, H', d/2]
+    cos_o, sin_o = rope_cos_sin(th_o, q.dtype)
+    e = torch.cat([cos_o, sin_o], -1).expand(-1, n_heads, -1)  # [K, H, d]
     out = []
-    for level in range(plan.n_levels):
-        shape = plan.level_spatial_shapes[level].to(torch.float64)
-        k = bg_k[batch, level]  # [n, H, d]
-        k1, k2 = k[..., :half], k[..., half:]
-        pr, pi = q1 * k1 + q2 * k2, q2 * k1 - q1 * k2  # q conj(k)
-        lvl = torch.full((centres.shape[0], 1), float(level), dtype=torch.float64, device=q.device)
-        th_c = rope_angles(torch.cat([(centres[:, level].to(torch.float64) + 0.5) / shape * full, lvl], 1), freqs)
-        cos_c, sin_c = torch.cos(th_c).to(q.dtype), torch.sin(th_c).to(q.dtype)
-        wr, wi = pr * cos_c + pi * sin_c, pi * cos_c - pr * sin_c  # [n, H, d/2]
-        sel = plan.slot_level == level
-        off = plan.slot_offset[sel].to(torch.float64) / shape * full
-        th_o = rope_angles(torch.cat([off, torch.zeros_like(off[:, :1])], 1), freqs)  # [K_l, H', d/2]
-        e = torch.cat([torch.cos(th_o), torch.sin(th_o)], -1).to(q.dtype).expand(-1, q.shape[1], -1)  # [K_l, H, d]
-        out.append(torch.einsum("nhj,khj->nhk", torch.cat([wr, wi], -1), e))
-    return torch.cat(out, -1) * scale
+    for level in range(n_levels):
+        sel = (plan.slot_level == level).nonzero().squeeze(1)
+        out.append(torch.einsum("nhj,khj->hnk", w[:, level], e.index_select(0, sel)))
+    return torch.cat(out, -1).mul_(scale)
 
 
 def _level_sums(a_bg: Tensor, slot_level: Tensor, n_levels: int) -> Tensor:
-    """Sum ``[n, H, K]`` over the slots of each level: ``[n, H, L]``."""
+    """Sum ``[H, n, K]`` over the slots of each level: ``[H, n, L]``."""
     return torch.zeros(*a_bg.shape[:2], n_levels, dtype=a_bg.dtype, device=a_bg.device).index_add_(2, slot_level, a_bg)
 
 
-def default_chunk_pairs(embed_dim: int) -> int:
-    """Work per chunk (voxel pairs + background slots): bounds the ``[H, pairs]`` and
-    ``[n, H, slots]`` buffers to a few MiB each."""
-    return 1 << 18
+def default_chunk_size(n_heads: int) -> int:
+    """Padded (query, key) entries per chunk: the ``[H, T, G, U]`` score buffers stay near
+    2 MiB in float32 (reused by the allocator instead of fresh, page-faulting mappings)."""
+    return max(1 << 12, (1 << 19) // max(n_heads, 1))
+
+
+def _head_major(x: Tensor) -> Tensor:
+    """``[N, H, d]`` -> contiguous ``[H, N, d]`` (at least one row: gathers of an empty key set
+    read a masked-out zero row)."""
+    if x.shape[0] == 0:
+        return x.new_zeros(x.shape[1], 1, x.shape[2])
+    return x.transpose(0, 1).contiguous()
+
+
+def _key_major(x: Tensor) -> Tensor:
+    """``[H, T, U, d]`` -> contiguous ``[T * U, H, d]`` (``index_add_`` is several times faster
+    from a contiguous source)."""
+    return x.permute(1, 2, 0, 3).contiguous().view(-1, x.shape[0], x.shape[3])
 
 
 class NeighborhoodAttentionFunction(torch.autograd.Function):
@@ -493,114 +582,136 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
 
     Inputs: rotated queries ``q [Q, H, d]``, rotated voxel keys ``k [n_keys, H, d]``, values
     ``v [n_keys, H, d]``, unrotated background keys/values ``bg_k, bg_v [B, L, H, d]`` (or
-    None), the RoPE frequencies ``freqs [H', d/2, D+1]`` (background keys only), the plan, the
-    score scale and the chunk size. Output ``[Q, H, d]`` (zero for queries without keys).
+    None), the RoPE frequencies ``freqs [H', d/2, D+1]`` (background keys only), the plan and
+    the score scale. Output ``[Q, H, d]`` (zero for queries without keys).
 
-    Voxel pairs are handled as per-head sparse CSR matrices ``[Q, n_keys]``: scores by
-    ``sampled_addmm`` (SDDMM), aggregation by sparse-dense matmuls, the backward's key/value
-    gradients through the transposed CSR. Background slots are scored by
-    :func:`background_scores` and aggregate ``bg_v`` per level. Saved for the backward:
-    ``q, k, v, bg_k, bg_v, freqs``, the output, a ``[Q, H]`` log-sum-exp and the plan's
-    integer indices; no ``[pairs, embed_dim]`` tensor exists at any time, and the
-    ``[H, pairs]`` / ``[n, H, slots]`` buffers are bounded by the chunking.
+    Per chunk of tiles (:class:`PlanChunk`): the tiles' queries and keys are gathered
+    head-major into ``[H, T, G, d]`` / ``[H, T, U, d]`` blocks, scores by one batched matmul,
+    masked to each query's windows, softmax (jointly with the background slots scored by
+    :func:`background_scores`), then one batched matmul with the values. The backward
+    recomputes the scores chunk by chunk (flash-attention style, from a saved ``[H, Q]``
+    log-sum-exp) and scatters key/value gradients with ``index_add_``. Saved: ``q, k, v,
+    bg_k, bg_v, freqs``, the output, the log-sum-exp and the plan's integer indices; no
+    ``[pairs, embed_dim]`` tensor is kept, and the per-chunk buffers are bounded by the plan's
+    chunk size.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bg_k, bg_v, freqs, plan: NeighborhoodPlan, scale: float, chunk_pairs: int):
+    def forward(ctx, q, k, v, bg_k, bg_v, freqs, plan: NeighborhoodPlan, scale: float):
         n_q, n_heads, head_dim = q.shape
         with_bg = bg_k is not None
-        k_t = k.permute(2, 1, 0).reshape(head_dim, -1)  # [d, H * N], head-major columns
-        v_h = v.transpose(0, 1).reshape(-1, head_dim)  # [H * N, d]
-        out = q.new_zeros(n_q, n_heads, head_dim)
-        lse = q.new_full((n_q, n_heads), float("-inf"))
-        for q0, q1 in plan.chunks(chunk_pairs, with_bg):
-            c = _Chunk(plan, q0, q1, n_heads, with_bg)
-            qc = q[q0:q1]
-            m = q.new_full((c.n, n_heads), float("-inf"))
-            if c.n_pairs:
-                s = c.voxel_scores(qc.transpose(0, 1).contiguous(), k_t, scale)  # [H, P]
-                m.scatter_reduce_(0, c.local[:, None].expand(-1, n_heads), s.T, reduce="amax", include_self=True)
+        neg_inf = float("-inf")
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        q_h, k_h, v_h = _head_major(q * scale), _head_major(k), _head_major(v)  # [H, N, d]
+        out_h = q.new_zeros(n_heads, n_q + 1, head_dim)  # last row: padding sink
+        lse_h = q.new_zeros(n_heads, n_q + 1)
+        for c in plan.chunks:
+            T, G, U = c.shape
+            n = T * G
+            qp = q_h.index_select(1, c.query_gather).view(n_heads, T, G, head_dim)
+            kp = k_h.index_select(1, c.key_gather).view(n_heads, T, U, head_dim)
+            s = torch.matmul(qp, kp.transpose(-1, -2)).masked_fill_(c.masked, neg_inf)  # [H, T, G, U]
+            del qp, kp
+            m = s.amax(-1)  # [H, T, G]
             if with_bg:
-                s_bg = background_scores(qc, bg_k, freqs, c.batch, plan.centres[q0:q1], plan, scale)
-                s_bg = s_bg.masked_fill(~c.bg_valid[:, None, :], float("-inf"))
-                m = torch.maximum(m, s_bg.amax(-1))
-            m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))
-            z = q.new_zeros(c.n, n_heads)
-            if c.n_pairs:
-                e = torch.exp(s - m.T[:, c.local])
-                z.index_add_(0, c.local, e.T)
+                batch = plan.query_batch.index_select(0, c.query_gather)
+                s_bg = background_scores(
+                    q.index_select(0, c.query_gather), bg_k.index_select(0, batch), freqs,
+                    plan.centres.index_select(0, c.query_gather), plan, scale,
+                ).masked_fill_(c.bg_masked, neg_inf)  # [H, n, K]
+                m = torch.maximum(m, s_bg.amax(-1).view(n_heads, T, G))
+            m = torch.where(m > neg_inf, m, zero)
+            s.sub_(m[..., None]).exp_()
+            z = s.sum(-1)  # [H, T, G]
+            o = torch.matmul(s, v_h.index_select(1, c.key_gather).view(n_heads, T, U, head_dim))  # [H, T, G, d]
+            del s
             if with_bg:
-                e_bg = torch.exp(s_bg - m[..., None])
-                z += e_bg.sum(-1)
-            lse[q0:q1] = m + torch.log(z)
-            z_inv = torch.where(z > 0, 1.0 / z, torch.zeros((), dtype=z.dtype, device=z.device))
-            acc = q.new_zeros(c.n, n_heads, head_dim)
-            if c.n_pairs:
-                acc += c.gather_sum(e * z_inv.T[:, c.local], v_h)
-            if with_bg:
-                a_l = _level_sums(e_bg * z_inv[..., None], plan.slot_level, plan.n_levels)  # [n, H, L]
-                acc += torch.einsum("nhl,nlhd->nhd", a_l, bg_v[c.batch])
-            out[q0:q1] = acc
-        ctx.save_for_backward(q, k, v, bg_k, bg_v, freqs, out, lse)
-        ctx.plan, ctx.scale, ctx.chunk_pairs = plan, scale, chunk_pairs
+                s_bg.sub_(m.view(n_heads, n, 1)).exp_()
+                z += s_bg.sum(-1).view(n_heads, T, G)
+                a_l = _level_sums(s_bg, plan.slot_level, plan.n_levels)  # [H, n, L]
+                o += torch.einsum("hnl,nlhd->hnd", a_l, bg_v.index_select(0, batch)).view(n_heads, T, G, head_dim)
+            has = z > 0
+            o *= torch.where(has, 1.0 / z, zero)[..., None]
+            rows = c.query.view(-1)
+            out_h.index_copy_(1, rows, o.view(n_heads, n, head_dim))
+            lse_h.index_copy_(1, rows, torch.where(has, m + torch.log(z), zero).view(n_heads, n))
+        out = out_h[:, :n_q].transpose(0, 1).contiguous()
+        lse_h = lse_h[:, :n_q].contiguous()
+        ctx.save_for_backward(q, k, v, bg_k, bg_v, freqs, out, lse_h)
+        ctx.plan, ctx.scale = plan, scale
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, bg_k, bg_v, freqs, out, lse = ctx.saved_tensors
+        q, k, v, bg_k, bg_v, freqs, out, lse_h = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         need_q, need_k, need_v, need_bk, need_bv, need_f = ctx.needs_input_grad[:6]
         with_bg = bg_k is not None
-        n_heads = q.shape[1]
+        n_q, n_heads, head_dim = q.shape
+        neg_inf = float("-inf")
         g = grad_out.contiguous()
-        head_dim = q.shape[2]
-        k_t, v_t = k.permute(2, 1, 0).reshape(head_dim, -1), v.permute(2, 1, 0).reshape(head_dim, -1)  # [d, H*N]
-        k_h = k.transpose(0, 1).reshape(-1, head_dim)  # [H * N, d]
-        delta = torch.einsum("qhd,qhd->qh", g, out)  # [Q, H] = sum over keys of a <g, v>
-        dq = torch.zeros_like(q)
-        dk_h = torch.zeros_like(k_h)
-        dv_h = torch.zeros_like(k_h)
-        dbk = torch.zeros_like(bg_k) if with_bg else None
-        dbv = torch.zeros_like(bg_v) if with_bg else None
+        delta_h = torch.einsum("qhd,qhd->hq", g, out).contiguous()  # [H, Q] = sum over keys of a <g, v>
+        q_h, k_h, v_h, g_h = _head_major(q * scale), _head_major(k), _head_major(v), _head_major(g)
+        dq_h = q.new_zeros(n_heads, n_q + 1, head_dim)
+        dk = k.new_zeros(plan.n_keys + 1, n_heads, head_dim)
+        dv = v.new_zeros(plan.n_keys + 1, n_heads, head_dim)
+        dbk = torch.zeros_like(bg_k) if (with_bg and need_bk) else None
+        dbv = torch.zeros_like(bg_v) if (with_bg and need_bv) else None
         dfreqs = torch.zeros_like(freqs) if (with_bg and need_f) else None
-        for q0, q1 in plan.chunks(ctx.chunk_pairs, with_bg):
-            c = _Chunk(plan, q0, q1, n_heads, with_bg)
-            qc, gc, lc, dc = q[q0:q1], g[q0:q1], lse[q0:q1], delta[q0:q1]
-            q_h, g_h = qc.transpose(0, 1).contiguous(), gc.transpose(0, 1).contiguous()
-            if c.n_pairs:
-                a = torch.exp(c.voxel_scores(q_h, k_t, scale) - lc.T[:, c.local])  # [H, P]
-                ds = a * (c.voxel_scores(g_h, v_t, 1.0) - dc.T[:, c.local]) * scale
-                dq[q0:q1] += c.gather_sum(ds, k_h)
-                dk_h += c.scatter_sum(ds, q_h.view(-1, head_dim))
-                dv_h += c.scatter_sum(a, g_h.view(-1, head_dim))
+        for c in plan.chunks:
+            T, G, U = c.shape
+            n = T * G
+            qi = c.query_gather
+            qp = q_h.index_select(1, qi).view(n_heads, T, G, head_dim)
+            gp = g_h.index_select(1, qi).view(n_heads, T, G, head_dim)
+            kp = k_h.index_select(1, c.key_gather).view(n_heads, T, U, head_dim)
+            vp = v_h.index_select(1, c.key_gather).view(n_heads, T, U, head_dim)
+            lp = lse_h.index_select(1, qi).view(n_heads, T, G, 1)
+            dp = delta_h.index_select(1, qi).view(n_heads, T, G, 1)
+            a = torch.matmul(qp, kp.transpose(-1, -2)).masked_fill_(c.masked, neg_inf).sub_(lp).exp_()  # [H, T, G, U]
+            ds = torch.matmul(gp, vp.transpose(-1, -2)).sub_(dp).mul_(a)  # [H, T, G, U]
+            del vp
+            keys = c.key.view(-1)
+            if need_v:
+                dv.index_add_(0, keys, _key_major(torch.matmul(a.transpose(-1, -2), gp)))
+            del a
+            if need_k:
+                dk.index_add_(0, keys, _key_major(torch.matmul(ds.transpose(-1, -2), qp)))
+            dq_c = torch.matmul(ds, kp).mul_(scale).view(n_heads, n, head_dim)
+            del ds, qp, kp
             if with_bg:
+                batch = plan.query_batch.index_select(0, qi)
+                gq = gp.view(n_heads, n, head_dim)
                 with torch.enable_grad():
                     leaves = [
-                        qc.detach().requires_grad_(need_q),
-                        bg_k.detach().requires_grad_(need_bk),
+                        q.index_select(0, qi).detach().requires_grad_(need_q),
+                        bg_k.index_select(0, batch).detach().requires_grad_(need_bk),
                         freqs.detach().requires_grad_(need_f),
                     ]
-                    s_bg = background_scores(leaves[0], leaves[1], leaves[2], c.batch, plan.centres[q0:q1], plan, scale)
-                    with torch.no_grad():
-                        a_bg = torch.exp(s_bg - lc[..., None]) * c.bg_valid[:, None, :]
-                        gv = torch.einsum("nhd,nlhd->nhl", gc, bg_v[c.batch])  # <g, bg_v> per level
-                        ds_bg = a_bg * (gv[..., plan.slot_level] - dc[..., None])
-                        if need_bv:
-                            a_l = _level_sums(a_bg, plan.slot_level, plan.n_levels)
-                            dbv.index_add_(0, c.batch, torch.einsum("nhl,nhd->nlhd", a_l, gc))
-                    wanted = [t for t in leaves if t.requires_grad]
-                    if wanted:
-                        grads = iter(torch.autograd.grad(s_bg, wanted, ds_bg))
-                        if need_q:
-                            dq[q0:q1] += next(grads)
-                        if need_bk:
-                            dbk += next(grads)
-                        if need_f:
-                            dfreqs += next(grads)
-        dk = dk_h.view(n_heads, -1, head_dim).transpose(0, 1) if need_k else None
-        dv = dv_h.view(n_heads, -1, head_dim).transpose(0, 1) if need_v else None
-        return (dq if need_q else None), dk, dv, (dbk if need_bk else None), (dbv if need_bv else None), dfreqs, None, None, None
+                    s_bg = background_scores(leaves[0], leaves[1], leaves[2], plan.centres.index_select(0, qi), plan, scale)
+                with torch.no_grad():
+                    a_bg = s_bg.detach().masked_fill(c.bg_masked, neg_inf).sub_(lp.view(n_heads, n, 1)).exp_()  # [H, n, K]
+                    gv = torch.einsum("hnd,nlhd->hnl", gq, bg_v.index_select(0, batch))  # <g, bg_v> per level
+                    ds_bg = (gv[..., plan.slot_level] - dp.view(n_heads, n, 1)).mul_(a_bg)
+                    if need_bv:
+                        a_l = _level_sums(a_bg, plan.slot_level, plan.n_levels)
+                        dbv.index_add_(0, batch, torch.einsum("hnl,hnd->nlhd", a_l, gq))
+                    del a_bg
+                wanted = [t for t in leaves if t.requires_grad]
+                if wanted:
+                    grads = iter(torch.autograd.grad(s_bg, wanted, ds_bg))
+                    if need_q:
+                        dq_c += next(grads).transpose(0, 1)
+                    if need_bk:
+                        dbk.index_add_(0, batch, next(grads))
+                    if need_f:
+                        dfreqs += next(grads)
+            dq_h.index_copy_(1, c.query.view(-1), dq_c)
+        dq = dq_h[:, :n_q].transpose(0, 1).contiguous() if need_q else None
+        dk = dk[: plan.n_keys] if need_k else None
+        dv = dv[: plan.n_keys] if need_v else None
+        return dq, dk, dv, dbk, dbv, dfreqs, None, None
 
 
 def sparse_neighborhood_attention(
@@ -611,7 +722,6 @@ def sparse_neighborhood_attention(
     background_k: Optional[Tensor] = None,
     background_v: Optional[Tensor] = None,
     rope_freqs: Optional[Tensor] = None,
-    chunk_pairs: Optional[int] = None,
 ) -> Tensor:
     """Multi-head attention of each query over the keys of its plan (one softmax per query).
 
@@ -620,12 +730,11 @@ def sparse_neighborhood_attention(
         k: ``[n_keys, H, d]`` keys of the plan's voxels (rows as in ``plan.voxel_rows``),
             already rotated at the voxels' positions (:func:`voxel_rope_positions`).
         v: ``[n_keys, H, d]`` values.
-        plan: from :func:`build_neighborhood_plan`.
+        plan: from :func:`build_neighborhood_plan` (its chunk size bounds the buffers).
         background_k, background_v: ``[B, L, H, d]`` projected (unrotated) background
             key/value of each batch item and level; required iff ``plan.with_background``.
             A background key acts rotated at the absent cell's own position.
         rope_freqs: ``[H or 1, d / 2, D + 1]`` frequencies; required with background.
-        chunk_pairs: work per chunk (voxel pairs + background slots); bounds the buffers.
 
     Returns:
         ``[Q, H, d]``, zero rows for queries without keys.
@@ -639,9 +748,5 @@ def sparse_neighborhood_attention(
             f"q/k/v rows ({q.shape[0]}, {k.shape[0]}, {v.shape[0]}) do not match the plan "
             f"(n_queries={plan.n_queries}, n_keys={plan.n_keys})"
         )
-    if chunk_pairs is None:
-        chunk_pairs = default_chunk_pairs(q.shape[1] * q.shape[2])
     scale = q.shape[-1] ** -0.5
-    return NeighborhoodAttentionFunction.apply(
-        q, k, v, background_k, background_v, rope_freqs, plan, scale, int(chunk_pairs)
-    )
+    return NeighborhoodAttentionFunction.apply(q, k, v, background_k, background_v, rope_freqs, plan, scale)

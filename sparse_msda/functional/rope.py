@@ -39,12 +39,14 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "FREQ_GROUP_PATTERNS",
     "apply_rope",
     "init_rope_frequencies",
     "rope_angles",
+    "rope_cos_sin",
     "rope_freq_groups",
     "rope_group_sizes",
     "rotate_pairs",
@@ -151,6 +153,20 @@ def rope_angles(positions: Tensor, freqs: Tensor) -> Tensor:
     return torch.einsum("...k,hjk->...hj", positions.to(torch.float64), freqs.to(torch.float64))
 
 
+def rope_cos_sin(angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``cos``/``sin`` of float64 ``angles`` in ``dtype``.
+
+    Below float64 the angles are first reduced to ``[-pi, pi]`` in float64, then the
+    trigonometry runs in ``dtype`` (float32 ``cos``/``sin`` of a reduced angle are as accurate
+    as a float64 result rounded to float32, and several times faster). Differentiable.
+    """
+    if dtype == torch.float64:
+        return torch.cos(angles), torch.sin(angles)
+    two_pi = 2.0 * math.pi
+    reduced = (angles - torch.round(angles / two_pi) * two_pi).to(dtype)
+    return torch.cos(reduced), torch.sin(reduced)
+
+
 def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate split-half pairs of ``x [..., H, head_dim]`` by angles given as ``cos``/``sin``
     ``[..., H or 1, head_dim // 2]``."""
@@ -159,11 +175,49 @@ def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+class _RopeFunction(torch.autograd.Function):
+    """``rotate_pairs(x, cos(theta), sin(theta))`` with ``theta = rope_angles(positions, freqs)``
+    and a closed-form backward (saves the output and ``cos``/``sin``)::
+
+        dx = R(-theta) dy,   dtheta_j = y1_j dy2_j - y2_j dy1_j,
+        dfreqs[h, j, k] = sum dtheta[..., h, j] u[..., k],   du[..., k] = sum dtheta[..., h, j] freqs[h, j, k].
+    """
+
+    @staticmethod
+    def forward(ctx, x, positions, freqs):
+        cos, sin = rope_cos_sin(rope_angles(positions, freqs), x.dtype)
+        y = rotate_pairs(x, cos, sin)
+        ctx.save_for_backward(positions, freqs, cos, sin, y)
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        positions, freqs, cos, sin, y = ctx.saved_tensors
+        need_x, need_pos, need_freqs = ctx.needs_input_grad
+        dx = dpos = dfreqs = None
+        if need_x:
+            dx = rotate_pairs(gy, cos, -sin).sum_to_size(ctx.x_shape)
+        if need_pos or need_freqs:
+            half = y.shape[-1] // 2
+            dth = y[..., :half] * gy[..., half:] - y[..., half:] * gy[..., :half]  # [..., H, d/2]
+            if freqs.shape[0] == 1 and dth.shape[-2] != 1:
+                dth = dth.sum(-2, keepdim=True)
+            dth = dth.to(torch.float64)
+            if need_pos:
+                dpos = torch.einsum("...hj,hjk->...k", dth, freqs.to(torch.float64))
+                dpos = dpos.sum_to_size(positions.shape).to(positions.dtype)
+            if need_freqs:
+                u = positions.to(torch.float64).expand(*dth.shape[:-2], positions.shape[-1])
+                dfreqs = torch.einsum("...hj,...k->hjk", dth, u).to(freqs.dtype)
+        return dx, dpos, dfreqs
+
+
 def apply_rope(x: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:
     """Rotate ``x [..., H, head_dim]`` at position vectors ``positions [..., D + 1]``.
 
     ``freqs`` is ``[H or 1, head_dim // 2, D + 1]``. Differentiable w.r.t. ``x``,
-    ``positions`` and ``freqs``.
+    ``positions`` and ``freqs`` (custom backward: :class:`_RopeFunction`).
     """
-    angles = rope_angles(positions, freqs)
-    return rotate_pairs(x, torch.cos(angles).to(x.dtype), torch.sin(angles).to(x.dtype))
+    return _RopeFunction.apply(x, positions, freqs)

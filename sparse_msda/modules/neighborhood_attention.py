@@ -12,7 +12,7 @@ from adapters import SparseCoordinateIndex
 from ..functional.neighborhood import (
     build_neighborhood_plan,
     check_neighborhood_sizes,
-    default_chunk_pairs,
+    default_chunk_size,
     query_rope_positions,
     sparse_neighborhood_attention,
     voxel_rope_positions,
@@ -110,8 +110,9 @@ class SparseNeighborhoodAttentionBlock(nn.Module):
     exactly (the query is not computed).
 
     Memory: :class:`~sparse_msda.functional.neighborhood.NeighborhoodAttentionFunction`
-    saves per-voxel keys/values and integer pair indices only (sparse CSR attention; no
-    ``[queries, keys, embed_dim]`` tensor) and recomputes scores in chunks in the backward.
+    saves per-voxel keys/values and the plan's integer indices and masks only (tiled
+    attention; no ``[queries, keys, embed_dim]`` tensor) and recomputes scores in chunks in
+    the backward.
     Dropout acts on the attention branch only (not on attention weights).
 
     Args:
@@ -169,7 +170,7 @@ class SparseNeighborhoodAttentionBlock(nn.Module):
             n_heads, self.head_dim, position_dim, rope_spatial_base_theta, rope_level_base_theta,
             rope_share_heads, rope_freq_group_pattern, rope_enforce_freq_groups_equal,
         )
-        self.chunk_pairs = default_chunk_pairs(embed_dim)
+        self.chunk_size = default_chunk_size(n_heads)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -234,7 +235,7 @@ class SparseNeighborhoodAttentionBlock(nn.Module):
         index, shapes = qb.index, qb.level_spatial_shapes
         with_bg = background_embedding is not None
 
-        plan = build_neighborhood_plan(index, batch, pos, pos_shapes, self.neighborhood_sizes, with_bg)
+        plan = build_neighborhood_plan(index, batch, pos, pos_shapes, self.neighborhood_sizes, with_bg, chunk_size=self.chunk_size)
         full = plan.full_shape
         freqs = self.rope.frequencies()
         n_a, H, d = x.shape[0], self.n_heads, self.head_dim
@@ -256,7 +257,7 @@ class SparseNeighborhoodAttentionBlock(nn.Module):
             bkv = self.kv_proj(background_embedding.to(query.dtype)).view(-1, self.n_levels, 2, H, d)
             bg_k, bg_v = bkv[:, :, 0], bkv[:, :, 1]
 
-        attn = sparse_neighborhood_attention(q, k, v, plan, bg_k, bg_v, freqs if with_bg else None, self.chunk_pairs)
+        attn = sparse_neighborhood_attention(q, k, v, plan, bg_k, bg_v, freqs if with_bg else None)
         branch = self.out_proj(attn.reshape(n_a, self.embed_dim))
         has_key = plan.has_keys()
         if not bool(has_key.all()):
