@@ -22,7 +22,8 @@ union of its queries' windows, looked up once per tile (:func:`build_neighborhoo
 Tiles are padded and batched into chunks: scores by batched matmuls ``[H, T, G, d] x [H, T, d,
 U]``, masked to each query's own windows, one softmax per query, values by batched matmuls.
 Background slots (absent in-bounds window cells, only with a background embedding) are scored
-by matmuls against the window offsets' rotations (:func:`background_scores`) and aggregate the
+by matmuls of the queries rotated back by their window centres against the background keys
+rotated at the window offsets (:func:`background_tables`) and aggregate the
 background value per level. The function saves only ``q, k, v``, the background key/value,
 the RoPE frequencies, its output, a ``[H, Q]`` log-sum-exp and the plan's integer indices and
 masks; the backward recomputes scores chunk by chunk. No ``[pairs, embed_dim]`` tensor ever
@@ -42,13 +43,13 @@ from torch.autograd.function import once_differentiable
 
 from adapters import SparseCoordinateIndex, as_level_spatial_shapes
 
-from .rope import rope_angles, rope_cos_sin
+from .rope import rope_angles, rope_cos_sin, rotate_pairs
 
 __all__ = [
     "NeighborhoodAttentionFunction",
     "NeighborhoodPlan",
     "PlanChunk",
-    "background_scores",
+    "background_tables",
     "build_neighborhood_plan",
     "check_neighborhood_sizes",
     "default_chunk_size",
@@ -194,6 +195,7 @@ class PlanChunk:
     key_gather: Tensor  # int64 [T * U] key rows clamped into range (for gathers)
     masked: Tensor  # bool [T, G, U] True where query g must not see key u
     bg_masked: Optional[Tensor]  # bool [1, T * G, K] True where a window slot is no background key
+    batch: int  # the batch item of all the chunk's queries (with background), else -1
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -217,6 +219,7 @@ class NeighborhoodPlan:
     centres: Tensor  # int64 [Q, L, D]
     slot_level: Tensor  # int64 [K]
     slot_offset: Tensor  # int64 [K, D]
+    slot_ranges: list  # [(k0, k1)] slots of each level
     level_spatial_shapes: Tensor  # int64 [L, D]
     full_shape: Tensor  # int64 [D]
     n_keys: int  # number of voxel keys the rows refer to
@@ -399,9 +402,12 @@ def build_neighborhood_plan(
     # --- pack pieces into chunks: sorted by (padded size class, keys) -----------------------
     classes = _size_classes(tile_queries).to(device)
     g_cls = classes[torch.searchsorted(classes, piece_size)]
-    p_order = _lexsort(g_cls.cpu(), piece_nkeys.cpu()).tolist()
-    g_list, u_list, gc_list = piece_size.tolist(), piece_nkeys.tolist(), g_cls.tolist()
-    groups, cur, cur_g, cur_u, real = [], [], 0, 0, 0
+    # with background, a chunk holds one batch item (its background keys are one table)
+    sort_batch = piece_batch if with_background else torch.zeros_like(piece_batch)
+    p_keys = (piece_nkeys.cpu().numpy(), g_cls.cpu().numpy(), sort_batch.cpu().numpy())
+    p_order = np.lexsort(p_keys).tolist()
+    g_list, u_list, gc_list, b_list = piece_size.tolist(), piece_nkeys.tolist(), g_cls.tolist(), sort_batch.tolist()
+    groups, cur, cur_g, cur_u, real, cur_b = [], [], 0, 0, 0, -1
     for p in p_order:
         if u_list[p] == 0 and not with_background:
             continue  # no key at all: the output row stays zero
@@ -409,14 +415,14 @@ def build_neighborhood_plan(
         new_g, new_u = max(cur_g, g), max(cur_u, u)
         padded = (len(cur) + 1) * new_g * new_u
         work = real + g_list[p] * u
-        if cur and (padded > chunk_size or (padded > 1.3 * work and real * 8 > chunk_size)):
-            groups.append((cur, cur_g, cur_u))
+        if cur and (b_list[p] != cur_b or padded > chunk_size or (padded > 1.3 * work and real * 8 > chunk_size)):
+            groups.append((cur, cur_g, cur_u, cur_b))
             cur, cur_g, cur_u, real = [], 0, 0, 0
             new_g, new_u, work = g, u, g_list[p] * u
         cur.append(p)
-        cur_g, cur_u, real = new_g, new_u, work
+        cur_g, cur_u, real, cur_b = new_g, new_u, work, b_list[p]
     if cur:
-        groups.append((cur, cur_g, cur_u))
+        groups.append((cur, cur_g, cur_u, cur_b))
 
     size_l = torch.tensor(sizes, dtype=torch.int64, device=device)
     slot_start = torch.cumsum(size_l**dim, 0) - size_l**dim
@@ -425,7 +431,7 @@ def build_neighborhood_plan(
     bg_counts = torch.zeros(n_q + 1, dtype=torch.int64, device=device) if with_background else None
     chunks = []
     n_entries = k_row.shape[0]
-    for pieces, G, U in groups:
+    for pieces, G, U, chunk_batch in groups:
         pcs = torch.tensor(pieces, dtype=torch.int64, device=device)
         T = pcs.shape[0]
         gi = torch.arange(G, device=device)
@@ -472,6 +478,7 @@ def build_neighborhood_plan(
                 key_gather=key.clamp_max(max(n_keys - 1, 0)).reshape(-1),
                 masked=~allowed,
                 bg_masked=None if bg_valid is None else ~bg_valid.view(1, T * G, -1),
+                batch=chunk_batch if with_background else -1,
             )
         )
     return NeighborhoodPlan(
@@ -482,6 +489,7 @@ def build_neighborhood_plan(
         centres=centres,
         slot_level=slot_level,
         slot_offset=offsets,
+        slot_ranges=[(int(a), int(a + n)) for a, n in zip(slot_start.tolist(), (size_l**dim).tolist())],
         level_spatial_shapes=shapes,
         full_shape=full_shape,
         n_keys=n_keys,
@@ -514,47 +522,41 @@ def voxel_rope_positions(
 # ---------------------------------------------------------------------------------------------
 # attention kernel
 # ---------------------------------------------------------------------------------------------
-def background_scores(q: Tensor, kb: Tensor, freqs: Tensor, centres: Tensor, plan: NeighborhoodPlan, scale: float) -> Tensor:
-    """Scores ``[H, n, K]`` (head-major) of queries against the background key of every window slot.
-
-    Args:
-        q: ``[n, H, d]`` rotated queries.
-        kb: ``[n, L, H, d]`` unrotated background key of each query's batch item and level.
-        freqs: ``[H', d/2, D+1]`` RoPE frequencies.
-        centres: int64 ``[n, L, D]`` window centres of the queries.
-
-    The background key of an absent cell ``u`` is ``R(u) kb[l]``. With split-half pairs as
-    complex numbers and ``u = u_centre + u_offset`` (window centre cell, slot offset),
-    ``<q, R(u) k> = Re sum_j q_j conj(k_j) e^{-i theta_j(u_centre)} e^{-i theta_j(u_offset)}``:
-    one ``[n, d] x [d, K_l]`` matmul per head and level, no per-(query, slot) key.
-    Differentiable (autograd) w.r.t. ``q``, ``kb`` and ``freqs``.
-    """
-    n, n_heads, head_dim = q.shape
-    half = head_dim // 2
-    n_levels = plan.n_levels
-    q1, q2 = q[:, None, :, :half], q[:, None, :, half:]  # [n, 1, H, d/2]
-    k1, k2 = kb[..., :half], kb[..., half:]  # [n, L, H, d/2]
-    pr, pi = q1 * k1 + q2 * k2, q2 * k1 - q1 * k2  # q conj(k)
+def _centre_positions(centres: Tensor, plan: NeighborhoodPlan) -> Tensor:
+    """Float64 position vectors ``[n, L, D + 1]`` of the window-centre cells of queries at every level."""
     full = plan.full_shape.to(torch.float64)
     shapes = plan.level_spatial_shapes.to(torch.float64)
-    lvl = torch.arange(n_levels, dtype=torch.float64, device=q.device)
-    u_c = torch.cat([(centres.to(torch.float64) + 0.5) / shapes * full, lvl[None, :, None].expand(n, -1, 1)], -1)
-    cos_c, sin_c = rope_cos_sin(rope_angles(u_c, freqs), q.dtype)  # [n, L, H', d/2]
-    w = torch.cat([pr * cos_c + pi * sin_c, pi * cos_c - pr * sin_c], -1)  # [n, L, H, d]
-    off = plan.slot_offset.to(torch.float64) / shapes[plan.slot_level] * full
-    th_o = rope_angles(torch.cat([off, torch.zeros_like(off[:, :1])], 1), freqs)  # [K, H', d/2]
-    cos_o, sin_o = rope_cos_sin(th_o, q.dtype)
-    e = torch.cat([cos_o, sin_o], -1).expand(-1, n_heads, -1)  # [K, H, d]
-    out = []
-    for level in range(n_levels):
-        sel = (plan.slot_level == level).nonzero().squeeze(1)
-        out.append(torch.einsum("nhj,khj->hnk", w[:, level], e.index_select(0, sel)))
-    return torch.cat(out, -1).mul_(scale)
+    lvl = torch.arange(plan.n_levels, dtype=torch.float64, device=centres.device)
+    p = (centres.to(torch.float64) + 0.5) / shapes * full
+    return torch.cat([p, lvl[None, :, None].expand(p.shape[0], -1, 1)], -1)
 
 
-def _level_sums(a_bg: Tensor, slot_level: Tensor, n_levels: int) -> Tensor:
-    """Sum ``[H, n, K]`` over the slots of each level: ``[H, n, L]``."""
-    return torch.zeros(*a_bg.shape[:2], n_levels, dtype=a_bg.dtype, device=a_bg.device).index_add_(2, slot_level, a_bg)
+def _offset_positions(plan: NeighborhoodPlan) -> Tensor:
+    """Float64 position vectors ``[K, D + 1]`` of the window slot offsets (level coordinate 0)."""
+    full = plan.full_shape.to(torch.float64)
+    off = plan.slot_offset.to(torch.float64) / plan.level_spatial_shapes[plan.slot_level].to(torch.float64) * full
+    return torch.cat([off, torch.zeros_like(off[:, :1])], 1)
+
+
+def background_tables(bg_k: Tensor, freqs: Tensor, plan: NeighborhoodPlan) -> tuple[Tensor, Tensor, Tensor]:
+    """Background keys rotated at every window slot offset.
+
+    Returns ``(tables, cos_o, sin_o)``: ``tables [B, K, H, d]`` with
+    ``tables[b, k] = R(u_offset(k)) bg_k[b, level(k)]``, and the offsets' ``cos``/``sin``
+    ``[K, H', d/2]``. The score of a query with a background cell ``u = u_centre + u_offset``
+    of its window is ``<R(-u_centre) q, tables[b, k]>`` (rotations compose).
+    """
+    cos_o, sin_o = rope_cos_sin(rope_angles(_offset_positions(plan), freqs), bg_k.dtype)  # [K, H', d/2]
+    tables = rotate_pairs(bg_k[:, plan.slot_level], cos_o, sin_o)  # [B, K, H, d]
+    return tables, cos_o, sin_o
+
+
+def _rotation_angle_grad(y: Tensor, gy: Tensor) -> Tensor:
+    """``dL/dtheta`` of ``y = R(theta) x`` given ``dL/dy`` (split-half pairs): ``y1 g2 - y2 g1``,
+    ``[..., H, d/2]`` float64."""
+    half = y.shape[-1] // 2
+    dth = y[..., :half] * gy[..., half:] - y[..., half:] * gy[..., :half]
+    return dth.to(torch.float64)
 
 
 def default_chunk_size(n_heads: int) -> int:
@@ -587,13 +589,16 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
 
     Per chunk of tiles (:class:`PlanChunk`): the tiles' queries and keys are gathered
     head-major into ``[H, T, G, d]`` / ``[H, T, U, d]`` blocks, scores by one batched matmul,
-    masked to each query's windows, softmax (jointly with the background slots scored by
-    :func:`background_scores`), then one batched matmul with the values. The backward
-    recomputes the scores chunk by chunk (flash-attention style, from a saved ``[H, Q]``
-    log-sum-exp) and scatters key/value gradients with ``index_add_``. Saved: ``q, k, v,
-    bg_k, bg_v, freqs``, the output, the log-sum-exp and the plan's integer indices; no
-    ``[pairs, embed_dim]`` tensor is kept, and the per-chunk buffers are bounded by the plan's
-    chunk size.
+    masked to each query's windows, then one batched matmul with the values. Background
+    slots: per level the queries are rotated back by their window centre, ``R(-u_centre) q``,
+    and scored by one matmul against the background key rotated at each slot offset
+    (:func:`background_tables`); they join the same softmax and aggregate the background
+    value of their level. The backward recomputes the scores chunk by chunk
+    (flash-attention style, from a saved ``[H, Q]`` log-sum-exp), scatters key/value
+    gradients with ``index_add_`` and has closed-form RoPE gradients for the background path
+    (frequencies included). Saved: ``q, k, v, bg_k, bg_v, freqs``, the output, the
+    log-sum-exp and the plan's integer indices and masks; no ``[pairs, embed_dim]`` tensor is
+    kept, and the per-chunk buffers are bounded by the plan's chunk size.
     """
 
     @staticmethod
@@ -605,31 +610,38 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
         q_h, k_h, v_h = _head_major(q * scale), _head_major(k), _head_major(v)  # [H, N, d]
         out_h = q.new_zeros(n_heads, n_q + 1, head_dim)  # last row: padding sink
         lse_h = q.new_zeros(n_heads, n_q + 1)
+        if with_bg:
+            tables = background_tables(bg_k, freqs, plan)[0].permute(0, 2, 3, 1).contiguous()  # [B, H, d, K]
         for c in plan.chunks:
             T, G, U = c.shape
             n = T * G
             qp = q_h.index_select(1, c.query_gather).view(n_heads, T, G, head_dim)
             kp = k_h.index_select(1, c.key_gather).view(n_heads, T, U, head_dim)
             s = torch.matmul(qp, kp.transpose(-1, -2)).masked_fill_(c.masked, neg_inf)  # [H, T, G, U]
-            del qp, kp
+            del kp
             m = s.amax(-1)  # [H, T, G]
             if with_bg:
-                batch = plan.query_batch.index_select(0, c.query_gather)
-                s_bg = background_scores(
-                    q.index_select(0, c.query_gather), bg_k.index_select(0, batch), freqs,
-                    plan.centres.index_select(0, c.query_gather), plan, scale,
-                ).masked_fill_(c.bg_masked, neg_inf)  # [H, n, K]
-                m = torch.maximum(m, s_bg.amax(-1).view(n_heads, T, G))
+                s_bg = []
+                u_c = _centre_positions(plan.centres.index_select(0, c.query_gather), plan)  # [n, L, D+1]
+                cos_c, sin_c = rope_cos_sin(torch.einsum("nlk,hjk->lhnj", u_c, freqs.to(torch.float64)), q.dtype)
+                qf = qp.view(n_heads, n, head_dim)
+                for level, (k0, k1) in enumerate(plan.slot_ranges):
+                    ql = rotate_pairs(qf, cos_c[level], -sin_c[level])  # R(-u_centre) q
+                    sl = torch.matmul(ql, tables[c.batch, :, :, k0:k1]).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf)
+                    s_bg.append(sl)  # [H, n, K_l]
+                    m = torch.maximum(m, sl.amax(-1).view(n_heads, T, G))
             m = torch.where(m > neg_inf, m, zero)
             s.sub_(m[..., None]).exp_()
             z = s.sum(-1)  # [H, T, G]
             o = torch.matmul(s, v_h.index_select(1, c.key_gather).view(n_heads, T, U, head_dim))  # [H, T, G, d]
             del s
             if with_bg:
-                s_bg.sub_(m.view(n_heads, n, 1)).exp_()
-                z += s_bg.sum(-1).view(n_heads, T, G)
-                a_l = _level_sums(s_bg, plan.slot_level, plan.n_levels)  # [H, n, L]
-                o += torch.einsum("hnl,nlhd->hnd", a_l, bg_v.index_select(0, batch)).view(n_heads, T, G, head_dim)
+                mf, zf, of = m.view(n_heads, n, 1), z.view(n_heads, n), o.view(n_heads, n, head_dim)
+                for level, sl in enumerate(s_bg):
+                    a_l = sl.sub_(mf).exp_().sum(-1)  # [H, n]
+                    zf += a_l
+                    of += a_l[..., None] * bg_v[c.batch, level][:, None, :]
+                del s_bg
             has = z > 0
             o *= torch.where(has, 1.0 / z, zero)[..., None]
             rows = c.query.view(-1)
@@ -656,9 +668,13 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
         dq_h = q.new_zeros(n_heads, n_q + 1, head_dim)
         dk = k.new_zeros(plan.n_keys + 1, n_heads, head_dim)
         dv = v.new_zeros(plan.n_keys + 1, n_heads, head_dim)
-        dbk = torch.zeros_like(bg_k) if (with_bg and need_bk) else None
-        dbv = torch.zeros_like(bg_v) if (with_bg and need_bv) else None
-        dfreqs = torch.zeros_like(freqs) if (with_bg and need_f) else None
+        if with_bg:
+            tables, cos_o, sin_o = background_tables(bg_k, freqs, plan)  # [B, K, H, d]
+            tables_t = tables.permute(0, 2, 3, 1).contiguous()  # [B, H, d, K]
+            dtables = torch.zeros_like(tables_t) if (need_bk or need_f) else None
+            dbv = torch.zeros_like(bg_v) if need_bv else None
+            freqs64 = freqs.to(torch.float64)
+            dfreqs = torch.zeros_like(freqs64) if need_f else None
         for c in plan.chunks:
             T, G, U = c.shape
             n = T * G
@@ -678,40 +694,53 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             del a
             if need_k:
                 dk.index_add_(0, keys, _key_major(torch.matmul(ds.transpose(-1, -2), qp)))
-            dq_c = torch.matmul(ds, kp).mul_(scale).view(n_heads, n, head_dim)
-            del ds, qp, kp
+            dq_c = torch.matmul(ds, kp).view(n_heads, n, head_dim)  # w.r.t. the scaled query
+            del ds, kp
             if with_bg:
-                batch = plan.query_batch.index_select(0, qi)
-                gq = gp.view(n_heads, n, head_dim)
-                with torch.enable_grad():
-                    leaves = [
-                        q.index_select(0, qi).detach().requires_grad_(need_q),
-                        bg_k.index_select(0, batch).detach().requires_grad_(need_bk),
-                        freqs.detach().requires_grad_(need_f),
-                    ]
-                    s_bg = background_scores(leaves[0], leaves[1], leaves[2], plan.centres.index_select(0, qi), plan, scale)
-                with torch.no_grad():
-                    a_bg = s_bg.detach().masked_fill(c.bg_masked, neg_inf).sub_(lp.view(n_heads, n, 1)).exp_()  # [H, n, K]
-                    gv = torch.einsum("hnd,nlhd->hnl", gq, bg_v.index_select(0, batch))  # <g, bg_v> per level
-                    ds_bg = (gv[..., plan.slot_level] - dp.view(n_heads, n, 1)).mul_(a_bg)
+                b = c.batch
+                qf, gf = qp.view(n_heads, n, head_dim), gp.view(n_heads, n, head_dim)
+                lf, df = lp.view(n_heads, n, 1), dp.view(n_heads, n, 1)
+                u_c = _centre_positions(plan.centres.index_select(0, qi), plan)  # [n, L, D+1]
+                cos_c, sin_c = rope_cos_sin(torch.einsum("nlk,hjk->lhnj", u_c, freqs64), q.dtype)
+                for level, (k0, k1) in enumerate(plan.slot_ranges):
+                    ql = rotate_pairs(qf, cos_c[level], -sin_c[level])  # R(-u_centre) q, [H, n, d]
+                    tab = tables_t[b, :, :, k0:k1]  # [H, d, K_l]
+                    a = torch.matmul(ql, tab).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf).sub_(lf).exp_()
                     if need_bv:
-                        a_l = _level_sums(a_bg, plan.slot_level, plan.n_levels)
-                        dbv.index_add_(0, batch, torch.einsum("hnl,hnd->nlhd", a_l, gq))
-                    del a_bg
-                wanted = [t for t in leaves if t.requires_grad]
-                if wanted:
-                    grads = iter(torch.autograd.grad(s_bg, wanted, ds_bg))
-                    if need_q:
-                        dq_c += next(grads).transpose(0, 1)
-                    if need_bk:
-                        dbk.index_add_(0, batch, next(grads))
-                    if need_f:
-                        dfreqs += next(grads)
+                        dbv[b, level] += torch.einsum("hn,hnd->hd", a.sum(-1), gf)
+                    gv = (gf * bg_v[b, level][:, None, :]).sum(-1, keepdim=True)  # <g, bg_v>, [H, n, 1]
+                    ds = a.mul_(gv - df)  # [H, n, K_l]
+                    if dtables is not None:
+                        dtables[b, :, :, k0:k1] += torch.matmul(ql.transpose(-1, -2), ds)
+                    if need_q or need_f:
+                        dql = torch.matmul(ds, tab.transpose(-1, -2))  # [H, n, d]
+                        if need_q:
+                            dq_c += rotate_pairs(dql, cos_c[level], sin_c[level])
+                        if need_f:  # ql = R(-theta) q: dtheta = -(ql1 dql2 - ql2 dql1)
+                            dth = _rotation_angle_grad(ql, dql)
+                            if freqs.shape[0] != n_heads:
+                                dth = dth.sum(0, keepdim=True)
+                            dfreqs -= torch.einsum("hnj,nk->hjk", dth, u_c[:, level])
+                    del a, ds
             dq_h.index_copy_(1, c.query.view(-1), dq_c)
-        dq = dq_h[:, :n_q].transpose(0, 1).contiguous() if need_q else None
+        dq = (dq_h[:, :n_q].transpose(0, 1) * scale).contiguous() if need_q else None
         dk = dk[: plan.n_keys] if need_k else None
         dv = dv[: plan.n_keys] if need_v else None
-        return dq, dk, dv, dbk, dbv, dfreqs, None, None
+        dbk = None
+        if with_bg and (need_bk or need_f):
+            dtab = dtables.permute(0, 3, 1, 2)  # [B, K, H, d]
+            if need_bk:  # tables[b, k] = R(u_offset(k)) bg_k[b, level(k)]
+                back = rotate_pairs(dtab, cos_o, -sin_o)  # [B, K, H, d]
+                dbk = torch.zeros_like(bg_k).index_add_(1, plan.slot_level, back)
+            if need_f:
+                dth = _rotation_angle_grad(tables, dtab).sum(0)  # [K, H, d/2]
+                if freqs.shape[0] != n_heads:
+                    dth = dth.sum(1, keepdim=True)
+                dfreqs += torch.einsum("khj,kc->hjc", dth, _offset_positions(plan))
+        if with_bg:
+            dfreqs = dfreqs.to(freqs.dtype) if need_f else None
+            return dq, dk, dv, dbk, dbv, dfreqs, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def sparse_neighborhood_attention(
