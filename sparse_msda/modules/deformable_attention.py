@@ -31,6 +31,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapters import SparseCoordinateIndex
@@ -157,11 +158,16 @@ class SparseMSDeformableAttention(nn.Module):
         background_value = None
         if background_embedding is not None:
             background_value = self.value_proj(background_embedding).view(-1, l, h, self.head_dim)
-        offsets = self.sampling_offsets(query).view(n_q, h, l, p, d).flip(-1)  # (x, y[, z]) -> (y, x) / (z, y, x)
         attn = self.attention_weights(query).view(n_q, h, l * p).softmax(-1).view(n_q, h, l, p)
         shapes = qb.level_spatial_shapes.to(query_spatial_positions.dtype)  # [L, D]
         ref = query_spatial_positions / qb.query_level_shapes  # [Q, D], normalised
-        locations = ref[:, None, None, None, :] * shapes[None, None, :, None, :] + offsets.to(ref.dtype)
+        # sampling_offsets' output is (x, y[, z]) (MSDeformAttn's layout); flipping its (small) weight
+        # instead of its [Q, H, L, P, D] output gives (y, x) / (z, y, x) directly, and the reference
+        # points are added in place: one tensor of that size instead of three
+        weight = self.sampling_offsets.weight.view(h, l, p, d, -1).flip(3).reshape(h * l * p * d, -1)
+        bias = self.sampling_offsets.bias.view(h, l, p, d).flip(3).reshape(-1)
+        locations = F.linear(query, weight, bias).view(n_q, h, l, p, d).to(ref.dtype)
+        locations = locations.addcmul_(ref[:, None, None, None, :], shapes[None, None, :, None, :])
         out = sparse_deformable_attention(value, qb.index, qb.batch_indices, locations, attn, background_value)
         return self.output_proj(out)
 
