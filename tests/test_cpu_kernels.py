@@ -51,8 +51,11 @@ def _run(f, inputs, monkeypatch, flag, chunk=None):
 
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("with_bg", [False, True])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_kernels_match_pytorch_path(kernels, monkeypatch, dim, with_bg, threads):
+@pytest.mark.parametrize("threads, table_copy_bytes", [(1, None), (2, None), (2, 0)])
+def test_kernels_match_pytorch_path(kernels, monkeypatch, dim, with_bg, threads, table_copy_bytes):
+    """``table_copy_bytes=0``: no per-thread table-gradient copy allowed, the backward uses one thread."""
+    if table_copy_bytes is not None:
+        monkeypatch.setattr(sampling, "TABLE_COPY_BYTES", table_copy_bytes)
     f, inputs = _problem(dim, with_bg, 900, torch.float64, 3 + dim)
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -132,8 +132,8 @@ template <typename scalar_t>
 void backward_impl(const at::Tensor& table, const at::Tensor& positions, const at::Tensor& weights,
                    const at::Tensor& ids, const at::Tensor& corner_rows, const Layout& L, const at::Tensor& grad_out,
                    at::Tensor& g_table, at::Tensor& g_pos, at::Tensor& g_w, bool need_table, bool need_pos,
-                   bool need_w, int n_threads) {
-  const int64_t S = positions.size(0), J = positions.size(1), dh = table.size(1), R = table.size(0);
+                   bool need_w, int n_threads, int64_t max_table_copies) {
+  const int64_t S = positions.size(0), J = positions.size(1), dh = table.size(1);
   const int dim = L.dim, K = 1 << dim;
   const scalar_t* tab = table.data_ptr<scalar_t>();
   const scalar_t* pos = positions.data_ptr<scalar_t>();
@@ -143,12 +143,15 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
   const scalar_t* go = grad_out.data_ptr<scalar_t>();
   scalar_t* gp = need_pos ? g_pos.data_ptr<scalar_t>() : nullptr;
   scalar_t* gw = need_w ? g_w.data_ptr<scalar_t>() : nullptr;
-  // table gradient: thread 0 writes g_table, thread p > 0 its own zeroed copy, summed at the end
-  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, S / 256)));
+  scalar_t* gt = need_table ? g_table.data_ptr<scalar_t>() : nullptr;
+  const bool need_dots = need_pos || need_w;
+  // Table gradient: thread 0 writes g_table, thread p > 0 its own zeroed copy, summed at the end (no
+  // atomics). At most max_table_copies copies: fewer threads when the table is large.
+  int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, S / 256)));
+  if (need_table) parts = static_cast<int>(std::min<int64_t>(parts, max_table_copies + 1));
   std::vector<at::Tensor> partial;
   if (need_table)
     for (int p = 1; p < parts; ++p) partial.push_back(at::zeros_like(g_table));
-  const bool need_dots = need_pos || need_w;
   parallel_range(S, parts, [&](int64_t s0, int64_t s1, int p) {
     scalar_t* gt = need_table ? (p == 0 ? g_table.data_ptr<scalar_t>() : partial[p - 1].data_ptr<scalar_t>()) : nullptr;
     int64_t rows[1 << kMaxDim];
@@ -196,7 +199,6 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
     }
   });
   for (auto& t : partial) g_table.add_(t);
-  (void)R;
 }
 
 void check_inputs(const at::Tensor& table, const at::Tensor& positions, const at::Tensor& weights,
@@ -231,7 +233,8 @@ std::vector<at::Tensor> sample_backward(const at::Tensor& table, const at::Tenso
                                         const at::Tensor& corner_rows, const at::Tensor& batch,
                                         const at::Tensor& level, const at::Tensor& head, const at::Tensor& shapes,
                                         int64_t n_heads, int64_t bg_offset, const at::Tensor& grad_out,
-                                        bool need_table, bool need_pos, bool need_w, int64_t n_threads) {
+                                        bool need_table, bool need_pos, bool need_w, int64_t n_threads,
+                                        int64_t max_table_copies) {
   check_inputs(table, positions, weights, ids, corner_rows);
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == table.scalar_type(), "grad_out: contiguous, table dtype");
   auto g_table = need_table ? at::zeros_like(table) : at::Tensor();
@@ -240,7 +243,7 @@ std::vector<at::Tensor> sample_backward(const at::Tensor& table, const at::Tenso
   const Layout L = make_layout(batch, level, head, shapes, n_heads, shapes.size(0), bg_offset);
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "sample_backward", [&] {
     backward_impl<scalar_t>(table, positions, weights, ids, corner_rows, L, grad_out, g_table, g_pos, g_w, need_table,
-                            need_pos, need_w, static_cast<int>(n_threads));
+                            need_pos, need_w, static_cast<int>(n_threads), max_table_copies);
   });
   return {g_table, g_pos, g_w};
 }

@@ -42,10 +42,14 @@ from adapters import SparseCoordinateIndex
 
 from .cpu_kernels import sampling_kernels
 
-__all__ = ["CHUNK_CORNERS", "sparse_weighted_gather"]
+__all__ = ["CHUNK_CORNERS", "TABLE_COPY_BYTES", "sparse_weighted_gather"]
 
 #: corners processed per chunk (bounds the ``[corners, head_dim]`` scratch buffer of backward)
 CHUNK_CORNERS = 1 << 19
+
+#: memory the CPU kernels' backward may spend on per-thread copies of the table gradient (one
+#: copy per extra thread, no atomics); a larger table runs the backward on fewer threads
+TABLE_COPY_BYTES = 512 << 20
 
 
 @dataclass
@@ -205,6 +209,7 @@ class _SparseSample(torch.autograd.Function):
             g_table, g_pos, g_w = ctx.kernels.sample_backward(
                 table, positions, weights, ids, *_kernel_args(sampling, positions)[:-1], grad_out,
                 need_table, need_pos, need_w, torch.get_num_threads(),
+                max(0, TABLE_COPY_BYTES // max(1, table.numel() * table.element_size())),
             )
             return (g_table if need_table else None), (g_pos if need_pos else None), (g_w if need_w else None), None
         g_table = torch.zeros_like(table) if need_table else None
