@@ -10,6 +10,7 @@ import torch
 
 from adapters import SparseCoordinateIndex, coo_stack_to_spconv
 from sparse_msda import SparseNeighborhoodAttentionBlock, get_multilevel_neighborhoods
+from sparse_msda.functional import neighborhood
 from sparse_msda.functional.neighborhood import (
     NeighborhoodAttentionFunction,
     build_neighborhood_plan,
@@ -199,7 +200,10 @@ def test_spconv_levels_input_and_prebuilt_index_match_coo_stack():
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("share_heads", [False, True])
-def test_gradcheck_function(background, share_heads, one_thread):
+@pytest.mark.parametrize("keep_weights", [False, True])
+def test_gradcheck_function(background, share_heads, keep_weights, one_thread, monkeypatch):
+    # the forward keeps the attention weights under a byte budget, else the backward recomputes them
+    monkeypatch.setattr(neighborhood, "SAVED_PROBABILITIES_BYTES", 1 << 30 if keep_weights else 0)
     shapes, sizes = [[8, 8], [4, 4]], [3, 3]
     _, voxels, _ = make_map(shapes, 2, 0.3, 1, seed=11)
     idx = SparseCoordinateIndex(

@@ -53,6 +53,7 @@ __all__ = [
     "build_neighborhood_plan",
     "check_neighborhood_sizes",
     "default_chunk_size",
+    "SAVED_PROBABILITIES_BYTES",
     "get_multilevel_neighborhoods",
     "query_rope_positions",
     "sparse_neighborhood_attention",
@@ -268,13 +269,12 @@ def _lexsort(primary: Tensor, secondary: Tensor) -> Tensor:
     return order[torch.argsort(primary[order], stable=True)]
 
 
+_PAD_SLACK = 1.15  # a chunk closes early once its padded entries exceed this times its real ones
+
+
 def _size_classes(limit: int) -> Tensor:
-    """Padded tile sizes 1, 2, 3, 4, 6, 8, 12, 16, ... up to ``limit`` (inclusive)."""
-    sizes, s = {limit}, 1
-    while s < limit:
-        sizes.update(x for x in (s, s + s // 2) if x <= limit)
-        s *= 2
-    return torch.tensor(sorted(sizes), dtype=torch.int64)
+    """Padded tile sizes 1, 2, ..., 8, 10, 12, ... up to ``limit`` (inclusive)."""
+    return torch.tensor(sorted({*range(1, min(limit, 8) + 1), *range(8, limit + 1, 2), limit}), dtype=torch.int64)
 
 
 def build_neighborhood_plan(
@@ -415,7 +415,7 @@ def build_neighborhood_plan(
         new_g, new_u = max(cur_g, g), max(cur_u, u)
         padded = (len(cur) + 1) * new_g * new_u
         work = real + g_list[p] * u
-        if cur and (b_list[p] != cur_b or padded > chunk_size or (padded > 1.3 * work and real * 8 > chunk_size)):
+        if cur and (b_list[p] != cur_b or padded > chunk_size or (padded > _PAD_SLACK * work and real * 8 > chunk_size)):
             groups.append((cur, cur_g, cur_u, cur_b))
             cur, cur_g, cur_u, real = [], 0, 0, 0
             new_g, new_u, work = g, u, g_list[p] * u
@@ -559,6 +559,12 @@ def _rotation_angle_grad(y: Tensor, gy: Tensor) -> Tensor:
     return dth.to(torch.float64)
 
 
+SAVED_PROBABILITIES_BYTES = 256 * 2**20
+"""Budget for keeping the voxel attention weights (``[H, padded pairs]``, ``embed_dim / H``
+times smaller than per-pair features) from the forward for the backward; above it the
+backward recomputes them from ``q`` and ``k``."""
+
+
 def default_chunk_size(n_heads: int) -> int:
     """Padded (query, key) entries per chunk: the ``[H, T, G, U]`` score buffers stay near
     2 MiB in float32 (reused by the allocator instead of fresh, page-faulting mappings)."""
@@ -612,6 +618,8 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
         lse_h = q.new_zeros(n_heads, n_q + 1)
         if with_bg:
             tables = background_tables(bg_k, freqs, plan)[0].permute(0, 2, 3, 1).contiguous()  # [B, H, d, K]
+        keep = plan.n_padded_pairs * n_heads * q.element_size() <= SAVED_PROBABILITIES_BYTES
+        saved = [] if keep else None  # per chunk: (unnormalised weights [H, T, G, U], 1 / sum [H, T, G])
         for c in plan.chunks:
             T, G, U = c.shape
             n = T * G
@@ -634,7 +642,6 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             s.sub_(m[..., None]).exp_()
             z = s.sum(-1)  # [H, T, G]
             o = torch.matmul(s, v_h.index_select(1, c.key_gather).view(n_heads, T, U, head_dim))  # [H, T, G, d]
-            del s
             if with_bg:
                 mf, zf, of = m.view(n_heads, n, 1), z.view(n_heads, n), o.view(n_heads, n, head_dim)
                 for level, sl in enumerate(s_bg):
@@ -643,14 +650,17 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                     of += a_l[..., None] * bg_v[c.batch, level][:, None, :]
                 del s_bg
             has = z > 0
-            o *= torch.where(has, 1.0 / z, zero)[..., None]
+            z_inv = torch.where(has, 1.0 / z, zero)
+            o *= z_inv[..., None]
+            if saved is not None:
+                saved.append((s, z_inv))
             rows = c.query.view(-1)
             out_h.index_copy_(1, rows, o.view(n_heads, n, head_dim))
             lse_h.index_copy_(1, rows, torch.where(has, m + torch.log(z), zero).view(n_heads, n))
         out = out_h[:, :n_q].transpose(0, 1).contiguous()
         lse_h = lse_h[:, :n_q].contiguous()
         ctx.save_for_backward(q, k, v, bg_k, bg_v, freqs, out, lse_h)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale, ctx.weights = plan, scale, saved
         return out
 
     @staticmethod
@@ -675,7 +685,8 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             dbv = torch.zeros_like(bg_v) if need_bv else None
             freqs64 = freqs.to(torch.float64)
             dfreqs = torch.zeros_like(freqs64) if need_f else None
-        for c in plan.chunks:
+        weights = ctx.weights
+        for i, c in enumerate(plan.chunks):
             T, G, U = c.shape
             n = T * G
             qi = c.query_gather
@@ -685,7 +696,10 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             vp = v_h.index_select(1, c.key_gather).view(n_heads, T, U, head_dim)
             lp = lse_h.index_select(1, qi).view(n_heads, T, G, 1)
             dp = delta_h.index_select(1, qi).view(n_heads, T, G, 1)
-            a = torch.matmul(qp, kp.transpose(-1, -2)).masked_fill_(c.masked, neg_inf).sub_(lp).exp_()  # [H, T, G, U]
+            if weights is not None:  # kept by the forward
+                a = weights[i][0] * weights[i][1][..., None]
+            else:  # recomputed
+                a = torch.matmul(qp, kp.transpose(-1, -2)).masked_fill_(c.masked, neg_inf).sub_(lp).exp_()  # [H, T, G, U]
             ds = torch.matmul(gp, vp.transpose(-1, -2)).sub_(dp).mul_(a)  # [H, T, G, U]
             del vp
             keys = c.key.view(-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapters import SparseCoordinateIndex
@@ -246,12 +247,16 @@ class SparseNeighborhoodAttentionBlock(nn.Module):
 
         rows = plan.voxel_rows
         feats = qb.features if rows is None else qb.features.index_select(0, rows.to(qb.features.device))
-        kv = self.kv_proj(feats.to(query.dtype)).view(-1, 2, H, d)
+        # k and v from the two halves of kv_proj (separate contiguous outputs, no strided split)
+        feats = feats.to(query.dtype)
+        w_kv, b_kv = self.kv_proj.weight, self.kv_proj.bias
+        E = self.embed_dim
+        k = F.linear(feats, w_kv[:E], None if b_kv is None else b_kv[:E]).view(-1, H, d)
+        v = F.linear(feats, w_kv[E:], None if b_kv is None else b_kv[E:]).view(-1, H, d)
         vox_l = index.level_indices if rows is None else index.level_indices[rows]
         vox_c = index.spatial_indices if rows is None else index.spatial_indices[rows]
-        k = self.rope(kv[:, 0], voxel_rope_positions(vox_c, vox_l, index.level_spatial_shapes, index.level_spatial_shapes[
+        k = self.rope(k, voxel_rope_positions(vox_c, vox_l, index.level_spatial_shapes, index.level_spatial_shapes[
             int(torch.argmax(index.level_spatial_shapes.prod(-1)))]).to(query.device))
-        v = kv[:, 1]
         bg_k = bg_v = None
         if with_bg:
             bkv = self.kv_proj(background_embedding.to(query.dtype)).view(-1, self.n_levels, 2, H, d)
