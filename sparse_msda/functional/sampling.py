@@ -64,8 +64,10 @@ class _Sampling:
     background_offset: Optional[int]  # first background row of the table, or None
     chunk_corners: int
 
-    def steps(self, n_samples: int, n_per: int, dim: int):
-        step = max(1, self.chunk_corners // max(1, n_per * 2**dim))
+    def steps(self, n_samples: int, n_per: int, dim: int, per_sample: Optional[int] = None):
+        """Slices of samples holding about ``chunk_corners`` corners (or ``chunk_corners``
+        ``per_sample`` units, e.g. one hash key per (sample, j))."""
+        step = max(1, self.chunk_corners // max(1, per_sample if per_sample is not None else n_per * 2**dim))
         for start in range(0, n_samples, step):
             yield slice(start, min(n_samples, start + step))
 
@@ -131,7 +133,7 @@ def _base_cell_ids(sampling: _Sampling, positions: Tensor) -> Tensor:
     """int32 ``[S, J]`` corner-table ids of every sample's base cell (hash queries in chunks)."""
     n_samples, n_per, dim = positions.shape
     ids = torch.empty(n_samples, n_per, dtype=torch.int32, device=positions.device)
-    for sl in sampling.steps(n_samples, n_per, dim):
+    for sl in sampling.steps(n_samples, n_per, dim, per_sample=n_per):  # one key per (s, j)
         c = sl.stop - sl.start
         base = torch.floor(positions[sl] - 0.5).to(torch.int64).reshape(-1, dim)
         b = sampling.rows_of(sampling.batch, sl).expand(c, n_per).reshape(-1)
