@@ -376,10 +376,11 @@ def build_neighborhood_plan(
             cells += box_lo[owner]
             lvl, pc = owner % n_levels, owner // n_levels
             rows, found = index.lookup(piece_batch[pc], lvl, cells)
-            k_piece.append(pc[found])
-            k_row.append(rows[found])
-            k_level.append(lvl[found])
-            k_cell.append(cells[found])
+            hit = found.nonzero().squeeze(1)
+            k_piece.append(pc.index_select(0, hit))
+            k_row.append(rows.index_select(0, hit))
+            k_level.append(lvl.index_select(0, hit))
+            k_cell.append(cells.index_select(0, hit))
         o0 = o1
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     k_piece = torch.cat(k_piece) if k_piece else empty
@@ -426,6 +427,13 @@ def build_neighborhood_plan(
 
     size_l = torch.tensor(sizes, dtype=torch.int64, device=device)
     slot_start = torch.cumsum(size_l**dim, 0) - size_l**dim
+    # int32 copies for the per-chunk masks; centres clamped to just outside the grid (same windows'
+    # overlap with the grid, coordinates bounded)
+    lim_lo, lim_hi = -radius[None, :, None] - 1, shapes[None] + radius[None, :, None]
+    centres32 = torch.minimum(torch.maximum(centres, lim_lo), lim_hi).to(torch.int32)
+    kcell32_all = k_cell.to(torch.int32)
+    radius32, size32, slot_start32 = radius.to(torch.int32), size_l.to(torch.int32), slot_start.to(torch.int32)
+    offsets32, shapes32 = offsets.to(torch.int32), shapes.to(torch.int32)
     order_pad = torch.cat([order, torch.tensor([n_q], device=device)])
     pair_counts = torch.zeros(n_q + 1, dtype=torch.int64, device=device)
     bg_counts = torch.zeros(n_q + 1, dtype=torch.int64, device=device) if with_background else None
@@ -442,34 +450,33 @@ def build_neighborhood_plan(
         kp = (piece_kstart[pcs][:, None] + ui[None]).clamp_max(max(n_entries - 1, 0))
         if n_entries:
             key = torch.where(k_valid, k_row[kp], n_keys)
-            klev, kcell = k_level[kp], k_cell[kp]  # [T, U], [T, U, D]
+            klev, kcell32 = k_level[kp], kcell32_all[kp]  # [T, U], [T, U, D]
         else:
             key = torch.full((T, U), n_keys, dtype=torch.int64, device=device)
-            klev, kcell = torch.zeros_like(key), torch.zeros(T, U, dim, dtype=torch.int64, device=device)
+            klev, kcell32 = torch.zeros_like(key), torch.zeros(T, U, dim, dtype=torch.int32, device=device)
         q_gather = query.clamp_max(max(n_q - 1, 0))
-        cq = centres[q_gather]  # [T, G, L, D]
-        # centre of query g at the level of key u: gather from [T, G, L * D]
-        sel = (klev[:, None, :, None] * dim + torch.arange(dim, device=device)).expand(T, G, U, dim)
-        csel = cq.reshape(T, G, -1).gather(2, sel.reshape(T, G, -1)).view(T, G, U, dim)
-        rel = kcell[:, None] - csel + radius[klev][:, None, :, None]  # offset + radius, [T, G, U, D]
-        allowed = ((rel >= 0) & (rel <= 2 * radius[klev][:, None, :, None])).all(-1)
-        allowed &= q_valid[:, :, None] & k_valid[:, None, :]
-        pair_counts.index_add_(0, query.reshape(-1), allowed.sum(-1).reshape(-1))
+        cq = centres32.index_select(0, q_gather.view(-1)).view(T, G, n_levels, dim)
+        kr = radius32[klev][:, None, :]  # [T, 1, U]
+        kidx = klev[:, None, :].expand(T, G, U)
+        allowed = q_valid[:, :, None] & k_valid[:, None, :]
+        slot = torch.zeros((), dtype=torch.int32, device=device)
+        for axis in range(dim):  # the key's offset from the query's centre at the key's level
+            rel = kcell32[:, None, :, axis] - cq[..., axis].gather(2, kidx) + kr  # in [0, 2r] inside the window
+            allowed &= (rel >= 0) & (rel <= 2 * kr)
+            if with_background:
+                slot = slot * size32[klev][:, None, :] + rel
+        pair_counts.index_add_(0, query.view(-1), allowed.sum(-1).view(-1))
         bg_valid = None
         if with_background:
-            cells = cq[:, :, slot_level] + offsets  # [T, G, K, D]
-            inside = ((cells >= 0) & (cells < shapes[slot_level])).all(-1)
-            inside &= q_valid[..., None]
-            t, g, u = allowed.nonzero(as_tuple=True)
-            lev = klev[t, u]
-            rr = rel[t, g, u]  # [n, D] in [0, size)
-            slot = torch.zeros_like(lev)
+            n_slots = slot_level.shape[0]
+            slot = torch.where(allowed, slot + slot_start32[klev][:, None, :], n_slots).to(torch.int64)
+            present = torch.zeros(T, G, n_slots + 1, dtype=torch.bool, device=device).scatter_(2, slot, True)
+            inside = q_valid[..., None].expand(T, G, n_slots).clone()
             for axis in range(dim):
-                slot = slot * size_l[lev] + rr[:, axis]
-            present = torch.zeros_like(inside)
-            present[t, g, slot_start[lev] + slot] = True
-            bg_valid = inside & ~present
-            bg_counts.index_add_(0, query.reshape(-1), bg_valid.sum(-1).reshape(-1))
+                cell = cq[:, :, slot_level, axis] + offsets32[:, axis]  # [T, G, K]
+                inside &= (cell >= 0) & (cell < shapes32[slot_level, axis])
+            bg_valid = inside & ~present[..., :n_slots]
+            bg_counts.index_add_(0, query.view(-1), bg_valid.sum(-1).view(-1))
         chunks.append(
             PlanChunk(
                 query=query,
