@@ -193,6 +193,8 @@ class PlanChunk:
     query: Tensor  # int64 [T, G] query ids; padding = n_queries
     key: Tensor  # int64 [T, U] key rows; padding = n_keys
     query_gather: Tensor  # int64 [T * G] query ids clamped into range (for gathers)
+    query_pos: Tensor  # int64 [n] positions in [0, T * G) that hold a query (not padding)
+    query_rows: Tensor  # int64 [n] the query ids at those positions
     key_gather: Tensor  # int64 [T * U] key rows clamped into range (for gathers)
     masked: Tensor  # bool [T, G, U] True where query g must not see key u
     bg_masked: Optional[Tensor]  # bool [1, T * G, K] True where a window slot is no background key
@@ -482,6 +484,8 @@ def build_neighborhood_plan(
                 query=query,
                 key=key,
                 query_gather=q_gather.reshape(-1),
+                query_pos=q_valid.view(-1).nonzero().squeeze(1),
+                query_rows=query.view(-1)[q_valid.view(-1)],
                 key_gather=key.clamp_max(max(n_keys - 1, 0)).reshape(-1),
                 masked=~allowed,
                 bg_masked=None if bg_valid is None else ~bg_valid.view(1, T * G, -1),
@@ -578,12 +582,27 @@ def default_chunk_size(n_heads: int) -> int:
     return max(1 << 12, (1 << 19) // max(n_heads, 1))
 
 
-def _head_major(x: Tensor) -> Tensor:
-    """``[N, H, d]`` -> contiguous ``[H, N, d]`` (at least one row: gathers of an empty key set
-    read a masked-out zero row)."""
-    if x.shape[0] == 0:
-        return x.new_zeros(x.shape[1], 1, x.shape[2])
-    return x.transpose(0, 1).contiguous()
+def _gather_heads(x: Tensor, rows: Tensor, blocks: int, scale: Optional[float] = None) -> Tensor:
+    """Rows of ``x [N, H, d]`` as a contiguous head-major block ``[H, blocks, len(rows) / blocks, d]``
+    (optionally times ``scale``); chunk-sized temporaries only."""
+    n_heads, head_dim = x.shape[1], x.shape[2]
+    picked = x.index_select(0, rows).transpose(0, 1)  # [H, n, d] view
+    out = torch.empty(n_heads, rows.shape[0], head_dim, dtype=x.dtype, device=x.device)
+    if scale is None:
+        out.copy_(picked)
+    else:
+        torch.mul(picked, scale, out=out)
+    return out.view(n_heads, blocks, -1, head_dim)
+
+
+def _scatter_rows(dest: Tensor, c: PlanChunk, block: Tensor, scale: Optional[float] = None) -> None:
+    """``dest[query] = block`` for the chunk's real queries; ``block`` is ``[H, T, G, d]``,
+    ``dest`` is ``[Q, H, d]``."""
+    n_heads, head_dim = block.shape[0], block.shape[-1]
+    rows = block.view(n_heads, -1, head_dim).index_select(1, c.query_pos).transpose(0, 1)  # [n, H, d] view
+    if scale is not None:
+        rows = rows * scale
+    dest.index_copy_(0, c.query_rows, rows.contiguous())
 
 
 def _key_major(x: Tensor) -> Tensor:
@@ -620,9 +639,11 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
         with_bg = bg_k is not None
         neg_inf = float("-inf")
         zero = torch.zeros((), dtype=q.dtype, device=q.device)
-        q_h, k_h, v_h = _head_major(q * scale), _head_major(k), _head_major(v)  # [H, N, d]
-        out_h = q.new_zeros(n_heads, n_q + 1, head_dim)  # last row: padding sink
-        lse_h = q.new_zeros(n_heads, n_q + 1)
+        kk, vv = k, v
+        if k.shape[0] == 0:  # no voxel key anywhere: gather from a masked-out zero row
+            kk, vv = k.new_zeros(1, n_heads, head_dim), v.new_zeros(1, n_heads, head_dim)
+        out = q.new_zeros(n_q, n_heads, head_dim)
+        lse_h = q.new_zeros(n_heads, n_q)
         if with_bg:
             tables = background_tables(bg_k, freqs, plan)[0].permute(0, 2, 3, 1).contiguous()  # [B, H, d, K]
         keep = plan.n_padded_pairs * n_heads * q.element_size() <= SAVED_PROBABILITIES_BYTES
@@ -630,8 +651,8 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
         for c in plan.chunks:
             T, G, U = c.shape
             n = T * G
-            qp = q_h.index_select(1, c.query_gather).view(n_heads, T, G, head_dim)
-            kp = k_h.index_select(1, c.key_gather).view(n_heads, T, U, head_dim)
+            qp = _gather_heads(q, c.query_gather, T, scale)  # [H, T, G, d]
+            kp = _gather_heads(kk, c.key_gather, T)  # [H, T, U, d]
             s = torch.matmul(qp, kp.transpose(-1, -2)).masked_fill_(c.masked, neg_inf)  # [H, T, G, U]
             del kp
             m = s.amax(-1)  # [H, T, G]
@@ -648,7 +669,7 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             m = torch.where(m > neg_inf, m, zero)
             s.sub_(m[..., None]).exp_()
             z = s.sum(-1)  # [H, T, G]
-            o = torch.matmul(s, v_h.index_select(1, c.key_gather).view(n_heads, T, U, head_dim))  # [H, T, G, d]
+            o = torch.matmul(s, _gather_heads(vv, c.key_gather, T))  # [H, T, G, d]
             if with_bg:
                 mf, zf, of = m.view(n_heads, n, 1), z.view(n_heads, n), o.view(n_heads, n, head_dim)
                 for level, sl in enumerate(s_bg):
@@ -661,11 +682,8 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             o *= z_inv[..., None]
             if saved is not None:
                 saved.append((s, z_inv))
-            rows = c.query.view(-1)
-            out_h.index_copy_(1, rows, o.view(n_heads, n, head_dim))
-            lse_h.index_copy_(1, rows, torch.where(has, m + torch.log(z), zero).view(n_heads, n))
-        out = out_h[:, :n_q].transpose(0, 1).contiguous()
-        lse_h = lse_h[:, :n_q].contiguous()
+            _scatter_rows(out, c, o)
+            lse_h.index_copy_(1, c.query_rows, torch.where(has, m + torch.log(z), zero).view(n_heads, n).index_select(1, c.query_pos))
         ctx.save_for_backward(q, k, v, bg_k, bg_v, freqs, out, lse_h)
         ctx.plan, ctx.scale, ctx.weights = plan, scale, saved
         return out
@@ -681,8 +699,9 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
         neg_inf = float("-inf")
         g = grad_out.contiguous()
         delta_h = torch.einsum("qhd,qhd->hq", g, out).contiguous()  # [H, Q] = sum over keys of a <g, v>
-        q_h, k_h, v_h, g_h = _head_major(q * scale), _head_major(k), _head_major(v), _head_major(g)
-        dq_h = q.new_zeros(n_heads, n_q + 1, head_dim)
+        if k.shape[0] == 0:
+            k, v = k.new_zeros(1, n_heads, head_dim), v.new_zeros(1, n_heads, head_dim)
+        dq = q.new_zeros(n_q, n_heads, head_dim)
         dk = k.new_zeros(plan.n_keys + 1, n_heads, head_dim)
         dv = v.new_zeros(plan.n_keys + 1, n_heads, head_dim)
         if with_bg:
@@ -697,10 +716,10 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             T, G, U = c.shape
             n = T * G
             qi = c.query_gather
-            qp = q_h.index_select(1, qi).view(n_heads, T, G, head_dim)
-            gp = g_h.index_select(1, qi).view(n_heads, T, G, head_dim)
-            kp = k_h.index_select(1, c.key_gather).view(n_heads, T, U, head_dim)
-            vp = v_h.index_select(1, c.key_gather).view(n_heads, T, U, head_dim)
+            qp = _gather_heads(q, qi, T, scale)
+            gp = _gather_heads(g, qi, T)
+            kp = _gather_heads(k, c.key_gather, T)
+            vp = _gather_heads(v, c.key_gather, T)
             lp = lse_h.index_select(1, qi).view(n_heads, T, G, 1)
             dp = delta_h.index_select(1, qi).view(n_heads, T, G, 1)
             if weights is not None:  # kept by the forward
@@ -743,8 +762,9 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                                 dth = dth.sum(0, keepdim=True)
                             dfreqs -= torch.einsum("hnj,nk->hjk", dth, u_c[:, level])
                     del a, ds
-            dq_h.index_copy_(1, c.query.view(-1), dq_c)
-        dq = (dq_h[:, :n_q].transpose(0, 1) * scale).contiguous() if need_q else None
+            if need_q:
+                _scatter_rows(dq, c, dq_c, scale)
+        dq = dq if need_q else None
         dk = dk[: plan.n_keys] if need_k else None
         dv = dv[: plan.n_keys] if need_v else None
         dbk = None
