@@ -23,14 +23,14 @@ def kernels(monkeypatch):
     return k
 
 
-def _problem(dim, with_bg, n, dtype, seed):
+def _problem(dim, with_bg, n, dtype, seed, head_dim=5):
     gen = torch.Generator().manual_seed(seed)
     shapes = [[9, 7], [4, 3]] if dim == 2 else [[5, 6, 4], [3, 3, 2]]
     stack, shapes_t = random_map(shapes, 2, 3, 0.5, dtype, gen)
     index = SparseCoordinateIndex.from_coo_stack(stack, shapes_t)
     n_heads = 2
-    table = torch.randn(index.n_voxels * n_heads, 5, generator=gen, dtype=dtype, requires_grad=True)
-    bg = torch.randn(2 * 2 * n_heads, 5, generator=gen, dtype=dtype, requires_grad=True) if with_bg else None
+    table = torch.randn(index.n_voxels * n_heads, head_dim, generator=gen, dtype=dtype, requires_grad=True)
+    bg = torch.randn(2 * 2 * n_heads, head_dim, generator=gen, dtype=dtype, requires_grad=True) if with_bg else None
     pos = (torch.rand(n, 6, dim, generator=gen, dtype=dtype) * 11 - 2).requires_grad_()  # some outside the map
     w = torch.rand(n, 6, generator=gen, dtype=dtype, requires_grad=True)
     b = torch.randint(0, 2, (n, 1), generator=gen)
@@ -63,6 +63,18 @@ def test_kernels_match_pytorch_path(kernels, monkeypatch, dim, with_bg, threads,
         out_k, grads_k = _run(f, inputs, monkeypatch, "1")
     finally:
         torch.set_num_threads(prev)
+    out_t, grads_t = _run(f, inputs, monkeypatch, "0")
+    torch.testing.assert_close(out_k, out_t, rtol=0, atol=1e-12)
+    for gk, gt in zip(grads_k, grads_t):
+        torch.testing.assert_close(gk, gt, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("head_dim", [16, 32, 64])
+def test_kernels_unrolled_head_dims(kernels, monkeypatch, dim, head_dim):
+    """Head dims 16/32/64 take compile-time-unrolled kernels (others the run-time loop)."""
+    f, inputs = _problem(dim, True, 300, torch.float64, 41 + dim, head_dim)
+    out_k, grads_k = _run(f, inputs, monkeypatch, "1")
     out_t, grads_t = _run(f, inputs, monkeypatch, "0")
     torch.testing.assert_close(out_k, out_t, rtol=0, atol=1e-12)
     for gk, gt in zip(grads_k, grads_t):

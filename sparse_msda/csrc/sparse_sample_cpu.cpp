@@ -19,7 +19,6 @@
 
 namespace {
 
-constexpr int kMaxDim = 3;
 
 struct Layout {
   const int64_t* batch; int64_t bs0, bs1;
@@ -56,51 +55,49 @@ void parallel_range(int64_t n, int n_threads, const F& f) {
   for (auto& t : threads) t.join();
 }
 
-// Corners of sample (s, j): rows (-1: holds nothing), weights c_k and per-axis factors.
-template <typename scalar_t>
-inline int corners(const Layout& L, const scalar_t* pos, const int32_t* crow, int64_t s, int64_t j,
-                   int64_t* rows, scalar_t* w, scalar_t* frac) {
-  const int dim = L.dim, K = 1 << dim;
-  int64_t base[kMaxDim];
-  for (int d = 0; d < dim; ++d) {
+// Corners of sample (s, j): rows (-1: holds nothing), weights c_k and per-axis fractions.
+template <typename scalar_t, int DIM>
+inline void corners(const Layout& L, const scalar_t* pos, const int32_t* crow, int64_t s, int64_t j,
+                    int64_t* rows, scalar_t* w, scalar_t* frac) {
+  constexpr int K = 1 << DIM;
+  int64_t base[DIM];
+  for (int d = 0; d < DIM; ++d) {
     scalar_t shifted = pos[d] - scalar_t(0.5);
     scalar_t b = std::floor(shifted);
     base[d] = static_cast<int64_t>(b);
     frac[d] = shifted - b;
   }
   const int64_t h = L.head[s * L.hs0 + j * L.hs1];
-  const int64_t l = L.level[s * L.ls0 + j * L.ls1];
   for (int k = 0; k < K; ++k) {
     scalar_t wk = 1;
-    for (int d = 0; d < dim; ++d) {
-      const int bit = (k >> (dim - 1 - d)) & 1;
-      wk *= bit ? frac[d] : scalar_t(1) - frac[d];
-    }
+    for (int d = 0; d < DIM; ++d) wk *= ((k >> (DIM - 1 - d)) & 1) ? frac[d] : scalar_t(1) - frac[d];
     w[k] = wk;
     const int32_t r = crow[k];
     if (r >= 0) {
       rows[k] = static_cast<int64_t>(r) * L.n_heads + h;
-    } else if (L.bg_offset >= 0 && l >= 0 && l < L.n_levels) {
-      bool inside = true;
-      for (int d = 0; d < dim; ++d) {
-        const int64_t c = base[d] + ((k >> (dim - 1 - d)) & 1);
-        inside = inside && c >= 0 && c < L.shapes[l * dim + d];
-      }
-      const int64_t b = L.batch[s * L.bs0 + j * L.bs1];
-      rows[k] = inside ? L.bg_offset + (b * L.n_levels + l) * L.n_heads + h : -1;
-    } else {
-      rows[k] = -1;
+      continue;
     }
+    rows[k] = -1;
+    if (L.bg_offset < 0) continue;
+    const int64_t l = L.level[s * L.ls0 + j * L.ls1];
+    if (l < 0 || l >= L.n_levels) continue;
+    bool inside = true;
+    for (int d = 0; d < DIM; ++d) {
+      const int64_t c = base[d] + ((k >> (DIM - 1 - d)) & 1);
+      inside = inside && c >= 0 && c < L.shapes[l * DIM + d];
+    }
+    if (inside) rows[k] = L.bg_offset + (L.batch[s * L.bs0 + j * L.bs1] * L.n_levels + l) * L.n_heads + h;
   }
-  return K;
 }
 
-template <typename scalar_t>
+// DH > 0: the head dim at compile time (fully unrolled, vectorised row loops); DH == 0: dh at run time.
+template <typename scalar_t, int DIM, int DH>
 void forward_impl(const at::Tensor& table, const at::Tensor& positions, const at::Tensor& weights,
                   const at::Tensor& ids, const at::Tensor& corner_rows, const Layout& L, at::Tensor& out,
                   int n_threads) {
-  const int64_t S = positions.size(0), J = positions.size(1), dh = table.size(1);
-  const int dim = L.dim, K = 1 << dim;
+  constexpr int K = 1 << DIM;
+  const int64_t S = positions.size(0), J = positions.size(1);
+  const int64_t dh = DH > 0 ? DH : table.size(1);
   const scalar_t* tab = table.data_ptr<scalar_t>();
   const scalar_t* pos = positions.data_ptr<scalar_t>();
   const scalar_t* att = weights.data_ptr<scalar_t>();
@@ -108,33 +105,34 @@ void forward_impl(const at::Tensor& table, const at::Tensor& positions, const at
   const int32_t* cr = corner_rows.data_ptr<int32_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   parallel_range(S, n_threads, [&](int64_t s0, int64_t s1, int) {
-    int64_t rows[1 << kMaxDim];
-    scalar_t w[1 << kMaxDim], frac[kMaxDim];
+    int64_t rows[K];
+    scalar_t w[K], frac[DIM];
     for (int64_t s = s0; s < s1; ++s) {
       scalar_t* os = o + s * dh;
       std::fill(os, os + dh, scalar_t(0));
       for (int64_t j = 0; j < J; ++j) {
         const int64_t sj = s * J + j;
-        corners(L, pos + sj * dim, cr + static_cast<int64_t>(id[sj]) * K, s, j, rows, w, frac);
+        corners<scalar_t, DIM>(L, pos + sj * DIM, cr + static_cast<int64_t>(id[sj]) * K, s, j, rows, w, frac);
         const scalar_t a = att[sj];
         for (int k = 0; k < K; ++k) {
           if (rows[k] < 0) continue;
           const scalar_t c = a * w[k];
           const scalar_t* t = tab + rows[k] * dh;
-          for (int64_t e = 0; e < dh; ++e) os[e] += c * t[e];
+          for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) os[e] += c * t[e];
         }
       }
     }
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int DIM, int DH>
 void backward_impl(const at::Tensor& table, const at::Tensor& positions, const at::Tensor& weights,
                    const at::Tensor& ids, const at::Tensor& corner_rows, const Layout& L, const at::Tensor& grad_out,
                    at::Tensor& g_table, at::Tensor& g_pos, at::Tensor& g_w, bool need_table, bool need_pos,
                    bool need_w, int n_threads, int64_t max_table_copies) {
-  const int64_t S = positions.size(0), J = positions.size(1), dh = table.size(1);
-  const int dim = L.dim, K = 1 << dim;
+  constexpr int K = 1 << DIM;
+  const int64_t S = positions.size(0), J = positions.size(1);
+  const int64_t dh = DH > 0 ? DH : table.size(1);
   const scalar_t* tab = table.data_ptr<scalar_t>();
   const scalar_t* pos = positions.data_ptr<scalar_t>();
   const scalar_t* att = weights.data_ptr<scalar_t>();
@@ -143,7 +141,6 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
   const scalar_t* go = grad_out.data_ptr<scalar_t>();
   scalar_t* gp = need_pos ? g_pos.data_ptr<scalar_t>() : nullptr;
   scalar_t* gw = need_w ? g_w.data_ptr<scalar_t>() : nullptr;
-  scalar_t* gt = need_table ? g_table.data_ptr<scalar_t>() : nullptr;
   const bool need_dots = need_pos || need_w;
   // Table gradient: thread 0 writes g_table, thread p > 0 its own zeroed copy, summed at the end (no
   // atomics). At most max_table_copies copies: fewer threads when the table is large.
@@ -154,13 +151,13 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
     for (int p = 1; p < parts; ++p) partial.push_back(at::zeros_like(g_table));
   parallel_range(S, parts, [&](int64_t s0, int64_t s1, int p) {
     scalar_t* gt = need_table ? (p == 0 ? g_table.data_ptr<scalar_t>() : partial[p - 1].data_ptr<scalar_t>()) : nullptr;
-    int64_t rows[1 << kMaxDim];
-    scalar_t w[1 << kMaxDim], frac[kMaxDim], dots[1 << kMaxDim];
+    int64_t rows[K];
+    scalar_t w[K], frac[DIM], dots[K];
     for (int64_t s = s0; s < s1; ++s) {
       const scalar_t* g = go + s * dh;
       for (int64_t j = 0; j < J; ++j) {
         const int64_t sj = s * J + j;
-        corners(L, pos + sj * dim, cr + static_cast<int64_t>(id[sj]) * K, s, j, rows, w, frac);
+        corners<scalar_t, DIM>(L, pos + sj * DIM, cr + static_cast<int64_t>(id[sj]) * K, s, j, rows, w, frac);
         const scalar_t a = att[sj];
         scalar_t gwj = 0;
         for (int k = 0; k < K; ++k) {
@@ -169,30 +166,27 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
           if (need_dots) {
             const scalar_t* t = tab + rows[k] * dh;
             scalar_t acc = 0;
-            for (int64_t e = 0; e < dh; ++e) acc += t[e] * g[e];
+            for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) acc += t[e] * g[e];
             dots[k] = acc;
             gwj += w[k] * acc;
           }
           if (need_table) {
             const scalar_t c = a * w[k];
             scalar_t* t = gt + rows[k] * dh;
-            for (int64_t e = 0; e < dh; ++e) t[e] += c * g[e];
+            for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) t[e] += c * g[e];
           }
         }
         if (need_w) gw[sj] = gwj;
         if (need_pos) {
-          for (int d = 0; d < dim; ++d) {
+          for (int d = 0; d < DIM; ++d) {
             scalar_t acc = 0;
             for (int k = 0; k < K; ++k) {
-              if (rows[k] < 0) continue;
-              scalar_t dw = ((k >> (dim - 1 - d)) & 1) ? scalar_t(1) : scalar_t(-1);
-              for (int e = 0; e < dim; ++e) {
-                if (e == d) continue;
-                dw *= ((k >> (dim - 1 - e)) & 1) ? frac[e] : scalar_t(1) - frac[e];
-              }
-              acc += dw * dots[k];
+              scalar_t dw = ((k >> (DIM - 1 - d)) & 1) ? scalar_t(1) : scalar_t(-1);
+              for (int e = 0; e < DIM; ++e)
+                if (e != d) dw *= ((k >> (DIM - 1 - e)) & 1) ? frac[e] : scalar_t(1) - frac[e];
+              acc += dw * dots[k];  // dots[k] == 0 where the corner holds nothing
             }
-            gp[sj * dim + d] = a * acc;
+            gp[sj * DIM + d] = a * acc;
           }
         }
       }
@@ -201,12 +195,29 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
   for (auto& t : partial) g_table.add_(t);
 }
 
+// CALL(D, DH) for the runtime position dim (1..3) and head dim (16, 32, 64 unrolled, else 0: run time).
+#define SPARSE_SAMPLE_BY_DH(D, dh, CALL) \
+  switch (dh) {                          \
+    case 16: CALL(D, 16); break;         \
+    case 32: CALL(D, 32); break;         \
+    case 64: CALL(D, 64); break;         \
+    default: CALL(D, 0);                 \
+  }
+#define SPARSE_SAMPLE_DISPATCH(dim, dh, CALL) \
+  if ((dim) == 1) {                           \
+    SPARSE_SAMPLE_BY_DH(1, dh, CALL)          \
+  } else if ((dim) == 2) {                    \
+    SPARSE_SAMPLE_BY_DH(2, dh, CALL)          \
+  } else {                                    \
+    SPARSE_SAMPLE_BY_DH(3, dh, CALL)          \
+  }
+
 void check_inputs(const at::Tensor& table, const at::Tensor& positions, const at::Tensor& weights,
                   const at::Tensor& ids, const at::Tensor& corner_rows) {
   TORCH_CHECK(table.device().is_cpu() && table.is_contiguous() && table.dim() == 2, "table must be a contiguous CPU [R, Dh]");
   TORCH_CHECK(positions.scalar_type() == table.scalar_type() && positions.is_contiguous() && positions.dim() == 3,
               "positions must be contiguous [S, J, D] of the table's dtype");
-  TORCH_CHECK(positions.size(2) >= 1 && positions.size(2) <= kMaxDim, "position_dim must be 1..3");
+  TORCH_CHECK(positions.size(2) >= 1 && positions.size(2) <= 3, "position_dim must be 1..3");
   TORCH_CHECK(weights.scalar_type() == table.scalar_type() && weights.is_contiguous(), "weights: contiguous, table dtype");
   TORCH_CHECK(ids.scalar_type() == at::kInt && ids.is_contiguous(), "ids must be contiguous int32");
   TORCH_CHECK(corner_rows.scalar_type() == at::kInt && corner_rows.is_contiguous() &&
@@ -214,6 +225,12 @@ void check_inputs(const at::Tensor& table, const at::Tensor& positions, const at
 }
 
 }  // namespace
+
+#define SPARSE_SAMPLE_FORWARD(D, DH) \
+  forward_impl<scalar_t, D, DH>(table, positions, weights, ids, corner_rows, L, out, static_cast<int>(n_threads))
+#define SPARSE_SAMPLE_BACKWARD(D, DH)                                                                         \
+  backward_impl<scalar_t, D, DH>(table, positions, weights, ids, corner_rows, L, grad_out, g_table, g_pos, g_w, \
+                                 need_table, need_pos, need_w, static_cast<int>(n_threads), max_table_copies)
 
 at::Tensor sample_forward(const at::Tensor& table, const at::Tensor& positions, const at::Tensor& weights,
                           const at::Tensor& ids, const at::Tensor& corner_rows, const at::Tensor& batch,
@@ -223,7 +240,7 @@ at::Tensor sample_forward(const at::Tensor& table, const at::Tensor& positions, 
   auto out = at::empty({positions.size(0), table.size(1)}, table.options());
   const Layout L = make_layout(batch, level, head, shapes, n_heads, shapes.size(0), bg_offset);
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "sample_forward", [&] {
-    forward_impl<scalar_t>(table, positions, weights, ids, corner_rows, L, out, static_cast<int>(n_threads));
+    SPARSE_SAMPLE_DISPATCH(positions.size(2), table.size(1), SPARSE_SAMPLE_FORWARD)
   });
   return out;
 }
@@ -242,8 +259,7 @@ std::vector<at::Tensor> sample_backward(const at::Tensor& table, const at::Tenso
   auto g_w = need_w ? at::empty_like(weights) : at::Tensor();
   const Layout L = make_layout(batch, level, head, shapes, n_heads, shapes.size(0), bg_offset);
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "sample_backward", [&] {
-    backward_impl<scalar_t>(table, positions, weights, ids, corner_rows, L, grad_out, g_table, g_pos, g_w, need_table,
-                            need_pos, need_w, static_cast<int>(n_threads), max_table_copies);
+    SPARSE_SAMPLE_DISPATCH(positions.size(2), table.size(1), SPARSE_SAMPLE_BACKWARD)
   });
   return {g_table, g_pos, g_w};
 }
