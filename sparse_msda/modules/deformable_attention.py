@@ -162,12 +162,13 @@ class SparseMSDeformableAttention(nn.Module):
         shapes = qb.level_spatial_shapes.to(query_spatial_positions.dtype)  # [L, D]
         ref = query_spatial_positions / qb.query_level_shapes  # [Q, D], normalised
         # sampling_offsets' output is (x, y[, z]) (MSDeformAttn's layout); flipping its (small) weight
-        # instead of its [Q, H, L, P, D] output gives (y, x) / (z, y, x) directly, and the reference
-        # points are added in place: one tensor of that size instead of three
+        # instead of its [Q, H, L, P, D] output gives (y, x) / (z, y, x) directly (no flipped copy);
+        # the reference points are added out of place (in place on the view would make autograd
+        # copy the gradient back in backward)
         weight = self.sampling_offsets.weight.view(h, l, p, d, -1).flip(3).reshape(h * l * p * d, -1)
         bias = self.sampling_offsets.bias.view(h, l, p, d).flip(3).reshape(-1)
-        locations = F.linear(query, weight, bias).view(n_q, h, l, p, d).to(ref.dtype)
-        locations = locations.addcmul_(ref[:, None, None, None, :], shapes[None, None, :, None, :])
+        offsets = F.linear(query, weight, bias).view(n_q, h, l, p, d).to(ref.dtype)
+        locations = torch.addcmul(offsets, ref[:, None, None, None, :], shapes[None, None, :, None, :])
         out = sparse_deformable_attention(value, qb.index, qb.batch_indices, locations, attn, background_value)
         return self.output_proj(out)
 
