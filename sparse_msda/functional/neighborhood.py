@@ -43,7 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from adapters import SparseCoordinateIndex, as_level_spatial_shapes
 
-from .rope import rope_angles, rope_cos_sin, rotate_pairs
+from .rope import rope_angles, rope_cos_sin, rotate_pairs, rotate_pairs_back
 
 __all__ = [
     "NeighborhoodAttentionFunction",
@@ -571,9 +571,10 @@ def _rotation_angle_grad(y: Tensor, gy: Tensor) -> Tensor:
 
 
 SAVED_PROBABILITIES_BYTES = 256 * 2**20
-"""Budget for keeping the voxel attention weights (``[H, padded pairs]``, ``embed_dim / H``
-times smaller than per-pair features) from the forward for the backward; above it the
-backward recomputes them from ``q`` and ``k``."""
+"""Budget for keeping the attention weights (voxel pairs ``[H, padded pairs]``, background
+slots ``[H, queries, slots]``: ``embed_dim / H`` times smaller than per-pair features) and the
+background path's window-centre ``cos``/``sin`` from the forward for the backward; above it
+the backward recomputes them from ``q``, ``k`` and the frequencies."""
 
 
 def default_chunk_size(n_heads: int) -> int:
@@ -646,7 +647,11 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
         lse_h = q.new_zeros(n_heads, n_q)
         if with_bg:
             tables = background_tables(bg_k, freqs, plan)[0].permute(0, 2, 3, 1).contiguous()  # [B, H, d, K]
-        keep = plan.n_padded_pairs * n_heads * q.element_size() <= SAVED_PROBABILITIES_BYTES
+        kept = plan.n_padded_pairs * n_heads
+        if with_bg:  # background weights [H, n, K] and centre cos/sin [L, H', n, d/2] x 2 per chunk
+            n_rows = sum(c.masked.shape[0] * c.masked.shape[1] for c in plan.chunks)
+            kept += n_rows * (n_heads * plan.slot_level.shape[0] + plan.n_levels * freqs.shape[0] * head_dim)
+        keep = kept * q.element_size() <= SAVED_PROBABILITIES_BYTES
         saved = [] if keep else None  # per chunk: (unnormalised weights [H, T, G, U], 1 / sum [H, T, G])
         for c in plan.chunks:
             T, G, U = c.shape
@@ -657,12 +662,12 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             del kp
             m = s.amax(-1)  # [H, T, G]
             if with_bg:
-                s_bg = []
+                s_bg = []  # exp-ed later, in place
                 u_c = _centre_positions(plan.centres.index_select(0, c.query_gather), plan)  # [n, L, D+1]
                 cos_c, sin_c = rope_cos_sin(torch.einsum("nlk,hjk->lhnj", u_c, freqs.to(torch.float64)), q.dtype)
                 qf = qp.view(n_heads, n, head_dim)
                 for level, (k0, k1) in enumerate(plan.slot_ranges):
-                    ql = rotate_pairs(qf, cos_c[level], -sin_c[level])  # R(-u_centre) q
+                    ql = rotate_pairs_back(qf, cos_c[level], sin_c[level])  # R(-u_centre) q
                     sl = torch.matmul(ql, tables[c.batch, :, :, k0:k1]).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf)
                     s_bg.append(sl)  # [H, n, K_l]
                     m = torch.maximum(m, sl.amax(-1).view(n_heads, T, G))
@@ -676,12 +681,11 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                     a_l = sl.sub_(mf).exp_().sum(-1)  # [H, n]
                     zf += a_l
                     of += a_l[..., None] * bg_v[c.batch, level][:, None, :]
-                del s_bg
             has = z > 0
             z_inv = torch.where(has, 1.0 / z, zero)
             o *= z_inv[..., None]
             if saved is not None:
-                saved.append((s, z_inv))
+                saved.append((s, z_inv) + ((s_bg, cos_c, sin_c) if with_bg else ()))
             _scatter_rows(out, c, o)
             lse_h.index_copy_(1, c.query_rows, torch.where(has, m + torch.log(z), zero).view(n_heads, n).index_select(1, c.query_pos))
         ctx.save_for_backward(q, k, v, bg_k, bg_v, freqs, out, lse_h)
@@ -741,11 +745,18 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                 qf, gf = qp.view(n_heads, n, head_dim), gp.view(n_heads, n, head_dim)
                 lf, df = lp.view(n_heads, n, 1), dp.view(n_heads, n, 1)
                 u_c = _centre_positions(plan.centres.index_select(0, qi), plan)  # [n, L, D+1]
-                cos_c, sin_c = rope_cos_sin(torch.einsum("nlk,hjk->lhnj", u_c, freqs64), q.dtype)
+                if weights is not None:
+                    s_bg, cos_c, sin_c = weights[i][2:]
+                    z_inv = weights[i][1].view(n_heads, n, 1)
+                else:
+                    cos_c, sin_c = rope_cos_sin(torch.einsum("nlk,hjk->lhnj", u_c, freqs64), q.dtype)
                 for level, (k0, k1) in enumerate(plan.slot_ranges):
-                    ql = rotate_pairs(qf, cos_c[level], -sin_c[level])  # R(-u_centre) q, [H, n, d]
+                    ql = rotate_pairs_back(qf, cos_c[level], sin_c[level])  # R(-u_centre) q, [H, n, d]
                     tab = tables_t[b, :, :, k0:k1]  # [H, d, K_l]
-                    a = torch.matmul(ql, tab).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf).sub_(lf).exp_()
+                    if weights is not None:
+                        a = s_bg[level] * z_inv
+                    else:
+                        a = torch.matmul(ql, tab).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf).sub_(lf).exp_()
                     if need_bv:
                         dbv[b, level] += torch.einsum("hn,hnd->hd", a.sum(-1), gf)
                     gv = (gf * bg_v[b, level][:, None, :]).sum(-1, keepdim=True)  # <g, bg_v>, [H, n, 1]

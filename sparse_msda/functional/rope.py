@@ -50,6 +50,7 @@ __all__ = [
     "rope_freq_groups",
     "rope_group_sizes",
     "rotate_pairs",
+    "rotate_pairs_back",
 ]
 
 FREQ_GROUP_PATTERNS = ("single", "partition", "spatial_level")
@@ -156,14 +157,13 @@ def rope_angles(positions: Tensor, freqs: Tensor) -> Tensor:
 def rope_cos_sin(angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``cos``/``sin`` of float64 ``angles`` in ``dtype``.
 
-    Below float64 the angles are first reduced to ``[-pi, pi]`` in float64, then the
+    Below float64 the angles are first reduced to ``[0, 2 pi)`` in float64, then the
     trigonometry runs in ``dtype`` (float32 ``cos``/``sin`` of a reduced angle are as accurate
     as a float64 result rounded to float32, and several times faster). Differentiable.
     """
     if dtype == torch.float64:
         return torch.cos(angles), torch.sin(angles)
-    two_pi = 2.0 * math.pi
-    reduced = (angles - torch.round(angles / two_pi) * two_pi).to(dtype)
+    reduced = torch.remainder(angles, 2.0 * math.pi).to(dtype)  # [0, 2 pi); gradient 1
     return torch.cos(reduced), torch.sin(reduced)
 
 
@@ -172,7 +172,30 @@ def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     ``[..., H or 1, head_dim // 2]``."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    shape = torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1]))
+    y = torch.empty(shape, dtype=torch.result_type(x, cos), device=x.device)
+    y1, y2 = y[..., :half], y[..., half:]
+    torch.mul(x1, cos, out=y1)
+    y1.addcmul_(x2, sin, value=-1.0)
+    torch.mul(x1, sin, out=y2)
+    y2.addcmul_(x2, cos)
+    return y
+
+
+def rotate_pairs_back(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``rotate_pairs(x, cos, -sin)`` without materialising ``-sin``."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    shape = torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1]))
+    y = torch.empty(shape, dtype=torch.result_type(x, cos), device=x.device)
+    y1, y2 = y[..., :half], y[..., half:]
+    torch.mul(x1, cos, out=y1)
+    y1.addcmul_(x2, sin)
+    torch.mul(x2, cos, out=y2)
+    y2.addcmul_(x1, sin, value=-1.0)
+    return y
 
 
 class _RopeFunction(torch.autograd.Function):
@@ -198,7 +221,7 @@ class _RopeFunction(torch.autograd.Function):
         need_x, need_pos, need_freqs = ctx.needs_input_grad
         dx = dpos = dfreqs = None
         if need_x:
-            dx = rotate_pairs(gy, cos, -sin).sum_to_size(ctx.x_shape)
+            dx = rotate_pairs_back(gy, cos, sin).sum_to_size(ctx.x_shape)
         if need_pos or need_freqs:
             half = y.shape[-1] // 2
             dth = y[..., :half] * gy[..., half:] - y[..., half:] * gy[..., :half]  # [..., H, d/2]
