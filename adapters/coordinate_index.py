@@ -219,21 +219,32 @@ class SparseCoordinateIndex:
         return rows, rows >= 0
 
     def _query_keys(
-        self, b: torch.Tensor, l: torch.Tensor, c: torch.Tensor, extra: int = 0
+        self, b: torch.Tensor, l: torch.Tensor, c: torch.Tensor, extra: int = 0, shift: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat keys ``[M]`` (``-1`` where out of bounds) and the in-bounds mask, in one pass per axis.
+        """Keys ``[...]`` of cells ``c + shift`` (``-1`` where out of bounds) and the in-bounds mask.
 
-        ``extra`` widens every axis by that many cells (``c < shape + extra``): the key space
-        of base cells shifted by +1, which is separate from the voxel table's.
+        ``b`` and ``l`` broadcast against ``c.shape[:-1]`` (per-level bounds are gathered at their
+        size, not at the cells'); one pass per axis. ``extra`` widens every axis by that many
+        cells (``c + shift < shape + extra``): with ``extra = shift = 1`` the key space of base
+        cells shifted by +1, which is separate from the voxel table's.
         """
         n_levels = self.n_levels
         valid = (b >= 0) & (b < self.batch_size) & (l >= 0) & (l < n_levels)
-        level = l.clamp(0, n_levels - 1)
+        bounds = self.level_spatial_shapes[l.clamp(0, n_levels - 1)] + (extra - shift)  # [..., D]
         key = b * n_levels + l
+        offset = 0
         for axis in range(self.position_dim):
-            ca = c[:, axis]
-            valid &= (ca >= 0) & (ca < self.level_spatial_shapes[:, axis][level] + extra)
-            key.mul_(int(self._axis_extent[axis]) + extra).add_(ca)
+            ca = c[..., axis]
+            extent = int(self._axis_extent[axis]) + extra
+            inside = (ca >= -shift) & (ca < bounds[..., axis])
+            if axis == 0:  # broadcast to the cells' shape once, then in place
+                valid, key = valid & inside, key * extent + ca
+            else:
+                valid &= inside
+                key.mul_(extent).add_(ca)
+            offset = offset * extent + shift
+        if offset:
+            key.add_(offset)
         key.masked_fill_(~valid, -1)
         return key, valid
 
@@ -266,31 +277,37 @@ class SparseCoordinateIndex:
         """Ids of base cells in the corner table (one hash query per cell); see :meth:`corner_rows`.
 
         Args:
-            batch_indices, level_indices: integer ``[M]``.
-            base_cells: integer ``[M, position_dim]``, spconv axis order.
+            batch_indices, level_indices: integer, broadcastable to ``base_cells.shape[:-1]``.
+            base_cells: integer ``[..., position_dim]``, spconv axis order.
 
         Returns:
-            int64 ``[M]`` ids; a base cell none of whose corners holds a voxel (including one
+            int64 ``base_cells.shape[:-1]`` ids; a base cell none of whose corners holds a voxel (including one
             outside the level, or with an out-of-range batch or level) gets the id of an
             all-absent row.
         """
         for name, t in (("batch_indices", batch_indices), ("level_indices", level_indices), ("base_cells", base_cells)):
             check_integer_tensor(name, t)
         dim = self.position_dim
-        if base_cells.ndim != 2 or base_cells.shape[1] != dim or batch_indices.shape != base_cells.shape[:1] or (
-            level_indices.shape != base_cells.shape[:1]
-        ):
+        lead = base_cells.shape[:-1]
+        try:
+            ok = base_cells.ndim >= 1 and base_cells.shape[-1] == dim and (
+                torch.broadcast_shapes(batch_indices.shape, level_indices.shape, lead) == lead
+            )
+        except RuntimeError:
+            ok = False
+        if not ok:
             raise ValueError(
-                f"base cells take batch_indices [M], level_indices [M] and base_cells [M, {dim}], got "
-                f"{tuple(batch_indices.shape)}, {tuple(level_indices.shape)}, {tuple(base_cells.shape)}"
+                f"base cells take base_cells [..., {dim}] and batch_indices / level_indices broadcastable to its "
+                f"leading shape, got {tuple(batch_indices.shape)}, {tuple(level_indices.shape)}, {tuple(base_cells.shape)}"
             )
         table, corner_rows = self._corner_table()
         absent = corner_rows.shape[0] - 1  # the last row of the table is all -1
-        if table is None or not base_cells.shape[0]:
-            return torch.full(base_cells.shape[:1], absent, dtype=torch.int64, device=base_cells.device)
+        if table is None or not base_cells.numel():
+            return torch.full(lead, absent, dtype=torch.int64, device=base_cells.device)
         keys, valid = self._query_keys(
-            batch_indices.to(torch.int64), level_indices.to(torch.int64), base_cells.to(torch.int64) + 1, extra=1
+            batch_indices.to(torch.int64), level_indices.to(torch.int64), base_cells.to(torch.int64), extra=1, shift=1
         )
+        keys, valid = keys.expand(lead).reshape(-1), valid.expand(lead).reshape(-1)
         if table.is_cpu:
             ids, found = hash_query(table, keys)
         else:
@@ -298,7 +315,7 @@ class SparseCoordinateIndex:
             values, hit = hash_query(table, keys[valid])
             ids[valid] = torch.where(hit, values, -1)
             found = ids >= 0
-        return ids.masked_fill_(~found, absent)
+        return ids.masked_fill_(~found, absent).view(lead)
 
     def corner_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """``[..., 2**D]`` rows of the corners of base cells given by :meth:`base_cell_ids` ids.

@@ -297,6 +297,27 @@ def test_lookup_corners_edge_cells_do_not_alias():
         index.lookup_corners(b, l, base[:, :1])
 
 
+def test_base_cell_ids_broadcast_batch_and_level():
+    """Batch / level indices broadcast against the cells' leading shape ([S, 1] and [1, J], as
+    deformable sampling passes them) and give the ids of the flattened call."""
+    levels = make_levels([[(0, 0, 0), (0, 3, 3), (1, 2, 1)], [(0, 0, 0), (1, 1, 1)]], [[4, 4], [2, 2]], 2, 1)
+    index = SparseCoordinateIndex.from_spconv(levels)
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randint(-2, 5, (5, 4, 2), generator=gen)
+    b = torch.tensor([0, 1, 1, 0, 1])[:, None]
+    l = torch.tensor([0, 1, 0, 1])[None, :]
+    ids = index.base_cell_ids(b, l, base)
+    flat = index.base_cell_ids(b.expand(5, 4).reshape(-1), l.expand(5, 4).reshape(-1), base.reshape(-1, 2))
+    assert ids.shape == (5, 4) and ids.reshape(-1).tolist() == flat.tolist()
+    rows = index.corner_rows(ids)
+    assert rows.shape == (5, 4, 4)
+    assert rows.reshape(-1, 4).tolist() == index.lookup_corners(
+        b.expand(5, 4).reshape(-1), l.expand(5, 4).reshape(-1), base.reshape(-1, 2)
+    ).tolist()
+    with pytest.raises(ValueError, match="broadcastable"):
+        index.base_cell_ids(torch.zeros(3, dtype=torch.long), l, base)
+
+
 def test_out_of_level_coords_never_alias():
     # level 1 is smaller than level 0: (l=1, y=3) lies inside the stack extent but outside level 1;
     # a key computed with level 1's own shape would alias (l=1, y=1, x=...) or level 0 voxels.

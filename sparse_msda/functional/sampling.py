@@ -134,11 +134,9 @@ def _base_cell_ids(sampling: _Sampling, positions: Tensor) -> Tensor:
     n_samples, n_per, dim = positions.shape
     ids = torch.empty(n_samples, n_per, dtype=torch.int32, device=positions.device)
     for sl in sampling.steps(n_samples, n_per, dim, per_sample=n_per):  # one key per (s, j)
-        c = sl.stop - sl.start
-        base = torch.floor(positions[sl] - 0.5).to(torch.int64).reshape(-1, dim)
-        b = sampling.rows_of(sampling.batch, sl).expand(c, n_per).reshape(-1)
-        l = sampling.rows_of(sampling.level, sl).expand(c, n_per).reshape(-1)
-        ids[sl] = sampling.index.base_cell_ids(b, l, base).view(c, n_per)
+        base = torch.floor(positions[sl] - 0.5).to(torch.int64)  # [c, J, D]
+        b, l = sampling.rows_of(sampling.batch, sl), sampling.rows_of(sampling.level, sl)  # broadcast views
+        ids[sl] = sampling.index.base_cell_ids(b, l, base)
     return ids
 
 
@@ -188,9 +186,7 @@ class _SparseSample(torch.autograd.Function):
             for sl in sampling.steps(n_samples, n_per, dim):
                 c = sl.stop - sl.start
                 base, frac = _split(positions[sl], table.dtype)
-                b = sampling.rows_of(sampling.batch, sl).expand(c, n_per).reshape(-1)
-                l = sampling.rows_of(sampling.level, sl).expand(c, n_per).reshape(-1)
-                chunk_ids = index.base_cell_ids(b, l, base.reshape(-1, dim)).view(c, n_per)
+                chunk_ids = index.base_cell_ids(sampling.rows_of(sampling.batch, sl), sampling.rows_of(sampling.level, sl), base)
                 ids[sl] = chunk_ids
                 rows, wc, _, _, _ = _corners(sampling, chunk_ids, base, frac, sl)
                 psw = (wc * weights[sl, :, None]).view(c, -1)
