@@ -111,3 +111,28 @@ def test_pytorch_path_gradcheck_and_chunking(monkeypatch, dim, with_bg, one_thre
     torch.testing.assert_close(out1, out2, rtol=0, atol=1e-12)
     for g1, g2 in zip(grads1, grads2):
         torch.testing.assert_close(g1, g2, rtol=0, atol=1e-12)
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    """No compiler / ninja: one RuntimeWarning, then the PyTorch path (same results)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    from sparse_msda.functional import cpu_kernels
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", "1")
+    monkeypatch.setattr(cpu_kernels, "_STATE", {})
+    monkeypatch.setattr(cpp_extension, "load", broken_load)
+    with pytest.warns(RuntimeWarning, match="Ninja is required"):
+        assert cpu_kernels.sampling_kernels() is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels.sampling_kernels() is None  # warned once only
+        f, inputs = _problem(2, True, 20, torch.float64, 51)
+        out = f(*inputs)
+    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", "0")
+    torch.testing.assert_close(out, f(*inputs), rtol=0, atol=0)
