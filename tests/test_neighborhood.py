@@ -22,7 +22,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture
 def one_thread():
-    """Tiny sparse CSR ops pay an OpenMP fork/join per call; gradcheck makes thousands of calls
+    """Tiny ops pay an OpenMP fork/join per call; gradcheck makes thousands of calls
     on a few elements, so run it single-threaded (results do not depend on the thread count)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -418,7 +418,7 @@ def build_neighborhood_plan(
         new_g, new_u = max(cur_g, g), max(cur_u, u)
         padded = (len(cur) + 1) * new_g * new_u
         work = real + g_list[p] * u
-        if cur and (b_list[p] != cur_b or padded > chunk_size or (padded > _PAD_SLACK * work and real * 8 > chunk_size)):
+        if cur and (b_list[p] != cur_b or padded > chunk_size or (padded > _PAD_SLACK * work and real * 32 > chunk_size)):
             groups.append((cur, cur_g, cur_u, cur_b))
             cur, cur_g, cur_u, real = [], 0, 0, 0
             new_g, new_u, work = g, u, g_list[p] * u
@@ -570,6 +570,8 @@ def _rotation_angle_grad(y: Tensor, gy: Tensor) -> Tensor:
     return dth.to(torch.float64)
 
 
+_SOFTMAX_NO_SHIFT_BOUND = 60.0  # exp(+-60) is far from float32 overflow/underflow
+
 SAVED_PROBABILITIES_BYTES = 256 * 2**20
 """Budget for keeping the attention weights (voxel pairs ``[H, padded pairs]``, background
 slots ``[H, queries, slots]``: ``embed_dim / H`` times smaller than per-pair features) and the
@@ -653,14 +655,25 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             kept += n_rows * (n_heads * plan.slot_level.shape[0] + plan.n_levels * freqs.shape[0] * head_dim)
         keep = kept * q.element_size() <= SAVED_PROBABILITIES_BYTES
         saved = [] if keep else None  # per chunk: (unnormalised weights [H, T, G, U], 1 / sum [H, T, G])
+        # |score| <= scale |q_h| |k_h| (rotations keep norms): where a chunk's bound is small the
+        # softmax needs no max shift (exp cannot overflow or underflow), saving two passes
+        q_norm = torch.linalg.vector_norm(q, dim=-1) * scale  # [Q, H]
+        k_norm = torch.linalg.vector_norm(kk, dim=-1)  # [N, H]
+        if with_bg:
+            bg_norm = torch.linalg.vector_norm(bg_k, dim=-1).amax(1)  # [B, H]
         for c in plan.chunks:
             T, G, U = c.shape
             n = T * G
+            qn = q_norm.index_select(0, c.query_gather).amax(0)  # [H]
+            kn = k_norm.index_select(0, c.key_gather).amax(0)
+            if with_bg:
+                kn = torch.maximum(kn, bg_norm[c.batch])
+            shift = float((qn * kn).max()) > _SOFTMAX_NO_SHIFT_BOUND
             qp = _gather_heads(q, c.query_gather, T, scale)  # [H, T, G, d]
             kp = _gather_heads(kk, c.key_gather, T)  # [H, T, U, d]
             s = torch.matmul(qp, kp.transpose(-1, -2)).masked_fill_(c.masked, neg_inf)  # [H, T, G, U]
             del kp
-            m = s.amax(-1)  # [H, T, G]
+            m = s.amax(-1) if shift else q.new_zeros(n_heads, T, G)  # [H, T, G]
             if with_bg:
                 s_bg = []  # exp-ed later, in place
                 u_c = _centre_positions(plan.centres.index_select(0, c.query_gather), plan)  # [n, L, D+1]
@@ -670,15 +683,18 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                     ql = rotate_pairs_back(qf, cos_c[level], sin_c[level])  # R(-u_centre) q
                     sl = torch.matmul(ql, tables[c.batch, :, :, k0:k1]).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf)
                     s_bg.append(sl)  # [H, n, K_l]
-                    m = torch.maximum(m, sl.amax(-1).view(n_heads, T, G))
-            m = torch.where(m > neg_inf, m, zero)
-            s.sub_(m[..., None]).exp_()
+                    if shift:
+                        m = torch.maximum(m, sl.amax(-1).view(n_heads, T, G))
+            if shift:
+                m = torch.where(m > neg_inf, m, zero)
+                s.sub_(m[..., None])
+            s.exp_()
             z = s.sum(-1)  # [H, T, G]
             o = torch.matmul(s, _gather_heads(vv, c.key_gather, T))  # [H, T, G, d]
             if with_bg:
                 mf, zf, of = m.view(n_heads, n, 1), z.view(n_heads, n), o.view(n_heads, n, head_dim)
                 for level, sl in enumerate(s_bg):
-                    a_l = sl.sub_(mf).exp_().sum(-1)  # [H, n]
+                    a_l = (sl.sub_(mf) if shift else sl).exp_().sum(-1)  # [H, n]
                     zf += a_l
                     of += a_l[..., None] * bg_v[c.batch, level][:, None, :]
             has = z > 0
@@ -726,16 +742,18 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             vp = _gather_heads(v, c.key_gather, T)
             lp = lse_h.index_select(1, qi).view(n_heads, T, G, 1)
             dp = delta_h.index_select(1, qi).view(n_heads, T, G, 1)
-            if weights is not None:  # kept by the forward
-                a = weights[i][0] * weights[i][1][..., None]
+            if weights is not None:  # kept by the forward: a = w / z, folded into the small factors
+                a, z_inv = weights[i][0], weights[i][1][..., None]  # [H, T, G, U], [H, T, G, 1]
+                g_a, dp_a = gp * z_inv, dp * z_inv
             else:  # recomputed
                 a = torch.matmul(qp, kp.transpose(-1, -2)).masked_fill_(c.masked, neg_inf).sub_(lp).exp_()  # [H, T, G, U]
-            ds = torch.matmul(gp, vp.transpose(-1, -2)).sub_(dp).mul_(a)  # [H, T, G, U]
+                g_a, dp_a = gp, dp
+            ds = torch.matmul(g_a, vp.transpose(-1, -2)).sub_(dp_a).mul_(a)  # [H, T, G, U]
             del vp
             keys = c.key.view(-1)
             if need_v:
-                dv.index_add_(0, keys, _key_major(torch.matmul(a.transpose(-1, -2), gp)))
-            del a
+                dv.index_add_(0, keys, _key_major(torch.matmul(a.transpose(-1, -2), g_a)))
+            del a, g_a
             if need_k:
                 dk.index_add_(0, keys, _key_major(torch.matmul(ds.transpose(-1, -2), qp)))
             dq_c = torch.matmul(ds, kp).view(n_heads, n, head_dim)  # w.r.t. the scaled query
@@ -753,14 +771,17 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                 for level, (k0, k1) in enumerate(plan.slot_ranges):
                     ql = rotate_pairs_back(qf, cos_c[level], sin_c[level])  # R(-u_centre) q, [H, n, d]
                     tab = tables_t[b, :, :, k0:k1]  # [H, d, K_l]
-                    if weights is not None:
-                        a = s_bg[level] * z_inv
+                    gv = (gf * bg_v[b, level][:, None, :]).sum(-1, keepdim=True)  # <g, bg_v>, [H, n, 1]
+                    if weights is not None:  # a = w / z, folded into the small factors
+                        w = s_bg[level]
+                        if need_bv:
+                            dbv[b, level] += torch.einsum("hn,hnd->hd", w.sum(-1) * z_inv[..., 0], gf)
+                        ds = w * ((gv - df) * z_inv)  # [H, n, K_l]
                     else:
                         a = torch.matmul(ql, tab).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf).sub_(lf).exp_()
-                    if need_bv:
-                        dbv[b, level] += torch.einsum("hn,hnd->hd", a.sum(-1), gf)
-                    gv = (gf * bg_v[b, level][:, None, :]).sum(-1, keepdim=True)  # <g, bg_v>, [H, n, 1]
-                    ds = a.mul_(gv - df)  # [H, n, K_l]
+                        if need_bv:
+                            dbv[b, level] += torch.einsum("hn,hnd->hd", a.sum(-1), gf)
+                        ds = a.mul_(gv - df)  # [H, n, K_l]
                     if dtables is not None:
                         dtables[b, :, :, k0:k1] += torch.matmul(ql.transpose(-1, -2), ds)
                     if need_q or need_f:
@@ -772,7 +793,7 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                             if freqs.shape[0] != n_heads:
                                 dth = dth.sum(0, keepdim=True)
                             dfreqs -= torch.einsum("hnj,nk->hjk", dth, u_c[:, level])
-                    del a, ds
+                    del ds
             if need_q:
                 _scatter_rows(dq, c, dq_c, scale)
         dq = dq if need_q else None
