@@ -197,7 +197,7 @@ class PlanChunk:
     query_rows: Tensor  # int64 [n] the query ids at those positions
     key_gather: Tensor  # int64 [T * U] key rows clamped into range (for gathers)
     masked: Tensor  # bool [T, G, U] True where query g must not see key u
-    bg_masked: Optional[Tensor]  # bool [1, T * G, K] True where a window slot is no background key
+    bg_masked: Optional[Tensor]  # bool [1, n, K] (real queries, as query_pos) True where a slot is no background key
     batch: int  # the batch item of all the chunk's queries (with background), else -1
 
     @property
@@ -418,7 +418,7 @@ def build_neighborhood_plan(
         new_g, new_u = max(cur_g, g), max(cur_u, u)
         padded = (len(cur) + 1) * new_g * new_u
         work = real + g_list[p] * u
-        if cur and (b_list[p] != cur_b or padded > chunk_size or (padded > _PAD_SLACK * work and real * 32 > chunk_size)):
+        if cur and (b_list[p] != cur_b or padded > chunk_size or (padded > _PAD_SLACK * work and real * 16 > chunk_size)):
             groups.append((cur, cur_g, cur_u, cur_b))
             cur, cur_g, cur_u, real = [], 0, 0, 0
             new_g, new_u, work = g, u, g_list[p] * u
@@ -488,7 +488,7 @@ def build_neighborhood_plan(
                 query_rows=query.view(-1)[q_valid.view(-1)],
                 key_gather=key.clamp_max(max(n_keys - 1, 0)).reshape(-1),
                 masked=~allowed,
-                bg_masked=None if bg_valid is None else ~bg_valid.view(1, T * G, -1),
+                bg_masked=None if bg_valid is None else ~bg_valid.view(T * G, -1)[q_valid.view(-1)][None],
                 batch=chunk_batch if with_background else -1,
             )
         )
@@ -651,8 +651,7 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             tables = background_tables(bg_k, freqs, plan)[0].permute(0, 2, 3, 1).contiguous()  # [B, H, d, K]
         kept = plan.n_padded_pairs * n_heads
         if with_bg:  # background weights [H, n, K] and centre cos/sin [L, H', n, d/2] x 2 per chunk
-            n_rows = sum(c.masked.shape[0] * c.masked.shape[1] for c in plan.chunks)
-            kept += n_rows * (n_heads * plan.slot_level.shape[0] + plan.n_levels * freqs.shape[0] * head_dim)
+            kept += n_q * (n_heads * plan.slot_level.shape[0] + plan.n_levels * freqs.shape[0] * head_dim)
         keep = kept * q.element_size() <= SAVED_PROBABILITIES_BYTES
         saved = [] if keep else None  # per chunk: (unnormalised weights [H, T, G, U], 1 / sum [H, T, G])
         # |score| <= scale |q_h| |k_h| (rotations keep norms): where a chunk's bound is small the
@@ -674,17 +673,22 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             s = torch.matmul(qp, kp.transpose(-1, -2)).masked_fill_(c.masked, neg_inf)  # [H, T, G, U]
             del kp
             m = s.amax(-1) if shift else q.new_zeros(n_heads, T, G)  # [H, T, G]
-            if with_bg:
+            if with_bg:  # background slots of the real (not padding) queries: rows c.query_pos
+                pos = c.query_pos
                 s_bg = []  # exp-ed later, in place
-                u_c = _centre_positions(plan.centres.index_select(0, c.query_gather), plan)  # [n, L, D+1]
+                u_c = _centre_positions(plan.centres.index_select(0, c.query_rows), plan)  # [r, L, D+1]
                 cos_c, sin_c = rope_cos_sin(torch.einsum("nlk,hjk->lhnj", u_c, freqs.to(torch.float64)), q.dtype)
-                qf = qp.view(n_heads, n, head_dim)
+                qf = qp.view(n_heads, n, head_dim).index_select(1, pos)  # [H, r, d]
+                m_bg = None
                 for level, (k0, k1) in enumerate(plan.slot_ranges):
                     ql = rotate_pairs_back(qf, cos_c[level], sin_c[level])  # R(-u_centre) q
                     sl = torch.matmul(ql, tables[c.batch, :, :, k0:k1]).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf)
-                    s_bg.append(sl)  # [H, n, K_l]
+                    s_bg.append(sl)  # [H, r, K_l]
                     if shift:
-                        m = torch.maximum(m, sl.amax(-1).view(n_heads, T, G))
+                        m_bg = sl.amax(-1) if m_bg is None else torch.maximum(m_bg, sl.amax(-1))
+                if shift:
+                    m_flat = m.view(n_heads, n)
+                    m_flat.index_copy_(1, pos, torch.maximum(m_flat.index_select(1, pos), m_bg))
             if shift:
                 m = torch.where(m > neg_inf, m, zero)
                 s.sub_(m[..., None])
@@ -692,11 +696,14 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             z = s.sum(-1)  # [H, T, G]
             o = torch.matmul(s, _gather_heads(vv, c.key_gather, T))  # [H, T, G, d]
             if with_bg:
-                mf, zf, of = m.view(n_heads, n, 1), z.view(n_heads, n), o.view(n_heads, n, head_dim)
+                mr = m.view(n_heads, n).index_select(1, pos)[..., None]  # [H, r, 1]
+                z_bg, o_bg = 0.0, 0.0
                 for level, sl in enumerate(s_bg):
-                    a_l = (sl.sub_(mf) if shift else sl).exp_().sum(-1)  # [H, n]
-                    zf += a_l
-                    of += a_l[..., None] * bg_v[c.batch, level][:, None, :]
+                    a_l = (sl.sub_(mr) if shift else sl).exp_().sum(-1)  # [H, r]
+                    z_bg = z_bg + a_l
+                    o_bg = o_bg + a_l[..., None] * bg_v[c.batch, level][:, None, :]
+                z.view(n_heads, n).index_add_(1, pos, z_bg)
+                o.view(n_heads, n, head_dim).index_add_(1, pos, o_bg)
             has = z > 0
             z_inv = torch.where(has, 1.0 / z, zero)
             o *= z_inv[..., None]
@@ -758,14 +765,17 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                 dk.index_add_(0, keys, _key_major(torch.matmul(ds.transpose(-1, -2), qp)))
             dq_c = torch.matmul(ds, kp).view(n_heads, n, head_dim)  # w.r.t. the scaled query
             del ds, kp
-            if with_bg:
-                b = c.batch
-                qf, gf = qp.view(n_heads, n, head_dim), gp.view(n_heads, n, head_dim)
-                lf, df = lp.view(n_heads, n, 1), dp.view(n_heads, n, 1)
-                u_c = _centre_positions(plan.centres.index_select(0, qi), plan)  # [n, L, D+1]
+            if with_bg:  # rows of the real queries, as in the forward
+                b, pos = c.batch, c.query_pos
+                qf = qp.view(n_heads, n, head_dim).index_select(1, pos)
+                gf = gp.view(n_heads, n, head_dim).index_select(1, pos)
+                lf = lp.view(n_heads, n).index_select(1, pos)[..., None]
+                df = dp.view(n_heads, n).index_select(1, pos)[..., None]
+                u_c = _centre_positions(plan.centres.index_select(0, c.query_rows), plan)  # [r, L, D+1]
+                dq_bg = torch.zeros_like(qf) if need_q else None
                 if weights is not None:
                     s_bg, cos_c, sin_c = weights[i][2:]
-                    z_inv = weights[i][1].view(n_heads, n, 1)
+                    z_inv = weights[i][1].view(n_heads, n).index_select(1, pos)[..., None]
                 else:
                     cos_c, sin_c = rope_cos_sin(torch.einsum("nlk,hjk->lhnj", u_c, freqs64), q.dtype)
                 for level, (k0, k1) in enumerate(plan.slot_ranges):
@@ -787,13 +797,15 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                     if need_q or need_f:
                         dql = torch.matmul(ds, tab.transpose(-1, -2))  # [H, n, d]
                         if need_q:
-                            dq_c += rotate_pairs(dql, cos_c[level], sin_c[level])
+                            dq_bg += rotate_pairs(dql, cos_c[level], sin_c[level])
                         if need_f:  # ql = R(-theta) q: dtheta = -(ql1 dql2 - ql2 dql1)
                             dth = _rotation_angle_grad(ql, dql)
                             if freqs.shape[0] != n_heads:
                                 dth = dth.sum(0, keepdim=True)
                             dfreqs -= torch.einsum("hnj,nk->hjk", dth, u_c[:, level])
                     del ds
+                if need_q:
+                    dq_c.index_add_(1, pos, dq_bg)
             if need_q:
                 _scatter_rows(dq, c, dq_c, scale)
         dq = dq if need_q else None
