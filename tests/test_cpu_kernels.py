@@ -136,3 +136,13 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         out = f(*inputs)
     monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", "0")
     torch.testing.assert_close(out, f(*inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_inference_forward_matches(monkeypatch, flag):
+    """Under no_grad the kernels hash and gather chunk by chunk and keep nothing: same output."""
+    f, inputs = _problem(3, True, 200, torch.float64, 61)
+    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", flag)
+    out = f(*inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(f(*inputs, chunk=64), out, rtol=0, atol=1e-13)

@@ -63,6 +63,7 @@ class _Sampling:
     n_heads: int
     background_offset: Optional[int]  # first background row of the table, or None
     chunk_corners: int
+    inference: bool = False  # no gradient will be asked for: keep nothing for backward
 
     def steps(self, n_samples: int, n_per: int, dim: int, per_sample: Optional[int] = None):
         """Slices of samples holding about ``chunk_corners`` corners (or ``chunk_corners``
@@ -129,9 +130,14 @@ def _cpu_kernels(table: Tensor, positions: Tensor, sampling: _Sampling):
     return sampling_kernels()
 
 
-def _base_cell_ids(sampling: _Sampling, positions: Tensor) -> Tensor:
-    """int32 ``[S, J]`` corner-table ids of every sample's base cell (hash queries in chunks)."""
+def _base_cell_ids(sampling: _Sampling, positions: Tensor, only: Optional[slice] = None) -> Tensor:
+    """int32 ``[S, J]`` corner-table ids of every sample's base cell (hash queries in chunks), or
+    of the samples in slice ``only`` (one chunk)."""
     n_samples, n_per, dim = positions.shape
+    if only is not None:
+        base = torch.floor(positions[only] - 0.5).to(torch.int64)
+        b, l = sampling.rows_of(sampling.batch, only), sampling.rows_of(sampling.level, only)
+        return sampling.index.base_cell_ids(b, l, base).to(torch.int32)
     ids = torch.empty(n_samples, n_per, dtype=torch.int32, device=positions.device)
     for sl in sampling.steps(n_samples, n_per, dim, per_sample=n_per):  # one key per (s, j)
         base = torch.floor(positions[sl] - 0.5).to(torch.int64)  # [c, J, D]
@@ -172,10 +178,19 @@ class _SparseSample(torch.autograd.Function):
         kernels = _cpu_kernels(table, positions, sampling)
         if kernels is not None:
             positions, weights = positions.contiguous(), weights.contiguous()
-            with torch.no_grad():
-                ids = _base_cell_ids(sampling, positions)
-                out = kernels.sample_forward(table, positions, weights, ids, *_kernel_args(sampling, positions))
             ctx.kernels = kernels
+            if sampling.inference:  # ids chunk by chunk, nothing kept
+                out = table.new_empty(n_samples, table.shape[1])
+                args = _kernel_args(sampling, positions)
+                for sl in sampling.steps(n_samples, n_per, dim, per_sample=n_per):
+                    ids = _base_cell_ids(sampling, positions, sl)
+                    batch, level, head = (t[sl] for t in args[1:4])
+                    out[sl] = kernels.sample_forward(
+                        table, positions[sl], weights[sl], ids, args[0], batch, level, head, *args[4:]
+                    )
+                return out
+            ids = _base_cell_ids(sampling, positions)
+            out = kernels.sample_forward(table, positions, weights, ids, *_kernel_args(sampling, positions))
             ctx.save_for_backward(table, positions, weights, ids)
             return out
         ctx.kernels = None
@@ -330,5 +345,6 @@ def sparse_weighted_gather(
     sampling = _Sampling(
         index, as_idx(batch_indices), as_idx(level_indices), as_idx(head_indices), n_heads,
         None if background_table is None else n_value_rows, chunk_corners or CHUNK_CORNERS,
+        inference=not (torch.is_grad_enabled() and any(t.requires_grad for t in (table, positions, sample_weights))),
     )
     return _SparseSample.apply(table, positions, sample_weights.to(table.dtype), sampling)

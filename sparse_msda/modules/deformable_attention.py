@@ -168,7 +168,10 @@ class SparseMSDeformableAttention(nn.Module):
         weight = self.sampling_offsets.weight.view(h, l, p, d, -1).flip(3).reshape(h * l * p * d, -1)
         bias = self.sampling_offsets.bias.view(h, l, p, d).flip(3).reshape(-1)
         offsets = F.linear(query, weight, bias).view(n_q, h, l, p, d).to(ref.dtype)
-        locations = torch.addcmul(offsets, ref[:, None, None, None, :], shapes[None, None, :, None, :])
+        if torch.is_grad_enabled() and (offsets.requires_grad or ref.requires_grad):
+            locations = torch.addcmul(offsets, ref[:, None, None, None, :], shapes[None, None, :, None, :])
+        else:  # inference: in place, one [Q, H, L, P, D] tensor
+            locations = offsets.addcmul_(ref[:, None, None, None, :], shapes[None, None, :, None, :])
         out = sparse_deformable_attention(value, qb.index, qb.batch_indices, locations, attn, background_value)
         return self.output_proj(out)
 
