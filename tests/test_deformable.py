@@ -504,3 +504,64 @@ def test_grid_sample_head_split_uncoalesced_stack():
     dup = torch.sparse_coo_tensor(torch.cat([idx, idx[:, :1]], 1), torch.cat([vals, vals[:1]]), split.shape)
     with pytest.raises(ValueError, match="duplicate coordinates"):
         multilevel_sparse_bilinear_grid_sample(dup, pos, b, shapes, lvl)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("with_bg", [False, True])
+@pytest.mark.parametrize("compact", [True, False])
+def test_planned_compact_sampling_matches(dim, with_bg, compact, monkeypatch):
+    """A decoder's planned sampling (hash first, project only the touched voxels, or all of
+    them) equals the plain path: outputs and the gradients of query, features, background and
+    parameters."""
+    from sparse_msda.functional import deformable
+    from sparse_msda.modules import deformable_attention
+
+    plans = []
+
+    def planner(*args, **kwargs):
+        plans.append(deformable.plan_deformable_sampling(*args, compact_below=1.01 if compact else 0.0))
+        return plans[-1]
+
+    monkeypatch.setattr(deformable_attention, "plan_deformable_sampling", planner)
+    gen = torch.Generator().manual_seed(71 + dim)
+    stack, shapes = random_map(SHAPES[dim], 2, 8, 0.6, torch.float64, gen)
+    query, pos, offsets, levels = random_queries([2, 1], SHAPES[dim], 8, torch.float64, gen)
+    bg = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64) if with_bg else None
+    module = randomize(SparseMSDeformableAttention(8, 2, 3, 2, dim), gen).double()
+    results = []
+    for plan_below in (0.0, float("inf")):
+        module.plan_below = plan_below
+        feats = stack.coalesce().values().clone().requires_grad_()
+        st = torch.sparse_coo_tensor(stack.indices(), feats, stack.shape)
+        q = query.clone().requires_grad_()
+        b = None if bg is None else bg.clone().requires_grad_()
+        out = module(q, pos, offsets, st, shapes, query_level_indices=levels, background_embedding=b)
+        grads = torch.autograd.grad(out.square().sum(), [q, feats, *module.parameters()] + ([b] if b is not None else []))
+        results.append((out, grads))
+    assert len(plans) == 1 and (plans[0].voxel_rows is not None) == compact
+    if compact:
+        assert plans[0].voxel_rows.numel() < stack.coalesce().values().shape[0]  # fewer voxels projected
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    for g0, g1 in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g0, g1, rtol=0, atol=1e-12)
+
+
+def test_plan_sampling_compacts_to_the_touched_voxels():
+    from sparse_msda.functional.sampling import plan_sampling
+
+    gen = torch.Generator().manual_seed(9)
+    stack, shapes = random_map(SHAPES[2], 2, 4, 0.5, torch.float64, gen)
+    index = SparseCoordinateIndex.from_coo_stack(stack, shapes)
+    pos = torch.rand(3, 2, 2, generator=gen, dtype=torch.float64) * 4  # few samples near the origin
+    b, lvl = torch.tensor([0, 1, 1])[:, None], torch.tensor([0, 1])[None, :]
+    plan = plan_sampling(index, pos, b, lvl)
+    base = torch.floor(pos - 0.5).long()
+    corners = index.lookup_corners(b.expand(3, 2).reshape(-1), lvl.expand(3, 2).reshape(-1), base.reshape(-1, 2))
+    touched = sorted(set(corners[corners >= 0].tolist()))
+    assert plan.voxel_rows is not None and plan.voxel_rows.tolist() == touched
+    # the compact table maps each sample's corners to positions in voxel_rows
+    compact = plan.corner_table[plan.ids.long()].reshape(-1, 4)
+    expected = torch.where(corners >= 0, torch.searchsorted(plan.voxel_rows, corners.clamp(min=0)), -1)
+    assert compact.tolist() == expected.tolist()
+    full = plan_sampling(index, pos, b, lvl, compact_below=0.0)  # never compact
+    assert full.voxel_rows is None and full.corner_table is index.corner_row_table()

@@ -22,9 +22,15 @@ from torch import Tensor
 
 from adapters import SparseCoordinateIndex, multilevel_features
 
-from .sampling import sparse_weighted_gather
+from .sampling import SamplingPlan, plan_sampling, sparse_weighted_gather
 
-__all__ = ["sparse_split_heads", "multilevel_sparse_bilinear_grid_sample", "sparse_deformable_attention"]
+__all__ = [
+    "deformable_sample_indices",
+    "multilevel_sparse_bilinear_grid_sample",
+    "plan_deformable_sampling",
+    "sparse_deformable_attention",
+    "sparse_split_heads",
+]
 
 
 def sparse_split_heads(sparse_tensor: Tensor, n_heads: int) -> Tensor:
@@ -199,6 +205,34 @@ def multilevel_sparse_bilinear_grid_sample(
     return out.reshape(*lead, head_dim)
 
 
+def deformable_sample_indices(batch_indices: Tensor, n_heads: int, n_levels: int, n_points: int):
+    """Batch ``[Q*H, 1]``, level ``[1, L*P]`` and head ``[Q*H, 1]`` indices of the samples of
+    multi-scale deformable attention, laid out as ``[queries * heads, levels * points]``."""
+    device = batch_indices.device
+    q = batch_indices.shape[0]
+    return (
+        batch_indices.repeat_interleave(n_heads)[:, None],
+        torch.arange(n_levels, device=device).repeat_interleave(n_points)[None, :],
+        torch.arange(n_heads, device=device).repeat(q)[:, None],
+    )
+
+
+def plan_deformable_sampling(
+    index: SparseCoordinateIndex, batch_indices: Tensor, sampling_locations: Tensor, compact_below: float = 0.5
+) -> SamplingPlan:
+    """Hash the samples of :func:`sparse_deformable_attention` once, before the values exist.
+
+    With few queries (a decoder) the samples touch a fraction of the map; the plan's
+    ``voxel_rows`` then says which voxels to project (``value_proj(features[voxel_rows])``)
+    and the attention reads that compact table. Arguments as for
+    :func:`sparse_deformable_attention`; ``compact_below`` as for :func:`plan_sampling`.
+    """
+    q, n_heads, n_levels, n_points, dim = sampling_locations.shape
+    b, l, _ = deformable_sample_indices(batch_indices, n_heads, n_levels, n_points)
+    positions = sampling_locations.detach().reshape(q * n_heads, n_levels * n_points, dim)
+    return plan_sampling(index, positions, b, l, compact_below)
+
+
 def sparse_deformable_attention(
     value: Tensor,
     index: SparseCoordinateIndex,
@@ -206,13 +240,15 @@ def sparse_deformable_attention(
     sampling_locations: Tensor,
     attention_weights: Tensor,
     background_value: Optional[Tensor] = None,
+    plan: Optional[SamplingPlan] = None,
 ) -> Tensor:
     """The sampling + attention sum of multi-scale deformable attention on a sparse map.
 
     Sparse counterpart of Deformable DETR's ``ms_deform_attn_core_pytorch``.
 
     Args:
-        value: ``[N, n_heads, head_dim]`` projected values, rows in ``index`` order.
+        value: ``[N, n_heads, head_dim]`` projected values, rows in ``index`` order (or, with
+            ``plan.voxel_rows``, ``[N', n_heads, head_dim]`` for those voxels only).
         index: coordinate index of the multi-level map.
         batch_indices: int64 ``[Q]`` batch item of each query.
         sampling_locations: float ``[Q, n_heads, n_levels, n_points, D]`` in the cells of
@@ -220,23 +256,24 @@ def sparse_deformable_attention(
         attention_weights: ``[Q, n_heads, n_levels, n_points]`` (already normalised).
         background_value: ``[batch, n_levels, n_heads, head_dim]`` projected value of an
             absent site, or None.
+        plan: optional :func:`plan_deformable_sampling` of the same locations.
 
     Returns:
         ``[Q, n_heads * head_dim]``.
     """
     n_voxels, n_heads, head_dim = value.shape
     q, _, n_levels, n_points, dim = sampling_locations.shape
-    device = sampling_locations.device
-    heads = torch.arange(n_heads, device=device)
+    b, l, h = deformable_sample_indices(batch_indices, n_heads, n_levels, n_points)
     out = sparse_weighted_gather(
         value.reshape(n_voxels * n_heads, head_dim),
         index,
         sampling_locations.reshape(q * n_heads, n_levels * n_points, dim),
-        batch_indices.repeat_interleave(n_heads)[:, None],
-        torch.arange(n_levels, device=device).repeat_interleave(n_points)[None, :],
-        heads.repeat(q)[:, None],
+        b,
+        l,
+        h,
         n_heads=n_heads,
         sample_weights=attention_weights.reshape(q * n_heads, n_levels * n_points),
         background_table=None if background_value is None else background_value.reshape(-1, head_dim),
+        plan=plan,
     )
     return out.reshape(q, n_heads * head_dim)

@@ -42,7 +42,7 @@ from adapters import SparseCoordinateIndex
 
 from .cpu_kernels import sampling_kernels
 
-__all__ = ["CHUNK_CORNERS", "TABLE_COPY_BYTES", "sparse_weighted_gather"]
+__all__ = ["CHUNK_CORNERS", "TABLE_COPY_BYTES", "SamplingPlan", "plan_sampling", "sparse_weighted_gather"]
 
 #: corners processed per chunk (bounds the ``[corners, head_dim]`` scratch buffer of backward)
 CHUNK_CORNERS = 1 << 19
@@ -64,6 +64,15 @@ class _Sampling:
     background_offset: Optional[int]  # first background row of the table, or None
     chunk_corners: int
     inference: bool = False  # no gradient will be asked for: keep nothing for backward
+    plan: Optional["SamplingPlan"] = None  # precomputed ids and (compacted) corner table
+
+    def corner_table(self) -> Tensor:
+        """``[T, 2**D]`` corner rows per base-cell id (the plan's, else the index's)."""
+        return self.plan.corner_table if self.plan is not None else self.index.corner_row_table()
+
+    def corner_rows(self, ids: Tensor) -> Tensor:
+        table = self.corner_table()
+        return table.index_select(0, ids.reshape(-1)).view(*ids.shape, table.shape[1])
 
     def steps(self, n_samples: int, n_per: int, dim: int, per_sample: Optional[int] = None):
         """Slices of samples holding about ``chunk_corners`` corners (or ``chunk_corners``
@@ -101,7 +110,7 @@ def _corners(ctx: _Sampling, ids: Tensor, base: Tensor, frac: Tensor, sl: slice)
     present-corner mask (None with background: absent in-grid corners hold the background)."""
     c, n_per, dim = base.shape
     index = ctx.index
-    cr = index.corner_rows(ids)  # [c, J, K], -1 absent
+    cr = ctx.corner_rows(ids)  # [c, J, K], -1 absent
     found = cr >= 0
     head = ctx.rows_of(ctx.head, sl)
     if head is not None and ctx.n_heads > 1:
@@ -125,7 +134,7 @@ def _cpu_kernels(table: Tensor, positions: Tensor, sampling: _Sampling):
     """The fused CPU kernels when they apply (CPU tensors, one dtype, int32 corner rows), else None."""
     if table.device.type != "cpu" or positions.dtype != table.dtype or table.dtype not in (torch.float32, torch.float64):
         return None
-    if sampling.index.corner_row_table().dtype != torch.int32:
+    if sampling.corner_table().dtype != torch.int32:
         return None
     return sampling_kernels()
 
@@ -134,6 +143,8 @@ def _base_cell_ids(sampling: _Sampling, positions: Tensor, only: Optional[slice]
     """int32 ``[S, J]`` corner-table ids of every sample's base cell (hash queries in chunks), or
     of the samples in slice ``only`` (one chunk)."""
     n_samples, n_per, dim = positions.shape
+    if sampling.plan is not None:
+        return sampling.plan.ids if only is None else sampling.plan.ids[only]
     if only is not None:
         base = torch.floor(positions[only] - 0.5).to(torch.int64)
         b, l = sampling.rows_of(sampling.batch, only), sampling.rows_of(sampling.level, only)
@@ -150,7 +161,7 @@ def _kernel_args(sampling: _Sampling, positions: Tensor) -> tuple:
     """(corner_rows, batch, level, head, shapes, n_heads, bg_offset, n_threads) for the CPU kernels."""
     n_samples, n_per, _ = positions.shape
     index = sampling.index
-    corner_rows = index.corner_row_table()
+    corner_rows = sampling.corner_table()
     expand = lambda t: t.expand(n_samples, n_per)  # noqa: E731  (broadcast views: the kernel reads strides)
     head = sampling.head if sampling.head is not None else torch.zeros(1, 1, dtype=torch.int64)
     bg = -1 if sampling.background_offset is None else sampling.background_offset
@@ -158,6 +169,62 @@ def _kernel_args(sampling: _Sampling, positions: Tensor) -> tuple:
         corner_rows, expand(sampling.batch), expand(sampling.level), expand(head),
         index.level_spatial_shapes.contiguous(), sampling.n_heads, bg, torch.get_num_threads(),
     )
+
+
+@dataclass
+class SamplingPlan:
+    """Where the corners of a fixed set of samples live, computed once (e.g. before projecting
+    values, to project only the voxels the samples touch).
+
+    Attributes:
+        ids: int32 ``[S, J]`` base-cell id of every sample, into ``corner_table``.
+        corner_table: ``[T, 2**D]`` rows of the corners of each id (``-1`` absent); with
+            ``voxel_rows`` the rows are positions in ``voxel_rows`` (the value table then holds
+            only those voxels), else voxel rows of the index.
+        voxel_rows: int64 ``[N']`` sorted voxel rows that some sample's corner touches, or None.
+    """
+
+    ids: Tensor
+    corner_table: Tensor
+    voxel_rows: Optional[Tensor] = None
+
+
+@torch.no_grad()
+def plan_sampling(
+    index: SparseCoordinateIndex,
+    positions: Tensor,
+    batch_indices: Tensor,
+    level_indices: Tensor,
+    compact_below: float = 0.5,
+) -> SamplingPlan:
+    """Hash every sample's base cell once and find the voxels its corners touch.
+
+    Args:
+        index: coordinate index of the map.
+        positions: float ``[S, J, D]`` in the cells of the sampled level.
+        batch_indices, level_indices: integer, broadcastable to ``[S, J]``.
+        compact_below: compact (``voxel_rows`` set, corner table renumbered) when fewer than
+            this fraction of the map's voxels are touched; else keep the index's voxel rows.
+
+    Returns:
+        a :class:`SamplingPlan` for :func:`sparse_weighted_gather` (``plan=``) on the same
+        positions, batch and level indices.
+    """
+    n_samples, n_per, _ = positions.shape
+    as_idx = lambda t: t.to(device=positions.device, dtype=torch.int64).expand(  # noqa: E731
+        *torch.broadcast_shapes(t.shape, (1, 1))
+    )
+    sampling = _Sampling(index, as_idx(batch_indices), as_idx(level_indices), None, 1, None, CHUNK_CORNERS, True)
+    ids = _base_cell_ids(sampling, positions.detach())
+    uids, inverse = torch.unique(ids, return_inverse=True)
+    rows = index.corner_row_table().index_select(0, uids.to(torch.int64))  # [U, K]
+    voxel_rows = torch.unique(rows[rows >= 0]).to(torch.int64)
+    if voxel_rows.numel() >= compact_below * index.n_voxels:
+        return SamplingPlan(ids, index.corner_row_table())
+    row_map = torch.full((index.n_voxels,), -1, dtype=rows.dtype, device=rows.device)
+    row_map[voxel_rows] = torch.arange(voxel_rows.numel(), dtype=rows.dtype, device=rows.device)
+    compact = torch.where(rows >= 0, row_map[rows.clamp(min=0).to(torch.int64)], rows)
+    return SamplingPlan(inverse.to(torch.int32).view(n_samples, n_per), compact.contiguous(), voxel_rows)
 
 
 class _SparseSample(torch.autograd.Function):
@@ -201,7 +268,7 @@ class _SparseSample(torch.autograd.Function):
             for sl in sampling.steps(n_samples, n_per, dim):
                 c = sl.stop - sl.start
                 base, frac = _split(positions[sl], table.dtype)
-                chunk_ids = index.base_cell_ids(sampling.rows_of(sampling.batch, sl), sampling.rows_of(sampling.level, sl), base)
+                chunk_ids = _base_cell_ids(sampling, positions, sl)
                 ids[sl] = chunk_ids
                 rows, wc, _, _, _ = _corners(sampling, chunk_ids, base, frac, sl)
                 psw = (wc * weights[sl, :, None]).view(c, -1)
@@ -312,6 +379,7 @@ def sparse_weighted_gather(
     sample_weights: Optional[Tensor] = None,
     background_table: Optional[Tensor] = None,
     chunk_corners: Optional[int] = None,
+    plan: Optional[SamplingPlan] = None,
 ) -> Tensor:
     """``out[s] = sum_j w[s, j] * interp(map[b[s, j], l[s, j], h[s, j]], positions[s, j])``.
 
@@ -327,6 +395,9 @@ def sparse_weighted_gather(
         background_table: ``[batch * n_levels * n_heads, Dh]`` value of an absent site,
             row ``(b * n_levels + l) * n_heads + h``, or None (absent sites are zero).
         chunk_corners: corners per chunk (default :data:`CHUNK_CORNERS`).
+        plan: from :func:`plan_sampling` on the same positions, batch and level indices: no
+            hashing here; with ``plan.voxel_rows``, ``table`` holds only those voxels
+            (``[N' * n_heads, Dh]``, row ``i * n_heads + h`` for voxel ``voxel_rows[i]``).
 
     Returns:
         ``[S, Dh]``; differentiable w.r.t. table, positions, sample_weights, background_table.
@@ -346,5 +417,6 @@ def sparse_weighted_gather(
         index, as_idx(batch_indices), as_idx(level_indices), as_idx(head_indices), n_heads,
         None if background_table is None else n_value_rows, chunk_corners or CHUNK_CORNERS,
         inference=not (torch.is_grad_enabled() and any(t.requires_grad for t in (table, positions, sample_weights))),
+        plan=plan,
     )
     return _SparseSample.apply(table, positions, sample_weights.to(table.dtype), sampling)
