@@ -410,20 +410,28 @@ def build_neighborhood_plan(
     p_keys = (piece_nkeys.cpu().numpy(), g_cls.cpu().numpy(), sort_batch.cpu().numpy())
     p_order = np.lexsort(p_keys).tolist()
     g_list, u_list, gc_list, b_list = piece_size.tolist(), piece_nkeys.tolist(), g_cls.tolist(), sort_batch.tolist()
-    groups, cur, cur_g, cur_u, real, cur_b = [], [], 0, 0, 0, -1
+    # background work (real queries x window slots, no padding) counts towards the waste
+    # check and has its own bound (4 chunk sizes)
+    bg_slots = offsets.shape[0] if with_background else 0
+    groups, cur, cur_g, cur_u, real, bgw, cur_b = [], [], 0, 0, 0, 0, -1
     for p in p_order:
         if u_list[p] == 0 and not with_background:
             continue  # no key at all: the output row stays zero
         g, u = gc_list[p], max(u_list[p], 1)
         new_g, new_u = max(cur_g, g), max(cur_u, u)
         padded = (len(cur) + 1) * new_g * new_u
-        work = real + g_list[p] * u
-        if cur and (b_list[p] != cur_b or padded > chunk_size or (padded > _PAD_SLACK * work and real * 16 > chunk_size)):
+        work, new_bgw = real + g_list[p] * u, bgw + g_list[p] * bg_slots
+        if cur and (
+            b_list[p] != cur_b
+            or padded > chunk_size
+            or new_bgw > 4 * chunk_size
+            or (padded + new_bgw > _PAD_SLACK * (work + new_bgw) and (real + bgw) * 16 > chunk_size)
+        ):
             groups.append((cur, cur_g, cur_u, cur_b))
-            cur, cur_g, cur_u, real = [], 0, 0, 0
-            new_g, new_u, work = g, u, g_list[p] * u
+            cur, cur_g, cur_u, real, bgw = [], 0, 0, 0, 0
+            new_g, new_u, work, new_bgw = g, u, g_list[p] * u, g_list[p] * bg_slots
         cur.append(p)
-        cur_g, cur_u, real, cur_b = new_g, new_u, work, b_list[p]
+        cur_g, cur_u, real, bgw, cur_b = new_g, new_u, work, new_bgw, b_list[p]
     if cur:
         groups.append((cur, cur_g, cur_u, cur_b))
 
