@@ -572,10 +572,9 @@ def background_tables(bg_k: Tensor, freqs: Tensor, plan: NeighborhoodPlan) -> tu
 
 def _rotation_angle_grad(y: Tensor, gy: Tensor) -> Tensor:
     """``dL/dtheta`` of ``y = R(theta) x`` given ``dL/dy`` (split-half pairs): ``y1 g2 - y2 g1``,
-    ``[..., H, d/2]`` float64."""
+    ``[..., H, d/2]``."""
     half = y.shape[-1] // 2
-    dth = y[..., :half] * gy[..., half:] - y[..., half:] * gy[..., :half]
-    return dth.to(torch.float64)
+    return y[..., :half] * gy[..., half:] - y[..., half:] * gy[..., :half]
 
 
 _SOFTMAX_NO_SHIFT_BOUND = 60.0  # exp(+-60) is far from float32 overflow/underflow
@@ -659,7 +658,7 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             tables = background_tables(bg_k, freqs, plan)[0].permute(0, 2, 3, 1).contiguous()  # [B, H, d, K]
         kept = plan.n_padded_pairs * n_heads
         if with_bg:  # background weights [H, n, K] and centre cos/sin [L, H', n, d/2] x 2 per chunk
-            kept += n_q * (n_heads * plan.slot_level.shape[0] + plan.n_levels * freqs.shape[0] * head_dim)
+            kept += n_q * (n_heads * plan.slot_level.shape[0] + plan.n_levels * (freqs.shape[0] + n_heads) * head_dim)
         keep = kept * q.element_size() <= SAVED_PROBABILITIES_BYTES
         saved = [] if keep else None  # per chunk: (unnormalised weights [H, T, G, U], 1 / sum [H, T, G])
         # |score| <= scale |q_h| |k_h| (rotations keep norms): where a chunk's bound is small the
@@ -683,13 +682,14 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             m = s.amax(-1) if shift else q.new_zeros(n_heads, T, G)  # [H, T, G]
             if with_bg:  # background slots of the real (not padding) queries: rows c.query_pos
                 pos = c.query_pos
-                s_bg = []  # exp-ed later, in place
+                s_bg, ql_all = [], []  # scores (exp-ed later, in place), rotated queries per level
                 u_c = _centre_positions(plan.centres.index_select(0, c.query_rows), plan)  # [r, L, D+1]
                 cos_c, sin_c = rope_cos_sin(torch.einsum("nlk,hjk->lhnj", u_c, freqs.to(torch.float64)), q.dtype)
                 qf = qp.view(n_heads, n, head_dim).index_select(1, pos)  # [H, r, d]
                 m_bg = None
                 for level, (k0, k1) in enumerate(plan.slot_ranges):
                     ql = rotate_pairs_back(qf, cos_c[level], sin_c[level])  # R(-u_centre) q
+                    ql_all.append(ql)
                     sl = torch.matmul(ql, tables[c.batch, :, :, k0:k1]).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf)
                     s_bg.append(sl)  # [H, r, K_l]
                     if shift:
@@ -705,9 +705,10 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             o = torch.matmul(s, _gather_heads(vv, c.key_gather, T))  # [H, T, G, d]
             if with_bg:
                 mr = m.view(n_heads, n).index_select(1, pos)[..., None]  # [H, r, 1]
-                z_bg, o_bg = 0.0, 0.0
+                z_bg, o_bg, a_sums = 0.0, 0.0, []
                 for level, sl in enumerate(s_bg):
                     a_l = (sl.sub_(mr) if shift else sl).exp_().sum(-1)  # [H, r]
+                    a_sums.append(a_l)
                     z_bg = z_bg + a_l
                     o_bg = o_bg + a_l[..., None] * bg_v[c.batch, level][:, None, :]
                 z.view(n_heads, n).index_add_(1, pos, z_bg)
@@ -716,7 +717,7 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             z_inv = torch.where(has, 1.0 / z, zero)
             o *= z_inv[..., None]
             if saved is not None:
-                saved.append((s, z_inv) + ((s_bg, cos_c, sin_c) if with_bg else ()))
+                saved.append((s, z_inv) + ((s_bg, cos_c, sin_c, ql_all, a_sums) if with_bg else ()))
             _scatter_rows(out, c, o)
             lse_h.index_copy_(1, c.query_rows, torch.where(has, m + torch.log(z), zero).view(n_heads, n).index_select(1, c.query_pos))
         ctx.save_for_backward(q, k, v, bg_k, bg_v, freqs, out, lse_h)
@@ -782,18 +783,22 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                 u_c = _centre_positions(plan.centres.index_select(0, c.query_rows), plan)  # [r, L, D+1]
                 dq_bg = torch.zeros_like(qf) if need_q else None
                 if weights is not None:
-                    s_bg, cos_c, sin_c = weights[i][2:]
+                    s_bg, cos_c, sin_c, ql_all, a_sums = weights[i][2:]
                     z_inv = weights[i][1].view(n_heads, n).index_select(1, pos)[..., None]
                 else:
                     cos_c, sin_c = rope_cos_sin(torch.einsum("nlk,hjk->lhnj", u_c, freqs64), q.dtype)
+                dth_all = []
                 for level, (k0, k1) in enumerate(plan.slot_ranges):
-                    ql = rotate_pairs_back(qf, cos_c[level], sin_c[level])  # R(-u_centre) q, [H, n, d]
+                    if weights is not None:
+                        ql = ql_all[level]
+                    else:
+                        ql = rotate_pairs_back(qf, cos_c[level], sin_c[level])  # R(-u_centre) q, [H, r, d]
                     tab = tables_t[b, :, :, k0:k1]  # [H, d, K_l]
                     gv = (gf * bg_v[b, level][:, None, :]).sum(-1, keepdim=True)  # <g, bg_v>, [H, n, 1]
                     if weights is not None:  # a = w / z, folded into the small factors
                         w = s_bg[level]
                         if need_bv:
-                            dbv[b, level] += torch.einsum("hn,hnd->hd", w.sum(-1) * z_inv[..., 0], gf)
+                            dbv[b, level] += torch.einsum("hn,hnd->hd", a_sums[level] * z_inv[..., 0], gf)
                         ds = w * ((gv - df) * z_inv)  # [H, n, K_l]
                     else:
                         a = torch.matmul(ql, tab).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf).sub_(lf).exp_()
@@ -808,10 +813,11 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                             dq_bg += rotate_pairs(dql, cos_c[level], sin_c[level])
                         if need_f:  # ql = R(-theta) q: dtheta = -(ql1 dql2 - ql2 dql1)
                             dth = _rotation_angle_grad(ql, dql)
-                            if freqs.shape[0] != n_heads:
-                                dth = dth.sum(0, keepdim=True)
-                            dfreqs -= torch.einsum("hnj,nk->hjk", dth, u_c[:, level])
+                            dth_all.append(dth.sum(0, keepdim=True) if freqs.shape[0] != n_heads else dth)
                     del ds
+                if need_f:  # one reduction over the chunk's queries for all levels
+                    u_l = u_c.to(q.dtype).transpose(0, 1)  # [L, r, D+1]
+                    dfreqs -= torch.einsum("lhnj,lnk->hjk", torch.stack(dth_all), u_l).to(torch.float64)
                 if need_q:
                     dq_c.index_add_(1, pos, dq_bg)
             if need_q:
@@ -829,7 +835,7 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                 dth = _rotation_angle_grad(tables, dtab).sum(0)  # [K, H, d/2]
                 if freqs.shape[0] != n_heads:
                     dth = dth.sum(1, keepdim=True)
-                dfreqs += torch.einsum("khj,kc->hjc", dth, _offset_positions(plan))
+                dfreqs += torch.einsum("khj,kc->hjc", dth.to(torch.float64), _offset_positions(plan))
         if with_bg:
             dfreqs = dfreqs.to(freqs.dtype) if need_f else None
             return dq, dk, dv, dbk, dbv, dfreqs, None, None
