@@ -6,8 +6,9 @@ Run from the repository root (one benchmark at a time on the machine)::
 
 Implementations, side by side for each setting (embed 256, 8 heads, windows [3, 5, 7, 9]):
 
-* ``block``: :class:`sparse_msda.SparseNeighborhoodAttentionBlock` (hashed window plan,
-  per-voxel k/v, chunked recomputing custom backward);
+* ``block``: :class:`sparse_msda.SparseNeighborhoodAttentionBlock` (tiled window plan looked
+  up through the coordinate index, per-voxel k/v, batched-matmul tiles with a chunked custom
+  backward);
 * ``floor``: the block's own linear layers alone (q and output projections on the queries,
   the k/v projection on *every* voxel of the map), i.e. what any implementation must pay;
 * ``naive``: gather everything: the same window lookup, then ``[Q, K, H, d]`` keys/values
