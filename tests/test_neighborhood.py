@@ -234,6 +234,46 @@ def test_gradcheck_function(background, share_heads, keep_weights, one_thread, m
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dim", [2, 3])
+def test_plan_tiles_hold_exactly_each_querys_window_voxels(dim):
+    """The tiles' masks select, for every query, exactly the present voxels of its windows
+    (brute force over get_multilevel_neighborhoods + lookup), and the background slots are
+    exactly its absent in-bounds window cells; every query with a key sits in one tile."""
+    shapes = [[24, 20], [12, 10], [6, 5]] if dim == 2 else [[8, 12, 10], [4, 6, 5]]
+    sizes = [3, 5, 3] if dim == 2 else [3, 3]
+    _, voxels, _ = make_map(shapes, 2, 0.25, 1, seed=91 + dim)
+    idx = SparseCoordinateIndex(
+        torch.tensor([v[0] for v in voxels]), torch.tensor([v[1] for v in voxels]),
+        torch.tensor([v[2] for v in voxels]), shapes, dim,
+    )
+    pos, offsets = random_queries([40, 25], shapes[0], seed=92, lo=[-2] * dim, hi=[s + 2 for s in shapes[0]])
+    batch = torch.repeat_interleave(torch.arange(2), offsets.diff())
+    full = torch.tensor(shapes[0], dtype=torch.float64)
+    plan = build_neighborhood_plan(idx, batch, pos, full, sizes, True, chunk_size=64, tile_queries=3)
+    cells, oob, lev = get_multilevel_neighborhoods(pos, shapes, sizes)
+    rows, found = idx.lookup(batch[:, None], lev[None], cells)
+    voxel_rows = plan.voxel_rows if plan.voxel_rows is not None else torch.arange(idx.n_voxels)
+    seen = torch.zeros(pos.shape[0], dtype=torch.int64)
+    for c in plan.chunks:
+        T, G, U = c.shape
+        for t in range(T):
+            for g in range(G):
+                i = int(c.query[t, g])
+                if i == pos.shape[0]:
+                    assert c.masked[t, g].all()  # padding row
+                    continue
+                seen[i] += 1
+                got = sorted(int(voxel_rows[c.key[t, u]]) for u in range(U) if not c.masked[t, g, u])
+                assert got == sorted(rows[i][found[i]].tolist())
+        bg = ~c.bg_masked[0]  # [n, K] for the real queries, in query_pos order
+        for j, i in enumerate(c.query_rows.tolist()):
+            assert torch.equal(bg[j], ~oob[i] & ~found[i])
+    assert torch.equal(plan.pair_counts, found.sum(1))
+    assert torch.equal(plan.background_counts, (~oob & ~found).sum(1))
+    assert (seen <= 1).all() and (seen[plan.has_keys()] == 1).all()
+    assert len(plan.chunks) > 2 and any(c.shape[1] > 1 for c in plan.chunks)
+
+
 def test_gradcheck_block_through_positions_background_and_features(one_thread):
     shapes, sizes = [[8, 6], [4, 3]], [3, 3]
     block = make_block(8, 2, 2, sizes, 2, rope_share_heads=False)

@@ -209,7 +209,8 @@ class PlanChunk:
 class NeighborhoodPlan:
     """Which keys each query attends to, as padded tiles (integer bookkeeping only).
 
-    ``chunks`` partition the queries (every query sits in exactly one tile of one chunk). Key
+    ``chunks`` partition the queries that have a key (each sits in exactly one tile of one
+    chunk; a query without any key is in none, its output row stays zero). Key
     rows index the compacted voxel list ``voxel_rows`` (or the index rows if None). With
     ``with_background`` each query also attends to the in-bounds window slots that hold no
     voxel (``PlanChunk.bg_masked`` False), scored against the background key of the slot's level.
