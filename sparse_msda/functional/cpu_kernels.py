@@ -20,7 +20,7 @@ import threading
 import warnings
 from pathlib import Path
 
-__all__ = ["sampling_kernels", "kernels_enabled"]
+__all__ = ["build_error", "kernels_enabled", "sampling_kernels"]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_sample_cpu.cpp"
 _LOCK = threading.Lock()
@@ -48,7 +48,7 @@ def sampling_kernels():
                     name="sparse_msda_sample_cpu", sources=[str(_SOURCE)], extra_cflags=["-O3", "-march=native"], verbose=False
                 )
             except Exception as err:  # no compiler / ninja: the PyTorch path still works
-                _STATE["module"] = None
+                _STATE["module"], _STATE["error"] = None, err
                 warnings.warn(
                     f"sparse_msda: building the CPU sampling kernels failed ({type(err).__name__}: {err}); "
                     "using the (slower) pure-PyTorch path",
@@ -56,3 +56,8 @@ def sampling_kernels():
                     stacklevel=2,
                 )
         return _STATE["module"]
+
+
+def build_error():
+    """The exception of a failed build (after :func:`sampling_kernels` tried), else None."""
+    return _STATE.get("error")
