@@ -683,15 +683,14 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             m = s.amax(-1) if shift else q.new_zeros(n_heads, T, G)  # [H, T, G]
             if with_bg:  # background slots of the real (not padding) queries: rows c.query_pos
                 pos = c.query_pos
-                s_bg, ql_all = [], []  # scores (exp-ed later, in place), rotated queries per level
+                s_bg = []  # scores per level, exp-ed later in place
                 u_c = _centre_positions(plan.centres.index_select(0, c.query_rows), plan)  # [r, L, D+1]
                 cos_c, sin_c = rope_cos_sin(torch.einsum("nlk,hjk->lhnj", u_c, freqs.to(torch.float64)), q.dtype)
                 qf = qp.view(n_heads, n, head_dim).index_select(1, pos)  # [H, r, d]
+                ql_all = rotate_pairs_back(qf, cos_c, sin_c)  # R(-u_centre) q at every level, [L, H, r, d]
                 m_bg = None
                 for level, (k0, k1) in enumerate(plan.slot_ranges):
-                    ql = rotate_pairs_back(qf, cos_c[level], sin_c[level])  # R(-u_centre) q
-                    ql_all.append(ql)
-                    sl = torch.matmul(ql, tables[c.batch, :, :, k0:k1]).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf)
+                    sl = torch.matmul(ql_all[level], tables[c.batch, :, :, k0:k1]).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf)
                     s_bg.append(sl)  # [H, r, K_l]
                     if shift:
                         m_bg = sl.amax(-1) if m_bg is None else torch.maximum(m_bg, sl.amax(-1))
@@ -782,18 +781,15 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                 lf = lp.view(n_heads, n).index_select(1, pos)[..., None]
                 df = dp.view(n_heads, n).index_select(1, pos)[..., None]
                 u_c = _centre_positions(plan.centres.index_select(0, c.query_rows), plan)  # [r, L, D+1]
-                dq_bg = torch.zeros_like(qf) if need_q else None
                 if weights is not None:
                     s_bg, cos_c, sin_c, ql_all, a_sums = weights[i][2:]
                     z_inv = weights[i][1].view(n_heads, n).index_select(1, pos)[..., None]
                 else:
                     cos_c, sin_c = rope_cos_sin(torch.einsum("nlk,hjk->lhnj", u_c, freqs64), q.dtype)
-                dth_all = []
+                    ql_all = rotate_pairs_back(qf, cos_c, sin_c)  # [L, H, r, d]
+                dql_all = torch.empty_like(ql_all) if (need_q or need_f) else None
                 for level, (k0, k1) in enumerate(plan.slot_ranges):
-                    if weights is not None:
-                        ql = ql_all[level]
-                    else:
-                        ql = rotate_pairs_back(qf, cos_c[level], sin_c[level])  # R(-u_centre) q, [H, r, d]
+                    ql = ql_all[level]
                     tab = tables_t[b, :, :, k0:k1]  # [H, d, K_l]
                     gv = (gf * bg_v[b, level][:, None, :]).sum(-1, keepdim=True)  # <g, bg_v>, [H, n, 1]
                     if weights is not None:  # a = w / z, folded into the small factors
@@ -808,19 +804,17 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
                         ds = a.mul_(gv - df)  # [H, n, K_l]
                     if dtables is not None:
                         dtables[b, :, :, k0:k1] += torch.matmul(ql.transpose(-1, -2), ds)
-                    if need_q or need_f:
-                        dql = torch.matmul(ds, tab.transpose(-1, -2))  # [H, n, d]
-                        if need_q:
-                            dq_bg += rotate_pairs(dql, cos_c[level], sin_c[level])
-                        if need_f:  # ql = R(-theta) q: dtheta = -(ql1 dql2 - ql2 dql1)
-                            dth = _rotation_angle_grad(ql, dql)
-                            dth_all.append(dth.sum(0, keepdim=True) if freqs.shape[0] != n_heads else dth)
+                    if dql_all is not None:
+                        torch.matmul(ds, tab.transpose(-1, -2), out=dql_all[level])  # [H, r, d]
                     del ds
-                if need_f:  # one reduction over the chunk's queries for all levels
+                if need_q:  # all levels rotated back at once
+                    dq_c.index_add_(1, pos, rotate_pairs(dql_all, cos_c, sin_c).sum(0))
+                if need_f:  # ql = R(-theta) q: dtheta = -(ql1 dql2 - ql2 dql1); one reduction
+                    dth = _rotation_angle_grad(ql_all, dql_all)  # [L, H, r, d/2]
+                    if freqs.shape[0] != n_heads:
+                        dth = dth.sum(1, keepdim=True)
                     u_l = u_c.to(q.dtype).transpose(0, 1)  # [L, r, D+1]
-                    dfreqs -= torch.einsum("lhnj,lnk->hjk", torch.stack(dth_all), u_l).to(torch.float64)
-                if need_q:
-                    dq_c.index_add_(1, pos, dq_bg)
+                    dfreqs -= torch.einsum("lhnj,lnk->hjk", dth, u_l).to(torch.float64)
             if need_q:
                 _scatter_rows(dq, c, dq_c, scale)
         dq = dq if need_q else None
