@@ -90,7 +90,7 @@ class SparseMSDeformableAttention(nn.Module):
     """
 
     #: plan the sampling first (see the class docstring) below this many corners per voxel
-    plan_below: float = 4.0
+    plan_below: float = 64.0
 
     def __init__(self, embed_dim: int, n_heads: int, n_levels: int = 4, n_points: int = 4, position_dim: int = 2) -> None:
         super().__init__()
