@@ -28,19 +28,18 @@ def kernels(monkeypatch):
     return k
 
 
-def _problem(dim, with_bg, n, dtype, seed, head_dim=5):
+def _problem(dim, with_bg, n, dtype, seed, head_dim=5, n_heads=2, head_per_point=False):
     gen = torch.Generator().manual_seed(seed)
     shapes = [[9, 7], [4, 3]] if dim == 2 else [[5, 6, 4], [3, 3, 2]]
     stack, shapes_t = random_map(shapes, 2, 3, 0.5, dtype, gen)
     index = SparseCoordinateIndex.from_coo_stack(stack, shapes_t)
-    n_heads = 2
     table = torch.randn(index.n_voxels * n_heads, head_dim, generator=gen, dtype=dtype, requires_grad=True)
     bg = torch.randn(2 * 2 * n_heads, head_dim, generator=gen, dtype=dtype, requires_grad=True) if with_bg else None
     pos = (torch.rand(n, 6, dim, generator=gen, dtype=dtype) * 11 - 2).requires_grad_()  # some outside the map
     w = torch.rand(n, 6, generator=gen, dtype=dtype, requires_grad=True)
     b = torch.randint(0, 2, (n, 1), generator=gen)
     lvl = torch.tensor([0, 1, 1, 0, 0, 1])[None, :]
-    h = torch.randint(0, n_heads, (n, 1), generator=gen)
+    h = torch.randint(0, n_heads, (n, 6) if head_per_point else (n, 1), generator=gen)
 
     def f(t, p, weights, background=None, chunk=None):
         return sampling.sparse_weighted_gather(t, index, p, b[: p.shape[0]], lvl, h[: p.shape[0]], n_heads, weights, background, chunk)
@@ -56,12 +55,16 @@ def _run(f, inputs, monkeypatch, flag, chunk=None):
 
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("with_bg", [False, True])
-@pytest.mark.parametrize("threads, table_copy_bytes", [(1, None), (2, None), (2, 0)])
-def test_kernels_match_pytorch_path(kernels, monkeypatch, dim, with_bg, threads, table_copy_bytes):
-    """``table_copy_bytes=0``: no per-thread table-gradient copy allowed, the backward uses one thread."""
+@pytest.mark.parametrize(
+    "threads, n_heads, head_per_point, table_copy_bytes",
+    [(1, 2, False, None), (2, 2, False, None), (2, 3, True, None), (2, 1, False, None), (2, 1, False, 0)],
+)
+def test_kernels_match_pytorch_path(kernels, monkeypatch, dim, with_bg, threads, n_heads, head_per_point, table_copy_bytes):
+    """Two threads split the table gradient by head (n_heads >= 2, one head per sample or per
+    point), else each writes its own copy (``table_copy_bytes=0``: no copy allowed, one thread)."""
     if table_copy_bytes is not None:
         monkeypatch.setattr(sampling, "TABLE_COPY_BYTES", table_copy_bytes)
-    f, inputs = _problem(dim, with_bg, 900, torch.float64, 3 + dim)
+    f, inputs = _problem(dim, with_bg, 900, torch.float64, 3 + dim, n_heads=n_heads, head_per_point=head_per_point)
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

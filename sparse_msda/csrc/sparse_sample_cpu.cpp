@@ -142,55 +142,75 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
   scalar_t* gp = need_pos ? g_pos.data_ptr<scalar_t>() : nullptr;
   scalar_t* gw = need_w ? g_w.data_ptr<scalar_t>() : nullptr;
   const bool need_dots = need_pos || need_w;
-  // Table gradient: thread 0 writes g_table, thread p > 0 its own zeroed copy, summed at the end (no
-  // atomics). At most max_table_copies copies: fewer threads when the table is large.
+  // One (s, j): corners, value/gradient dots, the gradients of a and of the position, and (gt not
+  // null) the scatter of a * c_k * grad_out[s] into the table-gradient rows gt.
+  auto process = [&](int64_t s, int64_t j, scalar_t* gt) {
+    int64_t rows[K];
+    scalar_t w[K], frac[DIM], dots[K];
+    const scalar_t* g = go + s * dh;
+    const int64_t sj = s * J + j;
+    corners<scalar_t, DIM>(L, pos + sj * DIM, cr + static_cast<int64_t>(id[sj]) * K, s, j, rows, w, frac);
+    const scalar_t a = att[sj];
+    scalar_t gwj = 0;
+    for (int k = 0; k < K; ++k) {
+      dots[k] = 0;
+      if (rows[k] < 0) continue;
+      if (need_dots) {
+        const scalar_t* t = tab + rows[k] * dh;
+        scalar_t acc = 0;
+        for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) acc += t[e] * g[e];
+        dots[k] = acc;
+        gwj += w[k] * acc;
+      }
+      if (gt != nullptr) {
+        const scalar_t c = a * w[k];
+        scalar_t* t = gt + rows[k] * dh;
+        for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) t[e] += c * g[e];
+      }
+    }
+    if (need_w) gw[sj] = gwj;
+    if (need_pos) {
+      for (int d = 0; d < DIM; ++d) {
+        scalar_t acc = 0;
+        for (int k = 0; k < K; ++k) {
+          scalar_t dw = ((k >> (DIM - 1 - d)) & 1) ? scalar_t(1) : scalar_t(-1);
+          for (int e = 0; e < DIM; ++e)
+            if (e != d) dw *= ((k >> (DIM - 1 - e)) & 1) ? frac[e] : scalar_t(1) - frac[e];
+          acc += dw * dots[k];  // dots[k] == 0 where the corner holds nothing
+        }
+        gp[sj * DIM + d] = a * acc;
+      }
+    }
+  };
   int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, S / 256)));
+  scalar_t* g_table_ptr = need_table ? g_table.data_ptr<scalar_t>() : nullptr;
+  if (need_table && parts > 1 && L.n_heads >= parts) {
+    // Table gradient without copies or atomics: every row written for a sample of head h is
+    // r * n_heads + h (voxel or background row), so thread t takes the (s, j) of heads h with
+    // h % parts == t and no two threads ever write the same row.
+    std::vector<std::thread> threads;
+    auto by_head = [&](int t) {
+      for (int64_t s = 0; s < S; ++s) {
+        if (L.hs1 == 0 && L.head[s * L.hs0] % parts != t) continue;  // one head per sample
+        for (int64_t j = 0; j < J; ++j)
+          if (L.head[s * L.hs0 + j * L.hs1] % parts == t) process(s, j, g_table_ptr);
+      }
+    };
+    for (int t = 1; t < parts; ++t) threads.emplace_back(by_head, t);
+    by_head(0);
+    for (auto& th : threads) th.join();
+    return;
+  }
+  // Otherwise: thread 0 writes g_table, thread p > 0 its own zeroed copy, summed at the end (no
+  // atomics). At most max_table_copies copies: fewer threads when the table is large.
   if (need_table) parts = static_cast<int>(std::min<int64_t>(parts, max_table_copies + 1));
   std::vector<at::Tensor> partial;
   if (need_table)
     for (int p = 1; p < parts; ++p) partial.push_back(at::zeros_like(g_table));
   parallel_range(S, parts, [&](int64_t s0, int64_t s1, int p) {
-    scalar_t* gt = need_table ? (p == 0 ? g_table.data_ptr<scalar_t>() : partial[p - 1].data_ptr<scalar_t>()) : nullptr;
-    int64_t rows[K];
-    scalar_t w[K], frac[DIM], dots[K];
-    for (int64_t s = s0; s < s1; ++s) {
-      const scalar_t* g = go + s * dh;
-      for (int64_t j = 0; j < J; ++j) {
-        const int64_t sj = s * J + j;
-        corners<scalar_t, DIM>(L, pos + sj * DIM, cr + static_cast<int64_t>(id[sj]) * K, s, j, rows, w, frac);
-        const scalar_t a = att[sj];
-        scalar_t gwj = 0;
-        for (int k = 0; k < K; ++k) {
-          dots[k] = 0;
-          if (rows[k] < 0) continue;
-          if (need_dots) {
-            const scalar_t* t = tab + rows[k] * dh;
-            scalar_t acc = 0;
-            for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) acc += t[e] * g[e];
-            dots[k] = acc;
-            gwj += w[k] * acc;
-          }
-          if (need_table) {
-            const scalar_t c = a * w[k];
-            scalar_t* t = gt + rows[k] * dh;
-            for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) t[e] += c * g[e];
-          }
-        }
-        if (need_w) gw[sj] = gwj;
-        if (need_pos) {
-          for (int d = 0; d < DIM; ++d) {
-            scalar_t acc = 0;
-            for (int k = 0; k < K; ++k) {
-              scalar_t dw = ((k >> (DIM - 1 - d)) & 1) ? scalar_t(1) : scalar_t(-1);
-              for (int e = 0; e < DIM; ++e)
-                if (e != d) dw *= ((k >> (DIM - 1 - e)) & 1) ? frac[e] : scalar_t(1) - frac[e];
-              acc += dw * dots[k];  // dots[k] == 0 where the corner holds nothing
-            }
-            gp[sj * DIM + d] = a * acc;
-          }
-        }
-      }
-    }
+    scalar_t* gt = need_table ? (p == 0 ? g_table_ptr : partial[p - 1].data_ptr<scalar_t>()) : nullptr;
+    for (int64_t s = s0; s < s1; ++s)
+      for (int64_t j = 0; j < J; ++j) process(s, j, gt);
   });
   for (auto& t : partial) g_table.add_(t);
 }
