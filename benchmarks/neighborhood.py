@@ -197,7 +197,9 @@ def build_cases(quick: bool) -> list[Case]:
         ("syn", "dec", 900, False),
         ("syn", "dec", 900, True),
         ("scan-bev", "enc", 0, False),
+        ("scan-bev", "enc", 0, True),
         ("scan-bev", "dec", 900, False),
+        ("scan-bev", "dec", 900, True),
         ("scan-3d", "dec", 900, False),
         ("syn", "dec", 50_000, False),  # 100k queries (2 x 50k): block only
     ]
