@@ -19,13 +19,21 @@ the sample's ``2**D`` corner rows are then one row of the index's corner table
 (:meth:`~adapters.SparseCoordinateIndex.corner_rows`). The backward reuses the saved int32
 base-cell ids and never hashes again.
 
-Compute: samples are processed in chunks of about :data:`CHUNK_CORNERS` corners. In each,
-the interpolation and the weighted sum over samples (the attention sum of deformable
-attention) are one ``F.embedding_bag(..., per_sample_weights=..., mode='sum')`` with a fixed
-bag of ``J * 2**D`` corners per output row; ``[samples, corners, head_dim]`` is never
-materialised beyond one chunk. The custom autograd Function saves only its inputs and the
-``[S, J]`` int32 base-cell ids, and recomputes corner rows and weights chunk by chunk in
-backward: memory is linear in samples (a few bytes each) and voxels, never in corners.
+Compute, two interchangeable paths behind one custom autograd Function that saves only its
+inputs and the ``[S, J]`` int32 base-cell ids (memory linear in samples, a few bytes each,
+and voxels, never in corners):
+
+* CPU: the fused C++ kernels of :mod:`sparse_msda.functional.cpu_kernels` (one pass per
+  sample forward and backward; the table gradient split by head across threads).
+* Otherwise (CUDA tensors, mixed dtypes, kernels disabled or not buildable): PyTorch ops in
+  chunks of about :data:`CHUNK_CORNERS` corners. In each, the interpolation and the weighted
+  sum over samples (the attention sum of deformable attention) are one
+  ``F.embedding_bag(..., per_sample_weights=..., mode='sum')`` with a fixed bag of
+  ``J * 2**D`` corners per output row; the backward recomputes corner rows and weights chunk
+  by chunk. ``[samples, corners, head_dim]`` never exists beyond one chunk.
+
+A decoder can hash its samples before its values exist (:func:`plan_sampling`) and project
+only the voxels their corners touch.
 """
 
 from __future__ import annotations
@@ -228,14 +236,15 @@ def plan_sampling(
 
 
 class _SparseSample(torch.autograd.Function):
-    """``out[s] = sum_j a[s, j] * sum_k c_k(frac[s, j]) * table[row(s, j, k)]``, chunked.
+    """``out[s] = sum_j a[s, j] * sum_k c_k(frac[s, j]) * table[row(s, j, k)]``.
 
-    Forward hashes each sample's base cell once (ids saved as int32) and runs one fixed-bag
-    ``embedding_bag`` per chunk. Backward recomputes each chunk's rows and weights from the
-    saved ids and positions; per corner it forms the value/gradient dot product (a gather
-    into a reused buffer and a batched matmul) for the gradients of ``a`` and of the
-    positions (analytically through the per-axis factors), and scatters the weighted
-    output gradient into the table gradient (``index_add_``).
+    Forward hashes each sample's base cell once (ids saved as int32, unless a plan brings
+    them) and runs the CPU kernel, or one fixed-bag ``embedding_bag`` per chunk. The PyTorch
+    backward recomputes each chunk's rows and weights from the saved ids and positions; per
+    corner it forms the value/gradient dot product (a gather into a reused buffer and a
+    batched matmul) for the gradients of ``a`` and of the positions (analytically through
+    the per-axis factors), and adds the weighted output gradient into the table gradient
+    (entries sorted by row, one ``embedding_bag`` per chunk, :func:`_scatter_rows`).
     """
 
     @staticmethod
