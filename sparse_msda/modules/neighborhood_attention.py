@@ -19,9 +19,9 @@ from ..functional.neighborhood import (
     voxel_rope_positions,
 )
 from ..functional.rope import apply_rope, init_rope_frequencies
-from ..inputs import check_embed_heads, check_position_dim, prepare_inputs
+from ..inputs import check_embed_heads, check_position_dim, largest_level, prepare_inputs
 
-__all__ = ["MultilevelRotaryEncoding", "SparseNeighborhoodAttentionBlock"]
+__all__ = ["MultilevelRotaryEncoding", "RotaryAttentionBlock", "SparseNeighborhoodAttentionBlock"]
 
 
 class MultilevelRotaryEncoding(nn.Module):
@@ -85,7 +85,112 @@ class MultilevelRotaryEncoding(nn.Module):
         )
 
 
-class SparseNeighborhoodAttentionBlock(nn.Module):
+class RotaryAttentionBlock(nn.Module):
+    """What the neighborhood and the global self-attention blocks share: validated
+    hyper-parameters, the parameters (``norm``, ``q_proj``, ``kv_proj``, ``out_proj``, ``rope``,
+    so that either block's ``state_dict`` loads into the other) and their initialisation, the
+    ``query_mask`` selection, rotated queries, key positions and the residual / norm finish.
+    Subclasses call :meth:`reset_parameters` at the end of their ``__init__``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        n_heads: int,
+        n_levels: int,
+        position_dim: int,
+        dropout: float,
+        bias: bool,
+        norm_first: bool,
+        rope_spatial_base_theta: float,
+        rope_level_base_theta: float,
+        rope_share_heads: bool,
+        rope_freq_group_pattern: str,
+        rope_enforce_freq_groups_equal: bool,
+    ) -> None:
+        super().__init__()
+        check_embed_heads(embed_dim, n_heads)
+        check_position_dim(position_dim)
+        if not isinstance(n_levels, int) or isinstance(n_levels, bool) or n_levels <= 0:
+            raise ValueError(f"n_levels must be a positive int, got {n_levels=}")
+        if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout <= 1.0):
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout=}")
+        self.embed_dim, self.n_heads, self.n_levels, self.position_dim = embed_dim, n_heads, n_levels, position_dim
+        self.head_dim = embed_dim // n_heads
+        self.norm_first, self.bias = norm_first, bias
+        self.norm = nn.LayerNorm(embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.kv_proj = nn.Linear(embed_dim, 2 * embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.rope = MultilevelRotaryEncoding(
+            n_heads, self.head_dim, position_dim, rope_spatial_base_theta, rope_level_base_theta,
+            rope_share_heads, rope_freq_group_pattern, rope_enforce_freq_groups_equal,
+        )
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform projections, zero biases, unit LayerNorm, RoPE frequencies from the thetas."""
+        self.norm.reset_parameters()
+        for lin in (self.q_proj, self.kv_proj, self.out_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        self.rope.reset_parameters()
+
+    @staticmethod
+    def _active_rows(query_mask: Optional[Tensor], query: Tensor) -> Optional[Tensor]:
+        """Rows of the queries to compute (``query_mask`` False), or None for all."""
+        if query_mask is None:
+            return None
+        n_q = query.shape[0]
+        if not isinstance(query_mask, Tensor) or query_mask.dtype != torch.bool:
+            raise TypeError(f"query_mask must be a bool tensor, got {getattr(query_mask, 'dtype', type(query_mask).__name__)}")
+        if query_mask.shape != (n_q,):
+            raise ValueError(f"query_mask must have shape [{n_q}], got query_mask.shape={tuple(query_mask.shape)}")
+        return (~query_mask.to(query.device)).nonzero().squeeze(1)
+
+    @staticmethod
+    def _select(t: Tensor, active: Optional[Tensor]) -> Tensor:
+        """The rows ``active`` of a per-query tensor (all rows for None)."""
+        return t if active is None else t.index_select(0, active)
+
+    def _rotated_queries(self, x: Tensor, pos: Tensor, pos_shapes: Tensor, levels: Tensor, full_shape: Tensor) -> Tensor:
+        """``[n, H, head_dim]`` queries: (pre-)norm, ``q_proj``, RoPE at their (full-scale position, level)."""
+        h = self.norm(x) if self.norm_first else x
+        q = self.q_proj(h).view(x.shape[0], self.n_heads, self.head_dim)
+        return self.rope(q, query_rope_positions(pos, pos_shapes, levels, full_shape))
+
+    def _rotated_keys_values(
+        self, features: Tensor, index: SparseCoordinateIndex, rows: Optional[Tensor], like: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Keys (rotated at their voxel's full-scale position and level) and values ``[n, H,
+        head_dim]`` of the index's voxels ``rows`` (None: all), projected once per voxel; on
+        ``like``'s device and dtype. k and v come from the two halves of ``kv_proj``
+        (separate contiguous outputs, no strided split)."""
+        feats = features if rows is None else features.index_select(0, rows.to(features.device))
+        feats = feats.to(device=like.device, dtype=like.dtype)
+        w_kv, b_kv, e = self.kv_proj.weight, self.kv_proj.bias, self.embed_dim
+        k = F.linear(feats, w_kv[:e], None if b_kv is None else b_kv[:e]).view(-1, self.n_heads, self.head_dim)
+        v = F.linear(feats, w_kv[e:], None if b_kv is None else b_kv[e:]).view(-1, self.n_heads, self.head_dim)
+        shapes = index.level_spatial_shapes
+        vox_l = index.level_indices if rows is None else index.level_indices[rows.to(index.level_indices.device)]
+        vox_c = index.spatial_indices if rows is None else index.spatial_indices[rows.to(index.spatial_indices.device)]
+        u = voxel_rope_positions(vox_c, vox_l, shapes, shapes[largest_level(shapes)]).to(like.device)
+        return self.rope(k, u), v
+
+    def _finish(self, query: Tensor, x: Tensor, attn: Tensor, has_key: Tensor, active: Optional[Tensor]) -> Tensor:
+        """Output projection, zero branch for queries without keys, dropout, residual, (post-)norm,
+        and the masked queries put back unchanged."""
+        branch = self.out_proj(attn.reshape(x.shape[0], self.embed_dim))
+        if not bool(has_key.all()):
+            branch = torch.where(has_key[:, None], branch, torch.zeros((), dtype=branch.dtype, device=branch.device))
+        y = x + self.dropout(branch)
+        if not self.norm_first:
+            y = self.norm(y)
+        return y if active is None else query.index_copy(0, active, y)
+
+
+class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
     """Multi-level sparse neighborhood attention (pre/post-norm block with residual).
 
     Each query attends, at every level ``l``, to the voxels present in the
@@ -151,37 +256,13 @@ class SparseNeighborhoodAttentionBlock(nn.Module):
         rope_freq_group_pattern: str = "single",
         rope_enforce_freq_groups_equal: bool = True,
     ) -> None:
-        super().__init__()
-        check_embed_heads(embed_dim, n_heads)
-        check_position_dim(position_dim)
-        if not isinstance(n_levels, int) or isinstance(n_levels, bool) or n_levels <= 0:
-            raise ValueError(f"n_levels must be a positive int, got {n_levels=}")
-        self.neighborhood_sizes = check_neighborhood_sizes(neighborhood_sizes, n_levels)
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout <= 1.0):
-            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout=}")
-        self.embed_dim, self.n_heads, self.n_levels, self.position_dim = embed_dim, n_heads, n_levels, position_dim
-        self.head_dim = embed_dim // n_heads
-        self.norm_first, self.bias = norm_first, bias
-        self.norm = nn.LayerNorm(embed_dim)
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.kv_proj = nn.Linear(embed_dim, 2 * embed_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-        self.rope = MultilevelRotaryEncoding(
-            n_heads, self.head_dim, position_dim, rope_spatial_base_theta, rope_level_base_theta,
-            rope_share_heads, rope_freq_group_pattern, rope_enforce_freq_groups_equal,
+        super().__init__(
+            embed_dim, n_heads, n_levels, position_dim, dropout, bias, norm_first, rope_spatial_base_theta,
+            rope_level_base_theta, rope_share_heads, rope_freq_group_pattern, rope_enforce_freq_groups_equal,
         )
+        self.neighborhood_sizes = check_neighborhood_sizes(neighborhood_sizes, n_levels)
         self.chunk_size = default_chunk_size(n_heads)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Xavier-uniform projections, zero biases, unit LayerNorm, RoPE frequencies from the thetas."""
-        self.norm.reset_parameters()
-        for lin in (self.q_proj, self.kv_proj, self.out_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-        self.rope.reset_parameters()
 
     def forward(
         self,
@@ -219,60 +300,24 @@ class SparseNeighborhoodAttentionBlock(nn.Module):
             query_level_indices=query_level_indices, background_embedding=background_embedding,
             index=coordinate_index,
         )
-        n_q = query.shape[0]
-        active = None
-        if query_mask is not None:
-            if not isinstance(query_mask, Tensor) or query_mask.dtype != torch.bool:
-                raise TypeError(f"query_mask must be a bool tensor, got {getattr(query_mask, 'dtype', type(query_mask).__name__)}")
-            if query_mask.shape != (n_q,):
-                raise ValueError(f"query_mask must have shape [{n_q}], got query_mask.shape={tuple(query_mask.shape)}")
-            active = (~query_mask.to(query.device)).nonzero().squeeze(1)
-
-        x = query if active is None else query.index_select(0, active)
-        pos = query_spatial_positions if active is None else query_spatial_positions.index_select(0, active)
-        batch = qb.batch_indices if active is None else qb.batch_indices.index_select(0, active)
-        levels = qb.query_level_indices if active is None else qb.query_level_indices.index_select(0, active)
-        pos_shapes = qb.query_level_shapes if active is None else qb.query_level_shapes.index_select(0, active)
-        index, shapes = qb.index, qb.level_spatial_shapes
+        active = self._active_rows(query_mask, query)
+        x, pos = self._select(query, active), self._select(query_spatial_positions, active)
+        batch, levels = self._select(qb.batch_indices, active), self._select(qb.query_level_indices, active)
+        pos_shapes = self._select(qb.query_level_shapes, active)
         with_bg = background_embedding is not None
 
-        plan = build_neighborhood_plan(index, batch, pos, pos_shapes, self.neighborhood_sizes, with_bg, chunk_size=self.chunk_size)
-        full = plan.full_shape
+        plan = build_neighborhood_plan(qb.index, batch, pos, pos_shapes, self.neighborhood_sizes, with_bg, chunk_size=self.chunk_size)
         freqs = self.rope.frequencies()
-        n_a, H, d = x.shape[0], self.n_heads, self.head_dim
-
-        h = self.norm(x) if self.norm_first else x
-        q = self.q_proj(h).view(n_a, H, d)
-        q = self.rope(q, query_rope_positions(pos, pos_shapes, levels, full))
-
-        rows = plan.voxel_rows
-        feats = qb.features if rows is None else qb.features.index_select(0, rows.to(qb.features.device))
-        # k and v from the two halves of kv_proj (separate contiguous outputs, no strided split)
-        feats = feats.to(query.dtype)
-        w_kv, b_kv = self.kv_proj.weight, self.kv_proj.bias
-        E = self.embed_dim
-        k = F.linear(feats, w_kv[:E], None if b_kv is None else b_kv[:E]).view(-1, H, d)
-        v = F.linear(feats, w_kv[E:], None if b_kv is None else b_kv[E:]).view(-1, H, d)
-        vox_l = index.level_indices if rows is None else index.level_indices[rows]
-        vox_c = index.spatial_indices if rows is None else index.spatial_indices[rows]
-        k = self.rope(k, voxel_rope_positions(vox_c, vox_l, index.level_spatial_shapes, index.level_spatial_shapes[
-            int(torch.argmax(index.level_spatial_shapes.prod(-1)))]).to(query.device))
+        H, d = self.n_heads, self.head_dim
+        q = self._rotated_queries(x, pos, pos_shapes, levels, plan.full_shape)
+        k, v = self._rotated_keys_values(qb.features, qb.index, plan.voxel_rows, query)
         bg_k = bg_v = None
         if with_bg:
             bkv = self.kv_proj(background_embedding.to(query.dtype)).view(-1, self.n_levels, 2, H, d)
             bg_k, bg_v = bkv[:, :, 0], bkv[:, :, 1]
 
         attn = sparse_neighborhood_attention(q, k, v, plan, bg_k, bg_v, freqs if with_bg else None)
-        branch = self.out_proj(attn.reshape(n_a, self.embed_dim))
-        has_key = plan.has_keys()
-        if not bool(has_key.all()):
-            branch = torch.where(has_key[:, None], branch, torch.zeros((), dtype=branch.dtype, device=branch.device))
-        y = x + self.dropout(branch)
-        if not self.norm_first:
-            y = self.norm(y)
-        if active is None:
-            return y
-        return query.index_copy(0, active, y)
+        return self._finish(query, x, attn, plan.has_keys(), active)
 
     def extra_repr(self) -> str:
         return (

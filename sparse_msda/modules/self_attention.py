@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from adapters import SparseCoordinateIndex
 
-from ..functional.neighborhood import query_rope_positions, voxel_rope_positions
 from ..functional.self_attention import check_no_background, group_rows_by_batch, multilevel_self_attention, segment_offsets
-from ..inputs import check_embed_heads, check_position_dim, largest_level, prepare_inputs
-from .neighborhood_attention import MultilevelRotaryEncoding
+from ..inputs import largest_level, prepare_inputs
+from .neighborhood_attention import RotaryAttentionBlock
 
 __all__ = ["SparseMultilevelSelfAttentionBlock"]
 
 
-class SparseMultilevelSelfAttentionBlock(nn.Module):
+class SparseMultilevelSelfAttentionBlock(RotaryAttentionBlock):
     """Multi-level sparse self-attention (pre/post-norm block with residual).
 
     Each query attends to *every* voxel (all levels) of its own batch item, with one softmax;
@@ -86,35 +84,11 @@ class SparseMultilevelSelfAttentionBlock(nn.Module):
         rope_freq_group_pattern: str = "single",
         rope_enforce_freq_groups_equal: bool = True,
     ) -> None:
-        super().__init__()
-        check_embed_heads(embed_dim, n_heads)
-        check_position_dim(position_dim)
-        if not isinstance(n_levels, int) or isinstance(n_levels, bool) or n_levels <= 0:
-            raise ValueError(f"n_levels must be a positive int, got {n_levels=}")
-        if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout <= 1.0):
-            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout=}")
-        self.embed_dim, self.n_heads, self.n_levels, self.position_dim = embed_dim, n_heads, n_levels, position_dim
-        self.head_dim = embed_dim // n_heads
-        self.norm_first, self.bias = norm_first, bias
-        self.norm = nn.LayerNorm(embed_dim)
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.kv_proj = nn.Linear(embed_dim, 2 * embed_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-        self.rope = MultilevelRotaryEncoding(
-            n_heads, self.head_dim, position_dim, rope_spatial_base_theta, rope_level_base_theta,
-            rope_share_heads, rope_freq_group_pattern, rope_enforce_freq_groups_equal,
+        super().__init__(
+            embed_dim, n_heads, n_levels, position_dim, dropout, bias, norm_first, rope_spatial_base_theta,
+            rope_level_base_theta, rope_share_heads, rope_freq_group_pattern, rope_enforce_freq_groups_equal,
         )
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Xavier-uniform projections, zero biases, unit LayerNorm, RoPE frequencies from the thetas."""
-        self.norm.reset_parameters()
-        for lin in (self.q_proj, self.kv_proj, self.out_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-        self.rope.reset_parameters()
 
     def forward(
         self,
@@ -157,25 +131,12 @@ class SparseMultilevelSelfAttentionBlock(nn.Module):
             embed_dim=self.embed_dim, n_levels=self.n_levels, position_dim=self.position_dim,
             query_level_indices=query_level_indices, index=coordinate_index,
         )
-        n_q = query.shape[0]
-        active = None
-        if query_mask is not None:
-            if not isinstance(query_mask, Tensor) or query_mask.dtype != torch.bool:
-                raise TypeError(
-                    f"query_mask must be a bool tensor, got {getattr(query_mask, 'dtype', type(query_mask).__name__)}"
-                )
-            if query_mask.shape != (n_q,):
-                raise ValueError(f"query_mask must have shape [{n_q}], got query_mask.shape={tuple(query_mask.shape)}")
-            active = (~query_mask.to(query.device)).nonzero().squeeze(1)
-
-        def sel(t: Tensor) -> Tensor:
-            return t if active is None else t.index_select(0, active)
-
-        x, pos = sel(query), sel(query_spatial_positions)
-        batch, levels, pos_shapes = sel(qb.batch_indices), sel(qb.query_level_indices), sel(qb.query_level_shapes)
+        active = self._active_rows(query_mask, query)
+        x, pos = self._select(query, active), self._select(query_spatial_positions, active)
+        batch, levels = self._select(qb.batch_indices, active), self._select(qb.query_level_indices, active)
+        pos_shapes = self._select(qb.query_level_shapes, active)
         index, shapes = qb.index, qb.level_spatial_shapes
         batch_size = index.batch_size
-        n_a, H, d = x.shape[0], self.n_heads, self.head_dim
 
         # queries: batch indices are non-decreasing (from the offsets; active keeps the order)
         q_offsets = segment_offsets(batch, batch_size)
@@ -184,28 +145,10 @@ class SparseMultilevelSelfAttentionBlock(nn.Module):
         rows, k_offsets = group_rows_by_batch(key_batch, batch_size, has_queries.to(query.device))
         full = shapes[largest_level(shapes)]
 
-        h = self.norm(x) if self.norm_first else x
-        q = self.q_proj(h).view(n_a, H, d)
-        q = self.rope(q, query_rope_positions(pos, pos_shapes, levels, full))
-
-        feats = qb.features if rows is None else qb.features.index_select(0, rows.to(qb.features.device))
-        kv = self.kv_proj(feats.to(device=query.device, dtype=query.dtype)).view(-1, 2, H, d)
-        vox_l = index.level_indices if rows is None else index.level_indices[rows.to(index.level_indices.device)]
-        vox_c = index.spatial_indices if rows is None else index.spatial_indices[rows.to(index.spatial_indices.device)]
-        u = voxel_rope_positions(vox_c, vox_l, index.level_spatial_shapes, index.level_spatial_shapes[largest_level(index.level_spatial_shapes)])
-        k = self.rope(kv[:, 0], u.to(query.device))
-        v = kv[:, 1]
-
+        q = self._rotated_queries(x, pos, pos_shapes, levels, full)
+        k, v = self._rotated_keys_values(qb.features, index, rows, query)
         attn, has_key = multilevel_self_attention(q, k, v, q_offsets, k_offsets)
-        branch = self.out_proj(attn.reshape(n_a, self.embed_dim))
-        if not bool(has_key.all()):
-            branch = torch.where(has_key[:, None], branch, torch.zeros((), dtype=branch.dtype, device=branch.device))
-        y = x + self.dropout(branch)
-        if not self.norm_first:
-            y = self.norm(y)
-        if active is None:
-            return y
-        return query.index_copy(0, active, y)
+        return self._finish(query, x, attn, has_key, active)
 
     def extra_repr(self) -> str:
         return (
