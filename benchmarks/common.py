@@ -332,6 +332,41 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def run_main(description: str, build_cases: Callable[[bool], list], title: str) -> None:
+    """Command line of a benchmark module: the common arguments plus ``--only`` (comma-separated
+    substrings of case names), then :func:`run_cases` on ``build_cases(quick)``."""
+    parser = add_common_args(argparse.ArgumentParser(description=description))
+    parser.add_argument("--only", default=None, help="comma-separated substrings: run only cases whose name contains one")
+    args = parser.parse_args()
+    cases = build_cases(args.quick)
+    if args.only:
+        cases = [c for c in cases if any(part in c.name for part in args.only.split(","))]
+    run_cases(cases, repeats=args.repeats, warmup=args.warmup, timeout=args.timeout, out=args.out, title=title)
+
+
+def block_runner(block, query, run: Callable, inputs, backward: bool) -> Callable[[], None]:
+    """The timed call of a block benchmark: ``run(block, inputs)`` with the block's and the
+    query's gradients cleared, then (``backward``) the backward of ``(out * w).sum()`` for a
+    fixed random ``w`` (drawn on the first call)."""
+    import torch
+
+    w = None
+
+    def fn():
+        nonlocal w
+        block.zero_grad(set_to_none=True)
+        query.grad = None
+        out = run(block, inputs)
+        if not backward:
+            return None
+        if w is None or w.shape != out.shape:
+            w = torch.randn(out.shape)
+        (out * w).sum().backward()
+        return None
+
+    return fn
+
+
 # --- real-scan inputs -----------------------------------------------------------------------
 def scan_frames() -> list[Path]:
     """The shipped frame, then the other frames in ``../shared/data/lidar/`` when present."""

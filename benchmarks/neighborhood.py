@@ -30,12 +30,11 @@ Modes: ``fwd`` (training forward: autograd records, the graph is then dropped) a
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
-from benchmarks.common import Case, add_common_args, run_cases, scan_levels
+from benchmarks.common import Case, block_runner, run_main, scan_levels
 
 EMBED, HEADS, SIZES = 256, 8, [3, 5, 7, 9]
 NAIVE_LIMIT_BYTES = 8 * 2**30  # estimated naive peak above which it is skipped (24 GiB machine)
@@ -165,21 +164,7 @@ def setup(impl: str, mode: str, setting: str, role: str, n_queries: int = 900, b
     block = _block(x["index"].position_dim)
     run = IMPLS[impl]
     query = x["query"].requires_grad_(True)
-    w = None
-
-    def fn():
-        nonlocal w
-        block.zero_grad(set_to_none=True)
-        query.grad = None
-        out = run(block, x)
-        if mode == "fwd":
-            return None
-        if w is None or w.shape != out.shape:
-            w = torch.randn(out.shape)
-        (out * w).sum().backward()
-        return None
-
-    return fn
+    return block_runner(block, query, run, x, backward=mode == "fwd+bwd")
 
 
 def naive_estimate_bytes(setting: str, role: str, n_queries: int) -> int:
@@ -220,11 +205,4 @@ def build_cases(quick: bool) -> list[Case]:
 
 
 if __name__ == "__main__":
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    parser.add_argument("--only", default=None, help="comma-separated substrings: run only cases whose name contains one")
-    args = parser.parse_args()
-    cases = build_cases(args.quick)
-    if args.only:
-        cases = [c for c in cases if any(part in c.name for part in args.only.split(","))]
-    run_cases(cases, repeats=args.repeats, warmup=args.warmup, timeout=args.timeout, out=args.out,
-              title="SparseNeighborhoodAttentionBlock: embed 256, 8 heads, windows [3, 5, 7, 9]")
+    run_main(__doc__.splitlines()[0], build_cases, "SparseNeighborhoodAttentionBlock: embed 256, 8 heads, windows [3, 5, 7, 9]")

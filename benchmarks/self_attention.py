@@ -28,11 +28,10 @@ random finest-level voxels (+-2 cells jitter).
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from benchmarks.common import Case, add_common_args, run_cases, scan_levels
+from benchmarks.common import Case, block_runner, run_main, scan_levels
 
 EMBED, HEADS = 256, 8
 SETTINGS = {"bev-c2": (True, slice(2, 4)), "bev-all": (True, slice(0, 4)), "3d-c1": (False, slice(3, 4))}
@@ -99,21 +98,7 @@ def setup(impl: str, mode: str, setting: str, role: str, n_queries: int = 900):
     block = SparseMultilevelSelfAttentionBlock(EMBED, HEADS, n_levels=index.n_levels, position_dim=index.position_dim)
     run = IMPLS[impl]
     query = x["query"].requires_grad_(True)
-    w = None
-
-    def fn():
-        nonlocal w
-        block.zero_grad(set_to_none=True)
-        query.grad = None
-        out = run(block, x)
-        if mode != "fwd+bwd":
-            return None
-        if w is None or w.shape != out.shape:
-            w = torch.randn(out.shape)
-        (out * w).sum().backward()
-        return None
-
-    return fn
+    return block_runner(block, query, run, x, backward=mode == "fwd+bwd")
 
 
 def build_cases(quick: bool) -> list[Case]:
@@ -131,11 +116,4 @@ def build_cases(quick: bool) -> list[Case]:
 
 
 if __name__ == "__main__":
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    parser.add_argument("--only", default=None, help="comma-separated substrings: run only cases whose name contains one")
-    args = parser.parse_args()
-    cases = build_cases(args.quick)
-    if args.only:
-        cases = [c for c in cases if any(part in c.name for part in args.only.split(","))]
-    run_cases(cases, repeats=args.repeats, warmup=args.warmup, timeout=args.timeout, out=args.out,
-              title="SparseMultilevelSelfAttentionBlock: embed 256, 8 heads, global window (real scans, batch 2)")
+    run_main(__doc__.splitlines()[0], build_cases, "SparseMultilevelSelfAttentionBlock: embed 256, 8 heads, global window (real scans, batch 2)")
