@@ -16,58 +16,9 @@ from sparse_msda.functional.neighborhood import (
     build_neighborhood_plan,
     window_offsets,
 )
+from tests.window_maps import make_map, random_queries
 
 torch.set_num_threads(2)
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny ops pay an OpenMP fork/join per call; gradcheck makes thousands of calls
-    on a few elements, so run it single-threaded (results do not depend on the thread count)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-# ------------------------------------------------------------------------------------------
-# data
-# ------------------------------------------------------------------------------------------
-def make_map(shapes, batch_size, occupancy, embed_dim, dtype=torch.float64, seed=0, region=None):
-    """Random multi-level map. Returns (coo stack, voxel list [(b, l, coords tuple)], features [N, E]).
-
-    ``region``: optional (lo, hi) full-scale bounds voxels must lie in (per axis).
-    """
-    g = torch.Generator().manual_seed(seed)
-    shapes_t = torch.tensor(shapes)
-    full = shapes_t[int(torch.argmax(shapes_t.prod(-1)))]
-    dim = len(shapes[0])
-    voxels = []
-    for b in range(batch_size):
-        for level, shape in enumerate(shapes):
-            cells = torch.stack(torch.meshgrid(*[torch.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, dim)
-            keep = torch.rand(cells.shape[0], generator=g) < occupancy
-            if region is not None:
-                centre_full = (cells + 0.5) / torch.tensor(shape) * full
-                keep &= ((centre_full >= region[0]) & (centre_full < region[1])).all(-1)
-            for c in cells[keep].tolist():
-                voxels.append((b, level, tuple(c)))
-    feats = torch.randn(len(voxels), embed_dim, generator=g, dtype=dtype)
-    idx = torch.tensor([[b, *c, l] for b, l, c in voxels], dtype=torch.int64).T.reshape(dim + 2, -1)
-    size = (batch_size, *full.tolist(), len(shapes), embed_dim)
-    stacked = torch.sparse_coo_tensor(idx, feats, size)
-    return stacked, voxels, feats
-
-
-def random_queries(batch_counts, full_shape, dtype=torch.float64, seed=1, lo=None, hi=None):
-    g = torch.Generator().manual_seed(seed)
-    n = sum(batch_counts)
-    full = torch.tensor(full_shape, dtype=dtype)
-    lo = torch.zeros_like(full) if lo is None else torch.as_tensor(lo, dtype=dtype)
-    hi = full if hi is None else torch.as_tensor(hi, dtype=dtype)
-    pos = lo + torch.rand(n, len(full_shape), generator=g, dtype=dtype) * (hi - lo)
-    offsets = torch.tensor([0, *itertools.accumulate(batch_counts)])
-    return pos, offsets
 
 
 # ------------------------------------------------------------------------------------------
