@@ -90,19 +90,41 @@ inline void corners(const Layout& L, const scalar_t* pos, const int32_t* crow, i
   }
 }
 
+// The per-sample inputs of both passes: positions [S, J, D], attention weights [S, J], base-cell
+// ids [S, J] and the corner table, read through the layout.
+template <typename scalar_t, int DIM>
+struct SampleInputs {
+  const Layout& L;
+  const scalar_t* pos;
+  const scalar_t* att;
+  const int32_t* id;
+  const int32_t* cr;
+  int64_t S, J;
+
+  SampleInputs(const at::Tensor& positions, const at::Tensor& weights, const at::Tensor& ids,
+               const at::Tensor& corner_rows, const Layout& layout)
+      : L(layout), pos(positions.data_ptr<scalar_t>()), att(weights.data_ptr<scalar_t>()),
+        id(ids.data_ptr<int32_t>()), cr(corner_rows.data_ptr<int32_t>()), S(positions.size(0)),
+        J(positions.size(1)) {}
+
+  // Corners of (s, j) into rows / w / frac (see corners()); returns its attention weight.
+  scalar_t at(int64_t s, int64_t j, int64_t* rows, scalar_t* w, scalar_t* frac) const {
+    const int64_t sj = s * J + j;
+    corners<scalar_t, DIM>(L, pos + sj * DIM, cr + static_cast<int64_t>(id[sj]) * (1 << DIM), s, j, rows, w, frac);
+    return att[sj];
+  }
+};
+
 // DH > 0: the head dim at compile time (fully unrolled, vectorised row loops); DH == 0: dh at run time.
 template <typename scalar_t, int DIM, int DH>
 void forward_impl(const at::Tensor& table, const at::Tensor& positions, const at::Tensor& weights,
                   const at::Tensor& ids, const at::Tensor& corner_rows, const Layout& L, at::Tensor& out,
                   int n_threads) {
   constexpr int K = 1 << DIM;
-  const int64_t S = positions.size(0), J = positions.size(1);
+  const SampleInputs<scalar_t, DIM> in(positions, weights, ids, corner_rows, L);
+  const int64_t S = in.S, J = in.J;
   const int64_t dh = DH > 0 ? DH : table.size(1);
   const scalar_t* tab = table.data_ptr<scalar_t>();
-  const scalar_t* pos = positions.data_ptr<scalar_t>();
-  const scalar_t* att = weights.data_ptr<scalar_t>();
-  const int32_t* id = ids.data_ptr<int32_t>();
-  const int32_t* cr = corner_rows.data_ptr<int32_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   parallel_range(S, n_threads, [&](int64_t s0, int64_t s1, int) {
     int64_t rows[K];
@@ -111,9 +133,7 @@ void forward_impl(const at::Tensor& table, const at::Tensor& positions, const at
       scalar_t* os = o + s * dh;
       std::fill(os, os + dh, scalar_t(0));
       for (int64_t j = 0; j < J; ++j) {
-        const int64_t sj = s * J + j;
-        corners<scalar_t, DIM>(L, pos + sj * DIM, cr + static_cast<int64_t>(id[sj]) * K, s, j, rows, w, frac);
-        const scalar_t a = att[sj];
+        const scalar_t a = in.at(s, j, rows, w, frac);
         for (int k = 0; k < K; ++k) {
           if (rows[k] < 0) continue;
           const scalar_t c = a * w[k];
@@ -131,13 +151,10 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
                    at::Tensor& g_table, at::Tensor& g_pos, at::Tensor& g_w, bool need_table, bool need_pos,
                    bool need_w, int n_threads, int64_t max_table_copies) {
   constexpr int K = 1 << DIM;
-  const int64_t S = positions.size(0), J = positions.size(1);
+  const SampleInputs<scalar_t, DIM> in(positions, weights, ids, corner_rows, L);
+  const int64_t S = in.S, J = in.J;
   const int64_t dh = DH > 0 ? DH : table.size(1);
   const scalar_t* tab = table.data_ptr<scalar_t>();
-  const scalar_t* pos = positions.data_ptr<scalar_t>();
-  const scalar_t* att = weights.data_ptr<scalar_t>();
-  const int32_t* id = ids.data_ptr<int32_t>();
-  const int32_t* cr = corner_rows.data_ptr<int32_t>();
   const scalar_t* go = grad_out.data_ptr<scalar_t>();
   scalar_t* gp = need_pos ? g_pos.data_ptr<scalar_t>() : nullptr;
   scalar_t* gw = need_w ? g_w.data_ptr<scalar_t>() : nullptr;
@@ -149,8 +166,7 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
     scalar_t w[K], frac[DIM], dots[K];
     const scalar_t* g = go + s * dh;
     const int64_t sj = s * J + j;
-    corners<scalar_t, DIM>(L, pos + sj * DIM, cr + static_cast<int64_t>(id[sj]) * K, s, j, rows, w, frac);
-    const scalar_t a = att[sj];
+    const scalar_t a = in.at(s, j, rows, w, frac);
     scalar_t gwj = 0;
     for (int k = 0; k < K; ++k) {
       dots[k] = 0;
