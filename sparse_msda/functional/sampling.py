@@ -96,6 +96,11 @@ class _Sampling:
         return t if t.shape[0] == 1 else t[sl]
 
 
+def _sample_index(t: Tensor, positions: Tensor) -> Tensor:
+    """An integer index broadcastable to ``[S, J]`` as an int64 ``[S | 1, J | 1]`` view on the positions' device."""
+    return t.to(device=positions.device, dtype=torch.int64).expand(*torch.broadcast_shapes(t.shape, (1, 1)))
+
+
 def _split(positions: Tensor, dtype) -> tuple[Tensor, Tensor]:
     """Base cells (int64) and fractional offsets (``dtype``) of positions ``[..., D]``."""
     shifted = positions - 0.5
@@ -219,10 +224,8 @@ def plan_sampling(
         positions, batch and level indices.
     """
     n_samples, n_per, _ = positions.shape
-    as_idx = lambda t: t.to(device=positions.device, dtype=torch.int64).expand(  # noqa: E731
-        *torch.broadcast_shapes(t.shape, (1, 1))
-    )
-    sampling = _Sampling(index, as_idx(batch_indices), as_idx(level_indices), None, 1, None, CHUNK_CORNERS, True)
+    b, l = _sample_index(batch_indices, positions), _sample_index(level_indices, positions)
+    sampling = _Sampling(index, b, l, None, 1, None, CHUNK_CORNERS, True)
     ids = _base_cell_ids(sampling, positions.detach())
     uids, inverse = torch.unique(ids, return_inverse=True)
     rows = index.corner_row_table().index_select(0, uids.to(torch.int64))  # [U, K]
@@ -419,11 +422,9 @@ def sparse_weighted_gather(
         sample_weights = table.new_ones(n_samples, n_per)
     if table.shape[0] == 0:  # no voxel and no background: no corner holds a value
         table = table.new_zeros(1, table.shape[1]) + 0 * table.sum()
-    as_idx = lambda t: None if t is None else t.to(device=positions.device, dtype=torch.int64).expand(  # noqa: E731
-        *torch.broadcast_shapes(t.shape, (1, 1))
-    )
     sampling = _Sampling(
-        index, as_idx(batch_indices), as_idx(level_indices), as_idx(head_indices), n_heads,
+        index, _sample_index(batch_indices, positions), _sample_index(level_indices, positions),
+        None if head_indices is None else _sample_index(head_indices, positions), n_heads,
         None if background_table is None else n_value_rows, chunk_corners or CHUNK_CORNERS,
         inference=not (torch.is_grad_enabled() and any(t.requires_grad for t in (table, positions, sample_weights))),
         plan=plan,
