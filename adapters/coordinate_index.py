@@ -23,7 +23,6 @@ alias another voxel.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 

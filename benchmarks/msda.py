@@ -29,11 +29,9 @@ encoder (every voxel a query, at its own level's cell centre) and decoder (900 q
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from benchmarks.common import Case, add_common_args, run_cases, scan_levels
 

@@ -132,7 +132,6 @@ def _run_naive(block, x):
     full_pos = x["pos"] / qb.query_level_shapes * full.float()
     cells, oob, lev = get_multilevel_neighborhoods(full_pos, shapes, SIZES)
     rows, found = index.lookup(qb.batch_indices[:, None], lev[None], cells)
-    freqs = block.rope.frequencies()
     q = block.rope(block.q_proj(block.norm(query)).view(-1, H, d), query_rope_positions(x["pos"], qb.query_level_shapes, qb.query_level_indices, full))
     kv = block.kv_proj(qb.features).view(-1, 2, H, d)
     k = block.rope(kv[:, 0], voxel_rope_positions(index.spatial_indices, index.level_indices, shapes, full))

@@ -503,7 +503,6 @@ def test_spconv_levels_errors():
 def test_multilevel_features_errors():
     levels = _levels_2d()
     stacked, shapes = spconv_to_coo_stack(levels)
-    index = SparseCoordinateIndex.from_spconv(levels)
     with pytest.raises(ValueError, match=r"level_spatial_shapes=\[\[3, 4\], \[2, 3\]\] does not match the SparseConvTensor spatial shapes \[\[3, 4\], \[2, 2\]\]"):
         multilevel_features(levels, [[3, 4], [2, 3]])
     with pytest.raises(ValueError, match=r"level_spatial_shapes=\[\[3, 4\]\] does not match"):

@@ -275,7 +275,6 @@ class _SparseSample(torch.autograd.Function):
         ctx.kernels = None
         out = table.new_empty(n_samples, table.shape[1])
         ids = torch.empty(n_samples, n_per, dtype=torch.int32, device=positions.device)
-        index = sampling.index
         with torch.no_grad():
             for sl in sampling.steps(n_samples, n_per, dim):
                 c = sl.stop - sl.start
