@@ -428,6 +428,11 @@ def test_constructor_errors():
         SparseNeighborhoodAttentionBlock(16, 2, rope_share_heads="yes")
     with pytest.raises(ValueError, match="divisible"):
         SparseNeighborhoodAttentionBlock(16, 3)
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match="dropout must be a probability"):
+            SparseNeighborhoodAttentionBlock(16, 2, dropout=bad)
+    with pytest.raises(ValueError, match="n_levels must be a positive int"):
+        SparseNeighborhoodAttentionBlock(16, 2, n_levels=0)
 
 
 def test_forward_and_function_errors():
