@@ -33,7 +33,7 @@ chunk size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -43,10 +43,13 @@ from torch.autograd.function import once_differentiable
 
 from adapters import SparseCoordinateIndex, as_level_spatial_shapes
 
+from .cpu_kernels import neighborhood_kernels
 from .rope import rope_angles, rope_cos_sin, rotate_pairs, rotate_pairs_back
 
 __all__ = [
     "NeighborhoodAttentionFunction",
+    "NeighborhoodKernelFunction",
+    "NeighborhoodTiles",
     "NeighborhoodPlan",
     "PlanChunk",
     "background_tables",
@@ -206,14 +209,42 @@ class PlanChunk:
 
 
 @dataclass
-class NeighborhoodPlan:
-    """Which keys each query attends to, as padded tiles (integer bookkeeping only).
+class NeighborhoodTiles:
+    """The plan's tiles as flat lists: tile ``p`` holds the queries
+    ``query_order[query_start[p] : query_start[p] + query_count[p]]`` (one batch item,
+    ``batch[p]``) and the key entries ``key_start[p] : key_start[p] + key_count[p]``: the
+    voxels present in the union of its queries' windows, with their key row (as in
+    ``NeighborhoodPlan.voxel_rows``), level and cell in that level's grid. A query sees an entry
+    iff the cell lies in its own window at the entry's level."""
 
-    ``chunks`` partition the queries that have a key (each sits in exactly one tile of one
-    chunk; a query without any key is in none, its output row stays zero). Key
-    rows index the compacted voxel list ``voxel_rows`` (or the index rows if None). With
-    ``with_background`` each query also attends to the in-bounds window slots that hold no
-    voxel (``PlanChunk.bg_masked`` False), scored against the background key of the slot's level.
+    query_order: Tensor  # int64 [Q] query ids, grouped by tile
+    query_start: Tensor  # int64 [P]
+    query_count: Tensor  # int64 [P]
+    batch: Tensor  # int64 [P]
+    key_start: Tensor  # int64 [P]
+    key_count: Tensor  # int64 [P]
+    key_row: Tensor  # int64 [E]
+    key_level: Tensor  # int64 [E]
+    key_cell: Tensor  # int64 [E, D]
+
+    @property
+    def n_tiles(self) -> int:
+        return self.query_count.shape[0]
+
+
+@dataclass
+class NeighborhoodPlan:
+    """Which keys each query attends to: tiles of queries with the voxels of their windows
+    (integer bookkeeping only).
+
+    Every query sits in exactly one tile (:class:`NeighborhoodTiles`). Key rows index the
+    compacted voxel list ``voxel_rows`` (or the index rows if None). With ``with_background``
+    each query also attends to the in-bounds window slots that hold no voxel, scored against
+    the background key of the slot's level.
+
+    The fused CPU kernel reads the tiles directly. The PyTorch path packs them into padded
+    chunks (:attr:`chunks`, built on first use); ``pair_counts`` / ``background_counts``
+    come from the kernel's window enumeration where it is available, else from the packing.
     """
 
     n_queries: int
@@ -226,15 +257,49 @@ class NeighborhoodPlan:
     slot_ranges: list  # [(k0, k1)] slots of each level
     level_spatial_shapes: Tensor  # int64 [L, D]
     full_shape: Tensor  # int64 [D]
+    neighborhood_sizes: list  # one odd size per level
     n_keys: int  # number of voxel keys the rows refer to
     voxel_rows: Optional[Tensor]  # int64 [n_keys] index rows of the keys, None = all rows in order
-    chunks: list  # [PlanChunk]
-    pair_counts: Tensor  # int64 [Q] voxel keys of each query
-    background_counts: Optional[Tensor]  # int64 [Q] background slots of each query
+    tiles: NeighborhoodTiles
+    chunk_size: int  # bound on padded (query, key) entries per chunk (PyTorch path)
+    tile_queries: int  # most queries per tile
+    _chunks: Optional[list] = field(default=None, repr=False)
+    _counts: Optional[tuple] = field(default=None, repr=False)
+    _kernel_tiles: Optional[list] = field(default=None, repr=False)
 
     @property
     def n_levels(self) -> int:
         return self.level_spatial_shapes.shape[0]
+
+    @property
+    def chunks(self) -> list:
+        """The tiles padded and packed into chunks (:class:`PlanChunk`) for the PyTorch path;
+        queries without any key are in none."""
+        if self._chunks is None:
+            self._chunks, counts = _pack_chunks(self)
+            if self._counts is None:
+                self._counts = counts
+        return self._chunks
+
+    def _window_counts(self) -> tuple:
+        if self._counts is None:
+            kernels = neighborhood_kernels() if self.centres.device.type == "cpu" else None
+            if kernels is not None:
+                pairs, bg = kernels.neighborhood_counts(self.kernel_tiles(), self.with_background)
+                self._counts = (pairs, bg if self.with_background else None)
+            else:
+                self._chunks, self._counts = _pack_chunks(self)
+        return self._counts
+
+    @property
+    def pair_counts(self) -> Tensor:
+        """int64 ``[Q]``: voxel keys of each query."""
+        return self._window_counts()[0]
+
+    @property
+    def background_counts(self) -> Optional[Tensor]:
+        """int64 ``[Q]``: background slots (absent in-bounds window cells) of each query, or None."""
+        return self._window_counts()[1]
 
     @property
     def n_pairs(self) -> int:
@@ -243,7 +308,7 @@ class NeighborhoodPlan:
 
     @property
     def n_padded_pairs(self) -> int:
-        """Number of (query, key) score entries computed per head (tiles, with padding)."""
+        """Number of (query, key) score entries computed per head by the PyTorch path (with padding)."""
         return sum(c.masked.numel() for c in self.chunks)
 
     def has_keys(self) -> Tensor:
@@ -253,6 +318,24 @@ class NeighborhoodPlan:
         if self.background_counts is not None:
             has = has | (self.background_counts > 0)
         return has
+
+    def kernel_tiles(self) -> list:
+        """The 13 contiguous int64 tensors the CPU kernel reads (see
+        ``csrc/neighborhood_attention_cpu.cpp``); built once."""
+        if self._kernel_tiles is None:
+            t, dev = self.tiles, self.centres.device
+            end = lambda n: torch.tensor([n], dtype=torch.int64, device=dev)  # noqa: E731
+            radius = torch.tensor([(s - 1) // 2 for s in self.neighborhood_sizes], dtype=torch.int64, device=dev)
+            slot_start = torch.tensor([a for a, _ in self.slot_ranges], dtype=torch.int64, device=dev)
+            self._kernel_tiles = [
+                x.contiguous()
+                for x in (
+                    torch.cat([t.query_start, end(self.n_queries)]), t.query_order,
+                    torch.cat([t.key_start, end(t.key_row.shape[0])]), t.key_row, t.key_level, t.key_cell, t.batch,
+                    self.centres, self.level_spatial_shapes, radius, slot_start, self.slot_offset, self.slot_level,
+                )
+            ]
+        return self._kernel_tiles
 
 
 def _clamped_linear_key(batch: Tensor, cells: Tensor, shape: Tensor) -> Tensor:
@@ -298,9 +381,10 @@ def build_neighborhood_plan(
     finest-level centre and split into pieces of at most ``tile_queries``. At every level the
     union of a tile's windows is a box (its queries' centres spread over a few cells); every
     cell of the box is looked up once per tile (``index.lookup``), the present voxels are the
-    tile's keys. Tiles are then sorted by size and packed into chunks of at most
-    ``chunk_size`` padded (query, key) entries, each with a ``[T, G, U]`` mask of the pairs
-    inside each query's own windows.
+    tile's keys. The fused CPU kernel reads the tiles as they are; the PyTorch path packs
+    them (on first use of ``plan.chunks``) into chunks of at most ``chunk_size`` padded
+    (query, key) entries, each with a ``[T, G, U]`` mask of the pairs inside each query's own
+    windows.
 
     Args:
         index: coordinate index of the map.
@@ -309,8 +393,8 @@ def build_neighborhood_plan(
         position_shapes: ``[Q, D]`` (or ``[D]``) shape of each query's frame.
         neighborhood_sizes: validated odd sizes, one per level.
         with_background: also record each query's absent in-bounds window slots.
-        chunk_size: bound on padded (query, key) entries per chunk (the kernel's buffers are
-            ``n_heads`` times that).
+        chunk_size: bound on padded (query, key) entries per chunk of the PyTorch path (its
+            buffers are ``n_heads`` times that).
         tile_queries: most queries per tile.
         cells_per_chunk: bound on window cells looked up at once (memory of the lookup).
         compact_rows: renumber key rows to the voxels some tile uses (``voxel_rows``).
@@ -403,8 +487,48 @@ def build_neighborhood_plan(
     piece_nkeys = torch.bincount(k_piece, minlength=n_pieces)
     piece_kstart = torch.cumsum(piece_nkeys, 0) - piece_nkeys
 
+
+    size_l = torch.tensor(sizes, dtype=torch.int64)
+    slot_start = torch.cumsum(size_l**dim, 0) - size_l**dim
+    return NeighborhoodPlan(
+        n_queries=n_q,
+        batch_size=index.batch_size,
+        with_background=with_background,
+        query_batch=query_batch,
+        centres=centres,
+        slot_level=slot_level,
+        slot_offset=offsets,
+        slot_ranges=[(int(a), int(a + n)) for a, n in zip(slot_start.tolist(), (size_l**dim).tolist())],
+        level_spatial_shapes=shapes,
+        full_shape=full_shape,
+        neighborhood_sizes=sizes,
+        n_keys=n_keys,
+        voxel_rows=voxel_rows,
+        tiles=NeighborhoodTiles(
+            query_order=order, query_start=piece_qstart, query_count=piece_size, batch=piece_batch,
+            key_start=piece_kstart, key_count=piece_nkeys, key_row=k_row, key_level=k_level, key_cell=k_cell,
+        ),
+        chunk_size=chunk_size,
+        tile_queries=tile_queries,
+    )
+
+
+def _pack_chunks(plan: NeighborhoodPlan) -> tuple[list, tuple]:
+    """Pad the plan's tiles and pack them into chunks for the PyTorch path: tiles sorted by
+    (padded size class, keys), at most ``plan.chunk_size`` padded (query, key) entries per
+    chunk, each with its ``[T, G, U]`` mask of the pairs inside each query's own windows.
+    Returns ``(chunks, (pair_counts, background_counts or None))``."""
+    t = plan.tiles
+    device = plan.centres.device
+    shapes, centres, offsets, slot_level = plan.level_spatial_shapes, plan.centres, plan.slot_offset, plan.slot_level
+    n_levels, dim = shapes.shape
+    sizes, with_background, chunk_size = plan.neighborhood_sizes, plan.with_background, plan.chunk_size
+    radius = torch.tensor([(s - 1) // 2 for s in sizes], dtype=torch.int64, device=device)
+    n_q, n_keys = plan.n_queries, plan.n_keys
+    order, piece_qstart, piece_size, piece_batch = t.query_order, t.query_start, t.query_count, t.batch
+    piece_kstart, piece_nkeys, k_row, k_level, k_cell = t.key_start, t.key_count, t.key_row, t.key_level, t.key_cell
     # --- pack pieces into chunks: sorted by (padded size class, keys) -----------------------
-    classes = _size_classes(tile_queries).to(device)
+    classes = _size_classes(plan.tile_queries).to(device)
     g_cls = classes[torch.searchsorted(classes, piece_size)]
     # with background, a chunk holds one batch item (its background keys are one table)
     sort_batch = piece_batch if with_background else torch.zeros_like(piece_batch)
@@ -501,23 +625,7 @@ def build_neighborhood_plan(
                 batch=chunk_batch if with_background else -1,
             )
         )
-    return NeighborhoodPlan(
-        n_queries=n_q,
-        batch_size=index.batch_size,
-        with_background=with_background,
-        query_batch=query_batch,
-        centres=centres,
-        slot_level=slot_level,
-        slot_offset=offsets,
-        slot_ranges=[(int(a), int(a + n)) for a, n in zip(slot_start.tolist(), (size_l**dim).tolist())],
-        level_spatial_shapes=shapes,
-        full_shape=full_shape,
-        n_keys=n_keys,
-        voxel_rows=voxel_rows,
-        chunks=chunks,
-        pair_counts=pair_counts[:n_q],
-        background_counts=bg_counts[:n_q] if with_background else None,
-    )
+    return chunks, (pair_counts[:n_q], bg_counts[:n_q] if with_background else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -837,6 +945,90 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+class NeighborhoodKernelFunction(torch.autograd.Function):
+    """The same attention as :class:`NeighborhoodAttentionFunction`, fused in the C++ CPU kernel
+    (``csrc/neighborhood_attention_cpu.cpp``) over the plan's tiles.
+
+    Inputs: ``q [Q, H, d]``, ``k, v [n_keys, H, d]`` as there; with background the RoPE
+    frequencies ``freqs [H', d/2, D+1]``, ``tables [B, K, H, d]`` (:func:`background_tables`,
+    built by ordinary autograd ops) and ``bg_v [B, L, H, d]``, else None.
+
+    Per tile and head the kernel scores the tile's queries against its keys by one blocked
+    product, takes each query's softmax over its own window keys and background slots, and
+    aggregates the values by another product. A background slot is scored with the query
+    rotated back by its window centre (:func:`_centre_rotation` tables; the kernel composes
+    the per-axis rotations), so nothing of size ``[Q, L, H, d]`` is ever stored. It saves
+    the output and a ``[Q, H]`` log-sum-exp; the backward recomputes every score from them,
+    and returns the frequencies' gradient through the centre rotations in closed form
+    (autograd adds the part through ``tables``). Threads split the heads, so gradient rows
+    never collide. Nothing per (query, key) pair is stored.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, freqs, tables, bg_v, plan: NeighborhoodPlan, scale: float):
+        kernels = neighborhood_kernels()
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        rotation = []
+        if tables is not None:
+            tables, bg_v = tables.contiguous(), bg_v.contiguous()
+            rotation = _centre_rotation(plan, freqs.detach(), q.dtype)
+        out, lse = kernels.neighborhood_forward(q, k, v, rotation, tables, bg_v, plan.kernel_tiles(), scale, torch.get_num_threads())
+        ctx.save_for_backward(q, k, v, tables, bg_v, out, lse)
+        ctx.plan, ctx.scale, ctx.rotation, ctx.freqs_dtype = plan, scale, rotation, None if freqs is None else freqs.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, tables, bg_v, out, lse = ctx.saved_tensors
+        dq, dk, dv, dfreqs, dtables, dbv = neighborhood_kernels().neighborhood_backward(
+            q, k, v, ctx.rotation, tables, bg_v, ctx.plan.kernel_tiles(), out, lse, grad_out.contiguous(), ctx.scale,
+            list(ctx.needs_input_grad[:6]), torch.get_num_threads(),
+        )
+        if dfreqs is not None:
+            dfreqs = dfreqs.to(ctx.freqs_dtype)
+        return dq, dk, dv, dfreqs, dtables, dbv, None, None
+
+
+def _centre_rotation(plan: NeighborhoodPlan, freqs: Tensor, dtype: torch.dtype) -> list:
+    """Per-axis RoPE rotations of the window-centre cells, for the kernel's background scores.
+
+    Returns ``[cos, sin, start, full]``: ``cos``/``sin`` ``[R, H', d/2]`` in ``dtype`` hold the
+    angle of centre coordinate ``c`` on axis ``a`` of level ``l`` (cell centre ``c + 0.5``
+    mapped to full scale, times the axis' frequencies; axis 0 also carries the level term
+    ``l * freqs[..., D]``) at row ``start[l, a] + c + r_l + 1``, for ``c`` in ``[-r_l - 1,
+    shape + r_l]`` (a centre outside it has no in-bounds window cell, ``r_l`` the window
+    radius). Angles in float64, reduced before the trigonometry (:func:`rope_cos_sin`); the
+    kernel multiplies the ``D`` factors of a centre (angles add)."""
+    shapes = plan.level_spatial_shapes.cpu()
+    full = plan.full_shape.cpu()
+    f64 = freqs.to(torch.float64).cpu()  # [H', d/2, D + 1]
+    dim = shapes.shape[1]
+    angles, start, row = [], [], 0
+    for level, size in enumerate(plan.neighborhood_sizes):
+        r = (size - 1) // 2
+        for axis in range(dim):
+            c = torch.arange(-r - 1, int(shapes[level, axis]) + r + 1, dtype=torch.float64)
+            u = (c + 0.5) / float(shapes[level, axis]) * float(full[axis])
+            ang = u[:, None, None] * f64[None, :, :, axis]
+            if axis == 0:
+                ang = ang + level * f64[None, :, :, dim]
+            angles.append(ang)
+            start.append(row)
+            row += c.shape[0]
+    cos, sin = rope_cos_sin(torch.cat(angles), dtype)
+    return [cos.contiguous(), sin.contiguous(), torch.tensor(start, dtype=torch.int64), full.to(torch.int64).contiguous()]
+
+
+def _kernel_attention(q, k, v, plan, background_k, background_v, rope_freqs, scale) -> Tensor:
+    """:class:`NeighborhoodKernelFunction`, with the background keys rotated at the window
+    offsets by autograd ops (small: ``[B, K, H, d]``)."""
+    tables = None
+    if plan.with_background:
+        tables = background_tables(background_k, rope_freqs, plan)[0]  # [B, K, H, d]
+    return NeighborhoodKernelFunction.apply(q, k, v, rope_freqs if plan.with_background else None, tables, background_v, plan, scale)
+
+
 def sparse_neighborhood_attention(
     q: Tensor,
     k: Tensor,
@@ -872,4 +1064,6 @@ def sparse_neighborhood_attention(
             f"(n_queries={plan.n_queries}, n_keys={plan.n_keys})"
         )
     scale = q.shape[-1] ** -0.5
+    if q.device.type == "cpu" and neighborhood_kernels() is not None:
+        return _kernel_attention(q, k, v, plan, background_k, background_v, rope_freqs, scale)
     return NeighborhoodAttentionFunction.apply(q, k, v, background_k, background_v, rope_freqs, plan, scale)

@@ -1,0 +1,738 @@
+// Fused CPU kernel of multi-level sparse neighborhood attention (sparse_msda.functional.neighborhood).
+//
+// The plan is a list of tiles (queries of one batch item sharing their coarsest-level window
+// centre). Tile t owns queries qids[qptr[t] .. qptr[t+1]) and the voxels present in the union of
+// their windows: key entries e in [kptr[t], kptr[t+1]) with key row krow[e] (rows of k and v), level
+// klev[e] and cell kcell[e] (int64 [E, D], the level's grid). This file does no coordinate lookup:
+// the entries come from the coordinate index. Query i sees entry e iff the cell lies in its window
+// at that level, |kcell[e] - centre[i, l]| <= radius[l] on every axis (axis order (y, x) / (z, y, x)).
+//
+// Background (optional): the in-bounds window slots of query i that hold no voxel. Slot k (levels
+// in order, row-major offsets within a level) is scored as <ql[i, level(k)], tables[b, k]> where ql
+// is the query rotated back by its window centre and tables the background key rotated at the
+// slot's offset (rotations compose, see background_tables in neighborhood.py); its value is
+// bg_v[b, level(k)].
+//
+// One softmax per (query, head) over all of its keys. Forward writes the output and the
+// log-sum-exp; backward recomputes the scores from them (nothing per pair is ever stored).
+// Threads split the heads: every gradient row written for head h is (row, h), so no two threads
+// ever write the same memory (no atomics, no copies).
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+namespace {
+
+struct Tiles {
+  const int64_t *qptr, *qids, *kptr, *krow, *klev, *kcell, *tbatch, *centres;
+  const int64_t *shapes, *radius, *slot_start, *offsets, *slot_level;
+  int64_t n_tiles, n_queries, n_levels, n_slots;
+  int dim;
+};
+
+// tiles = [qptr, qids, kptr, krow, klev, kcell, tbatch, centres, shapes, radius, slot_start, offsets, slot_level]
+Tiles make_tiles(const std::vector<at::Tensor>& t) {
+  TORCH_CHECK(t.size() == 13, "tiles: 13 int64 tensors expected");
+  for (const auto& x : t)
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kLong && x.is_contiguous(), "tiles: contiguous CPU int64");
+  Tiles T{t[0].data_ptr<int64_t>(), t[1].data_ptr<int64_t>(), t[2].data_ptr<int64_t>(), t[3].data_ptr<int64_t>(),
+          t[4].data_ptr<int64_t>(), t[5].data_ptr<int64_t>(), t[6].data_ptr<int64_t>(), t[7].data_ptr<int64_t>(),
+          t[8].data_ptr<int64_t>(), t[9].data_ptr<int64_t>(), t[10].data_ptr<int64_t>(), t[11].data_ptr<int64_t>(),
+          t[12].data_ptr<int64_t>(), t[0].size(0) - 1, t[7].size(0), t[8].size(0), t[12].size(0),
+          static_cast<int>(t[8].size(1))};
+  TORCH_CHECK(T.dim >= 1 && T.dim <= 3, "position_dim must be 1..3");
+  TORCH_CHECK(t[7].dim() == 3 && t[7].size(1) == T.n_levels && t[7].size(2) == T.dim, "centres must be [Q, L, D]");
+  return T;
+}
+
+// The keys of every query of one tile: the tile's entries u (0-based within the tile) inside the
+// query's windows, and (with background) its absent in-bounds slots; CSR over the tile's queries.
+struct TileWindows {
+  std::vector<int32_t> keys, slots;
+  std::vector<int64_t> key_ptr, slot_ptr;
+  std::vector<uint8_t> present;
+
+  void find(const Tiles& T, int64_t tile, bool background) {
+    const int64_t e0 = T.kptr[tile], e1 = T.kptr[tile + 1];
+    const int D = T.dim;
+    keys.clear();
+    slots.clear();
+    key_ptr.assign(1, 0);
+    slot_ptr.assign(1, 0);
+    for (int64_t qi = T.qptr[tile]; qi < T.qptr[tile + 1]; ++qi) {
+      const int64_t* c = T.centres + T.qids[qi] * T.n_levels * D;
+      if (background) present.assign(T.n_slots, 0);
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t l = T.klev[e], r = T.radius[l];
+        const int64_t* kc = T.kcell + e * D;
+        const int64_t* cl = c + l * D;
+        bool inside = true;
+        int64_t slot = 0;
+        for (int a = 0; a < D; ++a) {
+          const int64_t rel = kc[a] - cl[a] + r;
+          inside = inside && rel >= 0 && rel <= 2 * r;
+          slot = slot * (2 * r + 1) + rel;
+        }
+        if (!inside) continue;
+        keys.push_back(static_cast<int32_t>(e - e0));
+        if (background) present[T.slot_start[l] + slot] = 1;
+      }
+      key_ptr.push_back(static_cast<int64_t>(keys.size()));
+      if (background) {
+        for (int64_t k = 0; k < T.n_slots; ++k) {
+          if (present[k]) continue;
+          const int64_t l = T.slot_level[k];
+          const int64_t* cl = c + l * D;
+          bool inside = true;
+          for (int a = 0; a < D; ++a) {
+            const int64_t cell = cl[a] + T.offsets[k * D + a];
+            inside = inside && cell >= 0 && cell < T.shapes[l * D + a];
+          }
+          if (inside) slots.push_back(static_cast<int32_t>(k));
+        }
+      }
+      slot_ptr.push_back(static_cast<int64_t>(slots.size()));
+    }
+  }
+};
+
+// f(h0, h1): thread p takes heads [h0, h1) of every query.
+template <typename F>
+void split_heads(int64_t n_heads, int n_threads, const F& f) {
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_heads)));
+  if (parts == 1) {
+    f(0, n_heads);
+    return;
+  }
+  std::vector<std::thread> threads;
+  for (int p = 1; p < parts; ++p)
+    threads.emplace_back([&f, p, parts, n_heads] { f(p * n_heads / parts, (p + 1) * n_heads / parts); });
+  f(0, n_heads / parts);
+  for (auto& t : threads) t.join();
+}
+
+// Dot product with 8 independent partial sums (the compiler turns them into one vector register;
+// a single running sum would serialise on the add latency, as floats may not be reassociated).
+template <typename scalar_t, int DH>
+inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t dh) {
+  constexpr int W = 8;
+  if constexpr (DH > 0 && DH % W == 0) {
+    scalar_t acc[W] = {};
+    for (int e = 0; e < DH; e += W)
+      for (int j = 0; j < W; ++j) acc[j] += a[e + j] * b[e + j];
+    scalar_t s = 0;
+    for (int j = 0; j < W; ++j) s += acc[j];
+    return s;
+  } else {
+    scalar_t s = 0;
+    for (int64_t e = 0; e < dh; ++e) s += a[e] * b[e];
+    return s;
+  }
+}
+
+template <typename scalar_t, int DH>
+inline void axpy(scalar_t* y, scalar_t a, const scalar_t* x, int64_t dh) {
+  for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) y[e] += a * x[e];
+}
+
+// x[j] <- exp(x[j] - shift) for j < n, with x[j] - shift <= 0 (softmax weights). float: Cephes'
+// expf polynomial after reduction by ln 2 (within 2 ulp of expf; inputs below -87 give ~1e-38
+// instead of 0), written so that the loop vectorises (no branch, no libm call; the int -> float
+// bit cast builds 2^k); double: std::exp (the gradcheck dtype).
+inline void exp_shifted(float* __restrict__ x, int64_t n, float shift) {
+  for (int64_t j = 0; j < n; ++j) {
+    float v = x[j] - shift;
+    v = v > -87.0f ? v : -87.0f;
+    const int32_t k = static_cast<int32_t>(v * 1.44269504088896341f - 0.5f);  // round(v / ln 2) (v <= 0)
+    const float kf = static_cast<float>(k);
+    v = v - kf * 0.693359375f - kf * -2.12194440e-4f;  // |v| <= ln(2) / 2
+    float p = 1.9875691500e-4f;
+    p = p * v + 1.3981999507e-3f;
+    p = p * v + 8.3334519073e-3f;
+    p = p * v + 4.1665795894e-2f;
+    p = p * v + 1.6666665459e-1f;
+    p = p * v + 5.0000001201e-1f;
+    p = p * v * v + v + 1.0f;
+    x[j] = p * std::bit_cast<float>((k + 127) << 23);
+  }
+}
+
+// Sum and maximum of x[0 .. n) with 8 independent partial results (vectorised, no add-latency chain).
+template <typename scalar_t>
+inline scalar_t sum8(const scalar_t* x, int64_t n) {
+  scalar_t acc[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += x[j + l];
+  scalar_t s = 0;
+  for (; j < n; ++j) s += x[j];
+  for (int l = 0; l < 8; ++l) s += acc[l];
+  return s;
+}
+
+template <typename scalar_t>
+inline scalar_t max8(const scalar_t* x, int64_t n) {  // n >= 1
+  scalar_t acc[8];
+  for (int l = 0; l < 8; ++l) acc[l] = x[0];
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] = acc[l] > x[j + l] ? acc[l] : x[j + l];
+  scalar_t m = x[0];
+  for (; j < n; ++j) m = m > x[j] ? m : x[j];
+  for (int l = 0; l < 8; ++l) m = m > acc[l] ? m : acc[l];
+  return m;
+}
+
+inline void exp_shifted(double* x, int64_t n, double shift) {
+  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - shift);
+}
+
+// The tensors of one call. Layouts: q [Q, H, dh]; k, v [N, H, dh]; tables [B, K, H, dh];
+// bg_v [B, L, H, dh]; out [Q, H, dh]; lse [Q, H]. Window-centre rotations (background only):
+// rcos/rsin [R, Hf, dh/2] hold cos/sin of the RoPE angle of centre coordinate c on axis a of level l
+// at row rstart[l, a] + (c + radius[l] + 1), for c in [-radius[l] - 1, shape[l, a] + radius[l]]
+// (a centre outside that range has no in-bounds window cell); axis 0's rows include the level
+// angle. Hf = 1 (shared frequencies) or H. full [D]: the full-scale shape.
+template <typename scalar_t>
+struct Operands {
+  const scalar_t *q, *k, *v, *tab, *bgv, *rcos, *rsin;
+  const int64_t *rstart, *full;
+  int64_t H, dh, L, K, Hf, half;
+  bool background;
+  scalar_t scale;
+
+  Operands(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const std::vector<at::Tensor>& rot,
+           const at::Tensor& tab_, const at::Tensor& bgv_, const Tiles& T, double scale_)
+      : q(q_.data_ptr<scalar_t>()), k(k_.data_ptr<scalar_t>()), v(v_.data_ptr<scalar_t>()),
+        tab(tab_.defined() ? tab_.data_ptr<scalar_t>() : nullptr), bgv(bgv_.defined() ? bgv_.data_ptr<scalar_t>() : nullptr),
+        rcos(rot.empty() ? nullptr : rot[0].data_ptr<scalar_t>()), rsin(rot.empty() ? nullptr : rot[1].data_ptr<scalar_t>()),
+        rstart(rot.empty() ? nullptr : rot[2].data_ptr<int64_t>()), full(rot.empty() ? nullptr : rot[3].data_ptr<int64_t>()),
+        H(q_.size(1)), dh(q_.size(2)), L(T.n_levels), K(T.n_slots), Hf(rot.empty() ? 1 : rot[0].size(1)),
+        half(q_.size(2) / 2), background(tab_.defined()), scale(static_cast<scalar_t>(scale_)) {}
+
+  const scalar_t* query(int64_t i, int64_t h) const { return q + (i * H + h) * dh; }
+  const scalar_t* key(int64_t r, int64_t h) const { return k + (r * H + h) * dh; }
+  const scalar_t* value(int64_t r, int64_t h) const { return v + (r * H + h) * dh; }
+  const scalar_t* table(int64_t b, int64_t s, int64_t h) const { return tab + ((b * K + s) * H + h) * dh; }
+  const scalar_t* bg_value(int64_t b, int64_t l, int64_t h) const { return bgv + ((b * L + l) * H + h) * dh; }
+};
+
+// A query rotated back by its window centre at every level, ql[l] = R(-theta_l) q (split-half
+// pairs), so that <ql[l], tables[b, k]> is its score with the background cell of slot k; and, in
+// the backward, the way back: dq += R(theta_l) dql[l], dtheta = dql1 ql2 - dql2 ql1.
+template <typename scalar_t>
+struct QueryBack {
+  std::vector<scalar_t> ql, dql, cr, ci;  // [L, dh], [L, dh], [L, half], [L, half]
+  std::vector<int64_t> centre;            // [L, D] clamped centres
+
+  void compute(const Tiles& T, const Operands<scalar_t>& op, int64_t i, int64_t h) {
+    const int64_t L = op.L, D = T.dim, half = op.half, hf = op.Hf == 1 ? 0 : h;
+    ql.resize(L * op.dh);
+    cr.resize(L * half);
+    ci.resize(L * half);
+    centre.resize(L * D);
+    const scalar_t* x = op.query(i, h);
+    for (int64_t l = 0; l < L; ++l) {
+      scalar_t* c = cr.data() + l * half;
+      scalar_t* s = ci.data() + l * half;
+      const int64_t r = T.radius[l];
+      for (int64_t a = 0; a < D; ++a) {
+        const int64_t cc = std::min(std::max(T.centres[(i * L + l) * D + a], -r - 1), T.shapes[l * D + a] + r);
+        centre[l * D + a] = cc;
+        const int64_t row = op.rstart[l * D + a] + cc + r + 1;
+        const scalar_t* fc = op.rcos + (row * op.Hf + hf) * half;
+        const scalar_t* fs = op.rsin + (row * op.Hf + hf) * half;
+        if (a == 0) {
+          std::copy_n(fc, half, c);
+          std::copy_n(fs, half, s);
+        } else {
+          for (int64_t j = 0; j < half; ++j) {  // angles add: (c + i s)(fc + i fs)
+            const scalar_t cj = c[j] * fc[j] - s[j] * fs[j];
+            s[j] = c[j] * fs[j] + s[j] * fc[j];
+            c[j] = cj;
+          }
+        }
+      }
+      scalar_t* y = ql.data() + l * op.dh;
+      for (int64_t j = 0; j < half; ++j) {
+        y[j] = x[j] * c[j] + x[half + j] * s[j];
+        y[half + j] = x[half + j] * c[j] - x[j] * s[j];
+      }
+    }
+  }
+
+  // dq += sum_l R(theta_l) dql[l]; dfreqs[hf, j, :] += dtheta_l[j] * u(centre_l) (levels with used = 1).
+  void backward(const Tiles& T, const Operands<scalar_t>& op, const std::vector<uint8_t>& used, int64_t h,
+                scalar_t* dq, double* dfreqs) const {
+    const int64_t L = op.L, D = T.dim, half = op.half, hf = op.Hf == 1 ? 0 : h;
+    for (int64_t l = 0; l < L; ++l) {
+      if (!used[l]) continue;
+      const scalar_t* c = cr.data() + l * half;
+      const scalar_t* s = ci.data() + l * half;
+      const scalar_t* g = dql.data() + l * op.dh;
+      const scalar_t* y = ql.data() + l * op.dh;
+      if (dq)
+        for (int64_t j = 0; j < half; ++j) {
+          dq[j] += g[j] * c[j] - g[half + j] * s[j];
+          dq[half + j] += g[j] * s[j] + g[half + j] * c[j];
+        }
+      if (dfreqs) {
+        double u[4];
+        for (int64_t a = 0; a < D; ++a)
+          u[a] = (static_cast<double>(centre[l * D + a]) + 0.5) / static_cast<double>(T.shapes[l * D + a]) *
+                 static_cast<double>(op.full[a]);
+        u[D] = static_cast<double>(l);
+        for (int64_t j = 0; j < half; ++j) {
+          const double dth = static_cast<double>(g[j] * y[half + j] - g[half + j] * y[j]);
+          double* f = dfreqs + (hf * half + j) * (D + 1);
+          for (int64_t a = 0; a <= D; ++a) f[a] += dth * u[a];
+        }
+      }
+    }
+  }
+};
+
+// ---- tile micro-kernels ----
+// Register blocks are GCC vector types of 64 bytes (16 floats / 8 doubles: one AVX-512 register, two
+// AVX2 ones, four SSE ones; the compiler splits them as the target needs). DH = 0: run-time dh,
+// plain loops.
+template <typename scalar_t>
+struct Vec {
+  typedef scalar_t type __attribute__((vector_size(64), aligned(sizeof(scalar_t)), may_alias));
+  static constexpr int64_t N = 64 / sizeof(scalar_t);
+  static type load(const scalar_t* p) { return *reinterpret_cast<const type*>(p); }
+  static void store(scalar_t* p, type v) { *reinterpret_cast<type*>(p) = v; }
+};
+
+constexpr int64_t kRows = 4;    // rows of A per register block
+constexpr int64_t kLanes = 16;  // column padding of the score blocks (a whole number of vectors)
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// C[rows, up] = A[rows, dh] x BT[dh, up]; rows a multiple of kRows, up of kLanes.
+template <typename scalar_t, int DH>
+void gemm_nt(const scalar_t* __restrict__ A, const scalar_t* __restrict__ BT, int64_t rows, int64_t up, int64_t dh,
+             scalar_t* __restrict__ C) {
+  using V = Vec<scalar_t>;
+  using v_t = typename V::type;
+  constexpr int64_t N = V::N;
+  const int64_t D = DH > 0 ? DH : dh;
+  for (int64_t g0 = 0; g0 < rows; g0 += kRows) {
+    const scalar_t* a = A + g0 * D;
+    int64_t u0 = 0;
+    for (; u0 + 2 * N <= up; u0 += 2 * N) {  // 4 rows x 2 vectors: 8 independent accumulators
+      v_t c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+      for (int64_t e = 0; e < D; ++e) {
+        const v_t b0 = V::load(BT + e * up + u0), b1 = V::load(BT + e * up + u0 + N);
+        const scalar_t x0 = a[e], x1 = a[D + e], x2 = a[2 * D + e], x3 = a[3 * D + e];
+        c00 += x0 * b0; c01 += x0 * b1;
+        c10 += x1 * b0; c11 += x1 * b1;
+        c20 += x2 * b0; c21 += x2 * b1;
+        c30 += x3 * b0; c31 += x3 * b1;
+      }
+      scalar_t* c = C + g0 * up + u0;
+      V::store(c, c00); V::store(c + N, c01);
+      V::store(c + up, c10); V::store(c + up + N, c11);
+      V::store(c + 2 * up, c20); V::store(c + 2 * up + N, c21);
+      V::store(c + 3 * up, c30); V::store(c + 3 * up + N, c31);
+    }
+    for (; u0 < up; u0 += N) {  // tail: 4 rows x 1 vector
+      v_t c0 = {}, c1 = {}, c2 = {}, c3 = {};
+      for (int64_t e = 0; e < D; ++e) {
+        const v_t b0 = V::load(BT + e * up + u0);
+        c0 += a[e] * b0; c1 += a[D + e] * b0; c2 += a[2 * D + e] * b0; c3 += a[3 * D + e] * b0;
+      }
+      scalar_t* c = C + g0 * up + u0;
+      V::store(c, c0); V::store(c + up, c1); V::store(c + 2 * up, c2); V::store(c + 3 * up, c3);
+    }
+  }
+}
+
+// C[rows, dh] = A[rows, inner] x B[inner, dh], A read as A[r * rs + j * js] (so a transposed A is
+// a stride swap); rows a multiple of kRows.
+template <typename scalar_t, int DH>
+void gemm_nn(const scalar_t* __restrict__ A, int64_t rs, int64_t js, const scalar_t* __restrict__ B, int64_t rows,
+             int64_t inner, int64_t dh, scalar_t* __restrict__ C) {
+  using V = Vec<scalar_t>;
+  using v_t = typename V::type;
+  constexpr int64_t N = V::N;
+  if constexpr (DH > 0 && DH % N == 0) {
+    constexpr int64_t W = DH / N;  // vectors per row
+    for (int64_t g0 = 0; g0 < rows; g0 += kRows) {
+      v_t acc[kRows][W] = {};
+      for (int64_t j = 0; j < inner; ++j) {
+        v_t b[W];
+        for (int64_t w = 0; w < W; ++w) b[w] = V::load(B + j * DH + w * N);
+        for (int64_t r = 0; r < kRows; ++r) {
+          const scalar_t x = A[(g0 + r) * rs + j * js];
+          for (int64_t w = 0; w < W; ++w) acc[r][w] += x * b[w];
+        }
+      }
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t w = 0; w < W; ++w) V::store(C + (g0 + r) * DH + w * N, acc[r][w]);
+    }
+  } else {
+    std::fill(C, C + rows * dh, scalar_t(0));
+    for (int64_t g = 0; g < rows; ++g)
+      for (int64_t j = 0; j < inner; ++j) {
+        const scalar_t x = A[g * rs + j * js];
+        for (int64_t l = 0; l < dh; ++l) C[g * dh + l] += x * B[j * dh + l];
+      }
+  }
+}
+
+// One head of one tile in the layouts of the micro-kernels: the tile's G queries padded to
+// gp = G rounded up to kRows, its U keys padded to up = U rounded up to kLanes (zero rows/columns).
+template <typename scalar_t>
+struct TileHead {
+  std::vector<scalar_t> qg, gg, kt, vt, kr, vr, s, p, ds, dkr, dvr, og;
+  int64_t G = 0, gp = 0, U = 0, up = 0;
+
+  // rows[x][g] = src(row of query g, h) for the tile's queries (zero padded), [gp, dh].
+  void gather_queries(const Tiles& T, int64_t tile, const scalar_t* src, int64_t H, int64_t h, int64_t dh,
+                      std::vector<scalar_t>& rows) {
+    const int64_t q0 = T.qptr[tile];
+    G = T.qptr[tile + 1] - q0;
+    gp = round_up(std::max<int64_t>(G, 1), kRows);
+    rows.assign(gp * dh, scalar_t(0));
+    for (int64_t g = 0; g < G; ++g) std::copy_n(src + (T.qids[q0 + g] * H + h) * dh, dh, rows.data() + g * dh);
+  }
+
+  // The tile's keys of x [N, H, dh] at head h: transposed [dh, up] and/or as rows [up, dh].
+  void gather_keys(const Tiles& T, int64_t tile, const scalar_t* x, int64_t H, int64_t h, int64_t dh,
+                   std::vector<scalar_t>* transposed, std::vector<scalar_t>* rows) {
+    const int64_t e0 = T.kptr[tile];
+    U = T.kptr[tile + 1] - e0;
+    up = round_up(std::max<int64_t>(U, 1), kLanes);
+    if (transposed) transposed->assign(dh * up, scalar_t(0));
+    if (rows) rows->assign(up * dh, scalar_t(0));
+    for (int64_t u = 0; u < U; ++u) {
+      const scalar_t* xr = x + (T.krow[e0 + u] * H + h) * dh;
+      if (rows) std::copy_n(xr, dh, rows->data() + u * dh);
+      if (transposed)
+        for (int64_t e = 0; e < dh; ++e) (*transposed)[e * up + u] = xr[e];
+    }
+  }
+
+  // Add rows [up, dh] back into the gradient rows (row(u), h).
+  void scatter_keys(const Tiles& T, int64_t tile, const std::vector<scalar_t>& rows, int64_t H, int64_t h, int64_t dh,
+                    scalar_t* dest) const {
+    const int64_t e0 = T.kptr[tile];
+    for (int64_t u = 0; u < U; ++u) {
+      scalar_t* d = dest + (T.krow[e0 + u] * H + h) * dh;
+      const scalar_t* r = rows.data() + u * dh;
+      for (int64_t e = 0; e < dh; ++e) d[e] += r[e];
+    }
+  }
+};
+
+// Scaled scores of the g-th query of a tile, head h: its voxel keys (row g of the tile's score
+// block th.s) then its background slots (qb: that query rotated back, when it has any). Returns
+// the number of voxel keys.
+template <typename scalar_t, int DH>
+inline int64_t window_scores(const Tiles& T, const Operands<scalar_t>& op, const TileWindows& w, const TileHead<scalar_t>& th,
+                             const QueryBack<scalar_t>& qb, int64_t g, int64_t b, int64_t h, scalar_t* s) {
+  const int64_t k0 = w.key_ptr[g], nk = w.key_ptr[g + 1] - k0;
+  const int64_t b0 = w.slot_ptr[g], nb = w.slot_ptr[g + 1] - b0;
+  const scalar_t* row = th.s.data() + g * th.up;
+  for (int64_t j = 0; j < nk; ++j) s[j] = op.scale * row[w.keys[k0 + j]];
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t slot = w.slots[b0 + j];
+    s[nk + j] = op.scale * dot<scalar_t, DH>(qb.ql.data() + T.slot_level[slot] * op.dh, op.table(b, slot, h), op.dh);
+  }
+  return nk;
+}
+
+// Per tile and head: scores S = Q K^T by one blocked product, per query the softmax over its own
+// keys (the tile's other keys get weight 0) and background slots, then O = P V by another.
+template <typename scalar_t, int DH>
+void forward_impl(const Tiles& T, const Operands<scalar_t>& op, scalar_t* out, scalar_t* lse, int n_threads) {
+  const int64_t H = op.H, dh = op.dh, L = op.L;
+  split_heads(H, n_threads, [&](int64_t h0, int64_t h1) {
+    TileWindows w;
+    TileHead<scalar_t> th;
+    QueryBack<scalar_t> qb;
+    std::vector<scalar_t> s, level_sum(L), z;
+    for (int64_t t = 0; t < T.n_tiles; ++t) {
+      const int64_t b = T.tbatch[t], q0 = T.qptr[t];
+      w.find(T, t, op.background);
+      for (int64_t h = h0; h < h1; ++h) {
+        th.gather_queries(T, t, op.q, H, h, dh, th.qg);
+        th.gather_keys(T, t, op.k, H, h, dh, &th.kt, nullptr);
+        th.gather_keys(T, t, op.v, H, h, dh, nullptr, &th.vr);
+        th.s.resize(th.gp * th.up);
+        gemm_nt<scalar_t, DH>(th.qg.data(), th.kt.data(), th.gp, th.up, dh, th.s.data());
+        th.p.assign(th.gp * th.up, scalar_t(0));
+        th.og.resize(th.gp * dh);
+        z.assign(th.gp, scalar_t(0));
+        for (int64_t g = 0; g < th.G; ++g) {
+          const int64_t i = T.qids[q0 + g];
+          const int64_t n = (w.key_ptr[g + 1] - w.key_ptr[g]) + (w.slot_ptr[g + 1] - w.slot_ptr[g]);
+          if (n == 0) {  // no key: zero output (z[g] = 0 below)
+            lse[i * H + h] = 0;
+            std::fill(out + (i * H + h) * dh, out + (i * H + h + 1) * dh, scalar_t(0));
+            continue;
+          }
+          s.resize(n);
+          if (w.slot_ptr[g + 1] > w.slot_ptr[g]) qb.compute(T, op, i, h);
+          const int64_t nk = window_scores<scalar_t, DH>(T, op, w, th, qb, g, b, h, s.data());
+          const scalar_t m = max8(s.data(), n);
+          exp_shifted(s.data(), n, m);
+          z[g] = sum8(s.data(), n);
+          lse[i * H + h] = m + std::log(z[g]);
+          scalar_t* prow = th.p.data() + g * th.up;
+          for (int64_t j = 0; j < nk; ++j) prow[w.keys[w.key_ptr[g] + j]] = s[j];
+          if (op.background) {  // background values, weighted per level, straight into the output row
+            scalar_t* o = out + (i * H + h) * dh;
+            std::fill(level_sum.begin(), level_sum.end(), scalar_t(0));
+            for (int64_t j = nk; j < n; ++j) level_sum[T.slot_level[w.slots[w.slot_ptr[g] + j - nk]]] += s[j];
+            std::fill(o, o + dh, scalar_t(0));
+            for (int64_t l = 0; l < L; ++l)
+              if (level_sum[l] != 0) axpy<scalar_t, DH>(o, level_sum[l], op.bg_value(b, l, h), dh);
+          }
+        }
+        gemm_nn<scalar_t, DH>(th.p.data(), th.up, 1, th.vr.data(), th.gp, th.up, dh, th.og.data());
+        for (int64_t g = 0; g < th.G; ++g) {
+          scalar_t* o = out + (T.qids[q0 + g] * H + h) * dh;
+          const scalar_t* og = th.og.data() + g * dh;
+          const scalar_t inv = z[g] > 0 ? scalar_t(1) / z[g] : scalar_t(0);
+          for (int64_t e = 0; e < dh; ++e) o[e] = ((op.background ? o[e] : scalar_t(0)) + og[e]) * inv;
+        }
+      }
+    }
+  });
+}
+
+struct Grads {
+  void *dq, *dk, *dv, *dtab, *dbv;  // null where not needed
+  double* dfreqs;                   // [Hf, dh/2, D + 1] or null
+};
+
+// Per tile and head, from the saved log-sum-exp: S = Q K^T, P (the attention weights, zero off
+// each query's window), GV = G V^T, dS = P (GV - delta) scale; then dQ = dS K, dK += dS^T Q and
+// dV += P^T G by blocked products. Background slots per query, as in the forward.
+template <typename scalar_t, int DH>
+void backward_impl(const Tiles& T, const Operands<scalar_t>& op, const scalar_t* out, const scalar_t* lse,
+                   const scalar_t* grad, const Grads& G, int n_threads) {
+  const int64_t H = op.H, dh = op.dh, L = op.L, K = op.K;
+  scalar_t* dq = static_cast<scalar_t*>(G.dq);
+  scalar_t* dk = static_cast<scalar_t*>(G.dk);
+  scalar_t* dv = static_cast<scalar_t*>(G.dv);
+  scalar_t* dtab = static_cast<scalar_t*>(G.dtab);
+  scalar_t* dbv = static_cast<scalar_t*>(G.dbv);
+  const bool rotation_grads = dq || G.dfreqs;
+  // frequency gradients: one partial sum per thread (keyed by its first head), added at the end
+  const int64_t n_freq = G.dfreqs ? op.Hf * op.half * (T.dim + 1) : 0;
+  std::vector<std::vector<double>> dfreq_parts(H);
+  split_heads(H, n_threads, [&](int64_t h0, int64_t h1) {
+    TileWindows w;
+    TileHead<scalar_t> th;
+    QueryBack<scalar_t> qb;
+    std::vector<scalar_t> a, gv, level_sum(L), level_gv(L);
+    std::vector<uint8_t> level_used(L);
+    double* dfreqs = nullptr;
+    if (n_freq) {
+      dfreq_parts[h0].assign(n_freq, 0.0);
+      dfreqs = dfreq_parts[h0].data();
+    }
+    for (int64_t t = 0; t < T.n_tiles; ++t) {
+      const int64_t b = T.tbatch[t], q0 = T.qptr[t];
+      w.find(T, t, op.background);
+      for (int64_t h = h0; h < h1; ++h) {
+        th.gather_queries(T, t, op.q, H, h, dh, th.qg);
+        th.gather_queries(T, t, grad, H, h, dh, th.gg);
+        th.gather_keys(T, t, op.k, H, h, dh, &th.kt, dq ? &th.kr : nullptr);
+        th.gather_keys(T, t, op.v, H, h, dh, &th.vt, nullptr);
+        const int64_t gp = th.gp, up = th.up;
+        th.s.resize(gp * up);
+        gemm_nt<scalar_t, DH>(th.qg.data(), th.kt.data(), gp, up, dh, th.s.data());
+        gv.resize(gp * up);
+        gemm_nt<scalar_t, DH>(th.gg.data(), th.vt.data(), gp, up, dh, gv.data());
+        th.p.assign(gp * up, scalar_t(0));
+        th.ds.assign(gp * up, scalar_t(0));
+        bool any_key = false;
+        for (int64_t g = 0; g < th.G; ++g) {
+          const int64_t i = T.qids[q0 + g];
+          const int64_t k0 = w.key_ptr[g], b0 = w.slot_ptr[g];
+          const int64_t nk = w.key_ptr[g + 1] - k0, n = nk + (w.slot_ptr[g + 1] - b0);
+          if (n == 0) continue;
+          a.resize(n);
+          const scalar_t* gr = th.gg.data() + g * dh;
+          const scalar_t delta = dot<scalar_t, DH>(gr, out + (i * H + h) * dh, dh);
+          if (n > nk) qb.compute(T, op, i, h);
+          window_scores<scalar_t, DH>(T, op, w, th, qb, g, b, h, a.data());
+          exp_shifted(a.data(), n, lse[i * H + h]);  // the attention weights
+          for (int64_t j = 0; j < nk; ++j) {
+            const int64_t x = g * up + w.keys[k0 + j];
+            th.p[x] = a[j];
+            th.ds[x] = a[j] * (gv[x] - delta) * op.scale;
+          }
+          any_key = any_key || nk > 0;
+          if (n == nk) continue;
+          for (int64_t l = 0; l < L; ++l) {
+            level_sum[l] = 0;
+            level_used[l] = 0;
+            level_gv[l] = dot<scalar_t, DH>(gr, op.bg_value(b, l, h), dh);
+          }
+          if (rotation_grads) qb.dql.assign(L * dh, scalar_t(0));
+          for (int64_t j = nk; j < n; ++j) {
+            const int64_t slot = w.slots[b0 + j - nk], l = T.slot_level[slot];
+            const scalar_t d = a[j] * (level_gv[l] - delta) * op.scale;
+            level_sum[l] += a[j];
+            level_used[l] = 1;
+            if (dtab) axpy<scalar_t, DH>(dtab + ((b * K + slot) * H + h) * dh, d, qb.ql.data() + l * dh, dh);
+            if (rotation_grads) axpy<scalar_t, DH>(qb.dql.data() + l * dh, d, op.table(b, slot, h), dh);
+          }
+          if (rotation_grads) qb.backward(T, op, level_used, h, dq ? dq + (i * H + h) * dh : nullptr, dfreqs);
+          if (dbv)
+            for (int64_t l = 0; l < L; ++l)
+              if (level_sum[l] != 0) axpy<scalar_t, DH>(dbv + ((b * L + l) * H + h) * dh, level_sum[l], gr, dh);
+        }
+        if (!any_key) continue;
+        if (dq) {
+          th.og.resize(gp * dh);
+          gemm_nn<scalar_t, DH>(th.ds.data(), up, 1, th.kr.data(), gp, up, dh, th.og.data());
+          for (int64_t g = 0; g < th.G; ++g) {
+            scalar_t* d = dq + (T.qids[q0 + g] * H + h) * dh;
+            const scalar_t* og = th.og.data() + g * dh;
+            for (int64_t e = 0; e < dh; ++e) d[e] += og[e];
+          }
+        }
+        if (dk) {  // dS^T Q: rows are keys, A read transposed
+          th.dkr.resize(up * dh);
+          gemm_nn<scalar_t, DH>(th.ds.data(), 1, up, th.qg.data(), up, gp, dh, th.dkr.data());
+          th.scatter_keys(T, t, th.dkr, H, h, dh, dk);
+        }
+        if (dv) {
+          th.dvr.resize(up * dh);
+          gemm_nn<scalar_t, DH>(th.p.data(), 1, up, th.gg.data(), up, gp, dh, th.dvr.data());
+          th.scatter_keys(T, t, th.dvr, H, h, dh, dv);
+        }
+      }
+    }
+  });
+  for (const auto& part : dfreq_parts)
+    for (int64_t x = 0; x < static_cast<int64_t>(part.size()); ++x) G.dfreqs[x] += part[x];
+}
+
+#define NBHD_BY_DH(dh, CALL) \
+  switch (dh) {              \
+    case 16: CALL(16); break; \
+    case 32: CALL(32); break; \
+    case 64: CALL(64); break; \
+    default: CALL(0);        \
+  }
+
+void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::vector<at::Tensor>& rotation,
+                    const at::Tensor& tables, const at::Tensor& bg_v, const Tiles& T) {
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.is_contiguous() && q.size(2) % 2 == 0,
+              "q must be a contiguous CPU [Q, H, dh] with even dh");
+  TORCH_CHECK(q.size(0) == T.n_queries, "q rows must match the plan's queries");
+  for (const at::Tensor* x : {&k, &v}) {
+    TORCH_CHECK(x->scalar_type() == q.scalar_type() && x->is_contiguous() && x->dim() == 3 &&
+                    x->size(1) == q.size(1) && x->size(2) == q.size(2), "k/v must be contiguous [N, H, dh] of q's dtype");
+  }
+  TORCH_CHECK(tables.defined() == bg_v.defined() && tables.defined() == !rotation.empty(),
+              "rotation/tables/bg_v: all or none");
+  if (!tables.defined()) return;
+  TORCH_CHECK(rotation.size() == 4, "rotation: [cos, sin, start, full]");
+  for (int j = 0; j < 2; ++j)
+    TORCH_CHECK(rotation[j].scalar_type() == q.scalar_type() && rotation[j].is_contiguous() && rotation[j].dim() == 3 &&
+                    (rotation[j].size(1) == 1 || rotation[j].size(1) == q.size(1)) && rotation[j].size(2) == q.size(2) / 2,
+                "rotation cos/sin must be contiguous [R, 1 or H, dh/2] of q's dtype");
+  TORCH_CHECK(rotation[2].scalar_type() == at::kLong && rotation[2].is_contiguous() && rotation[2].numel() == T.n_levels * T.dim,
+              "rotation start must be int64 [L, D]");
+  TORCH_CHECK(rotation[3].scalar_type() == at::kLong && rotation[3].numel() == T.dim, "rotation full must be int64 [D]");
+  TORCH_CHECK(tables.scalar_type() == q.scalar_type() && tables.is_contiguous() && tables.dim() == 4 &&
+                  tables.size(1) == T.n_slots && tables.size(2) == q.size(1) && tables.size(3) == q.size(2),
+              "tables must be [B, K, H, dh]");
+  TORCH_CHECK(bg_v.scalar_type() == q.scalar_type() && bg_v.is_contiguous() &&
+                  bg_v.sizes() == at::IntArrayRef({tables.size(0), T.n_levels, q.size(1), q.size(2)}), "bg_v must be [B, L, H, dh]");
+}
+
+}  // namespace
+
+#define NBHD_FORWARD(DH) \
+  forward_impl<scalar_t, DH>(T, op, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), static_cast<int>(n_threads))
+#define NBHD_BACKWARD(DH)                                                                                    \
+  backward_impl<scalar_t, DH>(T, op, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), \
+                              G, static_cast<int>(n_threads))
+
+// Per query: the number of voxel keys in its windows and (background) of absent in-bounds slots.
+std::vector<at::Tensor> neighborhood_counts(const std::vector<at::Tensor>& tiles, bool background) {
+  const Tiles T = make_tiles(tiles);
+  auto pairs = at::zeros({T.n_queries}, at::kLong);
+  auto bg = at::zeros({T.n_queries}, at::kLong);
+  int64_t* p = pairs.data_ptr<int64_t>();
+  int64_t* s = bg.data_ptr<int64_t>();
+  TileWindows w;
+  for (int64_t t = 0; t < T.n_tiles; ++t) {
+    w.find(T, t, background);
+    for (int64_t g = 0; g + T.qptr[t] < T.qptr[t + 1]; ++g) {
+      const int64_t i = T.qids[T.qptr[t] + g];
+      p[i] = w.key_ptr[g + 1] - w.key_ptr[g];
+      s[i] = w.slot_ptr[g + 1] - w.slot_ptr[g];
+    }
+  }
+  return {pairs, bg};
+}
+
+// rotation: [cos, sin, start, full] of the window-centre rotations (see Operands), empty without
+// background (then tables and bg_v are None). Returns (out [Q, H, dh], log-sum-exp [Q, H]).
+std::vector<at::Tensor> neighborhood_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const std::vector<at::Tensor>& rotation, const c10::optional<at::Tensor>& tables,
+                                             const c10::optional<at::Tensor>& bg_v, const std::vector<at::Tensor>& tiles,
+                                             double scale, int64_t n_threads) {
+  const Tiles T = make_tiles(tiles);
+  const at::Tensor tabt = tables.value_or(at::Tensor()), bvt = bg_v.value_or(at::Tensor());
+  check_operands(q, k, v, rotation, tabt, bvt, T);
+  auto out = at::empty_like(q);
+  auto lse = at::empty({q.size(0), q.size(1)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighborhood_forward", [&] {
+    const Operands<scalar_t> op(q, k, v, rotation, tabt, bvt, T, scale);
+    NBHD_BY_DH(q.size(2), NBHD_FORWARD)
+  });
+  return {out, lse};
+}
+
+// Gradients of (q, k, v, frequencies (float64 [Hf, dh/2, D + 1], through the window-centre
+// rotations only), tables, bg_v); undefined where needs[j] is false or without background.
+std::vector<at::Tensor> neighborhood_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const std::vector<at::Tensor>& rotation, const c10::optional<at::Tensor>& tables,
+                                              const c10::optional<at::Tensor>& bg_v, const std::vector<at::Tensor>& tiles,
+                                              const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad,
+                                              double scale, std::vector<bool> needs, int64_t n_threads) {
+  const Tiles T = make_tiles(tiles);
+  const at::Tensor tabt = tables.value_or(at::Tensor()), bvt = bg_v.value_or(at::Tensor());
+  check_operands(q, k, v, rotation, tabt, bvt, T);
+  TORCH_CHECK(needs.size() == 6, "needs: 6 flags");
+  TORCH_CHECK(grad.sizes() == q.sizes() && grad.is_contiguous() && grad.scalar_type() == q.scalar_type(), "grad must be like q");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && lse.is_contiguous(), "out/lse must be the forward's");
+  const bool bg = tabt.defined();
+  std::vector<at::Tensor> g(6);
+  for (int j = 0; j < 3; ++j)
+    if (needs[j]) g[j] = at::zeros_like(j == 0 ? q : (j == 1 ? k : v));
+  if (bg && needs[3])
+    g[3] = at::zeros({rotation[0].size(1), q.size(2) / 2, T.dim + 1}, q.options().dtype(at::kDouble));
+  if (bg && needs[4]) g[4] = at::zeros_like(tabt);
+  if (bg && needs[5]) g[5] = at::zeros_like(bvt);
+  auto ptr = [](const at::Tensor& t) -> void* { return t.defined() ? t.data_ptr() : nullptr; };
+  const Grads G{ptr(g[0]), ptr(g[1]), ptr(g[2]), ptr(g[4]), ptr(g[5]), static_cast<double*>(ptr(g[3]))};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighborhood_backward", [&] {
+    const Operands<scalar_t> op(q, k, v, rotation, tabt, bvt, T, scale);
+    NBHD_BY_DH(q.size(2), NBHD_BACKWARD)
+  });
+  return g;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("neighborhood_counts", &neighborhood_counts, "voxel keys and background slots of each query (CPU)");
+  m.def("neighborhood_forward", &neighborhood_forward, "fused multi-level sparse neighborhood attention (CPU)");
+  m.def("neighborhood_backward", &neighborhood_backward, "its backward (CPU)");
+}
