@@ -154,3 +154,115 @@ def test_inference_forward_matches(monkeypatch, flag):
     out = f(*inputs)
     with torch.no_grad():
         torch.testing.assert_close(f(*inputs, chunk=64), out, rtol=0, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------
+# neighborhood attention kernel (csrc/neighborhood_attention_cpu.cpp) against the PyTorch path
+# (which test_neighborhood.py proves against a naive loop)
+# ---------------------------------------------------------------------------------------------
+from sparse_msda.functional import neighborhood  # noqa: E402
+from sparse_msda.functional.cpu_kernels import neighborhood_kernels  # noqa: E402
+from tests.window_maps import make_map, random_queries  # noqa: E402
+
+
+@pytest.fixture
+def nbhd_kernels(monkeypatch):
+    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", "1")
+    k = neighborhood_kernels()
+    if k is None:
+        if shutil.which(os.environ.get("CXX", "c++")) is not None:
+            pytest.fail(f"building the CPU kernels failed: {build_error()!r}")
+        pytest.skip("no C++ compiler on this machine: the CPU kernels cannot be built (the PyTorch path is used)")
+    return k
+
+
+def _nbhd_problem(dim, background, head_dim, n_heads, share_heads, dtype, seed, tile_queries=3):
+    """A plan over a random two-item map (queries partly outside it, one empty region) and random
+    inputs of the attention function; returns (plan, [q, k, v, bg_k, bg_v, freqs])."""
+    shapes = [[12, 10], [6, 5], [3, 3]] if dim == 2 else [[6, 8, 6], [3, 4, 3]]
+    sizes = [3, 5, 3] if dim == 2 else [3, 3]
+    _, voxels, _ = make_map(shapes, 2, 0.3, 1, seed=seed)
+    idx = SparseCoordinateIndex(
+        torch.tensor([v[0] for v in voxels]), torch.tensor([v[1] for v in voxels]),
+        torch.tensor([v[2] for v in voxels]), shapes, dim,
+    )
+    pos, offsets = random_queries([14, 9], shapes[0], seed=seed + 1, lo=[-3] * dim, hi=[s + 3 for s in shapes[0]])
+    batch = torch.repeat_interleave(torch.arange(2), offsets.diff())
+    full = torch.tensor(shapes[0], dtype=torch.float64)
+    plan = neighborhood.build_neighborhood_plan(idx, batch, pos, full, sizes, background, chunk_size=40, tile_queries=tile_queries)
+    g = torch.Generator().manual_seed(seed + 2)
+    rnd = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 1.5).to(dtype).requires_grad_()  # noqa: E731
+    n_q, L = pos.shape[0], len(shapes)
+    q, k, v = rnd(n_q, n_heads, head_dim), rnd(plan.n_keys, n_heads, head_dim), rnd(plan.n_keys, n_heads, head_dim)
+    bk = rnd(2, L, n_heads, head_dim) if background else None
+    bv = rnd(2, L, n_heads, head_dim) if background else None
+    fr = rnd(1 if share_heads else n_heads, head_dim // 2, dim + 1) if background else None
+    return plan, [q, k, v, bk, bv, fr]
+
+
+def _nbhd_run(plan, inputs, monkeypatch, flag):
+    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", flag)
+    q, k, v, bk, bv, fr = inputs
+    out = neighborhood.sparse_neighborhood_attention(q, k, v, plan, bk, bv, fr)
+    live = [t for t in inputs if t is not None]
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+    return out, torch.autograd.grad((out * w).sum(), live)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize(
+    "threads, n_heads, head_dim, share_heads",
+    [(1, 2, 4, False), (2, 2, 4, True), (2, 3, 6, False), (2, 2, 16, False), (2, 1, 32, True), (2, 2, 64, False)],
+)
+def test_neighborhood_kernel_matches_pytorch_path(nbhd_kernels, monkeypatch, dim, background, threads, n_heads, head_dim, share_heads):
+    """Outputs and the gradients of q, k, v, the background key/value and the RoPE frequencies
+    agree (float64), for run-time and unrolled head dims, split over 1 or 2 threads."""
+    plan, inputs = _nbhd_problem(dim, background, head_dim, n_heads, share_heads, torch.float64, seed=30 + dim)
+    assert plan.n_pairs > 0 and (plan.pair_counts == 0).any()  # some queries have no voxel key
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out_k, grads_k = _nbhd_run(plan, inputs, monkeypatch, "1")
+    finally:
+        torch.set_num_threads(prev)
+    out_t, grads_t = _nbhd_run(plan, inputs, monkeypatch, "0")
+    torch.testing.assert_close(out_k, out_t, rtol=1e-10, atol=1e-10)
+    for gk, gt in zip(grads_k, grads_t):
+        torch.testing.assert_close(gk, gt, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_neighborhood_kernel_float32(nbhd_kernels, monkeypatch, background, one_thread):
+    """float32 (the polynomial exp of the kernel) within float32 round-off of the PyTorch path."""
+    plan, inputs = _nbhd_problem(2, background, 32, 2, False, torch.float32, seed=41, tile_queries=32)
+    out_k, grads_k = _nbhd_run(plan, inputs, monkeypatch, "1")
+    out_t, grads_t = _nbhd_run(plan, inputs, monkeypatch, "0")
+    torch.testing.assert_close(out_k, out_t, rtol=2e-5, atol=2e-5)
+    for gk, gt in zip(grads_k, grads_t):
+        torch.testing.assert_close(gk, gt, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("background, share_heads", [(False, False), (True, False), (True, True)])
+def test_neighborhood_kernel_gradcheck(nbhd_kernels, monkeypatch, background, share_heads, one_thread):
+    plan, inputs = _nbhd_problem(2, background, 4, 2, share_heads, torch.float64, seed=51)
+    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", "1")
+    live = [t for t in inputs if t is not None]
+
+    def fn(*xs):
+        q, k, v, *rest = xs
+        bk, bv, fr = rest if background else (None, None, None)
+        return neighborhood.sparse_neighborhood_attention(q, k, v, plan, bk, bv, fr)
+
+    assert torch.autograd.gradcheck(fn, live, eps=1e-6, atol=1e-7)
+
+
+def test_neighborhood_kernel_no_key_rows_are_zero(nbhd_kernels, monkeypatch):
+    """Queries whose windows hold no voxel (no background) get exact zeros, no NaN, and zero
+    gradients."""
+    plan, inputs = _nbhd_problem(2, False, 8, 2, False, torch.float64, seed=61)
+    none = ~plan.has_keys()
+    assert none.any() and (~none).any()
+    out, grads = _nbhd_run(plan, inputs, monkeypatch, "1")
+    assert torch.isfinite(out).all() and (out[none] == 0).all()
+    assert (grads[0][none] == 0).all()

@@ -1064,6 +1064,6 @@ def sparse_neighborhood_attention(
             f"(n_queries={plan.n_queries}, n_keys={plan.n_keys})"
         )
     scale = q.shape[-1] ** -0.5
-    if q.device.type == "cpu" and neighborhood_kernels() is not None:
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and neighborhood_kernels() is not None:
         return _kernel_attention(q, k, v, plan, background_k, background_v, rope_freqs, scale)
     return NeighborhoodAttentionFunction.apply(q, k, v, background_k, background_v, rope_freqs, plan, scale)
