@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -223,73 +224,81 @@ struct Operands {
   const scalar_t* bg_value(int64_t b, int64_t l, int64_t h) const { return bgv + ((b * L + l) * H + h) * dh; }
 };
 
-// A query rotated back by its window centre at every level, ql[l] = R(-theta_l) q (split-half
-// pairs), so that <ql[l], tables[b, k]> is its score with the background cell of slot k; and, in
-// the backward, the way back: dq += R(theta_l) dql[l], dtheta = dql1 ql2 - dql2 ql1.
+// The queries of a tile rotated back by their window centres at every level,
+// ql[l, g] = R(-theta_{g,l}) q_g (split-half pairs; level-major rows [L, gp, dh], zero rows for
+// queries without background slots), so that <ql[l, g], tables[b, k]> is the score of query g
+// with the background cell of slot k; and, in the backward, the way back:
+// dq += R(theta) dql, dtheta = dql1 ql2 - dql2 ql1, dfreqs += dtheta * u(centre).
 template <typename scalar_t>
-struct QueryBack {
-  std::vector<scalar_t> ql, dql, cr, ci;  // [L, dh], [L, dh], [L, half], [L, half]
-  std::vector<int64_t> centre;            // [L, D] clamped centres
+struct TileRotation {
+  std::vector<scalar_t> ql, dql, cr, ci;  // [L, gp, dh] x 2, [gp, L, half] x 2
+  std::vector<int64_t> centre;            // [gp, L, D] clamped centres
+  int64_t gp = 0;
 
-  void compute(const Tiles& T, const Operands<scalar_t>& op, int64_t i, int64_t h) {
-    const int64_t L = op.L, D = T.dim, half = op.half, hf = op.Hf == 1 ? 0 : h;
-    ql.resize(L * op.dh);
-    cr.resize(L * half);
-    ci.resize(L * half);
-    centre.resize(L * D);
-    const scalar_t* x = op.query(i, h);
-    for (int64_t l = 0; l < L; ++l) {
-      scalar_t* c = cr.data() + l * half;
-      scalar_t* s = ci.data() + l * half;
-      const int64_t r = T.radius[l];
-      for (int64_t a = 0; a < D; ++a) {
-        const int64_t cc = std::min(std::max(T.centres[(i * L + l) * D + a], -r - 1), T.shapes[l * D + a] + r);
-        centre[l * D + a] = cc;
-        const int64_t row = op.rstart[l * D + a] + cc + r + 1;
-        const scalar_t* fc = op.rcos + (row * op.Hf + hf) * half;
-        const scalar_t* fs = op.rsin + (row * op.Hf + hf) * half;
-        if (a == 0) {
-          std::copy_n(fc, half, c);
-          std::copy_n(fs, half, s);
-        } else {
-          for (int64_t j = 0; j < half; ++j) {  // angles add: (c + i s)(fc + i fs)
-            const scalar_t cj = c[j] * fc[j] - s[j] * fs[j];
-            s[j] = c[j] * fs[j] + s[j] * fc[j];
-            c[j] = cj;
+  void compute(const Tiles& T, const Operands<scalar_t>& op, const TileWindows& w, int64_t tile, int64_t h, int64_t gp_) {
+    const int64_t L = op.L, D = T.dim, half = op.half, dh = op.dh, hf = op.Hf == 1 ? 0 : h;
+    const int64_t q0 = T.qptr[tile], G = T.qptr[tile + 1] - q0;
+    gp = gp_;
+    ql.assign(L * gp * dh, scalar_t(0));
+    cr.resize(gp * L * half);
+    ci.resize(gp * L * half);
+    centre.resize(gp * L * D);
+    for (int64_t g = 0; g < G; ++g) {
+      if (w.slot_ptr[g + 1] == w.slot_ptr[g]) continue;
+      const int64_t i = T.qids[q0 + g];
+      const scalar_t* x = op.query(i, h);
+      for (int64_t l = 0; l < L; ++l) {
+        scalar_t* c = cr.data() + (g * L + l) * half;
+        scalar_t* s = ci.data() + (g * L + l) * half;
+        const int64_t r = T.radius[l];
+        for (int64_t a = 0; a < D; ++a) {
+          const int64_t cc = std::min(std::max(T.centres[(i * L + l) * D + a], -r - 1), T.shapes[l * D + a] + r);
+          centre[(g * L + l) * D + a] = cc;
+          const int64_t row = op.rstart[l * D + a] + cc + r + 1;
+          const scalar_t* fc = op.rcos + (row * op.Hf + hf) * half;
+          const scalar_t* fs = op.rsin + (row * op.Hf + hf) * half;
+          if (a == 0) {
+            std::copy_n(fc, half, c);
+            std::copy_n(fs, half, s);
+          } else {
+            for (int64_t j = 0; j < half; ++j) {  // angles add: (c + i s)(fc + i fs)
+              const scalar_t cj = c[j] * fc[j] - s[j] * fs[j];
+              s[j] = c[j] * fs[j] + s[j] * fc[j];
+              c[j] = cj;
+            }
           }
         }
-      }
-      scalar_t* y = ql.data() + l * op.dh;
-      for (int64_t j = 0; j < half; ++j) {
-        y[j] = x[j] * c[j] + x[half + j] * s[j];
-        y[half + j] = x[half + j] * c[j] - x[j] * s[j];
+        scalar_t* y = ql.data() + (l * gp + g) * dh;
+        for (int64_t j = 0; j < half; ++j) {
+          y[j] = x[j] * c[j] + x[half + j] * s[j];
+          y[half + j] = x[half + j] * c[j] - x[j] * s[j];
+        }
       }
     }
   }
 
-  // dq += sum_l R(theta_l) dql[l]; dfreqs[hf, j, :] += dtheta_l[j] * u(centre_l) (levels with used = 1).
-  void backward(const Tiles& T, const Operands<scalar_t>& op, const std::vector<uint8_t>& used, int64_t h,
-                scalar_t* dq, double* dfreqs) const {
-    const int64_t L = op.L, D = T.dim, half = op.half, hf = op.Hf == 1 ? 0 : h;
+  // Query g (with background slots; dql filled): dq += sum_l R(theta_l) dql[l, g] and
+  // dfreqs[hf, j, :] += dtheta_l[j] * u(centre_l).
+  void backward(const Tiles& T, const Operands<scalar_t>& op, int64_t g, int64_t h, scalar_t* dq, double* dfreqs) const {
+    const int64_t L = op.L, D = T.dim, half = op.half, dh = op.dh, hf = op.Hf == 1 ? 0 : h;
     for (int64_t l = 0; l < L; ++l) {
-      if (!used[l]) continue;
-      const scalar_t* c = cr.data() + l * half;
-      const scalar_t* s = ci.data() + l * half;
-      const scalar_t* g = dql.data() + l * op.dh;
-      const scalar_t* y = ql.data() + l * op.dh;
+      const scalar_t* c = cr.data() + (g * L + l) * half;
+      const scalar_t* s = ci.data() + (g * L + l) * half;
+      const scalar_t* gr = dql.data() + (l * gp + g) * dh;
+      const scalar_t* y = ql.data() + (l * gp + g) * dh;
       if (dq)
         for (int64_t j = 0; j < half; ++j) {
-          dq[j] += g[j] * c[j] - g[half + j] * s[j];
-          dq[half + j] += g[j] * s[j] + g[half + j] * c[j];
+          dq[j] += gr[j] * c[j] - gr[half + j] * s[j];
+          dq[half + j] += gr[j] * s[j] + gr[half + j] * c[j];
         }
       if (dfreqs) {
         double u[4];
         for (int64_t a = 0; a < D; ++a)
-          u[a] = (static_cast<double>(centre[l * D + a]) + 0.5) / static_cast<double>(T.shapes[l * D + a]) *
+          u[a] = (static_cast<double>(centre[(g * L + l) * D + a]) + 0.5) / static_cast<double>(T.shapes[l * D + a]) *
                  static_cast<double>(op.full[a]);
         u[D] = static_cast<double>(l);
         for (int64_t j = 0; j < half; ++j) {
-          const double dth = static_cast<double>(g[j] * y[half + j] - g[half + j] * y[j]);
+          const double dth = static_cast<double>(gr[j] * y[half + j] - gr[half + j] * y[j]);
           double* f = dfreqs + (hf * half + j) * (D + 1);
           for (int64_t a = 0; a <= D; ++a) f[a] += dth * u[a];
         }
@@ -432,67 +441,131 @@ struct TileHead {
   }
 };
 
-// Scaled scores of the g-th query of a tile, head h: its voxel keys (row g of the tile's score
-// block th.s) then its background slots (qb: that query rotated back, when it has any). Returns
-// the number of voxel keys.
+// The background keys rotated at the slot offsets, per (batch item, head, level) in the layouts of
+// the micro-kernels: transposed tt [dh, kp_l] and rows tr [kp_l, dh], kp_l = slots of level l
+// padded to kLanes (zero columns / rows). Built once per call (B x H x K x dh values).
+template <typename scalar_t>
+struct BackgroundBlocks {
+  std::vector<int64_t> kp, off, k0;  // per level: padded slots, offset among all padded slots, first slot
+  int64_t total = 0, dh = 0, H = 0;
+  std::vector<scalar_t> tt, tr;
+
+  BackgroundBlocks(const Tiles& T, const Operands<scalar_t>& op, int64_t B, bool rows) : dh(op.dh), H(op.H) {
+    const int64_t L = op.L;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t first = T.slot_start[l];
+      const int64_t n = (l + 1 < L ? T.slot_start[l + 1] : T.n_slots) - first;
+      k0.push_back(first);
+      kp.push_back(round_up(std::max<int64_t>(n, 1), kLanes));
+      off.push_back(total);
+      total += kp.back();
+    }
+    tt.assign(B * H * total * dh, scalar_t(0));
+    if (rows) tr.assign(B * H * total * dh, scalar_t(0));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t n = (l + 1 < L ? k0[l + 1] : T.n_slots) - k0[l];
+          scalar_t* t = tt.data() + base(b, h, l);
+          scalar_t* r = rows ? tr.data() + base(b, h, l) : nullptr;
+          for (int64_t kk = 0; kk < n; ++kk) {
+            const scalar_t* x = op.table(b, k0[l] + kk, h);
+            for (int64_t e = 0; e < dh; ++e) t[e * kp[l] + kk] = x[e];
+            if (r) std::copy_n(x, dh, r + kk * dh);
+          }
+        }
+  }
+
+  int64_t base(int64_t b, int64_t h, int64_t l) const { return ((b * H + h) * total + off[l]) * dh; }
+};
+
+// Per tile and head: scores of the tile's queries with every slot of a level, for the levels some
+// query of the tile has background slots at: s_bg[off_l * gp + g * kp_l + kk] = <ql[l, g], table_l[kk]>.
 template <typename scalar_t, int DH>
+void background_scores(const BackgroundBlocks<scalar_t>& bb, const TileRotation<scalar_t>& rot,
+                       const std::vector<uint8_t>& level_any, int64_t b, int64_t h, std::vector<scalar_t>& s_bg) {
+  const int64_t gp = rot.gp, dh = bb.dh;
+  s_bg.resize(bb.total * gp);
+  for (int64_t l = 0; l < static_cast<int64_t>(bb.kp.size()); ++l)
+    if (level_any[l])
+      gemm_nt<scalar_t, DH>(rot.ql.data() + l * gp * dh, bb.tt.data() + bb.base(b, h, l), gp, bb.kp[l], dh,
+                            s_bg.data() + bb.off[l] * gp);
+}
+
+// Levels at which some query of the tile has a background slot.
+inline void levels_with_slots(const Tiles& T, const TileWindows& w, std::vector<uint8_t>& level_any) {
+  std::fill(level_any.begin(), level_any.end(), 0);
+  for (int32_t k : w.slots) level_any[T.slot_level[k]] = 1;
+}
+
+// Scaled scores of the g-th query of a tile: its voxel keys (row g of the tile's score block th.s)
+// then its background slots (from s_bg). Returns the number of voxel keys.
+template <typename scalar_t>
 inline int64_t window_scores(const Tiles& T, const Operands<scalar_t>& op, const TileWindows& w, const TileHead<scalar_t>& th,
-                             const QueryBack<scalar_t>& qb, int64_t g, int64_t b, int64_t h, scalar_t* s) {
+                             const BackgroundBlocks<scalar_t>* bb, const std::vector<scalar_t>& s_bg, int64_t g, scalar_t* s) {
   const int64_t k0 = w.key_ptr[g], nk = w.key_ptr[g + 1] - k0;
   const int64_t b0 = w.slot_ptr[g], nb = w.slot_ptr[g + 1] - b0;
   const scalar_t* row = th.s.data() + g * th.up;
   for (int64_t j = 0; j < nk; ++j) s[j] = op.scale * row[w.keys[k0 + j]];
   for (int64_t j = 0; j < nb; ++j) {
-    const int64_t slot = w.slots[b0 + j];
-    s[nk + j] = op.scale * dot<scalar_t, DH>(qb.ql.data() + T.slot_level[slot] * op.dh, op.table(b, slot, h), op.dh);
+    const int64_t slot = w.slots[b0 + j], l = T.slot_level[slot];
+    s[nk + j] = op.scale * s_bg[bb->off[l] * th.gp + g * bb->kp[l] + (slot - bb->k0[l])];
   }
   return nk;
 }
 
-// Per tile and head: scores S = Q K^T by one blocked product, per query the softmax over its own
-// keys (the tile's other keys get weight 0) and background slots, then O = P V by another.
+// Per tile and head: scores S = Q K^T by one blocked product (and the background scores by one
+// per level), per query the softmax over its own keys (the tile's other keys get weight 0) and
+// background slots, then O = P V by another product.
 template <typename scalar_t, int DH>
-void forward_impl(const Tiles& T, const Operands<scalar_t>& op, scalar_t* out, scalar_t* lse, int n_threads) {
+void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scalar_t* out, scalar_t* lse, int n_threads) {
   const int64_t H = op.H, dh = op.dh, L = op.L;
+  std::unique_ptr<BackgroundBlocks<scalar_t>> bb;
+  if (op.background) bb = std::make_unique<BackgroundBlocks<scalar_t>>(T, op, B, false);
   split_heads(H, n_threads, [&](int64_t h0, int64_t h1) {
     TileWindows w;
     TileHead<scalar_t> th;
-    QueryBack<scalar_t> qb;
-    std::vector<scalar_t> s, level_sum(L), z;
+    TileRotation<scalar_t> rot;
+    std::vector<scalar_t> s, s_bg, level_sum(L), z;
+    std::vector<uint8_t> level_any(L);
     for (int64_t t = 0; t < T.n_tiles; ++t) {
       const int64_t b = T.tbatch[t], q0 = T.qptr[t];
       w.find(T, t, op.background);
+      const bool tile_bg = !w.slots.empty();
+      if (tile_bg) levels_with_slots(T, w, level_any);
       for (int64_t h = h0; h < h1; ++h) {
         th.gather_queries(T, t, op.q, H, h, dh, th.qg);
         th.gather_keys(T, t, op.k, H, h, dh, &th.kt, nullptr);
         th.gather_keys(T, t, op.v, H, h, dh, nullptr, &th.vr);
         th.s.resize(th.gp * th.up);
         gemm_nt<scalar_t, DH>(th.qg.data(), th.kt.data(), th.gp, th.up, dh, th.s.data());
+        if (tile_bg) {
+          rot.compute(T, op, w, t, h, th.gp);
+          background_scores<scalar_t, DH>(*bb, rot, level_any, b, h, s_bg);
+        }
         th.p.assign(th.gp * th.up, scalar_t(0));
         th.og.resize(th.gp * dh);
         z.assign(th.gp, scalar_t(0));
         for (int64_t g = 0; g < th.G; ++g) {
           const int64_t i = T.qids[q0 + g];
           const int64_t n = (w.key_ptr[g + 1] - w.key_ptr[g]) + (w.slot_ptr[g + 1] - w.slot_ptr[g]);
+          scalar_t* o = out + (i * H + h) * dh;
+          std::fill(o, o + dh, scalar_t(0));
           if (n == 0) {  // no key: zero output (z[g] = 0 below)
             lse[i * H + h] = 0;
-            std::fill(out + (i * H + h) * dh, out + (i * H + h + 1) * dh, scalar_t(0));
             continue;
           }
           s.resize(n);
-          if (w.slot_ptr[g + 1] > w.slot_ptr[g]) qb.compute(T, op, i, h);
-          const int64_t nk = window_scores<scalar_t, DH>(T, op, w, th, qb, g, b, h, s.data());
+          const int64_t nk = window_scores(T, op, w, th, bb.get(), s_bg, g, s.data());
           const scalar_t m = max8(s.data(), n);
           exp_shifted(s.data(), n, m);
           z[g] = sum8(s.data(), n);
           lse[i * H + h] = m + std::log(z[g]);
           scalar_t* prow = th.p.data() + g * th.up;
           for (int64_t j = 0; j < nk; ++j) prow[w.keys[w.key_ptr[g] + j]] = s[j];
-          if (op.background) {  // background values, weighted per level, straight into the output row
-            scalar_t* o = out + (i * H + h) * dh;
+          if (n > nk) {  // background values, weighted per level, straight into the output row
             std::fill(level_sum.begin(), level_sum.end(), scalar_t(0));
             for (int64_t j = nk; j < n; ++j) level_sum[T.slot_level[w.slots[w.slot_ptr[g] + j - nk]]] += s[j];
-            std::fill(o, o + dh, scalar_t(0));
             for (int64_t l = 0; l < L; ++l)
               if (level_sum[l] != 0) axpy<scalar_t, DH>(o, level_sum[l], op.bg_value(b, l, h), dh);
           }
@@ -502,7 +575,7 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, scalar_t* out, s
           scalar_t* o = out + (T.qids[q0 + g] * H + h) * dh;
           const scalar_t* og = th.og.data() + g * dh;
           const scalar_t inv = z[g] > 0 ? scalar_t(1) / z[g] : scalar_t(0);
-          for (int64_t e = 0; e < dh; ++e) o[e] = ((op.background ? o[e] : scalar_t(0)) + og[e]) * inv;
+          for (int64_t e = 0; e < dh; ++e) o[e] = (o[e] + og[e]) * inv;
         }
       }
     }
@@ -516,9 +589,10 @@ struct Grads {
 
 // Per tile and head, from the saved log-sum-exp: S = Q K^T, P (the attention weights, zero off
 // each query's window), GV = G V^T, dS = P (GV - delta) scale; then dQ = dS K, dK += dS^T Q and
-// dV += P^T G by blocked products. Background slots per query, as in the forward.
+// dV += P^T G by blocked products. Background slots per level: dtables += dS_bg^T QL and
+// dQL = dS_bg T, rotated back into dq (and the frequencies' gradient) per query.
 template <typename scalar_t, int DH>
-void backward_impl(const Tiles& T, const Operands<scalar_t>& op, const scalar_t* out, const scalar_t* lse,
+void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, const scalar_t* out, const scalar_t* lse,
                    const scalar_t* grad, const Grads& G, int n_threads) {
   const int64_t H = op.H, dh = op.dh, L = op.L, K = op.K;
   scalar_t* dq = static_cast<scalar_t*>(G.dq);
@@ -527,15 +601,17 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, const scalar_t*
   scalar_t* dtab = static_cast<scalar_t*>(G.dtab);
   scalar_t* dbv = static_cast<scalar_t*>(G.dbv);
   const bool rotation_grads = dq || G.dfreqs;
+  std::unique_ptr<BackgroundBlocks<scalar_t>> bb;
+  if (op.background) bb = std::make_unique<BackgroundBlocks<scalar_t>>(T, op, B, rotation_grads);
   // frequency gradients: one partial sum per thread (keyed by its first head), added at the end
   const int64_t n_freq = G.dfreqs ? op.Hf * op.half * (T.dim + 1) : 0;
   std::vector<std::vector<double>> dfreq_parts(H);
   split_heads(H, n_threads, [&](int64_t h0, int64_t h1) {
     TileWindows w;
     TileHead<scalar_t> th;
-    QueryBack<scalar_t> qb;
-    std::vector<scalar_t> a, gv, level_sum(L), level_gv(L);
-    std::vector<uint8_t> level_used(L);
+    TileRotation<scalar_t> rot;
+    std::vector<scalar_t> a, gv, s_bg, ds_bg, block, level_sum(L), level_gv(L);
+    std::vector<uint8_t> level_any(L);
     double* dfreqs = nullptr;
     if (n_freq) {
       dfreq_parts[h0].assign(n_freq, 0.0);
@@ -544,6 +620,9 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, const scalar_t*
     for (int64_t t = 0; t < T.n_tiles; ++t) {
       const int64_t b = T.tbatch[t], q0 = T.qptr[t];
       w.find(T, t, op.background);
+      const bool tile_bg = !w.slots.empty();
+      if (tile_bg) levels_with_slots(T, w, level_any);
+      const bool tile_keys = !w.keys.empty();
       for (int64_t h = h0; h < h1; ++h) {
         th.gather_queries(T, t, op.q, H, h, dh, th.qg);
         th.gather_queries(T, t, grad, H, h, dh, th.gg);
@@ -556,7 +635,11 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, const scalar_t*
         gemm_nt<scalar_t, DH>(th.gg.data(), th.vt.data(), gp, up, dh, gv.data());
         th.p.assign(gp * up, scalar_t(0));
         th.ds.assign(gp * up, scalar_t(0));
-        bool any_key = false;
+        if (tile_bg) {
+          rot.compute(T, op, w, t, h, gp);
+          background_scores<scalar_t, DH>(*bb, rot, level_any, b, h, s_bg);
+          ds_bg.assign(bb->total * gp, scalar_t(0));
+        }
         for (int64_t g = 0; g < th.G; ++g) {
           const int64_t i = T.qids[q0 + g];
           const int64_t k0 = w.key_ptr[g], b0 = w.slot_ptr[g];
@@ -565,36 +648,50 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, const scalar_t*
           a.resize(n);
           const scalar_t* gr = th.gg.data() + g * dh;
           const scalar_t delta = dot<scalar_t, DH>(gr, out + (i * H + h) * dh, dh);
-          if (n > nk) qb.compute(T, op, i, h);
-          window_scores<scalar_t, DH>(T, op, w, th, qb, g, b, h, a.data());
+          window_scores(T, op, w, th, bb.get(), s_bg, g, a.data());
           exp_shifted(a.data(), n, lse[i * H + h]);  // the attention weights
           for (int64_t j = 0; j < nk; ++j) {
             const int64_t x = g * up + w.keys[k0 + j];
             th.p[x] = a[j];
             th.ds[x] = a[j] * (gv[x] - delta) * op.scale;
           }
-          any_key = any_key || nk > 0;
           if (n == nk) continue;
           for (int64_t l = 0; l < L; ++l) {
             level_sum[l] = 0;
-            level_used[l] = 0;
             level_gv[l] = dot<scalar_t, DH>(gr, op.bg_value(b, l, h), dh);
           }
-          if (rotation_grads) qb.dql.assign(L * dh, scalar_t(0));
           for (int64_t j = nk; j < n; ++j) {
             const int64_t slot = w.slots[b0 + j - nk], l = T.slot_level[slot];
-            const scalar_t d = a[j] * (level_gv[l] - delta) * op.scale;
             level_sum[l] += a[j];
-            level_used[l] = 1;
-            if (dtab) axpy<scalar_t, DH>(dtab + ((b * K + slot) * H + h) * dh, d, qb.ql.data() + l * dh, dh);
-            if (rotation_grads) axpy<scalar_t, DH>(qb.dql.data() + l * dh, d, op.table(b, slot, h), dh);
+            ds_bg[bb->off[l] * gp + g * bb->kp[l] + (slot - bb->k0[l])] = a[j] * (level_gv[l] - delta) * op.scale;
           }
-          if (rotation_grads) qb.backward(T, op, level_used, h, dq ? dq + (i * H + h) * dh : nullptr, dfreqs);
           if (dbv)
             for (int64_t l = 0; l < L; ++l)
               if (level_sum[l] != 0) axpy<scalar_t, DH>(dbv + ((b * L + l) * H + h) * dh, level_sum[l], gr, dh);
         }
-        if (!any_key) continue;
+        if (tile_bg) {
+          if (rotation_grads) rot.dql.assign(L * gp * dh, scalar_t(0));
+          for (int64_t l = 0; l < L; ++l) {
+            if (!level_any[l]) continue;
+            const int64_t kp = bb->kp[l], nl = (l + 1 < L ? bb->k0[l + 1] : K) - bb->k0[l];
+            const scalar_t* dsl = ds_bg.data() + bb->off[l] * gp;  // [gp, kp]
+            if (dtab) {  // dtables_l = dS_bg^T QL: rows are slots, A read transposed
+              block.resize(kp * dh);
+              gemm_nn<scalar_t, DH>(dsl, 1, kp, rot.ql.data() + l * gp * dh, kp, gp, dh, block.data());
+              for (int64_t kk = 0; kk < nl; ++kk) {
+                scalar_t* d = dtab + ((b * K + bb->k0[l] + kk) * H + h) * dh;
+                for (int64_t e = 0; e < dh; ++e) d[e] += block[kk * dh + e];
+              }
+            }
+            if (rotation_grads)  // dQL_l = dS_bg T_l
+              gemm_nn<scalar_t, DH>(dsl, kp, 1, bb->tr.data() + bb->base(b, h, l), gp, kp, dh, rot.dql.data() + l * gp * dh);
+          }
+          if (rotation_grads)
+            for (int64_t g = 0; g < th.G; ++g)
+              if (w.slot_ptr[g + 1] > w.slot_ptr[g])
+                rot.backward(T, op, g, h, dq ? dq + (T.qids[q0 + g] * H + h) * dh : nullptr, dfreqs);
+        }
+        if (!tile_keys) continue;
         if (dq) {
           th.og.resize(gp * dh);
           gemm_nn<scalar_t, DH>(th.ds.data(), up, 1, th.kr.data(), gp, up, dh, th.og.data());
@@ -659,9 +756,9 @@ void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }  // namespace
 
 #define NBHD_FORWARD(DH) \
-  forward_impl<scalar_t, DH>(T, op, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), static_cast<int>(n_threads))
+  forward_impl<scalar_t, DH>(T, op, n_items, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), static_cast<int>(n_threads))
 #define NBHD_BACKWARD(DH)                                                                                    \
-  backward_impl<scalar_t, DH>(T, op, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), \
+  backward_impl<scalar_t, DH>(T, op, n_items, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), \
                               G, static_cast<int>(n_threads))
 
 // Per query: the number of voxel keys in its windows and (background) of absent in-bounds slots.
@@ -694,6 +791,7 @@ std::vector<at::Tensor> neighborhood_forward(const at::Tensor& q, const at::Tens
   check_operands(q, k, v, rotation, tabt, bvt, T);
   auto out = at::empty_like(q);
   auto lse = at::empty({q.size(0), q.size(1)}, q.options());
+  const int64_t n_items = tabt.defined() ? tabt.size(0) : 0;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighborhood_forward", [&] {
     const Operands<scalar_t> op(q, k, v, rotation, tabt, bvt, T, scale);
     NBHD_BY_DH(q.size(2), NBHD_FORWARD)
@@ -715,6 +813,7 @@ std::vector<at::Tensor> neighborhood_backward(const at::Tensor& q, const at::Ten
   TORCH_CHECK(grad.sizes() == q.sizes() && grad.is_contiguous() && grad.scalar_type() == q.scalar_type(), "grad must be like q");
   TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && lse.is_contiguous(), "out/lse must be the forward's");
   const bool bg = tabt.defined();
+  const int64_t n_items = bg ? tabt.size(0) : 0;
   std::vector<at::Tensor> g(6);
   for (int j = 0; j < 3; ++j)
     if (needs[j]) g[j] = at::zeros_like(j == 0 ? q : (j == 1 ? k : v));
