@@ -118,17 +118,26 @@ void split_heads(int64_t n_heads, int n_threads, const F& f) {
   for (auto& t : threads) t.join();
 }
 
-// Dot product with 8 independent partial sums (the compiler turns them into one vector register;
-// a single running sum would serialise on the add latency, as floats may not be reassociated).
+// 64-byte GCC vector type (16 floats / 8 doubles: one AVX-512 register, two AVX2 ones, four SSE
+// ones; the compiler splits it as the target needs), unaligned loads and stores.
+template <typename scalar_t>
+struct Vec {
+  typedef scalar_t type __attribute__((vector_size(64), aligned(sizeof(scalar_t)), may_alias));
+  static constexpr int64_t N = 64 / sizeof(scalar_t);
+  static type load(const scalar_t* p) { return *reinterpret_cast<const type*>(p); }
+  static void store(scalar_t* p, type v) { *reinterpret_cast<type*>(p) = v; }
+};
+
+// Dot product of dh values: vector partial sums when the head dim is a compile-time multiple of the
+// vector width, else a plain loop.
 template <typename scalar_t, int DH>
 inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t dh) {
-  constexpr int W = 8;
-  if constexpr (DH > 0 && DH % W == 0) {
-    scalar_t acc[W] = {};
-    for (int e = 0; e < DH; e += W)
-      for (int j = 0; j < W; ++j) acc[j] += a[e + j] * b[e + j];
+  using V = Vec<scalar_t>;
+  if constexpr (DH > 0 && DH % V::N == 0) {
+    typename V::type acc = {};
+    for (int64_t e = 0; e < DH; e += V::N) acc += V::load(a + e) * V::load(b + e);
     scalar_t s = 0;
-    for (int j = 0; j < W; ++j) s += acc[j];
+    for (int64_t j = 0; j < V::N; ++j) s += acc[j];
     return s;
   } else {
     scalar_t s = 0;
@@ -139,7 +148,12 @@ inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t dh) {
 
 template <typename scalar_t, int DH>
 inline void axpy(scalar_t* y, scalar_t a, const scalar_t* x, int64_t dh) {
-  for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) y[e] += a * x[e];
+  using V = Vec<scalar_t>;
+  if constexpr (DH > 0 && DH % V::N == 0) {
+    for (int64_t e = 0; e < DH; e += V::N) V::store(y + e, V::load(y + e) + a * V::load(x + e));
+  } else {
+    for (int64_t e = 0; e < dh; ++e) y[e] += a * x[e];
+  }
 }
 
 // x[j] <- exp(x[j] - shift) for j < n, with x[j] - shift <= 0 (softmax weights). float: Cephes'
@@ -308,17 +322,7 @@ struct TileRotation {
 };
 
 // ---- tile micro-kernels ----
-// Register blocks are GCC vector types of 64 bytes (16 floats / 8 doubles: one AVX-512 register, two
-// AVX2 ones, four SSE ones; the compiler splits them as the target needs). DH = 0: run-time dh,
-// plain loops.
-template <typename scalar_t>
-struct Vec {
-  typedef scalar_t type __attribute__((vector_size(64), aligned(sizeof(scalar_t)), may_alias));
-  static constexpr int64_t N = 64 / sizeof(scalar_t);
-  static type load(const scalar_t* p) { return *reinterpret_cast<const type*>(p); }
-  static void store(scalar_t* p, type v) { *reinterpret_cast<type*>(p) = v; }
-};
-
+// Register blocks of Vec (DH = 0: run-time dh, plain loops).
 constexpr int64_t kRows = 4;    // rows of A per register block
 constexpr int64_t kLanes = 16;  // column padding of the score blocks (a whole number of vectors)
 
@@ -492,6 +496,20 @@ void background_scores(const BackgroundBlocks<scalar_t>& bb, const TileRotation<
                             s_bg.data() + bb.off[l] * gp);
 }
 
+// level_sum[l] = sum of a[j] over the slots of level l (slots ascending, so levels come in runs:
+// one running sum per run, no store-to-load chain through level_sum).
+template <typename scalar_t>
+inline void level_sums(const Tiles& T, const int32_t* slots, const scalar_t* a, int64_t n, std::vector<scalar_t>& level_sum) {
+  std::fill(level_sum.begin(), level_sum.end(), scalar_t(0));
+  int64_t j = 0;
+  while (j < n) {
+    const int64_t l = T.slot_level[slots[j]];
+    scalar_t acc = 0;
+    for (; j < n && T.slot_level[slots[j]] == l; ++j) acc += a[j];
+    level_sum[l] = acc;
+  }
+}
+
 // Levels at which some query of the tile has a background slot.
 inline void levels_with_slots(const Tiles& T, const TileWindows& w, std::vector<uint8_t>& level_any) {
   std::fill(level_any.begin(), level_any.end(), 0);
@@ -564,8 +582,7 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scala
           scalar_t* prow = th.p.data() + g * th.up;
           for (int64_t j = 0; j < nk; ++j) prow[w.keys[w.key_ptr[g] + j]] = s[j];
           if (n > nk) {  // background values, weighted per level, straight into the output row
-            std::fill(level_sum.begin(), level_sum.end(), scalar_t(0));
-            for (int64_t j = nk; j < n; ++j) level_sum[T.slot_level[w.slots[w.slot_ptr[g] + j - nk]]] += s[j];
+            level_sums(T, w.slots.data() + w.slot_ptr[g], s.data() + nk, n - nk, level_sum);
             for (int64_t l = 0; l < L; ++l)
               if (level_sum[l] != 0) axpy<scalar_t, DH>(o, level_sum[l], op.bg_value(b, l, h), dh);
           }
@@ -656,13 +673,10 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
             th.ds[x] = a[j] * (gv[x] - delta) * op.scale;
           }
           if (n == nk) continue;
-          for (int64_t l = 0; l < L; ++l) {
-            level_sum[l] = 0;
-            level_gv[l] = dot<scalar_t, DH>(gr, op.bg_value(b, l, h), dh);
-          }
+          for (int64_t l = 0; l < L; ++l) level_gv[l] = dot<scalar_t, DH>(gr, op.bg_value(b, l, h), dh);
+          level_sums(T, w.slots.data() + b0, a.data() + nk, n - nk, level_sum);
           for (int64_t j = nk; j < n; ++j) {
             const int64_t slot = w.slots[b0 + j - nk], l = T.slot_level[slot];
-            level_sum[l] += a[j];
             ds_bg[bb->off[l] * gp + g * bb->kp[l] + (slot - bb->k0[l])] = a[j] * (level_gv[l] - delta) * op.scale;
           }
           if (dbv)
