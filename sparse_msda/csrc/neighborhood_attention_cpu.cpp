@@ -609,7 +609,7 @@ struct Grads {
 // dV += P^T G by blocked products. Background slots per level: dtables += dS_bg^T QL and
 // dQL = dS_bg T, rotated back into dq (and the frequencies' gradient) per query.
 template <typename scalar_t, int DH>
-void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, const scalar_t* out, const scalar_t* lse,
+void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, const scalar_t* delta_qh, const scalar_t* lse,
                    const scalar_t* grad, const Grads& G, int n_threads) {
   const int64_t H = op.H, dh = op.dh, L = op.L, K = op.K;
   scalar_t* dq = static_cast<scalar_t*>(G.dq);
@@ -664,7 +664,7 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
           if (n == 0) continue;
           a.resize(n);
           const scalar_t* gr = th.gg.data() + g * dh;
-          const scalar_t delta = dot<scalar_t, DH>(gr, out + (i * H + h) * dh, dh);
+          const scalar_t delta = delta_qh[i * H + h];  // <grad, out> = sum over keys of a <grad, v>
           window_scores(T, op, w, th, bb.get(), s_bg, g, a.data());
           exp_shifted(a.data(), n, lse[i * H + h]);  // the attention weights
           for (int64_t j = 0; j < nk; ++j) {
@@ -772,7 +772,7 @@ void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 #define NBHD_FORWARD(DH) \
   forward_impl<scalar_t, DH>(T, op, n_items, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), static_cast<int>(n_threads))
 #define NBHD_BACKWARD(DH)                                                                                    \
-  backward_impl<scalar_t, DH>(T, op, n_items, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), \
+  backward_impl<scalar_t, DH>(T, op, n_items, delta.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), \
                               G, static_cast<int>(n_threads))
 
 // Per query: the number of voxel keys in its windows and (background) of absent in-bounds slots.
@@ -828,6 +828,7 @@ std::vector<at::Tensor> neighborhood_backward(const at::Tensor& q, const at::Ten
   TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && lse.is_contiguous(), "out/lse must be the forward's");
   const bool bg = tabt.defined();
   const int64_t n_items = bg ? tabt.size(0) : 0;
+  const at::Tensor delta = (grad * out).sum(-1).contiguous();  // [Q, H], one sequential pass
   std::vector<at::Tensor> g(6);
   for (int j = 0; j < 3; ++j)
     if (needs[j]) g[j] = at::zeros_like(j == 0 ? q : (j == 1 ? k : v));
