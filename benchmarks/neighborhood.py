@@ -7,7 +7,7 @@ Run from the repository root (one benchmark at a time on the machine)::
 Implementations, side by side for each setting (embed 256, 8 heads, windows [3, 5, 7, 9]):
 
 * ``block``: :class:`sparse_msda.SparseNeighborhoodAttentionBlock` (tiled window plan looked
-  up through the coordinate index, per-voxel k/v, batched-matmul tiles with a chunked custom
+  up through the coordinate index, per-voxel k/v, the fused CPU kernel with its recomputing
   backward);
 * ``floor``: the block's own linear layers alone (q and output projections on the queries,
   the k/v projection on *every* voxel of the map), i.e. what any implementation must pay;

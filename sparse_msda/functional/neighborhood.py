@@ -15,20 +15,26 @@ row-major order of the offsets (last axis fastest). Cells outside the level's gr
 never attended to (with or without a background embedding). The union of all levels'
 windows forms one softmax.
 
-Kernel and memory (:class:`NeighborhoodAttentionFunction`): keys and values are projected and
-rotated once per voxel. Queries are grouped into tiles (same batch item and same window centre
-at the coarsest level, at most ``tile_queries``); a tile's keys are the voxels present in the
-union of its queries' windows, looked up once per tile (:func:`build_neighborhood_plan`).
-Tiles are padded and batched into chunks: scores by batched matmuls ``[H, T, G, d] x [H, T, d,
-U]``, masked to each query's own windows, one softmax per query, values by batched matmuls.
-Background slots (absent in-bounds window cells, only with a background embedding) are scored
-by matmuls of the queries rotated back by their window centres against the background keys
-rotated at the window offsets (:func:`background_tables`) and aggregate the
-background value per level. The function saves only ``q, k, v``, the background key/value,
-the RoPE frequencies, its output, a ``[H, Q]`` log-sum-exp and the plan's integer indices and
-masks; the backward recomputes scores chunk by chunk. No ``[pairs, embed_dim]`` tensor ever
-exists; the per-chunk ``[H, T, G, U]`` and ``[H, n, slots]`` buffers are bounded by the
-chunk size.
+Kernels and memory: keys and values are projected and rotated once per voxel. Queries are
+grouped into tiles (same batch item and same window centre at the coarsest level, at most
+``tile_queries``); a tile's keys are the voxels present in the union of its queries' windows,
+looked up once per tile through the coordinate index (:func:`build_neighborhood_plan`).
+
+* CPU, float32/float64 (:class:`NeighborhoodKernelFunction`, ``csrc/neighborhood_attention_cpu.cpp``):
+  per tile and head, blocked products score the tile's queries against its keys and aggregate
+  the values; each query's softmax runs over its own window keys and background slots only.
+  Background slots (absent in-bounds window cells, only with a background embedding) are scored
+  against the background key rotated at the slot's offset (:func:`background_tables`) with the
+  query rotated back by its window centre, inside the kernel. Saved: ``q, k, v``, the background
+  tables, the output and a ``[Q, H]`` log-sum-exp; the backward recomputes everything else.
+* Elsewhere (CUDA, other dtypes, or ``SPARSE_MSDA_CPU_KERNELS=0``;
+  :class:`NeighborhoodAttentionFunction`): tiles are padded and batched into chunks, scores by
+  batched matmuls ``[H, T, G, d] x [H, T, d, U]`` masked to each query's own windows, values by
+  batched matmuls, background slots per level by matmuls of the back-rotated queries against the
+  offset tables; the backward recomputes scores chunk by chunk from the saved log-sum-exp.
+
+Neither keeps a ``[pairs, embed_dim]`` tensor: beyond the inputs and outputs, memory is the
+plan's integer indices plus buffers bounded by a tile (kernel) or a chunk (PyTorch path).
 """
 
 from __future__ import annotations

@@ -215,10 +215,12 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
     ``norm(x)`` otherwise). ``query_mask[i] = True``: output row ``i`` is input row ``i``
     exactly (the query is not computed).
 
-    Memory: :class:`~sparse_msda.functional.neighborhood.NeighborhoodAttentionFunction`
-    saves per-voxel keys/values and the plan's integer indices and masks only (tiled
-    attention; no ``[queries, keys, embed_dim]`` tensor) and recomputes scores in chunks in
-    the backward.
+    Memory: the attention (on CPU the fused kernel
+    :class:`~sparse_msda.functional.neighborhood.NeighborhoodKernelFunction`, elsewhere
+    :class:`~sparse_msda.functional.neighborhood.NeighborhoodAttentionFunction`) saves per-voxel
+    keys/values, the output, a ``[queries, heads]`` log-sum-exp and the plan's integer indices
+    only (tiled attention; no ``[queries, keys, embed_dim]`` tensor) and recomputes the scores
+    in the backward.
     Dropout acts on the attention branch only (not on attention weights).
 
     Args:
