@@ -9,7 +9,7 @@ scatter-add (see :mod:`adapters.spconv_compat`).
 from .conversion import coo_stack_to_spconv, multilevel_features, spconv_to_coo_stack
 from .coordinate_index import SparseCoordinateIndex, corner_offsets
 from .spconv_compat import hash_insert, hash_query, patch_spconv_cpu_scatter_add, patch_spconv_cpu_stream
-from .validation import as_level_spatial_shapes
+from .validation import as_level_spatial_shapes, broadcast_shapes
 
 patch_spconv_cpu_stream()
 patch_spconv_cpu_scatter_add()
@@ -17,6 +17,7 @@ patch_spconv_cpu_scatter_add()
 __all__ = [
     "SparseCoordinateIndex",
     "as_level_spatial_shapes",
+    "broadcast_shapes",
     "coo_stack_to_spconv",
     "corner_offsets",
     "hash_insert",

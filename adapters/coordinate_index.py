@@ -27,7 +27,7 @@ import math
 import torch
 
 from .spconv_compat import hash_insert, hash_query, new_hash_table, table_size
-from .validation import as_level_spatial_shapes, check_integer_tensor, check_voxel_bounds
+from .validation import as_level_spatial_shapes, broadcast_shapes, check_integer_tensor, check_voxel_bounds
 
 __all__ = ["SparseCoordinateIndex", "corner_offsets"]
 
@@ -199,7 +199,7 @@ class SparseCoordinateIndex:
         b = batch_indices.to(torch.int64)
         l = level_indices.to(torch.int64)
         b, l = torch.broadcast_tensors(b, l)
-        shape = torch.broadcast_shapes(b.shape, c.shape[:-1])
+        shape = broadcast_shapes(b.shape, c.shape[:-1])
         b, l = b.expand(shape), l.expand(shape)
         c = c.expand(*shape, self.position_dim)
         keys, valid = self._query_keys(b.reshape(-1), l.reshape(-1), c.reshape(-1, self.position_dim))
@@ -290,7 +290,7 @@ class SparseCoordinateIndex:
         lead = base_cells.shape[:-1]
         try:
             ok = base_cells.ndim >= 1 and base_cells.shape[-1] == dim and (
-                torch.broadcast_shapes(batch_indices.shape, level_indices.shape, lead) == lead
+                broadcast_shapes(batch_indices.shape, level_indices.shape, lead) == lead
             )
         except RuntimeError:
             ok = False

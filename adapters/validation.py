@@ -6,9 +6,24 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ["as_level_spatial_shapes", "check_integer_tensor", "check_tensor", "check_voxel_bounds", "in_bounds"]
+__all__ = ["as_level_spatial_shapes", "broadcast_shapes", "check_integer_tensor", "check_tensor", "check_voxel_bounds", "in_bounds"]
 
 ShapeLike = Union[torch.Tensor, Sequence[Sequence[int]]]
+
+
+def broadcast_shapes(*shapes) -> torch.Size:
+    """The broadcast of ``shapes`` (as ``torch.broadcast_shapes``, whose first call imports
+    sympy through ``torch._refs``: about half a second). Raises RuntimeError if they do not
+    broadcast."""
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for s in shapes:
+        for i, n in enumerate(s, start=ndim - len(s)):
+            if n != 1:
+                if out[i] not in (1, n):
+                    raise RuntimeError(f"shapes {[tuple(x) for x in shapes]} do not broadcast")
+                out[i] = n
+    return torch.Size(out)
 
 
 def check_tensor(name: str, value, *, sparse: bool | None = None) -> torch.Tensor:

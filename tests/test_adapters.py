@@ -571,3 +571,22 @@ def test_public_api():
         "hash_query",
         "patch_spconv_cpu_stream",
     }
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [[(3, 1), (1, 4)], [(2, 3, 4), (4,)], [(5,), ()], [(1,), (7, 1, 1)], [(0, 1), (1, 3)], [(2, 1), (2, 1), (1, 1)]],
+)
+def test_broadcast_shapes_matches_torch(shapes):
+    from adapters import broadcast_shapes
+
+    assert broadcast_shapes(*shapes) == torch.broadcast_shapes(*shapes)
+
+
+def test_broadcast_shapes_rejects_incompatible():
+    from adapters import broadcast_shapes
+
+    with pytest.raises(RuntimeError):
+        torch.broadcast_shapes((2, 3), (4,))
+    with pytest.raises(RuntimeError, match="do not broadcast"):
+        broadcast_shapes((2, 3), (4,))

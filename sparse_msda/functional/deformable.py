@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from adapters import SparseCoordinateIndex, multilevel_features
+from adapters import SparseCoordinateIndex, broadcast_shapes, multilevel_features
 
 from .sampling import SamplingPlan, plan_sampling, sparse_weighted_gather
 
@@ -154,16 +154,16 @@ def multilevel_sparse_bilinear_grid_sample(
         level_indices = torch.zeros((), dtype=torch.int64, device=spatial_positions.device)
     l = _as_int("level_indices", level_indices)
     try:
-        torch.broadcast_shapes(lead, b.shape, l.shape)
+        broadcast_shapes(lead, b.shape, l.shape)
         if head_indices is not None:
-            torch.broadcast_shapes(lead, _as_int("head_indices", head_indices).shape)
+            broadcast_shapes(lead, _as_int("head_indices", head_indices).shape)
     except RuntimeError as err:
         raise ValueError(
             f"batch_indices.shape={tuple(b.shape)}, level_indices.shape={tuple(l.shape)}, "
             f"head_indices.shape={None if head_indices is None else tuple(head_indices.shape)} must broadcast to "
             f"spatial_positions.shape[:-1]={tuple(lead)}"
         ) from err
-    if torch.broadcast_shapes(lead, b.shape, l.shape) != lead:
+    if broadcast_shapes(lead, b.shape, l.shape) != lead:
         raise ValueError(
             f"batch_indices.shape={tuple(b.shape)} and level_indices.shape={tuple(l.shape)} must broadcast to "
             f"spatial_positions.shape[:-1]={tuple(lead)} without enlarging it"

@@ -41,6 +41,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from adapters import broadcast_shapes
+
 __all__ = [
     "FREQ_GROUP_PATTERNS",
     "apply_rope",
@@ -174,7 +176,7 @@ def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x[..., :half], x[..., half:]
     if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    shape = torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1]))
+    shape = broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1]))
     y = torch.empty(shape, dtype=torch.result_type(x, cos), device=x.device)
     y1, y2 = y[..., :half], y[..., half:]
     torch.mul(x1, cos, out=y1)
@@ -188,7 +190,7 @@ def rotate_pairs_back(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """``rotate_pairs(x, cos, -sin)`` without materialising ``-sin``."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    shape = torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1]))
+    shape = broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1]))
     y = torch.empty(shape, dtype=torch.result_type(x, cos), device=x.device)
     y1, y2 = y[..., :half], y[..., half:]
     torch.mul(x1, cos, out=y1)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from adapters import SparseCoordinateIndex
+from adapters import SparseCoordinateIndex, broadcast_shapes
 
 from .cpu_kernels import sampling_kernels
 
@@ -98,7 +98,7 @@ class _Sampling:
 
 def _sample_index(t: Tensor, positions: Tensor) -> Tensor:
     """An integer index broadcastable to ``[S, J]`` as an int64 ``[S | 1, J | 1]`` view on the positions' device."""
-    return t.to(device=positions.device, dtype=torch.int64).expand(*torch.broadcast_shapes(t.shape, (1, 1)))
+    return t.to(device=positions.device, dtype=torch.int64).expand(*broadcast_shapes(t.shape, (1, 1)))
 
 
 def _split(positions: Tensor, dtype) -> tuple[Tensor, Tensor]:
