@@ -219,13 +219,16 @@ def test_neighborhood_kernel_matches_pytorch_path(nbhd_kernels, monkeypatch, dim
     """Outputs and the gradients of q, k, v, the background key/value and the RoPE frequencies
     agree (float64), for run-time and unrolled head dims, split over 1 or 2 threads."""
     plan, inputs = _nbhd_problem(dim, background, head_dim, n_heads, share_heads, torch.float64, seed=30 + dim)
-    assert plan.n_pairs > 0 and (plan.pair_counts == 0).any()  # some queries have no voxel key
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         out_k, grads_k = _nbhd_run(plan, inputs, monkeypatch, "1")
     finally:
         torch.set_num_threads(prev)
+    # the forward recorded the plan's per-query counts: as the PyTorch packing counts them
+    _, (pairs, slots) = neighborhood._pack_chunks(plan)
+    assert torch.equal(plan.pair_counts, pairs) and (pairs == 0).any() and plan.n_pairs > 0
+    assert (plan.background_counts is None) == (slots is None) and (slots is None or torch.equal(plan.background_counts, slots))
     out_t, grads_t = _nbhd_run(plan, inputs, monkeypatch, "0")
     torch.testing.assert_close(out_k, out_t, rtol=1e-10, atol=1e-10)
     for gk, gt in zip(grads_k, grads_t):

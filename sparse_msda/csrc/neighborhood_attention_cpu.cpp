@@ -536,7 +536,8 @@ inline int64_t window_scores(const Tiles& T, const Operands<scalar_t>& op, const
 // per level), per query the softmax over its own keys (the tile's other keys get weight 0) and
 // background slots, then O = P V by another product.
 template <typename scalar_t, int DH>
-void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scalar_t* out, scalar_t* lse, int n_threads) {
+void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scalar_t* out, scalar_t* lse, int64_t* counts,
+                  int n_threads) {
   const int64_t H = op.H, dh = op.dh, L = op.L;
   std::unique_ptr<BackgroundBlocks<scalar_t>> bb;
   if (op.background) bb = std::make_unique<BackgroundBlocks<scalar_t>>(T, op, B, false);
@@ -551,6 +552,12 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scala
       w.find(T, t, op.background);
       const bool tile_bg = !w.slots.empty();
       if (tile_bg) levels_with_slots(T, w, level_any);
+      if (h0 == 0)  // the thread of head 0 records each query's voxel keys and background slots
+        for (int64_t g = 0; g + q0 < T.qptr[t + 1]; ++g) {
+          const int64_t i = T.qids[q0 + g];
+          counts[i] = w.key_ptr[g + 1] - w.key_ptr[g];
+          counts[T.n_queries + i] = w.slot_ptr[g + 1] - w.slot_ptr[g];
+        }
       for (int64_t h = h0; h < h1; ++h) {
         th.gather_queries(T, t, op.q, H, h, dh, th.qg);
         th.gather_keys(T, t, op.k, H, h, dh, &th.kt, nullptr);
@@ -770,7 +777,8 @@ void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }  // namespace
 
 #define NBHD_FORWARD(DH) \
-  forward_impl<scalar_t, DH>(T, op, n_items, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), static_cast<int>(n_threads))
+  forward_impl<scalar_t, DH>(T, op, n_items, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), \
+                             static_cast<int>(n_threads))
 #define NBHD_BACKWARD(DH)                                                                                    \
   backward_impl<scalar_t, DH>(T, op, n_items, delta.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), \
                               G, static_cast<int>(n_threads))
@@ -795,7 +803,8 @@ std::vector<at::Tensor> neighborhood_counts(const std::vector<at::Tensor>& tiles
 }
 
 // rotation: [cos, sin, start, full] of the window-centre rotations (see Operands), empty without
-// background (then tables and bg_v are None). Returns (out [Q, H, dh], log-sum-exp [Q, H]).
+// background (then tables and bg_v are None). Returns (out [Q, H, dh], log-sum-exp [Q, H], and per
+// query its number of voxel keys and of background slots, int64 [Q] each).
 std::vector<at::Tensor> neighborhood_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const std::vector<at::Tensor>& rotation, const c10::optional<at::Tensor>& tables,
                                              const c10::optional<at::Tensor>& bg_v, const std::vector<at::Tensor>& tiles,
@@ -805,12 +814,13 @@ std::vector<at::Tensor> neighborhood_forward(const at::Tensor& q, const at::Tens
   check_operands(q, k, v, rotation, tabt, bvt, T);
   auto out = at::empty_like(q);
   auto lse = at::empty({q.size(0), q.size(1)}, q.options());
+  auto counts = at::empty({2, q.size(0)}, q.options().dtype(at::kLong));
   const int64_t n_items = tabt.defined() ? tabt.size(0) : 0;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighborhood_forward", [&] {
     const Operands<scalar_t> op(q, k, v, rotation, tabt, bvt, T, scale);
     NBHD_BY_DH(q.size(2), NBHD_FORWARD)
   });
-  return {out, lse};
+  return {out, lse, counts[0], counts[1]};
 }
 
 // Gradients of (q, k, v, frequencies (float64 [Hf, dh/2, D + 1], through the window-centre

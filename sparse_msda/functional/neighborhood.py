@@ -978,7 +978,11 @@ class NeighborhoodKernelFunction(torch.autograd.Function):
         if tables is not None:
             tables, bg_v = tables.contiguous(), bg_v.contiguous()
             rotation = _centre_rotation(plan, freqs.detach(), q.dtype)
-        out, lse = kernels.neighborhood_forward(q, k, v, rotation, tables, bg_v, plan.kernel_tiles(), scale, torch.get_num_threads())
+        out, lse, n_keys, n_slots = kernels.neighborhood_forward(
+            q, k, v, rotation, tables, bg_v, plan.kernel_tiles(), scale, torch.get_num_threads()
+        )
+        if plan._counts is None:  # the kernel enumerated every window: the plan's counts come free
+            plan._counts = (n_keys, n_slots if plan.with_background else None)
         ctx.save_for_backward(q, k, v, tables, bg_v, out, lse)
         ctx.plan, ctx.scale, ctx.rotation, ctx.freqs_dtype = plan, scale, rotation, None if freqs is None else freqs.dtype
         return out
