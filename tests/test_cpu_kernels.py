@@ -179,14 +179,14 @@ def nbhd_kernels(monkeypatch):
 def _nbhd_problem(dim, background, head_dim, n_heads, share_heads, dtype, seed, tile_queries=3):
     """A plan over a random two-item map (queries partly outside it, one empty region) and random
     inputs of the attention function; returns (plan, [q, k, v, bg_k, bg_v, freqs])."""
-    shapes = [[12, 10], [6, 5], [3, 3]] if dim == 2 else [[6, 8, 6], [3, 4, 3]]
-    sizes = [3, 5, 3] if dim == 2 else [3, 3]
+    shapes = [[12, 10], [6, 5], [3, 3]] if dim == 2 else [[8, 8, 8], [4, 4, 4], [2, 2, 2]]
+    sizes = [3, 5, 3] if dim == 2 else [3, 3, 3]
     _, voxels, _ = make_map(shapes, 2, 0.3, 1, seed=seed)
     idx = SparseCoordinateIndex(
         torch.tensor([v[0] for v in voxels]), torch.tensor([v[1] for v in voxels]),
         torch.tensor([v[2] for v in voxels]), shapes, dim,
     )
-    pos, offsets = random_queries([14, 9], shapes[0], seed=seed + 1, lo=[-3] * dim, hi=[s + 3 for s in shapes[0]])
+    pos, offsets = random_queries([48, 32], shapes[0], seed=seed + 1, lo=[-3] * dim, hi=[s + 3 for s in shapes[0]])
     batch = torch.repeat_interleave(torch.arange(2), offsets.diff())
     full = torch.tensor(shapes[0], dtype=torch.float64)
     plan = neighborhood.build_neighborhood_plan(idx, batch, pos, full, sizes, background, chunk_size=40, tile_queries=tile_queries)
@@ -212,13 +212,18 @@ def _nbhd_run(plan, inputs, monkeypatch, flag):
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize(
-    "threads, n_heads, head_dim, share_heads",
-    [(1, 2, 4, False), (2, 2, 4, True), (2, 3, 6, False), (2, 2, 16, False), (2, 1, 32, True), (2, 2, 64, False)],
+    "threads, n_heads, head_dim, share_heads, tile_queries",
+    [(1, 2, 4, False, 3), (2, 2, 4, True, 1), (2, 3, 6, False, 3), (2, 2, 16, False, 32), (2, 1, 32, True, 3), (2, 2, 64, False, 32)],
 )
-def test_neighborhood_kernel_matches_pytorch_path(nbhd_kernels, monkeypatch, dim, background, threads, n_heads, head_dim, share_heads):
+def test_neighborhood_kernel_matches_pytorch_path(
+    nbhd_kernels, monkeypatch, dim, background, threads, n_heads, head_dim, share_heads, tile_queries
+):
     """Outputs and the gradients of q, k, v, the background key/value and the RoPE frequencies
-    agree (float64), for run-time and unrolled head dims, split over 1 or 2 threads."""
-    plan, inputs = _nbhd_problem(dim, background, head_dim, n_heads, share_heads, torch.float64, seed=30 + dim)
+    agree (float64), for run-time and unrolled head dims, split over 1 or 2 threads, with tiles of
+    one query (the kernel's row path) or of up to 3 or 32 (mostly the blocked path)."""
+    plan, inputs = _nbhd_problem(dim, background, head_dim, n_heads, share_heads, torch.float64, seed=30 + dim, tile_queries=tile_queries)
+    sizes = set(plan.tiles.query_count.tolist())
+    assert max(sizes) <= 2 if tile_queries == 1 else tile_queries == 3 or max(sizes) > 2
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -9,21 +9,22 @@
 //
 // Background (optional): the in-bounds window slots of query i that hold no voxel. Slot k (levels
 // in order, row-major offsets within a level) is scored as <ql[i, level(k)], tables[b, k]> where ql
-// is the query rotated back by its window centre and tables the background key rotated at the
-// slot's offset (rotations compose, see background_tables in neighborhood.py); its value is
-// bg_v[b, level(k)].
+// is the query rotated back by its window centre (computed here from per-axis cos/sin tables of the
+// centre coordinates, angles added) and tables the background key rotated at the slot's offset
+// (rotations compose, see background_tables in neighborhood.py); its value is bg_v[b, level(k)].
 //
-// One softmax per (query, head) over all of its keys. Forward writes the output and the
-// log-sum-exp; backward recomputes the scores from them (nothing per pair is ever stored).
-// Threads split the heads: every gradient row written for head h is (row, h), so no two threads
-// ever write the same memory (no atomics, no copies).
+// Work is per tile and head: the tile's queries and keys are gathered into small blocks, scores and
+// weighted sums are blocked products (register-blocked micro-kernels below), and each query's
+// softmax runs over its own window keys and background slots only (the tile's other keys get weight
+// 0). One softmax per (query, head). Forward writes the output and the log-sum-exp; backward
+// recomputes the scores from them (nothing per pair is ever stored). Threads split the heads: every
+// gradient row written for head h is (row, h), so no two threads ever write the same memory (no
+// atomics, no copies); only the (small) frequency gradient has one partial sum per thread.
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
-#include <cstring>
-#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -532,6 +533,26 @@ inline int64_t window_scores(const Tiles& T, const Operands<scalar_t>& op, const
   return nk;
 }
 
+// Tiles of at most kSmallTile queries (decoder queries are mostly alone in their tile) skip the
+// blocked layouts: each query is scored against its own keys straight from the k / v / tables rows
+// (vector dot products), so no tile block is gathered, transposed or padded for one query.
+constexpr int64_t kSmallTile = 2;
+
+// Scaled scores of the g-th query (query i) of a small tile with its own keys, from the rows.
+template <typename scalar_t, int DH>
+inline int64_t row_scores(const Tiles& T, const Operands<scalar_t>& op, const TileWindows& w, const TileRotation<scalar_t>& rot,
+                          int64_t t, int64_t g, int64_t i, int64_t b, int64_t h, scalar_t* s) {
+  const int64_t e0 = T.kptr[t], k0 = w.key_ptr[g], nk = w.key_ptr[g + 1] - k0;
+  const int64_t b0 = w.slot_ptr[g], nb = w.slot_ptr[g + 1] - b0;
+  const scalar_t* x = op.query(i, h);
+  for (int64_t j = 0; j < nk; ++j) s[j] = op.scale * dot<scalar_t, DH>(x, op.key(T.krow[e0 + w.keys[k0 + j]], h), op.dh);
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t slot = w.slots[b0 + j], l = T.slot_level[slot];
+    s[nk + j] = op.scale * dot<scalar_t, DH>(rot.ql.data() + (l * rot.gp + g) * op.dh, op.table(b, slot, h), op.dh);
+  }
+  return nk;
+}
+
 // Per tile and head: scores S = Q K^T by one blocked product (and the background scores by one
 // per level), per query the softmax over its own keys (the tile's other keys get weight 0) and
 // background slots, then O = P V by another product.
@@ -558,6 +579,35 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scala
           counts[i] = w.key_ptr[g + 1] - w.key_ptr[g];
           counts[T.n_queries + i] = w.slot_ptr[g + 1] - w.slot_ptr[g];
         }
+      const int64_t G = T.qptr[t + 1] - q0;
+      if (G <= kSmallTile) {
+        for (int64_t h = h0; h < h1; ++h) {
+          if (tile_bg) rot.compute(T, op, w, t, h, round_up(G, kRows));
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t i = T.qids[q0 + g];
+            const int64_t n = (w.key_ptr[g + 1] - w.key_ptr[g]) + (w.slot_ptr[g + 1] - w.slot_ptr[g]);
+            scalar_t* o = out + (i * H + h) * dh;
+            std::fill(o, o + dh, scalar_t(0));
+            lse[i * H + h] = 0;
+            if (n == 0) continue;
+            s.resize(n);
+            const int64_t nk = row_scores<scalar_t, DH>(T, op, w, rot, t, g, i, b, h, s.data());
+            const scalar_t m = max8(s.data(), n);
+            exp_shifted(s.data(), n, m);
+            const scalar_t zg = sum8(s.data(), n);
+            lse[i * H + h] = m + std::log(zg);
+            for (int64_t j = 0; j < nk; ++j) axpy<scalar_t, DH>(o, s[j], op.value(T.krow[T.kptr[t] + w.keys[w.key_ptr[g] + j]], h), dh);
+            if (n > nk) {
+              level_sums(T, w.slots.data() + w.slot_ptr[g], s.data() + nk, n - nk, level_sum);
+              for (int64_t l = 0; l < L; ++l)
+                if (level_sum[l] != 0) axpy<scalar_t, DH>(o, level_sum[l], op.bg_value(b, l, h), dh);
+            }
+            const scalar_t inv = scalar_t(1) / zg;
+            for (int64_t e = 0; e < dh; ++e) o[e] *= inv;
+          }
+        }
+        continue;
+      }
       for (int64_t h = h0; h < h1; ++h) {
         th.gather_queries(T, t, op.q, H, h, dh, th.qg);
         th.gather_keys(T, t, op.k, H, h, dh, &th.kt, nullptr);
@@ -647,6 +697,49 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
       const bool tile_bg = !w.slots.empty();
       if (tile_bg) levels_with_slots(T, w, level_any);
       const bool tile_keys = !w.keys.empty();
+      const int64_t G = T.qptr[t + 1] - q0;
+      if (G <= kSmallTile) {
+        for (int64_t h = h0; h < h1; ++h) {
+          if (tile_bg) {
+            rot.compute(T, op, w, t, h, round_up(G, kRows));
+            if (rotation_grads) rot.dql.assign(L * rot.gp * dh, scalar_t(0));
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t i = T.qids[q0 + g];
+            const int64_t k0 = w.key_ptr[g], b0 = w.slot_ptr[g];
+            const int64_t nk = w.key_ptr[g + 1] - k0, n = nk + (w.slot_ptr[g + 1] - b0);
+            if (n == 0) continue;
+            a.resize(n);
+            row_scores<scalar_t, DH>(T, op, w, rot, t, g, i, b, h, a.data());
+            exp_shifted(a.data(), n, lse[i * H + h]);
+            const scalar_t* gr = grad + (i * H + h) * dh;
+            const scalar_t* x = op.query(i, h);
+            const scalar_t delta = delta_qh[i * H + h];
+            scalar_t* dqi = dq ? dq + (i * H + h) * dh : nullptr;
+            for (int64_t j = 0; j < nk; ++j) {
+              const int64_t r = T.krow[T.kptr[t] + w.keys[k0 + j]];
+              const scalar_t d = a[j] * (dot<scalar_t, DH>(gr, op.value(r, h), dh) - delta) * op.scale;
+              if (dv) axpy<scalar_t, DH>(dv + (r * H + h) * dh, a[j], gr, dh);
+              if (dk) axpy<scalar_t, DH>(dk + (r * H + h) * dh, d, x, dh);
+              if (dqi) axpy<scalar_t, DH>(dqi, d, op.key(r, h), dh);
+            }
+            if (n == nk) continue;
+            for (int64_t l = 0; l < L; ++l) level_gv[l] = dot<scalar_t, DH>(gr, op.bg_value(b, l, h), dh);
+            level_sums(T, w.slots.data() + b0, a.data() + nk, n - nk, level_sum);
+            if (dbv)
+              for (int64_t l = 0; l < L; ++l)
+                if (level_sum[l] != 0) axpy<scalar_t, DH>(dbv + ((b * L + l) * H + h) * dh, level_sum[l], gr, dh);
+            for (int64_t j = nk; j < n; ++j) {
+              const int64_t slot = w.slots[b0 + j - nk], l = T.slot_level[slot];
+              const scalar_t d = a[j] * (level_gv[l] - delta) * op.scale;
+              if (dtab) axpy<scalar_t, DH>(dtab + ((b * K + slot) * H + h) * dh, d, rot.ql.data() + (l * rot.gp + g) * dh, dh);
+              if (rotation_grads) axpy<scalar_t, DH>(rot.dql.data() + (l * rot.gp + g) * dh, d, op.table(b, slot, h), dh);
+            }
+            if (rotation_grads) rot.backward(T, op, g, h, dqi, dfreqs);
+          }
+        }
+        continue;
+      }
       for (int64_t h = h0; h < h1; ++h) {
         th.gather_queries(T, t, op.q, H, h, dh, th.qg);
         th.gather_queries(T, t, grad, H, h, dh, th.gg);
