@@ -200,9 +200,17 @@ def rotate_pairs_back(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return y
 
 
+ROPE_CHUNK_ROWS = 8192
+"""Rows rotated at a time by :class:`_RopeFunction`: the float64 angles and the cos/sin of a
+chunk stay small (a few MiB, cache-resident and reused) instead of ``[N, H', d/2]`` float64
+temporaries that are page-faulted in on every call."""
+
+
 class _RopeFunction(torch.autograd.Function):
     """``rotate_pairs(x, cos(theta), sin(theta))`` with ``theta = rope_angles(positions, freqs)``
-    and a closed-form backward (saves the output and ``cos``/``sin``)::
+    for ``x [N, H, d]`` and ``positions [N, D + 1]``, in chunks of :data:`ROPE_CHUNK_ROWS` rows,
+    with a closed-form backward that recomputes ``cos``/``sin`` per chunk (saves ``positions``,
+    ``freqs`` and the output only)::
 
         dx = R(-theta) dy,   dtheta_j = y1_j dy2_j - y2_j dy1_j,
         dfreqs[h, j, k] = sum dtheta[..., h, j] u[..., k],   du[..., k] = sum dtheta[..., h, j] freqs[h, j, k].
@@ -210,39 +218,62 @@ class _RopeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, positions, freqs):
-        cos, sin = rope_cos_sin(rope_angles(positions, freqs), x.dtype)
-        y = rotate_pairs(x, cos, sin)
-        ctx.save_for_backward(positions, freqs, cos, sin, y)
-        ctx.x_shape = x.shape
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        half = x.shape[-1] // 2
+        for r0 in range(0, x.shape[0], ROPE_CHUNK_ROWS):
+            r1 = min(r0 + ROPE_CHUNK_ROWS, x.shape[0])
+            cos, sin = rope_cos_sin(rope_angles(positions[r0:r1], freqs), x.dtype)
+            x1, x2, y1, y2 = x[r0:r1, :, :half], x[r0:r1, :, half:], y[r0:r1, :, :half], y[r0:r1, :, half:]
+            torch.mul(x1, cos, out=y1)
+            y1.addcmul_(x2, sin, value=-1.0)
+            torch.mul(x1, sin, out=y2)
+            y2.addcmul_(x2, cos)
+        ctx.save_for_backward(positions, freqs, y)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        positions, freqs, cos, sin, y = ctx.saved_tensors
+        positions, freqs, y = ctx.saved_tensors
         need_x, need_pos, need_freqs = ctx.needs_input_grad
-        dx = dpos = dfreqs = None
-        if need_x:
-            dx = rotate_pairs_back(gy, cos, sin).sum_to_size(ctx.x_shape)
-        if need_pos or need_freqs:
-            half = y.shape[-1] // 2
-            dth = y[..., :half] * gy[..., half:] - y[..., half:] * gy[..., :half]  # [..., H, d/2]
-            if freqs.shape[0] == 1 and dth.shape[-2] != 1:
-                dth = dth.sum(-2, keepdim=True)
-            dth = dth.to(torch.float64)
-            if need_pos:
-                dpos = torch.einsum("...hj,hjk->...k", dth, freqs.to(torch.float64))
-                dpos = dpos.sum_to_size(positions.shape).to(positions.dtype)
-            if need_freqs:
-                u = positions.to(torch.float64).expand(*dth.shape[:-2], positions.shape[-1])
-                dfreqs = torch.einsum("...hj,...k->hjk", dth, u).to(freqs.dtype)
-        return dx, dpos, dfreqs
+        n, half = y.shape[0], y.shape[-1] // 2
+        dx = torch.empty_like(y) if need_x else None
+        dpos = torch.empty(positions.shape, dtype=torch.float64, device=y.device) if need_pos else None
+        dfreqs = torch.zeros(freqs.shape, dtype=torch.float64, device=y.device) if need_freqs else None
+        f64 = freqs.to(torch.float64)
+        for r0 in range(0, n, ROPE_CHUNK_ROWS):
+            r1 = min(r0 + ROPE_CHUNK_ROWS, n)
+            g = gy[r0:r1]
+            if need_x:
+                cos, sin = rope_cos_sin(rope_angles(positions[r0:r1], freqs), y.dtype)
+                dx[r0:r1] = rotate_pairs_back(g, cos, sin)
+            if need_pos or need_freqs:
+                yc = y[r0:r1]
+                dth = yc[..., :half] * g[..., half:] - yc[..., half:] * g[..., :half]  # [n, H, d/2]
+                if freqs.shape[0] == 1 and dth.shape[-2] != 1:
+                    dth = dth.sum(-2, keepdim=True)
+                dth = dth.to(torch.float64)
+                if need_pos:
+                    dpos[r0:r1] = torch.einsum("nhj,hjk->nk", dth, f64)
+                if need_freqs:
+                    dfreqs += torch.einsum("nhj,nk->hjk", dth, positions[r0:r1].to(torch.float64))
+        return (
+            dx,
+            None if dpos is None else dpos.to(positions.dtype),
+            None if dfreqs is None else dfreqs.to(freqs.dtype),
+        )
 
 
 def apply_rope(x: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate ``x [..., H, head_dim]`` at position vectors ``positions [..., D + 1]``.
+    """Rotate ``x [..., H, head_dim]`` at position vectors ``positions [..., D + 1]`` (leading
+    dims broadcast).
 
     ``freqs`` is ``[H or 1, head_dim // 2, D + 1]``. Differentiable w.r.t. ``x``,
-    ``positions`` and ``freqs`` (custom backward: :class:`_RopeFunction`).
+    ``positions`` and ``freqs`` (custom backward: :class:`_RopeFunction`, on rows).
     """
-    return _RopeFunction.apply(x, positions, freqs)
+    if x.ndim == 3 and positions.ndim == 2 and positions.shape[0] == x.shape[0]:
+        return _RopeFunction.apply(x, positions, freqs)
+    lead = broadcast_shapes(x.shape[:-2], positions.shape[:-1])
+    xs = x.expand(*lead, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
+    us = positions.expand(*lead, positions.shape[-1]).reshape(-1, positions.shape[-1])
+    return _RopeFunction.apply(xs, us, freqs).view(*lead, *x.shape[-2:])
