@@ -184,6 +184,7 @@ def build_cases(quick: bool) -> list[Case]:
         ("scan-bev", "enc", 0, True),
         ("scan-bev", "dec", 900, False),
         ("scan-bev", "dec", 900, True),
+        ("scan-3d", "enc", 0, False),  # every voxel of the VoxelBackBone8x levels (236k queries): block and floor
         ("scan-3d", "dec", 900, False),
         ("syn", "dec", 50_000, False),  # 100k queries (2 x 50k): block only
     ]
