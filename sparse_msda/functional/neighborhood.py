@@ -378,7 +378,7 @@ def build_neighborhood_plan(
     with_background: bool,
     chunk_size: int = 1 << 18,
     tile_queries: int = 32,
-    cells_per_chunk: int = 1 << 21,
+    cells_per_chunk: int = 1 << 19,
     compact_rows: bool = True,
 ) -> NeighborhoodPlan:
     """Group queries into tiles and look up each tile's window cells through the index.
