@@ -17,15 +17,21 @@ from sparse_msda.functional.cpu_kernels import build_error, sampling_kernels
 from tests.test_deformable import random_map
 
 
-@pytest.fixture
-def kernels(monkeypatch):
+def _built(getter, monkeypatch):
+    """The kernels of ``getter`` with the kernels enabled; fail if a compiler is there but the
+    build failed, skip (with the reason) if there is no compiler."""
     monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", "1")
-    k = sampling_kernels()
+    k = getter()
     if k is None:
         if shutil.which(os.environ.get("CXX", "c++")) is not None:  # a compiler is there: the build must work
             pytest.fail(f"building the CPU kernels failed: {build_error()!r}")
         pytest.skip("no C++ compiler on this machine: the CPU kernels cannot be built (the PyTorch path is used)")
     return k
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    return _built(sampling_kernels, monkeypatch)
 
 
 def _problem(dim, with_bg, n, dtype, seed, head_dim=5, n_heads=2, head_per_point=False):
@@ -167,13 +173,7 @@ from tests.window_maps import make_map, random_queries  # noqa: E402
 
 @pytest.fixture
 def nbhd_kernels(monkeypatch):
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", "1")
-    k = neighborhood_kernels()
-    if k is None:
-        if shutil.which(os.environ.get("CXX", "c++")) is not None:
-            pytest.fail(f"building the CPU kernels failed: {build_error()!r}")
-        pytest.skip("no C++ compiler on this machine: the CPU kernels cannot be built (the PyTorch path is used)")
-    return k
+    return _built(neighborhood_kernels, monkeypatch)
 
 
 def _nbhd_problem(dim, background, head_dim, n_heads, share_heads, dtype, seed, tile_queries=3):
