@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from ..functional.neighborhood import (
     voxel_rope_positions,
 )
 from ..functional.rope import apply_rope, init_rope_frequencies
-from ..inputs import check_embed_heads, check_position_dim, largest_level, prepare_inputs
+from ..inputs import QueryBatch, check_embed_heads, check_position_dim, largest_level, prepare_inputs
 
 __all__ = ["MultilevelRotaryEncoding", "RotaryAttentionBlock", "SparseNeighborhoodAttentionBlock"]
 
@@ -85,6 +86,19 @@ class MultilevelRotaryEncoding(nn.Module):
         )
 
 
+@dataclass
+class _ActiveQueries:
+    """The queries a block computes (``query_mask`` False), from :meth:`RotaryAttentionBlock._prepare_queries`."""
+
+    inputs: QueryBatch  # the checked inputs of all queries (features, index, ...)
+    active: Optional[Tensor]  # rows computed, None = all
+    x: Tensor  # [n, embed_dim]
+    positions: Tensor  # [n, D] in each query's frame
+    batch: Tensor  # [n]
+    levels: Tensor  # [n] level of each query's frame
+    position_shapes: Tensor  # [n, D] shape of that frame
+
+
 class RotaryAttentionBlock(nn.Module):
     """What the neighborhood and the global self-attention blocks share: validated
     hyper-parameters, the parameters (``norm``, ``q_proj``, ``kv_proj``, ``out_proj``, ``rope``,
@@ -136,6 +150,30 @@ class RotaryAttentionBlock(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
         self.rope.reset_parameters()
+
+    def _prepare_queries(
+        self, query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes,
+        query_level_indices, query_mask, coordinate_index, background_embedding=None,
+    ) -> _ActiveQueries:
+        """The checked inputs (:func:`~sparse_msda.inputs.prepare_inputs`) and, of the queries to
+        compute (``query_mask`` False), their rows, features, positions, batch items, levels and
+        frame shapes."""
+        qb = prepare_inputs(
+            query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes,
+            embed_dim=self.embed_dim, n_levels=self.n_levels, position_dim=self.position_dim,
+            query_level_indices=query_level_indices, background_embedding=background_embedding,
+            index=coordinate_index,
+        )
+        active = self._active_rows(query_mask, query)
+        return _ActiveQueries(
+            inputs=qb,
+            active=active,
+            x=self._select(query, active),
+            positions=self._select(query_spatial_positions, active),
+            batch=self._select(qb.batch_indices, active),
+            levels=self._select(qb.query_level_indices, active),
+            position_shapes=self._select(qb.query_level_shapes, active),
+        )
 
     @staticmethod
     def _active_rows(query_mask: Optional[Tensor], query: Tensor) -> Optional[Tensor]:
@@ -296,16 +334,12 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
         Returns:
             ``[n_queries, embed_dim]``.
         """
-        qb = prepare_inputs(
+        aq = self._prepare_queries(
             query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes,
-            embed_dim=self.embed_dim, n_levels=self.n_levels, position_dim=self.position_dim,
-            query_level_indices=query_level_indices, background_embedding=background_embedding,
-            index=coordinate_index,
+            query_level_indices, query_mask, coordinate_index, background_embedding,
         )
-        active = self._active_rows(query_mask, query)
-        x, pos = self._select(query, active), self._select(query_spatial_positions, active)
-        batch, levels = self._select(qb.batch_indices, active), self._select(qb.query_level_indices, active)
-        pos_shapes = self._select(qb.query_level_shapes, active)
+        qb, active, x, pos, batch, levels = aq.inputs, aq.active, aq.x, aq.positions, aq.batch, aq.levels
+        pos_shapes = aq.position_shapes
         with_bg = background_embedding is not None
 
         plan = build_neighborhood_plan(qb.index, batch, pos, pos_shapes, self.neighborhood_sizes, with_bg, chunk_size=self.chunk_size)

@@ -9,7 +9,7 @@ from torch import Tensor
 from adapters import SparseCoordinateIndex
 
 from ..functional.self_attention import check_no_background, group_rows_by_batch, multilevel_self_attention, segment_offsets
-from ..inputs import largest_level, prepare_inputs
+from ..inputs import largest_level
 from .neighborhood_attention import RotaryAttentionBlock
 
 __all__ = ["SparseMultilevelSelfAttentionBlock"]
@@ -126,15 +126,12 @@ class SparseMultilevelSelfAttentionBlock(RotaryAttentionBlock):
                 :func:`sparse_msda.inputs.prepare_inputs`). TypeError: wrong dtypes.
         """
         check_no_background(background_embedding)
-        qb = prepare_inputs(
+        aq = self._prepare_queries(
             query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes,
-            embed_dim=self.embed_dim, n_levels=self.n_levels, position_dim=self.position_dim,
-            query_level_indices=query_level_indices, index=coordinate_index,
+            query_level_indices, query_mask, coordinate_index,
         )
-        active = self._active_rows(query_mask, query)
-        x, pos = self._select(query, active), self._select(query_spatial_positions, active)
-        batch, levels = self._select(qb.batch_indices, active), self._select(qb.query_level_indices, active)
-        pos_shapes = self._select(qb.query_level_shapes, active)
+        qb, active, x, pos, batch, levels = aq.inputs, aq.active, aq.x, aq.positions, aq.batch, aq.levels
+        pos_shapes = aq.position_shapes
         index, shapes = qb.index, qb.level_spatial_shapes
         batch_size = index.batch_size
 
