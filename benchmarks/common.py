@@ -344,6 +344,44 @@ def run_main(description: str, build_cases: Callable[[bool], list], title: str) 
     run_cases(cases, repeats=args.repeats, warmup=args.warmup, timeout=args.timeout, out=args.out, title=title)
 
 
+def block_queries(features, index, role: str, n_queries: int, generator, embed_dim: int, uniform: bool = False):
+    """Queries of a block benchmark on the map of ``index`` (rows of ``features``).
+
+    ``enc``: every voxel is a query (its feature, its cell centre in its own level's frame, its
+    level), batch items in order. ``dec``: ``n_queries`` per item with random features, at
+    random finest-level voxels jittered by +-2 cells (``uniform``: uniform over the full-scale
+    frame instead), in the full-scale frame. Returns ``(query, positions, query_levels or None,
+    batch offsets)``.
+    """
+    import torch
+
+    if role == "enc":
+        order = torch.argsort(index.batch_indices, stable=True)
+        query = features[order].clone()
+        pos = index.spatial_indices[order].float() + 0.5
+        qlev = index.level_indices[order].clone()
+        counts = torch.bincount(index.batch_indices, minlength=index.batch_size)
+    else:
+        shapes = index.level_spatial_shapes
+        big = int(torch.argmax(shapes.prod(-1)))
+        full = shapes[big].float()
+        pos_list = []
+        for b in range(index.batch_size):
+            if uniform:
+                pos_list.append(torch.rand(n_queries, shapes.shape[1], generator=generator) * full)
+                continue
+            fine = ((index.batch_indices == b) & (index.level_indices == big)).nonzero().squeeze(1)
+            pick = fine[torch.randint(fine.numel(), (n_queries,), generator=generator)]
+            jitter = (torch.rand(n_queries, shapes.shape[1], generator=generator) - 0.5) * 4
+            pos_list.append((index.spatial_indices[pick].float() + 0.5 + jitter).clamp(torch.zeros_like(full), full - 1e-3))
+        pos = torch.cat(pos_list)
+        query = torch.randn(pos.shape[0], embed_dim, generator=generator)
+        qlev = None
+        counts = torch.full((index.batch_size,), n_queries)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+    return query, pos, qlev, offsets
+
+
 def block_runner(block, query, run: Callable, inputs, backward: bool) -> Callable[[], None]:
     """The timed call of a block benchmark: ``run(block, inputs)`` with the block's and the
     query's gradients cleared, then (``backward``) the backward of ``(out * w).sum()`` for a

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from benchmarks.common import Case, block_runner, run_main, scan_levels
+from benchmarks.common import Case, block_queries, block_runner, run_main, scan_levels
 
 EMBED, HEADS, SIZES = 256, 8, [3, 5, 7, 9]
 NAIVE_LIMIT_BYTES = 8 * 2**30  # estimated naive peak above which it is skipped (24 GiB machine)
@@ -62,29 +62,7 @@ def _inputs(setting: str, role: str, n_queries: int, background: bool, seed: int
     features, index = multilevel_features(levels)
     shapes = index.level_spatial_shapes
     g = torch.Generator().manual_seed(seed)
-    if role == "enc":
-        query = features.clone()
-        pos = index.spatial_indices.float() + 0.5
-        qlev = index.level_indices.clone()
-        counts = torch.bincount(index.batch_indices, minlength=index.batch_size)
-        order = torch.argsort(index.batch_indices, stable=True)
-        query, pos, qlev = query[order], pos[order], qlev[order]
-    else:
-        full = shapes[int(torch.argmax(shapes.prod(-1)))].float()
-        pos_list = []
-        for b in range(index.batch_size):
-            if setting.startswith("syn"):
-                pos_list.append(torch.rand(n_queries, shapes.shape[1], generator=g) * full)
-            else:
-                fine = ((index.batch_indices == b) & (index.level_indices == int(torch.argmax(shapes.prod(-1))))).nonzero().squeeze(1)
-                pick = fine[torch.randint(fine.numel(), (n_queries,), generator=g)]
-                jitter = (torch.rand(n_queries, shapes.shape[1], generator=g) - 0.5) * 4
-                pos_list.append((index.spatial_indices[pick].float() + 0.5 + jitter).clamp(torch.zeros_like(full), full - 1e-3))
-        pos = torch.cat(pos_list)
-        query = torch.randn(pos.shape[0], EMBED, generator=g)
-        qlev = None
-        counts = torch.full((index.batch_size,), n_queries)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+    query, pos, qlev, offsets = block_queries(features, index, role, n_queries, g, EMBED, uniform=setting.startswith("syn"))
     bg = torch.randn(index.batch_size, shapes.shape[0], EMBED, generator=g) if background else None
     return dict(query=query, pos=pos, offsets=offsets, levels=levels, features=features, index=index, qlev=qlev, bg=bg)
 

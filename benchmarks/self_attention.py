@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import Case, block_runner, run_main, scan_levels
+from benchmarks.common import Case, block_queries, block_runner, run_main, scan_levels
 
 EMBED, HEADS = 256, 8
 SETTINGS = {"bev-c2": (True, slice(2, 4)), "bev-all": (True, slice(0, 4)), "3d-c1": (False, slice(3, 4))}
@@ -43,28 +43,8 @@ def _inputs(setting: str, role: str, n_queries: int, seed: int = 0):
     bev, levels_slice = SETTINGS[setting]
     levels = scan_levels(batch_size=2, channels=EMBED, bev=bev)[levels_slice]
     features, index = multilevel_features(levels)
-    shapes = index.level_spatial_shapes
     g = torch.Generator().manual_seed(seed)
-    if role == "enc":
-        order = torch.argsort(index.batch_indices, stable=True)
-        query = features[order].clone()
-        pos = index.spatial_indices[order].float() + 0.5
-        qlev = index.level_indices[order].clone()
-        counts = torch.bincount(index.batch_indices, minlength=index.batch_size)
-    else:
-        big = int(torch.argmax(shapes.prod(-1)))
-        full = shapes[big].float()
-        pos_list = []
-        for b in range(index.batch_size):
-            fine = ((index.batch_indices == b) & (index.level_indices == big)).nonzero().squeeze(1)
-            pick = fine[torch.randint(fine.numel(), (n_queries,), generator=g)]
-            jitter = (torch.rand(n_queries, shapes.shape[1], generator=g) - 0.5) * 4
-            pos_list.append((index.spatial_indices[pick].float() + 0.5 + jitter).clamp(torch.zeros_like(full), full - 1e-3))
-        pos = torch.cat(pos_list)
-        query = torch.randn(pos.shape[0], EMBED, generator=g)
-        qlev = None
-        counts = torch.full((index.batch_size,), n_queries)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+    query, pos, qlev, offsets = block_queries(features, index, role, n_queries, g, EMBED)
     return dict(query=query, pos=pos, offsets=offsets, levels=levels, features=features, index=index, qlev=qlev)
 
 
