@@ -274,3 +274,22 @@ def test_neighborhood_kernel_no_key_rows_are_zero(nbhd_kernels, monkeypatch):
     out, grads = _nbhd_run(plan, inputs, monkeypatch, "1")
     assert torch.isfinite(out).all() and (out[none] == 0).all()
     assert (grads[0][none] == 0).all()
+
+
+def test_neighborhood_attention_rejects_inputs_that_do_not_fit_the_plan():
+    """Both paths share these checks (they run before the dispatch to the kernel)."""
+    plan, (q, k, v, bk, bv, fr) = _nbhd_problem(2, True, 4, 2, False, torch.float64, seed=71)
+    f = neighborhood.sparse_neighborhood_attention
+    with pytest.raises(ValueError, match="exactly when the plan was built with_background"):
+        f(q, k, v, plan)  # background plan, no background key/value
+    with pytest.raises(ValueError, match="exactly when the plan was built with_background"):
+        f(q, k, v, plan, bk, None, fr)
+    with pytest.raises(ValueError, match="rope_freqs is required"):
+        f(q, k, v, plan, bk, bv, None)
+    with pytest.raises(ValueError, match=r"do not match the plan \(n_queries="):
+        f(q[:-1], k, v, plan, bk, bv, fr)
+    with pytest.raises(ValueError, match=r"do not match the plan"):
+        f(q, k[:-1], v, plan, bk, bv, fr)
+    plain, (q2, k2, v2, *_) = _nbhd_problem(2, False, 4, 2, False, torch.float64, seed=71)
+    with pytest.raises(ValueError, match="exactly when the plan was built with_background"):
+        f(q2, k2, v2, plain, bk, bv, fr)  # plan without background, background given
