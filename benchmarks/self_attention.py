@@ -1,4 +1,4 @@
-"""Speed and memory of SparseMultilevelSelfAttentionBlock (issue 4, global window).
+"""Speed and memory of SparseMultilevelMapAttentionBlock (issue 4, global window).
 
 Run from the repository root (one benchmark at a time on the machine)::
 
@@ -6,7 +6,7 @@ Run from the repository root (one benchmark at a time on the machine)::
 
 Implementations, side by side for each setting (embed 256, 8 heads):
 
-* ``block``: :class:`sparse_msda.SparseMultilevelSelfAttentionBlock` (per-item
+* ``block``: :class:`sparse_msda.SparseMultilevelMapAttentionBlock` (per-item
   ``scaled_dot_product_attention``, flash kernel on CPU: no ``[Q_b, N_b]`` matrix kept);
 * ``math``: the same block forced onto SDPA's math backend (``SDPBackend.MATH``): plain
   autograd that materialises and saves the ``[H, Q_b, N_b]`` scores/weights, the
@@ -70,12 +70,12 @@ IMPLS = {"floor": _run_floor, "block": _run_block, "math": _run_math}
 
 
 def setup(impl: str, mode: str, setting: str, role: str, n_queries: int = 900):
-    from sparse_msda import SparseMultilevelSelfAttentionBlock
+    from sparse_msda import SparseMultilevelMapAttentionBlock
 
     x = _inputs(setting, role, n_queries)
     torch.manual_seed(0)
     index = x["index"]
-    block = SparseMultilevelSelfAttentionBlock(EMBED, HEADS, n_levels=index.n_levels, position_dim=index.position_dim)
+    block = SparseMultilevelMapAttentionBlock(EMBED, HEADS, n_levels=index.n_levels, position_dim=index.position_dim)
     run = IMPLS[impl]
     query = x["query"].requires_grad_(True)
     return block_runner(block, query, run, x, backward=mode == "fwd+bwd")
@@ -96,4 +96,4 @@ def build_cases(quick: bool) -> list[Case]:
 
 
 if __name__ == "__main__":
-    run_main(__doc__.splitlines()[0], build_cases, "SparseMultilevelSelfAttentionBlock: embed 256, 8 heads, global window (real scans, batch 2)")
+    run_main(__doc__.splitlines()[0], build_cases, "SparseMultilevelMapAttentionBlock: embed 256, 8 heads, global window (real scans, batch 2)")

@@ -16,7 +16,8 @@ from .modules.deformable_attention import SparseMSDeformableAttention, SparseMSD
 # --- neighborhood attention (issue 4) ---
 from .functional.neighborhood import get_multilevel_neighborhoods
 from .modules.neighborhood_attention import SparseNeighborhoodAttentionBlock
-from .modules.self_attention import SparseMultilevelSelfAttentionBlock
+from .modules.self_attention import SparseMultilevelMapAttentionBlock
+from .modules.token_self_attention import MultilevelSelfAttentionBlockWithRoPE
 
 # --- encoder (issue 5) ---
 from .modules.encoder import FeedForwardBlock, SparseMSDAEncoder, SparseMSDAEncoderLayer
@@ -28,7 +29,8 @@ __all__ = [
     "SparseMSDAEncoder",
     "SparseMSDAEncoderLayer",
     # neighborhood attention (issue 4)
-    "SparseMultilevelSelfAttentionBlock",
+    "MultilevelSelfAttentionBlockWithRoPE",
+    "SparseMultilevelMapAttentionBlock",
     "SparseNeighborhoodAttentionBlock",
     "get_multilevel_neighborhoods",
     # deformable attention (issue 3)
@@ -37,3 +39,11 @@ __all__ = [
     "multilevel_sparse_bilinear_grid_sample",
     "sparse_split_heads",
 ]
+
+
+def __getattr__(name):
+    if name == "SparseMultilevelSelfAttentionBlock":
+        from .modules import self_attention
+
+        raise ImportError(self_attention._RENAMED)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -85,7 +85,8 @@ def test_encoder_preserves_structure_and_is_differentiable():
 
 def test_layer_equals_blocks_called_with_voxel_queries():
     """One layer == MSDA block, neighborhood block and FFN called by hand with every voxel as a
-    query at its cell centre in its own level's frame (batch size 1: level-major row order)."""
+    query at its cell centre (own level's frame for the deformable block, full scale for the
+    neighborhood block; batch size 1: level-major row order)."""
     levels = levels_3d(batch_size=1, seed=3)
     torch.manual_seed(0)
     layer = perturb(SparseMSDAEncoderLayer(C, 2, 3, n_points=2, neighborhood_sizes=[3, 3, 3]).double())
@@ -99,7 +100,8 @@ def test_layer_equals_blocks_called_with_voxel_queries():
         return [lvl.replace_feature(part) for lvl, part in zip(levels, torch.split(f, [lv.features.shape[0] for lv in levels]))]
 
     ref = layer.deformable(x, pos, offsets, maps(x), shapes, query_level_indices=lev)
-    ref = layer.neighborhood(ref, pos, offsets, maps(ref), shapes, query_level_indices=lev)
+    full_pos = pos / shapes[lev].double() * shapes[0].double()  # the neighborhood block takes full-scale positions
+    ref = layer.neighborhood(ref, full_pos, offsets, maps(ref), shapes, query_level_indices=lev)
     ref = layer.feedforward(ref)
     out = torch.cat([o.features for o in layer(levels)])
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -121,7 +123,8 @@ def test_level_embedding_is_added_to_queries_only():
         return [lvl.replace_feature(part) for lvl, part in zip(levels, torch.split(f, [lv.features.shape[0] for lv in levels]))]
 
     y = x + layer.deformable(x + e, pos, offsets, maps(x), shapes, query_level_indices=lev) - (x + e)
-    y = y + layer.neighborhood(y + e, pos, offsets, maps(y), shapes, query_level_indices=lev) - (y + e)
+    full_pos = pos / shapes[lev].double() * shapes[0].double()  # full scale for the neighborhood block
+    y = y + layer.neighborhood(y + e, full_pos, offsets, maps(y), shapes, query_level_indices=lev) - (y + e)
     ref = layer.feedforward(y)
     out = torch.cat([o.features for o in layer(levels, level_embedding=emb)])
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

@@ -58,10 +58,11 @@ def naive_block(block, query, positions, offsets, voxels, feats, shapes, backgro
         ql = int(query_levels[i]) if query_levels is not None else int(torch.argmax(shapes_t.prod(-1)))
         p = positions[i].to(torch.float64)
         h = norm(x) if block.norm_first else x
-        q = rot(lin(h, Wq, bq).view(H, d), torch.cat([p / shapes_t[ql] * full, torch.tensor([float(ql)])]))
+        # positions are full-scale (as sparse-transformer-layers); the query level enters RoPE only
+        q = rot(lin(h, Wq, bq).view(H, d), torch.cat([p, torch.tensor([float(ql)])]))
         ks, vs = [], []
         for level in range(L):
-            centre = torch.floor(p / shapes_t[ql] * shapes_t[level]).long()
+            centre = torch.floor(p / full * shapes_t[level]).long()
             r = (block.neighborhood_sizes[level] - 1) // 2
             for off in itertools.product(range(-r, r + 1), repeat=dim):
                 cell = tuple((centre + torch.tensor(off)).tolist())
@@ -117,16 +118,15 @@ def test_parity_with_naive_reference(dim, background, variant):
     L, E, H = len(shapes), 16, 2
     kw = dict(norm_first=variant == "prenorm", bias=variant != "prenorm")
     if variant != "prenorm":
-        kw.update(rope_freq_group_pattern="partition" if dim == 3 else "spatial_level", rope_share_heads=True)
+        kw.update(rope_freq_group_pattern="axial" if dim == 3 else "spatial_level", rope_share_heads=True)
     block = make_block(E, H, L, sizes, dim, **kw)
     stacked, voxels, feats = make_map(shapes, 2, 0.3, E, seed=dim)
     pos, offsets = random_queries([7, 5], shapes[0], seed=3)
     query = torch.randn(pos.shape[0], E, dtype=torch.float64)
     bg = torch.randn(2, L, E, dtype=torch.float64) if background else None
     qlev = None
-    if variant != "prenorm":  # queries in other levels' frames
+    if variant != "prenorm":  # queries of other levels (positions stay full-scale)
         qlev = torch.randint(0, L, (pos.shape[0],))
-        pos = pos / torch.tensor(shapes[0], dtype=torch.float64) * torch.tensor(shapes, dtype=torch.float64)[qlev]
     out = block(query, pos, offsets, stacked, shapes, background_embedding=bg, query_level_indices=qlev)
     ref = naive_block(block, query, pos, offsets, voxels, feats, shapes, bg, qlev)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -418,8 +418,8 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="rope_freq_group_pattern"):
         SparseNeighborhoodAttentionBlock(16, 2, rope_freq_group_pattern="diagonal")
     with pytest.raises(ValueError, match="split equally"):  # 4 pairs into 3 groups
-        SparseNeighborhoodAttentionBlock(16, 2, rope_freq_group_pattern="partition")
-    SparseNeighborhoodAttentionBlock(16, 2, rope_freq_group_pattern="partition", rope_enforce_freq_groups_equal=False)
+        SparseNeighborhoodAttentionBlock(16, 2, rope_freq_group_pattern="axial")
+    SparseNeighborhoodAttentionBlock(16, 2, rope_freq_group_pattern="axial", rope_enforce_freq_groups_equal=False)
     with pytest.raises(ValueError, match="even head_dim"):
         SparseNeighborhoodAttentionBlock(18, 6)
     with pytest.raises(ValueError, match="rope_spatial_base_theta"):

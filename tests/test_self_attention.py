@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adapters import SparseCoordinateIndex, coo_stack_to_spconv
-from sparse_msda import SparseMultilevelSelfAttentionBlock, SparseNeighborhoodAttentionBlock
+from sparse_msda import SparseMultilevelMapAttentionBlock, SparseNeighborhoodAttentionBlock
 from sparse_msda.functional.self_attention import group_rows_by_batch, multilevel_self_attention
 from tests.window_maps import make_map, random_queries
 
@@ -20,7 +20,7 @@ torch.set_num_threads(2)
 # ------------------------------------------------------------------------------------------
 def make_block(E, H, L, dim, dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
-    block = SparseMultilevelSelfAttentionBlock(E, H, n_levels=L, position_dim=dim, **kw).to(dtype)
+    block = SparseMultilevelMapAttentionBlock(E, H, n_levels=L, position_dim=dim, **kw).to(dtype)
     with torch.no_grad():  # non-trivial norm / bias so the reference checks them
         block.norm.weight.uniform_(0.5, 1.5)
         block.norm.bias.uniform_(-0.2, 0.2)
@@ -62,7 +62,7 @@ def naive_block(block, query, positions, offsets, voxels, feats, shapes, query_l
         b = max(j for j in range(len(offsets) - 1) if int(offsets[j]) <= i)
         ql = big if query_levels is None else int(query_levels[i])
         h = norm(x) if block.norm_first else x
-        uq = torch.cat([positions[i].to(torch.float64) / shapes_t[ql] * full, torch.tensor([float(ql)], dtype=torch.float64)])
+        uq = torch.cat([positions[i].to(torch.float64), torch.tensor([float(ql)], dtype=torch.float64)])  # full-scale
         q = rot(lin(h, block.q_proj).view(H, d), uq)
         ks, vs = [], []
         for j, (vb, level, cell) in enumerate(voxels):  # every voxel of the item, every level
@@ -97,7 +97,7 @@ def test_parity_with_naive_reference(dim, variant):
     L, E, H = len(shapes), 16, 2
     kw = dict(norm_first=variant == "prenorm", bias=variant != "prenorm")
     if variant != "prenorm":
-        kw.update(rope_freq_group_pattern="partition" if dim == 3 else "spatial_level", rope_share_heads=True)
+        kw.update(rope_freq_group_pattern="axial" if dim == 3 else "spatial_level", rope_share_heads=True)
     block = make_block(E, H, L, dim, **kw)
     stacked, voxels, feats = make_map(shapes, 2, 0.3, E, seed=dim)
     pos, offsets = random_queries([7, 5], shapes[0], seed=3)
@@ -105,7 +105,6 @@ def test_parity_with_naive_reference(dim, variant):
     qlev = None
     if variant != "prenorm":  # queries in other levels' frames
         qlev = torch.randint(0, L, (pos.shape[0],), generator=torch.Generator().manual_seed(4))
-        pos = pos / torch.tensor(shapes[0], dtype=torch.float64) * torch.tensor(shapes, dtype=torch.float64)[qlev]
     out = block(query, pos, offsets, stacked, shapes, query_level_indices=qlev)
     ref = naive_block(block, query, pos, offsets, voxels, feats, shapes, qlev)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -138,13 +137,13 @@ def test_matches_neighborhood_block_with_windows_covering_the_map(dim):
     with torch.no_grad():
         for p in nb.parameters():  # randomise everything (norm, biases) so every weight matters
             p.add_(0.1 * torch.randn_like(p))
-    sa = SparseMultilevelSelfAttentionBlock(E, H, n_levels=L, position_dim=dim, **kw).double()
+        nb.rope.freqs.mul_(nb.rope.freq_mask)  # frequencies stay in their groups (else loading raises)
+    sa = SparseMultilevelMapAttentionBlock(E, H, n_levels=L, position_dim=dim, **kw).double()
     sa.load_state_dict(nb.state_dict(), strict=True)
     assert set(sa.state_dict()) == set(nb.state_dict())
     stacked, _, _ = make_map(shapes, 2, 0.35, E, seed=12 + dim)
     pos, offsets = random_queries([9, 8], shapes[0], seed=13)
     qlev = torch.randint(0, L, (17,), generator=torch.Generator().manual_seed(14))
-    pos = pos / torch.tensor(shapes[0], dtype=torch.float64) * torch.tensor(shapes, dtype=torch.float64)[qlev]
     query = torch.randn(17, E, dtype=torch.float64)
     out_nb = nb(query, pos, offsets, stacked, shapes, query_level_indices=qlev)
     out_sa = sa(query, pos, offsets, stacked, shapes, query_level_indices=qlev)
@@ -260,7 +259,7 @@ def test_translation_invariance():
     stacked, _, _ = make_map(shapes, 2, 0.15, E, dtype=torch.float32, seed=31, region=(0, 32))
     pos, offsets = random_queries([20, 15], [64, 64], dtype=torch.float32, seed=32, lo=0, hi=32)
     qlev = torch.randint(0, 4, (35,), generator=torch.Generator().manual_seed(33))
-    pos_l = pos / 64 * torch.tensor([64, 32, 16, 8], dtype=torch.float32)[qlev, None]
+    pos_l = pos  # full-scale positions whatever the query's level
     query = torch.randn(35, E)
     out = block(query, pos_l, offsets, stacked, shapes, query_level_indices=qlev)
     shift_full = torch.tensor([24, 16])  # multiples of 8
@@ -269,7 +268,7 @@ def test_translation_invariance():
     stride = torch.tensor([1, 2, 4, 8])[idx[-1]]
     idx[1:3] += shift_full[:, None] // stride[None]
     shifted = torch.sparse_coo_tensor(idx, st.values(), st.shape)
-    pos_s = (pos + shift_full.float()) / 64 * torch.tensor([64, 32, 16, 8], dtype=torch.float32)[qlev, None]
+    pos_s = pos + shift_full.float()
     out_s = block(query, pos_s, offsets, shifted, shapes, query_level_indices=qlev)
     torch.testing.assert_close(out_s, out, rtol=1e-5, atol=1e-5)
     # control: moving the queries alone changes the relative positions, hence the output
@@ -375,19 +374,19 @@ def test_group_rows_by_batch():
 # ------------------------------------------------------------------------------------------
 def test_constructor_errors():
     with pytest.raises(ValueError, match="position_dim"):
-        SparseMultilevelSelfAttentionBlock(16, 2, position_dim=4)
+        SparseMultilevelMapAttentionBlock(16, 2, position_dim=4)
     with pytest.raises(ValueError, match="n_levels"):
-        SparseMultilevelSelfAttentionBlock(16, 2, n_levels=0)
+        SparseMultilevelMapAttentionBlock(16, 2, n_levels=0)
     with pytest.raises(ValueError, match="dropout"):
-        SparseMultilevelSelfAttentionBlock(16, 2, dropout=1.5)
+        SparseMultilevelMapAttentionBlock(16, 2, dropout=1.5)
     with pytest.raises(ValueError, match="divisible"):
-        SparseMultilevelSelfAttentionBlock(16, 3)
+        SparseMultilevelMapAttentionBlock(16, 3)
     with pytest.raises(ValueError, match="even head_dim"):
-        SparseMultilevelSelfAttentionBlock(18, 6)
+        SparseMultilevelMapAttentionBlock(18, 6)
     with pytest.raises(ValueError, match="rope_freq_group_pattern"):
-        SparseMultilevelSelfAttentionBlock(16, 2, rope_freq_group_pattern="diagonal")
+        SparseMultilevelMapAttentionBlock(16, 2, rope_freq_group_pattern="diagonal")
     with pytest.raises(TypeError, match="neighborhood_sizes"):
-        SparseMultilevelSelfAttentionBlock(16, 2, neighborhood_sizes=[3, 5, 7, 9])
+        SparseMultilevelMapAttentionBlock(16, 2, neighborhood_sizes=[3, 5, 7, 9])
 
 
 def test_forward_errors():
@@ -417,7 +416,7 @@ def test_forward_errors():
 
 
 def test_extra_repr():
-    r = repr(SparseMultilevelSelfAttentionBlock(32, 4, n_levels=2, position_dim=3, dropout=0.1))
+    r = repr(SparseMultilevelMapAttentionBlock(32, 4, n_levels=2, position_dim=3, dropout=0.1))
     assert "n_levels=2" in r and "position_dim=3" in r and "dropout=0.1" in r and "freq_group_pattern='single'" in r
 
 

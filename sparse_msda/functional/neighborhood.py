@@ -644,6 +644,15 @@ def query_rope_positions(positions: Tensor, position_shapes: Tensor, levels: Ten
     return torch.cat([p, levels.to(positions.dtype)[:, None]], dim=1)
 
 
+def full_scale_positions(positions: Tensor, level_indices: Tensor, level_spatial_shapes: Tensor) -> Tensor:
+    """Positions ``[Q, D]`` given in the frame of each query's level mapped to full scale (the
+    largest level): ``p / shape[level] * full_shape``. The neighborhood attention takes full-scale
+    positions (as sparse-transformer-layers' ``get_multilevel_neighborhoods``)."""
+    shapes = level_spatial_shapes.to(device=positions.device, dtype=positions.dtype)
+    full = shapes[int(torch.argmax(level_spatial_shapes.prod(-1)))]
+    return positions / shapes[level_indices.to(positions.device)] * full
+
+
 def voxel_rope_positions(
     spatial_indices: Tensor, level_indices: Tensor, level_spatial_shapes: Tensor, full_shape: Tensor
 ) -> Tensor:

@@ -16,13 +16,22 @@ positions only, and on nothing else about the positions.
 Frequency groups (``freq_group_pattern``): the rotation pairs are split into groups, and a
 pair's frequency vector is non-zero only on its group's coordinates.
 
+The pattern names and group orders are those of sparse-transformer-layers /
+nd-rotary-encodings (``get_multilevel_freq_group_pattern``):
+
 * ``"single"``: one group; every pair rotates with a mixed linear combination of all
   spatial coordinates and the level (RoPE-Mixed style).
-* ``"partition"``: ``D + 1`` groups, one per spatial axis and one for the level (axial RoPE).
-* ``"spatial_level"``: two groups, the spatial axes (mixed) and the level.
+* ``"partition"``: two groups, the spatial axes (mixed) and the level.
+* ``"closure"``: three groups, the spatial axes, the level, and all of them.
+* ``"axial"`` (ours, not in the reference): ``D + 1`` groups, one per spatial axis and one
+  for the level. This pattern was called ``"partition"`` here before; a checkpoint saved
+  with it does not load into a ``"partition"`` model (``ValueError``, see
+  :func:`check_freqs_in_groups`).
+* ``"spatial_level"``: an alias of ``"partition"`` (its former name here).
 
 With ``enforce_freq_groups_equal`` the number of pairs (``head_dim // 2``) must divide
-equally among the groups; otherwise the first groups get one pair more.
+equally among the groups; otherwise the first groups get one pair more, and trailing groups
+may get none (as in the reference).
 
 Initialisation (:func:`init_rope_frequencies`): the ``j``-th of the ``m`` pairs of a group gets
 magnitude ``spatial_base_theta ** (-j / m)`` on its spatial coordinates and
@@ -46,6 +55,7 @@ from adapters import broadcast_shapes
 __all__ = [
     "FREQ_GROUP_PATTERNS",
     "apply_rope",
+    "check_freqs_in_groups",
     "init_rope_frequencies",
     "rope_angles",
     "rope_cos_sin",
@@ -55,22 +65,38 @@ __all__ = [
     "rotate_pairs_back",
 ]
 
-FREQ_GROUP_PATTERNS = ("single", "partition", "spatial_level")
+FREQ_GROUP_PATTERNS = ("single", "partition", "closure", "axial", "spatial_level")
+
+
+def pattern_name(freq_group_pattern) -> str:
+    """The pattern's name: a string, or an ``Enum`` member with a string ``value`` (such as the
+    reference's ``FreqGroupPattern.PARTITION``)."""
+    value = getattr(freq_group_pattern, "value", freq_group_pattern)
+    if not isinstance(value, str):
+        raise ValueError(
+            f"rope_freq_group_pattern must be one of {FREQ_GROUP_PATTERNS}, got {freq_group_pattern=}"
+        )
+    return value
 
 
 def rope_freq_groups(freq_group_pattern: str, position_dim: int) -> list[tuple[int, ...]]:
-    """Coordinates (``0..D-1`` spatial, ``D`` level) of each frequency group of a pattern.
+    """Coordinates (``0..D-1`` spatial, ``D`` level) of each frequency group of a pattern,
+    in the reference's group order.
 
     Raises:
         ValueError: unknown pattern.
     """
+    name = pattern_name(freq_group_pattern)
     n = position_dim + 1
-    if freq_group_pattern == "single":
+    spatial, level = tuple(range(position_dim)), (position_dim,)
+    if name == "single":
         return [tuple(range(n))]
-    if freq_group_pattern == "partition":
+    if name in ("partition", "spatial_level"):
+        return [spatial, level]
+    if name == "closure":
+        return [spatial, level, tuple(range(n))]
+    if name == "axial":
         return [(k,) for k in range(n)]
-    if freq_group_pattern == "spatial_level":
-        return [tuple(range(position_dim)), (position_dim,)]
     raise ValueError(
         f"rope_freq_group_pattern must be one of {FREQ_GROUP_PATTERNS}, got {freq_group_pattern=}"
     )
@@ -79,9 +105,12 @@ def rope_freq_groups(freq_group_pattern: str, position_dim: int) -> list[tuple[i
 def rope_group_sizes(n_pairs: int, n_groups: int, enforce_equal: bool) -> list[int]:
     """Number of rotation pairs of each group.
 
+    As in the reference, the first ``n_pairs % n_groups`` groups get one pair more; without
+    ``enforce_equal`` a trailing group may get no pair at all (then its coordinates do not
+    rotate anything).
+
     Raises:
-        ValueError: ``enforce_equal`` and ``n_pairs`` not divisible by ``n_groups``, or fewer
-            pairs than groups.
+        ValueError: ``enforce_equal`` and ``n_pairs`` not divisible by ``n_groups``.
     """
     if enforce_equal and n_pairs % n_groups != 0:
         raise ValueError(
@@ -89,8 +118,6 @@ def rope_group_sizes(n_pairs: int, n_groups: int, enforce_equal: bool) -> list[i
             f"groups (rope_enforce_freq_groups_equal=True); choose head_dim with head_dim // 2 divisible by "
             f"{n_groups} or another rope_freq_group_pattern"
         )
-    if n_pairs < n_groups:
-        raise ValueError(f"head_dim // 2 = {n_pairs} rotation pairs are fewer than the {n_groups} RoPE frequency groups")
     base, extra = divmod(n_pairs, n_groups)
     return [base + (1 if g < extra else 0) for g in range(n_groups)]
 
@@ -145,6 +172,27 @@ def init_rope_frequencies(
         mask[:, pairs, list(coords)] = 1.0
         start += m
     return freqs.float(), mask.float()
+
+
+def check_freqs_in_groups(freqs: Tensor, mask: Tensor, freq_group_pattern: str) -> None:
+    """Raise if ``freqs`` (e.g. from a checkpoint) is non-zero outside the frequency groups of
+    ``mask``: it was trained with another pattern, and masking it would silently change the
+    model (e.g. a checkpoint of this package's former ``"partition"``, now ``"axial"``).
+
+    Raises:
+        ValueError: a non-zero frequency outside ``mask``.
+    """
+    if freqs.shape != mask.shape:
+        return  # the shape check of load_state_dict reports it
+    outside = (freqs.detach() != 0) & (mask == 0)
+    if bool(outside.any()):
+        h, j, k = (int(v) for v in outside.nonzero()[0])
+        raise ValueError(
+            f"RoPE frequencies are non-zero outside the groups of rope_freq_group_pattern={freq_group_pattern!r} "
+            f"(first at head {h}, pair {j}, coordinate {k}): they were saved with another pattern. Note that this "
+            "package's former 'partition' (one group per axis) is now called 'axial'; 'partition' now means "
+            "(spatial | level) as in sparse-transformer-layers"
+        )
 
 
 def rope_angles(positions: Tensor, freqs: Tensor) -> Tensor:

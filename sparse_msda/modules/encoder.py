@@ -45,6 +45,7 @@ from adapters.conversion import check_spconv_levels
 
 from ..inputs import check_embed_heads, check_position_dim
 from .deformable_attention import SparseMSDeformableAttentionBlock
+from ..functional.neighborhood import full_scale_positions
 from .neighborhood_attention import SparseNeighborhoodAttentionBlock
 
 __all__ = ["FeedForwardBlock", "SparseMSDAEncoder", "SparseMSDAEncoderLayer", "VoxelQueries"]
@@ -280,9 +281,12 @@ class SparseMSDAEncoderLayer(nn.Module):
         """One attention block, keys/values = the current features ``x`` of every voxel."""
         maps = queries.to_levels(x)
         q = x if query_pos is None else x + query_pos
+        positions = queries.positions
+        if isinstance(block, SparseNeighborhoodAttentionBlock):  # takes full-scale positions (as the reference)
+            positions = full_scale_positions(positions, queries.level_indices, queries.index.level_spatial_shapes)
         out = block(
             q,
-            queries.positions,
+            positions,
             queries.batch_offsets,
             maps,
             queries.index.level_spatial_shapes,

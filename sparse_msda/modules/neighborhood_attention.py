@@ -19,7 +19,7 @@ from ..functional.neighborhood import (
     sparse_neighborhood_attention,
     voxel_rope_positions,
 )
-from ..functional.rope import apply_rope, init_rope_frequencies
+from ..functional.rope import apply_rope, check_freqs_in_groups, init_rope_frequencies, pattern_name
 from ..inputs import QueryBatch, check_embed_heads, check_position_dim, largest_level, prepare_inputs
 
 __all__ = ["MultilevelRotaryEncoding", "RotaryAttentionBlock", "SparseNeighborhoodAttentionBlock"]
@@ -52,7 +52,7 @@ class MultilevelRotaryEncoding(nn.Module):
             raise TypeError(f"rope_enforce_freq_groups_equal must be a bool, got {enforce_freq_groups_equal=}")
         self.n_heads, self.head_dim, self.position_dim = n_heads, head_dim, position_dim
         self.spatial_base_theta, self.level_base_theta = spatial_base_theta, level_base_theta
-        self.share_heads, self.freq_group_pattern = share_heads, freq_group_pattern
+        self.share_heads, self.freq_group_pattern = share_heads, pattern_name(freq_group_pattern)
         self.enforce_freq_groups_equal = enforce_freq_groups_equal
         freqs, mask = self._init()  # validates
         self.freqs = nn.Parameter(freqs)
@@ -69,6 +69,12 @@ class MultilevelRotaryEncoding(nn.Module):
         with torch.no_grad():
             self.freqs.copy_(freqs)
         self.freq_mask.copy_(mask)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        freqs = state_dict.get(prefix + "freqs")
+        if isinstance(freqs, Tensor):
+            check_freqs_in_groups(freqs, self.freq_mask.to(freqs.device), self.freq_group_pattern)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def frequencies(self) -> Tensor:
         """Effective frequencies ``[H', head_dim // 2, D + 1]`` (zero off each pair's group)."""
@@ -233,13 +239,14 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
 
     Each query attends, at every level ``l``, to the voxels present in the
     ``neighborhood_sizes[l] ** position_dim`` window centred on the cell containing its
-    position mapped to level ``l`` (``floor(p / shape_q * shape_l)``), with one softmax over
-    the union of its windows. Multi-head scaled dot-product attention; queries and keys are
-    rotated (RoPE, :class:`MultilevelRotaryEncoding`) at their (full-scale position, level)
-    so scores depend on relative positions only. Full scale = the largest level's frame; a
-    key voxel sits at its cell centre ``c + 0.5`` mapped to full scale and its level index; a
-    query at its position mapped to full scale and its own level index
-    (``query_level_indices``).
+    full-scale position mapped to level ``l`` (``floor(p / full_shape * shape_l)``), with one
+    softmax over the union of its windows. Multi-head scaled dot-product attention; queries and
+    keys are rotated (RoPE, :class:`MultilevelRotaryEncoding`) at their (full-scale position,
+    level) so scores depend on relative positions only. Full scale = the largest level's frame;
+    a key voxel sits at its cell centre ``c + 0.5`` mapped to full scale and its level index; a
+    query at its full-scale position and its level index (``query_level_indices``, default the
+    largest level). As in sparse-transformer-layers, query positions are full-scale even when
+    ``query_level_indices`` is given (it enters RoPE only).
 
     Block: ``x + dropout(out_proj(attn(norm(x))))`` if ``norm_first``, else
     ``norm(x + dropout(out_proj(attn(x))))``. Keys and values are projected from the feature
@@ -272,7 +279,7 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
         norm_first: pre-norm (True) or post-norm.
         rope_spatial_base_theta, rope_level_base_theta: RoPE frequency bases.
         rope_share_heads: one set of frequencies for all heads.
-        rope_freq_group_pattern: ``"single"``, ``"partition"`` or ``"spatial_level"``
+        rope_freq_group_pattern: ``"single"``, ``"partition"`` (spatial | level), ``"closure"``, ``"axial"`` or ``"spatial_level"``
             (:mod:`sparse_msda.functional.rope`).
         rope_enforce_freq_groups_equal: error if ``head_dim // 2`` does not split equally.
 
@@ -320,14 +327,18 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
 
         Args:
             query: ``[n_queries, embed_dim]``.
-            query_spatial_positions: float ``[n_queries, position_dim]`` in the frame of each
-                query's level (default the largest level); spconv axis order.
+            query_spatial_positions: float ``[n_queries, position_dim]`` at FULL SCALE (the
+                frame of the largest level) for every query, with or without
+                ``query_level_indices`` (as the reference's ``get_multilevel_neighborhoods``;
+                map own-level positions with
+                :func:`~sparse_msda.functional.neighborhood.full_scale_positions`); spconv axis order.
             query_batch_offsets: int ``[batch_size + 1]``.
             stacked_feature_maps: COO stack ``[batch, *spatial, n_levels, embed_dim]`` or a list
                 of ``SparseConvTensor`` (one per level).
             level_spatial_shapes: ``[n_levels, position_dim]`` (may be None for spconv levels).
             background_embedding: optional ``[batch, n_levels, embed_dim]`` feature of absent cells.
-            query_level_indices: optional int ``[n_queries]`` level of each query's frame.
+            query_level_indices: optional int ``[n_queries]`` level of each query; enters the
+                query's RoPE position vector only (default: the largest level).
             query_mask: optional bool ``[n_queries]``; True rows are returned unchanged.
             coordinate_index: optional prebuilt index of the map (reused across layers).
 
@@ -339,7 +350,10 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
             query_level_indices, query_mask, coordinate_index, background_embedding,
         )
         qb, active, x, pos, batch, levels = aq.inputs, aq.active, aq.x, aq.positions, aq.batch, aq.levels
-        pos_shapes = aq.position_shapes
+        # positions are full-scale whatever query_level_indices says (the level enters RoPE only),
+        # as in sparse-transformer-layers
+        full = qb.level_spatial_shapes[largest_level(qb.level_spatial_shapes)].to(pos.dtype)
+        pos_shapes = full.expand(pos.shape[0], -1)
         with_bg = background_embedding is not None
 
         plan = build_neighborhood_plan(qb.index, batch, pos, pos_shapes, self.neighborhood_sizes, with_bg, chunk_size=self.chunk_size)

@@ -1,4 +1,10 @@
-"""Multi-level sparse self-attention block (global window) with rotary position encoding."""
+"""Multi-level query-to-map attention block (global window) with rotary position encoding.
+
+Not the reference's token self-attention (that is
+:class:`~sparse_msda.modules.token_self_attention.MultilevelSelfAttentionBlockWithRoPE`): here
+external queries attend to every voxel of a sparse map. The block was called
+``SparseMultilevelSelfAttentionBlock`` before; that name now raises an ``ImportError`` saying so.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +18,11 @@ from ..functional.self_attention import check_no_background, group_rows_by_batch
 from ..inputs import largest_level
 from .neighborhood_attention import RotaryAttentionBlock
 
-__all__ = ["SparseMultilevelSelfAttentionBlock"]
+__all__ = ["SparseMultilevelMapAttentionBlock"]
 
 
-class SparseMultilevelSelfAttentionBlock(RotaryAttentionBlock):
-    """Multi-level sparse self-attention (pre/post-norm block with residual).
+class SparseMultilevelMapAttentionBlock(RotaryAttentionBlock):
+    """Multi-level query-to-map attention (pre/post-norm block with residual).
 
     Each query attends to *every* voxel (all levels) of its own batch item, with one softmax;
     i.e. :class:`~sparse_msda.SparseNeighborhoodAttentionBlock` with windows that cover the
@@ -24,8 +30,9 @@ class SparseMultilevelSelfAttentionBlock(RotaryAttentionBlock):
     :class:`~sparse_msda.modules.neighborhood_attention.MultilevelRotaryEncoding`) at their
     (full-scale position, level) so scores depend on relative positions only. Full scale = the
     largest level's frame; a key voxel sits at its cell centre ``c + 0.5`` mapped to full scale
-    and its level index; a query at its position mapped to full scale and its own level index
-    (``query_level_indices``). Coordinates in spconv axis order, (y, x) / (z, y, x).
+    and its level index; a query at its full-scale position and its level index
+    (``query_level_indices``, which enters RoPE only: positions are full-scale for every query,
+    as in the neighborhood block and sparse-transformer-layers). Coordinates in spconv axis order, (y, x) / (z, y, x).
 
     Block: ``x + dropout(out_proj(attn(norm(x))))`` if ``norm_first``, else
     ``norm(x + dropout(out_proj(attn(x))))``. Keys and values are projected from the feature
@@ -39,7 +46,8 @@ class SparseMultilevelSelfAttentionBlock(RotaryAttentionBlock):
     the other.
 
     Encoder use (every voxel a query): ``query`` = the voxel features, positions = cell
-    centres ``c + 0.5`` in their own level's frame, ``query_level_indices`` = their levels.
+    centres ``c + 0.5`` mapped to full scale
+    (:func:`~sparse_msda.functional.neighborhood.full_scale_positions`), ``query_level_indices`` = their levels.
 
     Cost: time ``O(sum_b Q_b * N_b * embed_dim)`` (``N_b`` voxels of item ``b``), memory
     ``O((Q + N) * embed_dim)``: each item is one
@@ -61,7 +69,7 @@ class SparseMultilevelSelfAttentionBlock(RotaryAttentionBlock):
         norm_first: pre-norm (True) or post-norm.
         rope_spatial_base_theta, rope_level_base_theta: RoPE frequency bases.
         rope_share_heads: one set of frequencies for all heads.
-        rope_freq_group_pattern: ``"single"``, ``"partition"`` or ``"spatial_level"``
+        rope_freq_group_pattern: ``"single"``, ``"partition"`` (spatial | level), ``"closure"``, ``"axial"`` or ``"spatial_level"``
             (:mod:`sparse_msda.functional.rope`).
         rope_enforce_freq_groups_equal: error if ``head_dim // 2`` does not split equally.
 
@@ -106,15 +114,15 @@ class SparseMultilevelSelfAttentionBlock(RotaryAttentionBlock):
 
         Args:
             query: ``[n_queries, embed_dim]``.
-            query_spatial_positions: float ``[n_queries, position_dim]`` in the frame of each
-                query's level (default the largest level); spconv axis order.
+            query_spatial_positions: float ``[n_queries, position_dim]`` at full scale (the
+                largest level's frame) for every query; spconv axis order.
             query_batch_offsets: int ``[batch_size + 1]``.
             stacked_feature_maps: COO stack ``[batch, *spatial, n_levels, embed_dim]`` or a list
                 of ``SparseConvTensor`` (one per level).
             level_spatial_shapes: ``[n_levels, position_dim]`` (may be None for spconv levels).
             background_embedding: must be None (not supported with a global window, see the
                 class docstring); kept for signature compatibility with the neighborhood block.
-            query_level_indices: optional int ``[n_queries]`` level of each query's frame.
+            query_level_indices: optional int ``[n_queries]`` level of each query (RoPE only).
             query_mask: optional bool ``[n_queries]``; True rows are returned unchanged.
             coordinate_index: optional prebuilt index of the map (reused across layers).
 
@@ -131,8 +139,9 @@ class SparseMultilevelSelfAttentionBlock(RotaryAttentionBlock):
             query_level_indices, query_mask, coordinate_index,
         )
         qb, active, x, pos, batch, levels = aq.inputs, aq.active, aq.x, aq.positions, aq.batch, aq.levels
-        pos_shapes = aq.position_shapes
         index, shapes = qb.index, qb.level_spatial_shapes
+        # full-scale positions whatever query_level_indices says, as the neighborhood block
+        pos_shapes = shapes[largest_level(shapes)].to(pos.dtype).expand(pos.shape[0], -1)
         batch_size = index.batch_size
 
         # queries: batch indices are non-decreasing (from the offsets; active keeps the order)
@@ -152,3 +161,17 @@ class SparseMultilevelSelfAttentionBlock(RotaryAttentionBlock):
             f"embed_dim={self.embed_dim}, n_heads={self.n_heads}, n_levels={self.n_levels}, "
             f"position_dim={self.position_dim}, bias={self.bias}, norm_first={self.norm_first}, dropout={self.dropout.p}"
         )
+
+
+_RENAMED = (
+    "SparseMultilevelSelfAttentionBlock was renamed SparseMultilevelMapAttentionBlock (queries attend to every "
+    "voxel of a sparse map, same arguments and state_dict). It is not sparse-transformer-layers' token "
+    "self-attention; that is MultilevelSelfAttentionBlockWithRoPE(embed_dim, n_heads, ...)(x, spatial_positions, "
+    "level_indices, level_spatial_shapes, batch_offsets, attn_mask)"
+)
+
+
+def __getattr__(name):
+    if name == "SparseMultilevelSelfAttentionBlock":
+        raise ImportError(_RENAMED)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
