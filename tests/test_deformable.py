@@ -12,9 +12,9 @@ from adapters import SparseCoordinateIndex, coo_stack_to_spconv
 from sparse_msda import (
     SparseMSDeformableAttention,
     SparseMSDeformableAttentionBlock,
-    multilevel_sparse_bilinear_grid_sample,
     sparse_split_heads,
 )
+from sparse_msda.functional.deformable import sparse_bilinear_sample
 from tests.dense_reference import DenseMSDeformAttn, densify_levels
 
 SHAPES = {
@@ -167,7 +167,7 @@ def test_grid_sample_matches_f_grid_sample(dim):
             n = 40
             shape_f = torch.tensor(shape, dtype=torch.float64)
             pos = torch.rand(2, n, dim, generator=gen, dtype=torch.float64) * (shape_f + 4) - 2
-            out = multilevel_sparse_bilinear_grid_sample(
+            out = sparse_bilinear_sample(
                 stack, pos, torch.arange(2)[:, None], shapes_t, torch.tensor(lvl), background_embedding=background
             )
             grid = (2 * pos / shape_f - 1).flip(-1).reshape(2, n, *([1] * (dim - 1)), dim)
@@ -183,11 +183,11 @@ def test_grid_sample_head_split_and_head_indices():
     pos = torch.rand(10, 2, generator=gen, dtype=torch.float64) * 6
     b = torch.randint(0, 2, (10,), generator=gen)
     lvl = torch.randint(0, 3, (10,), generator=gen)
-    full = multilevel_sparse_bilinear_grid_sample(stack, pos, b, shapes, lvl)  # [10, 8]
-    all_heads = multilevel_sparse_bilinear_grid_sample(split, pos, b, shapes, lvl)  # [10, 4, 2]
+    full = sparse_bilinear_sample(stack, pos, b, shapes, lvl)  # [10, 8]
+    all_heads = sparse_bilinear_sample(split, pos, b, shapes, lvl)  # [10, 4, 2]
     torch.testing.assert_close(all_heads.reshape(10, 8), full, atol=0, rtol=0)
     h = torch.randint(0, 4, (10,), generator=gen)
-    one = multilevel_sparse_bilinear_grid_sample(split, pos, b, shapes, lvl, head_indices=h)
+    one = sparse_bilinear_sample(split, pos, b, shapes, lvl, head_indices=h)
     torch.testing.assert_close(one, all_heads[torch.arange(10), h], atol=0, rtol=0)
 
 
@@ -220,7 +220,7 @@ def test_gradcheck_grid_sample_values_positions_background():
 
     def f(values, positions, background):
         m = torch.sparse_coo_tensor(st_.indices(), values, st_.shape, is_coalesced=True)
-        return multilevel_sparse_bilinear_grid_sample(m, positions, torch.tensor(0), shapes, lvl, background_embedding=background)
+        return sparse_bilinear_sample(m, positions, torch.tensor(0), shapes, lvl, background_embedding=background)
 
     assert torch.autograd.gradcheck(f, (st_.values().clone().requires_grad_(), pos, bg), eps=1e-6, atol=1e-7)
 
@@ -409,17 +409,17 @@ def test_error_offsets_not_matching_batch():
 def test_error_grid_sample_inputs():
     module, query, pos, offsets, stack, shapes = _setup()
     with pytest.raises(TypeError, match="spatial_positions must be a floating-point tensor"):
-        multilevel_sparse_bilinear_grid_sample(stack, pos.long(), torch.tensor(0), shapes, torch.tensor(0))
+        sparse_bilinear_sample(stack, pos.long(), torch.tensor(0), shapes, torch.tensor(0))
     with pytest.raises(ValueError, match=r"spatial_positions must have shape \[\.\.\., 2\]"):
-        multilevel_sparse_bilinear_grid_sample(stack, torch.zeros(4, 3), torch.tensor(0), shapes, torch.tensor(0))
+        sparse_bilinear_sample(stack, torch.zeros(4, 3), torch.tensor(0), shapes, torch.tensor(0))
     with pytest.raises(ValueError, match="level_indices is required"):
-        multilevel_sparse_bilinear_grid_sample(stack, pos, torch.tensor(0), shapes)
+        sparse_bilinear_sample(stack, pos, torch.tensor(0), shapes)
     with pytest.raises(TypeError, match="batch_indices must be an integer tensor"):
-        multilevel_sparse_bilinear_grid_sample(stack, pos, torch.tensor(0.0), shapes, torch.tensor(0))
+        sparse_bilinear_sample(stack, pos, torch.tensor(0.0), shapes, torch.tensor(0))
     with pytest.raises(ValueError, match="must broadcast"):
-        multilevel_sparse_bilinear_grid_sample(stack, pos, torch.zeros(3, dtype=torch.long), shapes, torch.tensor(0))
+        sparse_bilinear_sample(stack, pos, torch.zeros(3, dtype=torch.long), shapes, torch.tensor(0))
     with pytest.raises(ValueError, match="head_indices is given but sparse_tensor is not head-split"):
-        multilevel_sparse_bilinear_grid_sample(stack, pos, torch.tensor(0), shapes, torch.tensor(0), head_indices=torch.tensor(0))
+        sparse_bilinear_sample(stack, pos, torch.tensor(0), shapes, torch.tensor(0), head_indices=torch.tensor(0))
     with pytest.raises(ValueError, match="divisible by n_heads"):
         sparse_split_heads(stack, 3)
     with pytest.raises(TypeError, match="sparse COO tensor"):
@@ -494,14 +494,14 @@ def test_grid_sample_head_split_uncoalesced_stack():
     assert not shuffled.is_coalesced()
     pos = torch.rand(5, 2, generator=gen, dtype=torch.float64) * 3
     b, lvl = torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 0, 1, 1, 0])
-    out = multilevel_sparse_bilinear_grid_sample(shuffled, pos, b, shapes, lvl)
-    ref = multilevel_sparse_bilinear_grid_sample(split, pos, b, shapes, lvl)
+    out = sparse_bilinear_sample(shuffled, pos, b, shapes, lvl)
+    ref = sparse_bilinear_sample(split, pos, b, shapes, lvl)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     out.sum().backward()
     assert values.grad is not None and values.grad.abs().sum() > 0
     dup = torch.sparse_coo_tensor(torch.cat([idx, idx[:, :1]], 1), torch.cat([vals, vals[:1]]), split.shape)
     with pytest.raises(ValueError, match="duplicate coordinates"):
-        multilevel_sparse_bilinear_grid_sample(dup, pos, b, shapes, lvl)
+        sparse_bilinear_sample(dup, pos, b, shapes, lvl)
 
 
 @pytest.mark.parametrize("dim", [2, 3])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sparse_msda
+import sparse_msda.functional.deformable
 from sparse_msda import SparseCoordinateIndex
 from sparse_msda.lidar import load_kitti_bin
 
@@ -97,7 +98,7 @@ def test_sampling_locations_reproduce_the_block_output(voxels):
     h, n_l, n_p, hd = attn.n_heads, 4, attn.n_points, 16 // attn.n_heads
     value_levels = [l.replace_feature(attn.value_proj(l.features)) for l in levels]
     lvl = torch.arange(n_l)[None, None, :, None].expand(n, h, n_l, n_p)
-    sampled = sparse_msda.multilevel_sparse_bilinear_grid_sample(value_levels, loc, torch.zeros((), dtype=torch.long),
+    sampled = sparse_msda.functional.deformable.sparse_bilinear_sample(value_levels, loc, torch.zeros((), dtype=torch.long),
                                                                  shapes, lvl)  # [Q, H, L, P, C]
     per_head = torch.stack([sampled[:, i, ..., i * hd:(i + 1) * hd] for i in range(h)], 1)  # [Q, H, L, P, hd]
     attended = (per_head * w[..., None]).sum((2, 3)).reshape(n, 16)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import itertools
 import math
 import os
 import sys
@@ -29,6 +30,7 @@ from sparse_msda import (
     SparseMSDeformableAttentionBlock,
     SparseNeighborhoodAttentionBlock,
 )
+from sparse_msda import sparse_split_heads as sparse_split_heads_
 from sparse_msda.checkpoints import convert_reference_state_dict, load_reference_state_dict, split_half_row_order
 from sparse_msda.functional.rope import init_rope_frequencies, rope_freq_groups, rope_group_sizes
 from sparse_msda.modules.neighborhood_attention import MultilevelRotaryEncoding
@@ -324,3 +326,186 @@ def test_reference_token_block_parity(dim, pattern):
     torch.testing.assert_close(ours(x, pos, lvl, shapes, offsets), ref(x, pos, lvl, shapes, offsets), rtol=1e-12, atol=1e-12)
     mask = torch.rand(2, 3, 7, 7, generator=torch.Generator().manual_seed(6)) < 0.3
     torch.testing.assert_close(ours(x, pos, lvl, shapes, offsets, mask), ref(x, pos, lvl, shapes, offsets, mask), rtol=1e-12, atol=1e-12)
+
+
+def _coo_map(shapes, batch, density, E, seed):
+    """COO stack [batch, *max_shape, L, E] with random voxels (each inside its level)."""
+    g = torch.Generator().manual_seed(seed)
+    idx, vals = [], []
+    for lvl, shape in enumerate(shapes):
+        cells = torch.cartesian_prod(*[torch.arange(s) for s in shape]).reshape(-1, len(shape))
+        for b in range(batch):
+            keep = torch.rand(cells.shape[0], generator=g) < density
+            c = cells[keep]
+            idx.append(torch.cat([torch.full((c.shape[0], 1), b), c, torch.full((c.shape[0], 1), lvl)], 1))
+            vals.append(torch.randn(c.shape[0], E, generator=g, dtype=torch.float64))
+    idx, vals = torch.cat(idx).T, torch.cat(vals)
+    size = (batch, *[max(s[k] for s in shapes) for k in range(len(shapes[0]))], len(shapes), E)
+    return torch.sparse_coo_tensor(idx, vals, size).coalesce()
+
+
+@pytest.mark.parametrize("with_levels", [False, True])
+@pytest.mark.parametrize("background", [False, True])
+def test_reference_neighborhood_block_parity(with_levels, background):
+    """Windows inside the map (the out-of-map cell difference does not arise); full-scale query
+    positions with or without query_level_indices."""
+    blocks = _reference()
+    torch.manual_seed(7)
+    shapes = [[16, 16], [8, 8]]
+    E, H = 16, 2
+    kw = dict(n_levels=2, neighborhood_sizes=[3, 3], bias=True, rope_freq_group_pattern="partition")
+    ref = blocks.SparseNeighborhoodAttentionBlock(E, H, **kw).double()
+    ours = SparseNeighborhoodAttentionBlock(E, H, **kw).double()
+    load_reference_state_dict(ours, ref.state_dict())
+    stacked = _coo_map(shapes, 2, 0.5, E, seed=8)
+    g = torch.Generator().manual_seed(9)
+    pos = 4.0 + torch.rand(11, 2, generator=g, dtype=torch.float64) * 8.0  # full scale, windows inside
+    offsets = torch.tensor([0, 6, 11])
+    query = torch.randn(11, E, dtype=torch.float64, generator=g)
+    qlev = torch.randint(0, 2, (11,), generator=g) if with_levels else None
+    bg = torch.randn(2, 2, E, dtype=torch.float64, generator=g) if background else None
+    st = torch.tensor(shapes)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the reference makes its key positions in the default dtype
+    try:
+        out_ref = ref(query, pos, offsets, stacked, st, background_embedding=bg, query_level_indices=qlev)
+    finally:
+        torch.set_default_dtype(previous)
+    out = ours(query, pos, offsets, stacked, st, background_embedding=bg, query_level_indices=qlev)
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("with_levels", [False, True])
+def test_reference_deformable_block_parity(with_levels):
+    """Samples away from the map edges (the reference clamps there; we do not)."""
+    blocks = _reference()
+    torch.manual_seed(10)
+    shapes = [[32, 32], [16, 16]]
+    E, H, L, P = 16, 2, 2, 3
+    ref = blocks.SparseMSDeformableAttentionBlock(E, H, L, P, bias=True).double()
+    with torch.no_grad():
+        ref.msdeform_attn.sampling_offsets.weight.normal_(0, 0.01)
+        ref.msdeform_attn.attention_weights.weight.normal_(0, 0.3)
+    ours = SparseMSDeformableAttentionBlock(E, H, L, P, bias=True).double()
+    load_reference_state_dict(ours, ref.state_dict())
+    stacked = _coo_map(shapes, 2, 0.6, E, seed=11)
+    g = torch.Generator().manual_seed(12)
+    qlev = torch.randint(0, 2, (9,), generator=g) if with_levels else None
+    full = 12.0 + torch.rand(9, 2, generator=g, dtype=torch.float64) * 8.0
+    st = torch.tensor(shapes)
+    pos = full if qlev is None else full / 32 * st[qlev].double()  # each query's own level frame
+    offsets = torch.tensor([0, 4, 9])
+    query = torch.randn(9, E, dtype=torch.float64, generator=g)
+    out_ref = ref(query, pos, offsets, stacked, st, query_level_indices=qlev)
+    out = ours(query, pos, offsets, stacked, st, query_level_indices=qlev)
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    # control: the raw (unconverted) state_dict loads but computes something else
+    raw = SparseMSDeformableAttentionBlock(E, H, L, P, bias=True).double()
+    raw.load_state_dict(ref.state_dict())
+    assert not torch.allclose(raw(query, pos, offsets, stacked, st, query_level_indices=qlev), out_ref, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# multilevel_sparse_bilinear_grid_sample / sparse_split_heads conventions
+# ------------------------------------------------------------------------------------------
+def test_sparse_split_heads_makes_the_head_a_sparse_dim():
+    stack = _coo_map([[6, 5], [3, 3]], 2, 0.5, 8, seed=20)
+    split = sparse_split_heads_(stack, 4)
+    assert split.shape == (2, 6, 5, 2, 4, 2)
+    assert split.sparse_dim() == 5 and split.dense_dim() == 1 and split.is_coalesced()
+    assert split._nnz() == 4 * stack._nnz()
+    dense = split.to_dense()
+    torch.testing.assert_close(dense.reshape(*stack.shape[:-1], 8), stack.to_dense(), rtol=0, atol=0)
+
+
+def _loop_sample(split, pos, b, shapes, lvl, heads, bg=None):
+    """Per-point reference alignment, sampled one point at a time with the broadcast API."""
+    from sparse_msda.functional.deformable import sparse_bilinear_sample
+
+    out = torch.zeros(*pos.shape[:-1], split.shape[-1], dtype=pos.dtype)
+    for idx in itertools.product(*[range(s) for s in pos.shape[:-1]]):
+        lead, li, hi = idx[:-2], idx[-2], idx[-1]
+        out[idx] = sparse_bilinear_sample(
+            split, pos[idx], b[lead], shapes, lvl[li], heads[hi], background_embedding=bg
+        )
+    return out
+
+
+def test_grid_sample_reference_alignment():
+    """batch_indices lines up with the leading dims, level_indices [L] with dim -3, head_indices
+    [H] with dim -2 (defaults arange); N == L == H included, where a numpy-style broadcast
+    would silently read the call differently."""
+    g = torch.Generator().manual_seed(21)
+    shapes = torch.tensor([[8, 7], [4, 4], [2, 2]])
+    stack = _coo_map(shapes.tolist(), 3, 0.6, 6, seed=22)
+    split = sparse_split_heads_(stack, 3)
+    N = 3  # == n_levels == n_heads
+    pos = torch.rand(N, 3, 3, 2, generator=g, dtype=torch.float64) * shapes[:, None, :].double()
+    b = torch.tensor([2, 0, 1])
+    out = sparse_msda.multilevel_sparse_bilinear_grid_sample(split, pos, b, shapes)
+    assert out.shape == (N, 3, 3, 2)
+    ref = _loop_sample(split, pos, b, shapes, torch.arange(3), torch.arange(3))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    # explicit level/head subsets and an extra batch dim
+    pos2 = torch.rand(2, 4, 2, 1, 2, generator=g, dtype=torch.float64) * 2
+    b2 = torch.randint(0, 3, (2, 4), generator=g)
+    lvl, heads = torch.tensor([2, 1]), torch.tensor([1])
+    bg = torch.randn(3, 3, 3, 2, generator=g, dtype=torch.float64)
+    out2 = sparse_msda.multilevel_sparse_bilinear_grid_sample(split, pos2, b2, shapes, lvl, heads, bg)
+    torch.testing.assert_close(out2, _loop_sample(split, pos2, b2, shapes, lvl, heads, bg), rtol=0, atol=1e-12)
+
+
+def test_grid_sample_rejects_other_alignments():
+    shapes = torch.tensor([[8, 7], [4, 4], [2, 2]])
+    stack = _coo_map(shapes.tolist(), 3, 0.6, 6, seed=23)
+    split = sparse_split_heads_(stack, 3)
+    pos = torch.rand(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="head-split"):  # an un-split stack (the former API)
+        sparse_msda.multilevel_sparse_bilinear_grid_sample(stack, pos[:, None, None], torch.zeros(3, dtype=torch.long), shapes)
+    with pytest.raises(ValueError, match=r"\[N, \.\.\., L, H, 2\]"):  # [N, D] points with [N] level indices
+        sparse_msda.multilevel_sparse_bilinear_grid_sample(split, pos, torch.zeros(3, dtype=torch.long), shapes, torch.arange(3))
+    p = torch.rand(3, 3, 3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="batch_indices"):
+        sparse_msda.multilevel_sparse_bilinear_grid_sample(split, p, torch.zeros(3, 3, dtype=torch.long), shapes)
+    with pytest.raises(RuntimeError, match="Default level_indices"):  # the reference's type (also a ValueError)
+        sparse_msda.multilevel_sparse_bilinear_grid_sample(split, p[:, :2], torch.zeros(3, dtype=torch.long), shapes)
+    with pytest.raises(ValueError, match="Default head_indices"):
+        sparse_msda.multilevel_sparse_bilinear_grid_sample(split, p[..., :2, :], torch.zeros(3, dtype=torch.long), shapes)
+    with pytest.raises(ValueError, match="level_indices must be"):
+        sparse_msda.multilevel_sparse_bilinear_grid_sample(split, p, torch.zeros(3, dtype=torch.long), shapes, torch.zeros(3, 1, dtype=torch.long))
+
+
+def test_reference_grid_sample_parity():
+    _reference()
+    from sparse_transformer_layers.layers.sparse_ms_deform_attn.utils import (
+        multilevel_sparse_bilinear_grid_sample as ref_sample,
+        sparse_split_heads as ref_split,
+    )
+
+    g = torch.Generator().manual_seed(24)
+    shapes = torch.tensor([[16, 12], [8, 6]])
+    stack = _coo_map(shapes.tolist(), 2, 0.6, 6, seed=25)
+    ours_split, ref_split_t = sparse_split_heads_(stack, 3), ref_split(stack, 3)
+    assert torch.equal(ours_split.indices(), ref_split_t.indices()) and torch.equal(ours_split.values(), ref_split_t.values())
+    # interior points (the reference clamps at the edges)
+    pos = 1.0 + torch.rand(5, 2, 2, 3, 2, generator=g, dtype=torch.float64) * (shapes[None, None, :, None, :].double() - 2.0)
+    b = torch.randint(0, 2, (5, 2), generator=g)
+    bg = torch.randn(2, 2, 3, 2, generator=g, dtype=torch.float64)
+    for background in (None, bg):
+        ref = ref_sample(ref_split_t, pos, b, shapes, background_embedding=background)
+        out = sparse_msda.multilevel_sparse_bilinear_grid_sample(ours_split, pos, b, shapes, background_embedding=background)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_get_multilevel_neighborhoods_parity():
+    blocks = _reference()
+    from sparse_transformer_layers.blocks.neighborhood_attn import get_multilevel_neighborhoods as ref_fn
+
+    g = torch.Generator().manual_seed(26)
+    shapes = torch.tensor([[16, 12], [8, 6], [4, 3]])
+    pos = torch.rand(20, 2, generator=g, dtype=torch.float64) * torch.tensor([16.0, 12.0])
+    cells, oob, lv = sparse_msda.get_multilevel_neighborhoods(pos, shapes, [3, 5, 3])
+    r_cells, r_oob, r_lv = ref_fn(pos, shapes, [3, 5, 3])
+    assert torch.equal(lv, r_lv.long()) and torch.equal(oob, r_oob)
+    assert torch.equal(cells[~oob], r_cells.long()[~r_oob])
+    assert blocks is not None

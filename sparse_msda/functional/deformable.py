@@ -28,21 +28,24 @@ __all__ = [
     "deformable_sample_indices",
     "multilevel_sparse_bilinear_grid_sample",
     "plan_deformable_sampling",
+    "sparse_bilinear_sample",
     "sparse_deformable_attention",
     "sparse_split_heads",
 ]
 
 
 def sparse_split_heads(sparse_tensor: Tensor, n_heads: int) -> Tensor:
-    """Split the feature dim of a sparse COO map into heads.
+    """Split the feature dim of a sparse COO map into heads, the head becoming a sparse dim (as
+    sparse-transformer-layers).
 
     Args:
         sparse_tensor: sparse COO ``[batch, *spatial, n_levels, embed_dim]`` (one dense dim).
         n_heads: number of heads; must divide ``embed_dim``.
 
     Returns:
-        Coalesced sparse COO ``[batch, *spatial, n_levels, n_heads, embed_dim // n_heads]``
-        with the same sparse indices (two dense dims); differentiable w.r.t. the values.
+        Coalesced sparse COO ``[batch, *spatial, n_levels, n_heads, embed_dim // n_heads]`` whose
+        sparse dims are ``batch, *spatial, level, head`` (each site repeated for every head) and
+        whose one dense dim is ``head_dim``; differentiable w.r.t. the values.
 
     Raises:
         TypeError: not a sparse COO tensor, or ``n_heads`` not an int.
@@ -62,10 +65,46 @@ def sparse_split_heads(sparse_tensor: Tensor, n_heads: int) -> Tensor:
     if embed_dim % n_heads != 0:
         raise ValueError(f"the feature dim must be divisible by n_heads, got {embed_dim=}, {n_heads=}")
     st = sparse_tensor.coalesce()
-    values = st.values().reshape(-1, n_heads, embed_dim // n_heads)
-    return torch.sparse_coo_tensor(
-        st.indices(), values, (*st.shape[:-1], n_heads, embed_dim // n_heads), is_coalesced=True
-    )
+    nnz, head_dim = st.values().shape[0], embed_dim // n_heads
+    heads = torch.arange(n_heads, device=st.device).repeat(nnz)
+    indices = torch.cat((st.indices().repeat_interleave(n_heads, dim=1), heads[None]), 0)
+    values = st.values().reshape(nnz * n_heads, head_dim)
+    # sites sorted, heads ascending within a site: already coalesced order
+    return torch.sparse_coo_tensor(indices, values, (*st.shape[:-1], n_heads, head_dim), is_coalesced=True)
+
+
+def _check_duplicates(sparse_tensor: Tensor) -> None:
+    if not sparse_tensor.is_coalesced():  # coalesce() would silently sum duplicate coordinates
+        raw = sparse_tensor._indices()
+        n_unique = torch.unique(raw, dim=1).shape[1]
+        if n_unique != raw.shape[1]:
+            raise ValueError(
+                f"sparse_tensor has duplicate coordinates: {raw.shape[1] - n_unique} of {raw.shape[1]} entries repeat "
+                "a (batch, *coords, level[, head]) site, expected each voxel once"
+            )
+
+
+def _heads_dense(sparse_tensor: Tensor, complete_heads_required: bool) -> Tensor:
+    """A head-split map with the head as a sparse dim (:func:`sparse_split_heads`) as one with
+    the head dense: ``[batch, *spatial, n_levels, n_heads, head_dim]``, sparse dims ``batch,
+    *spatial, level``. A (site, head) absent from the input is zero; with
+    ``complete_heads_required`` (a background is given) it is an error instead."""
+    _check_duplicates(sparse_tensor)
+    st = sparse_tensor.coalesce()
+    n_heads, head_dim = st.shape[-2], st.shape[-1]
+    idx = st.indices()
+    sites, inverse = torch.unique(idx[:-1], dim=1, return_inverse=True)
+    if sites.shape[1] * n_heads == idx.shape[1]:
+        values = st.values().reshape(-1, n_heads, head_dim)  # coalesced: heads ascending within a site
+    else:
+        if complete_heads_required:
+            raise ValueError(
+                "sparse_tensor (head as a sparse dim) lacks some heads of some sites; with a background_embedding "
+                "such a (site, head) is ambiguous: give every site all heads (sparse_split_heads does)"
+            )
+        values = st.values().new_zeros(sites.shape[1], n_heads, head_dim)
+        values = values.index_put((inverse, idx[-1]), st.values())
+    return torch.sparse_coo_tensor(sites, values, (*st.shape[:-2], n_heads, head_dim), is_coalesced=True)
 
 
 def _as_int(name: str, t) -> Tensor:
@@ -76,7 +115,7 @@ def _as_int(name: str, t) -> Tensor:
     return t.to(torch.int64)
 
 
-def multilevel_sparse_bilinear_grid_sample(
+def sparse_bilinear_sample(
     sparse_tensor,
     spatial_positions: Tensor,
     batch_indices: Tensor,
@@ -85,7 +124,9 @@ def multilevel_sparse_bilinear_grid_sample(
     head_indices: Optional[Tensor] = None,
     background_embedding: Optional[Tensor] = None,
 ) -> Tensor:
-    """Bilinearly (trilinearly in 3D) sample a multi-level sparse map at arbitrary points.
+    """Bilinearly (trilinearly in 3D) sample a multi-level sparse map at arbitrary points, with
+    index tensors broadcast numpy-style against the points (ours; for the reference's
+    alignment see :func:`multilevel_sparse_bilinear_grid_sample`).
 
     Equivalent to ``F.grid_sample(align_corners=False, padding_mode='zeros')`` on the
     densified level, with positions in absolute level cells instead of ``[-1, 1]``:
@@ -95,8 +136,8 @@ def multilevel_sparse_bilinear_grid_sample(
 
     Args:
         sparse_tensor: COO stack ``[batch, *spatial, n_levels, C]``, head-split COO stack
-            ``[batch, *spatial, n_levels, n_heads, head_dim]`` (see
-            :func:`sparse_split_heads`), or a list of ``SparseConvTensor`` (one per level).
+            ``[batch, *spatial, n_levels, n_heads, head_dim]`` (the head a sparse dim, see
+            :func:`sparse_split_heads`, or dense), or a list of ``SparseConvTensor`` (one per level).
         spatial_positions: float ``[..., D]`` positions in the cells of the sampled level.
         batch_indices: integer, broadcastable to ``[...]``.
         level_spatial_shapes: ``[n_levels, D]`` (may be None for a list of SparseConvTensor).
@@ -115,15 +156,16 @@ def multilevel_sparse_bilinear_grid_sample(
         TypeError / ValueError: wrong kinds, dtypes or shapes (messages name the argument).
     """
     n_heads = 1
+    if (
+        isinstance(sparse_tensor, Tensor)
+        and sparse_tensor.layout == torch.sparse_coo
+        and sparse_tensor.dense_dim() == 1
+        and isinstance(level_spatial_shapes, Tensor)
+        and sparse_tensor.sparse_dim() == level_spatial_shapes.shape[-1] + 3
+    ):  # head as a sparse dim (sparse_split_heads)
+        sparse_tensor = _heads_dense(sparse_tensor, background_embedding is not None)
     if isinstance(sparse_tensor, Tensor) and sparse_tensor.layout == torch.sparse_coo and sparse_tensor.dense_dim() == 2:
-        if not sparse_tensor.is_coalesced():  # coalesce() would silently sum duplicate coordinates
-            raw = sparse_tensor._indices()
-            n_unique = torch.unique(raw, dim=1).shape[1]
-            if n_unique != raw.shape[1]:
-                raise ValueError(
-                    f"sparse_tensor has duplicate coordinates: {raw.shape[1] - n_unique} of {raw.shape[1]} entries repeat "
-                    "a (batch, *coords, level) site, expected each voxel once"
-                )
+        _check_duplicates(sparse_tensor)
         st = sparse_tensor.coalesce()
         n_heads, head_dim = st.shape[-2], st.shape[-1]
         flat = torch.sparse_coo_tensor(
@@ -203,6 +245,121 @@ def multilevel_sparse_bilinear_grid_sample(
         table, index, pos, flat_idx(b), flat_idx(l), flat_idx(h), n_heads=n_heads, background_table=bg_table
     )
     return out.reshape(*lead, head_dim)
+
+
+class SeedShapeError(ValueError, RuntimeError):
+    """A shape the reference answers with ``RuntimeError`` (its default index modes); a
+    ``ValueError`` here, so both ``except`` clauses catch it."""
+
+
+def multilevel_sparse_bilinear_grid_sample(
+    sparse_tensor: Tensor,
+    spatial_positions: Tensor,
+    batch_indices: Tensor,
+    level_spatial_shapes: Tensor,
+    level_indices: Optional[Tensor] = None,
+    head_indices: Optional[Tensor] = None,
+    background_embedding: Optional[Tensor] = None,
+) -> Tensor:
+    """Sample a head-split multi-level sparse map, with the index alignment of
+    sparse-transformer-layers (its signature and conventions; 2D and 3D).
+
+    Sampling is ``F.grid_sample(align_corners=False, padding_mode='zeros')`` on the densified
+    level in absolute cell coordinates (cell ``i`` covers ``[i, i + 1)``, centre ``i + 0.5``);
+    see the README's differences table for the map edges (the reference clamps there).
+
+    Args:
+        sparse_tensor: sparse COO ``[batch, *spatial, n_levels, n_heads, head_dim]`` with the
+            head a sparse dim (:func:`sparse_split_heads`; a dense head dim is accepted too).
+            Batch size, levels and heads are read from its shape.
+        spatial_positions: float ``[N, ..., L', H', D]`` in the cells of the sampled level,
+            axis order of the tensor (``(i, j)`` = ``(y, x)``; ``(z, y, x)`` in 3D).
+        batch_indices: int with shape exactly ``spatial_positions.shape[:-3]``.
+        level_spatial_shapes: ``[n_levels, D]``.
+        level_indices: int ``[L']``: the level of each position along dim ``-3``; default
+            ``arange(n_levels)`` (then ``L' == n_levels``).
+        head_indices: int ``[H']``: the head along dim ``-2``; default ``arange(n_heads)``.
+        background_embedding: ``[batch, n_levels, n_heads, head_dim]``: the value of absent
+            sites (default zero).
+
+    Returns:
+        ``[N, ..., L', H', head_dim]``.
+
+    Raises:
+        ValueError: shapes that do not line up as above (a map that is not head-split, an
+            un-split ``[batch, *spatial, L, C]`` stack or spconv levels: use
+            :func:`sparse_bilinear_sample`); :class:`SeedShapeError` (also a ``RuntimeError``,
+            as the reference) when a default index mode does not fit. TypeError: dtypes.
+    """
+    if not isinstance(sparse_tensor, Tensor) or sparse_tensor.layout != torch.sparse_coo:
+        raise ValueError(
+            "sparse_tensor must be a head-split sparse COO tensor [batch, *spatial, n_levels, n_heads, head_dim] "
+            f"(sparse_split_heads), got {type(sparse_tensor).__name__}; for spconv levels or un-split stacks use "
+            "sparse_msda.functional.deformable.sparse_bilinear_sample"
+        )
+    if not isinstance(level_spatial_shapes, Tensor) or level_spatial_shapes.ndim != 2:
+        raise ValueError(
+            f"level_spatial_shapes must be a [n_levels, D] tensor, got {getattr(level_spatial_shapes, 'shape', level_spatial_shapes)!r}"
+        )
+    dim = level_spatial_shapes.shape[1]
+    if sparse_tensor.ndim != dim + 4 or sparse_tensor.dense_dim() not in (1, 2):
+        raise ValueError(
+            f"Expected a {dim + 4}D head-split sparse tensor [batch, *spatial({dim}), n_levels, n_heads, head_dim] with the "
+            f"head a sparse dim (sparse_split_heads), got shape {tuple(sparse_tensor.shape)} with "
+            f"sparse_dim={sparse_tensor.sparse_dim()}; an un-split stack [batch, *spatial, n_levels, C] is sampled by "
+            "sparse_msda.functional.deformable.sparse_bilinear_sample"
+        )
+    n_levels, n_heads = sparse_tensor.shape[-3], sparse_tensor.shape[-2]
+    if not isinstance(spatial_positions, Tensor) or spatial_positions.ndim < 4 or spatial_positions.shape[-1] != dim:
+        raise ValueError(
+            f"spatial_positions must have shape [N, ..., L, H, {dim}], got {tuple(getattr(spatial_positions, 'shape', ()))}"
+        )
+    if not isinstance(batch_indices, Tensor) or tuple(spatial_positions.shape[:-3]) != tuple(batch_indices.shape):
+        raise ValueError(
+            "Shape mismatch for spatial_positions and batch_indices: batch_indices.shape must equal "
+            f"spatial_positions.shape[:-3], got {tuple(spatial_positions.shape)} and {tuple(getattr(batch_indices, 'shape', ()))}"
+        )
+    if level_spatial_shapes.shape[0] != n_levels:
+        raise ValueError(
+            "Number of feature levels in level_spatial_shapes does not match number of levels in sparse_tensor: "
+            f"{level_spatial_shapes.shape[0]} != {n_levels}"
+        )
+    device = spatial_positions.device
+    if level_indices is None:
+        if spatial_positions.shape[-3] != n_levels:
+            raise SeedShapeError(
+                f"Default level_indices mode assumes that spatial_positions.shape[-3] == n_levels, got "
+                f"{spatial_positions.shape[-3]} and {n_levels}"
+            )
+        level_indices = torch.arange(n_levels, device=device)
+    elif not isinstance(level_indices, Tensor) or level_indices.ndim != 1 or level_indices.shape[0] != spatial_positions.shape[-3]:
+        raise ValueError(
+            "Shape mismatch for spatial_positions and level_indices: level_indices must be [spatial_positions.shape[-3]], "
+            f"got {tuple(spatial_positions.shape)} and {tuple(getattr(level_indices, 'shape', ()))}"
+        )
+    if head_indices is None:
+        if spatial_positions.shape[-2] != n_heads:
+            raise SeedShapeError(
+                f"Default head_indices mode assumes that spatial_positions.shape[-2] == n_heads, got "
+                f"{spatial_positions.shape[-2]} and {n_heads}"
+            )
+        head_indices = torch.arange(n_heads, device=device)
+    elif not isinstance(head_indices, Tensor) or head_indices.ndim != 1 or head_indices.shape[0] != spatial_positions.shape[-2]:
+        raise ValueError(
+            "Shape mismatch for spatial_positions and head_indices: head_indices must be [spatial_positions.shape[-2]], "
+            f"got {tuple(spatial_positions.shape)} and {tuple(getattr(head_indices, 'shape', ()))}"
+        )
+    b = _as_int("batch_indices", batch_indices)[..., None, None]
+    lvl = _as_int("level_indices", level_indices)[:, None]
+    h = _as_int("head_indices", head_indices)
+    for name, t, n in (("level_indices", lvl, n_levels), ("head_indices", h, n_heads)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+            raise ValueError(f"{name} must lie in [0, {n}), got range [{int(t.min())}, {int(t.max())}]")
+    lead = spatial_positions.shape[:-1]
+    return sparse_bilinear_sample(
+        sparse_tensor, spatial_positions, b.expand(lead), level_spatial_shapes, lvl.expand(lead), h.expand(lead),
+        background_embedding,
+    )
 
 
 def deformable_sample_indices(batch_indices: Tensor, n_heads: int, n_levels: int, n_points: int):
