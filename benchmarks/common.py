@@ -347,8 +347,9 @@ def run_main(description: str, build_cases: Callable[[bool], list], title: str) 
 def block_queries(features, index, role: str, n_queries: int, generator, embed_dim: int, uniform: bool = False):
     """Queries of a block benchmark on the map of ``index`` (rows of ``features``).
 
-    ``enc``: every voxel is a query (its feature, its cell centre in its own level's frame, its
-    level), batch items in order. ``dec``: ``n_queries`` per item with random features, at
+    ``enc``: every voxel is a query (its feature, its cell centre mapped to full scale -- the
+    neighborhood and map blocks take full-scale positions, as sparse-transformer-layers -- and
+    its level), batch items in order. ``dec``: ``n_queries`` per item with random features, at
     random finest-level voxels jittered by +-2 cells (``uniform``: uniform over the full-scale
     frame instead), in the full-scale frame. Returns ``(query, positions, query_levels or None,
     batch offsets)``.
@@ -358,8 +359,10 @@ def block_queries(features, index, role: str, n_queries: int, generator, embed_d
     if role == "enc":
         order = torch.argsort(index.batch_indices, stable=True)
         query = features[order].clone()
-        pos = index.spatial_indices[order].float() + 0.5
+        from sparse_msda.functional.neighborhood import full_scale_positions
+
         qlev = index.level_indices[order].clone()
+        pos = full_scale_positions(index.spatial_indices[order].float() + 0.5, qlev, index.level_spatial_shapes)
         counts = torch.bincount(index.batch_indices, minlength=index.batch_size)
     else:
         shapes = index.level_spatial_shapes

@@ -22,8 +22,8 @@ Modes: ``fwd`` (training forward: autograd records, the graph is then dropped) a
   (:func:`sparse_msda.lidar.random_bev_levels`);
 * ``scan-bev`` / ``scan-3d``: the real scans' BEV pyramid ``[200,176]..[25,22]`` / the 3D
   VoxelBackBone8x levels ``[41,1600,1408]..[5,200,176]``, batch 2 (two frames);
-* ``enc``: every voxel of every level is a query (positions = cell centres in their own
-  level's frame, ``query_level_indices`` = level, query = the voxel's feature);
+* ``enc``: every voxel of every level is a query (positions = cell centres mapped to full
+  scale, ``query_level_indices`` = level, query = the voxel's feature);
   ``dec``: ``n_queries`` per item, positions near random finest-level voxels (jitter of
   +-2 cells) for the scans, uniform over the frame for ``syn``.
 """
@@ -107,10 +107,11 @@ def _run_naive(block, x):
     full = shapes[int(torch.argmax(shapes.prod(-1)))]
     H, d = HEADS, EMBED // HEADS
     query = x["query"]
-    full_pos = x["pos"] / qb.query_level_shapes * full.float()
+    full_pos = x["pos"]  # full-scale positions (the block's convention, as sparse-transformer-layers)
     cells, oob, lev = get_multilevel_neighborhoods(full_pos, shapes, SIZES)
     rows, found = index.lookup(qb.batch_indices[:, None], lev[None], cells)
-    q = block.rope(block.q_proj(block.norm(query)).view(-1, H, d), query_rope_positions(x["pos"], qb.query_level_shapes, qb.query_level_indices, full))
+    full_shapes = full.float().expand(full_pos.shape[0], -1)
+    q = block.rope(block.q_proj(block.norm(query)).view(-1, H, d), query_rope_positions(full_pos, full_shapes, qb.query_level_indices, full))
     kv = block.kv_proj(qb.features).view(-1, 2, H, d)
     k = block.rope(kv[:, 0], voxel_rope_positions(index.spatial_indices, index.level_indices, shapes, full))
     K = k[rows.clamp_min(0)]  # [Q, K, H, d]

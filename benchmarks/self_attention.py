@@ -21,7 +21,15 @@ Settings on the real scans (batch 2, two frames, :func:`benchmarks.common.scan_l
 * ``bev-all``: all four BEV levels ``[200,176]..[25,22]``;
 * ``3d-c1``: the coarsest 3D VoxelBackBone8x level ``[5,200,176]``.
 
-Roles: ``enc`` every voxel is a query (positions = cell centres in their own level's frame,
+Token self-attention (:class:`sparse_msda.MultilevelSelfAttentionBlockWithRoPE`, the
+reference's block; ``tokens`` cases, every voxel of the setting a token, both items):
+
+* ``token``: ours (one SDPA per item; flash kernel on CPU);
+* ``token-padded``: the reference's strategy on the same block: items padded to the longest,
+  one batched SDPA with the padding as a boolean mask (SDPA's math path on CPU);
+* ``token-floor``: ``qkv`` and ``out_proj`` alone.
+
+Roles: ``enc`` every voxel is a query (positions = cell centres mapped to full scale,
 ``query_level_indices`` = level, query = the voxel's feature); ``dec`` 900 queries per item near
 random finest-level voxels (+-2 cells jitter).
 """
@@ -81,6 +89,66 @@ def setup(impl: str, mode: str, setting: str, role: str, n_queries: int = 900):
     return block_runner(block, query, run, x, backward=mode == "fwd+bwd")
 
 
+def _token_inputs(setting: str):
+    from adapters import multilevel_features
+
+    bev, levels_slice = SETTINGS[setting]
+    levels = scan_levels(batch_size=2, channels=EMBED, bev=bev)[levels_slice]
+    features, index = multilevel_features(levels)
+    order = torch.argsort(index.batch_indices, stable=True)
+    counts = torch.bincount(index.batch_indices, minlength=index.batch_size)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    return dict(
+        x=features[order].clone(), pos=index.spatial_indices[order].clone(), lvl=index.level_indices[order].clone(),
+        shapes=index.level_spatial_shapes, offsets=offsets,
+    )
+
+
+def _run_token(block, t):
+    return block(t["x"], t["pos"], t["lvl"], t["shapes"], t["offsets"])
+
+
+def _run_token_padded(block, t):
+    """The reference's strategy: pad every item to the longest, one SDPA with a padding mask."""
+    import torch.nn.functional as F
+
+    from sparse_msda.functional.token_self_attention import multilevel_token_positions
+
+    x, offsets = t["x"], t["offsets"]
+    n, e, h = x.shape[0], block.embed_dim, block.n_heads
+    counts = offsets.diff()
+    bsz, s = counts.numel(), int(counts.max())
+    batch = torch.repeat_interleave(torch.arange(bsz), counts)
+    slot = torch.arange(n) - offsets[batch]
+    q, k, v = block.qkv(block.norm(x)).chunk(3, -1)
+    u = multilevel_token_positions(t["pos"], batch, t["lvl"], t["shapes"]).float()
+    q = block.pos_encoding(q.reshape(n, h, -1), u)
+    k = block.pos_encoding(k.reshape(n, h, -1), u)
+    v = v.reshape(n, h, -1)
+    pad = [torch.zeros(bsz, s, h, e // h).index_put((batch, slot), z) for z in (q, k, v)]
+    keep = torch.zeros(bsz, s, dtype=torch.bool).index_put((batch, slot), torch.tensor(True))
+    o = F.scaled_dot_product_attention(*(z.transpose(1, 2) for z in pad), attn_mask=keep[:, None, None, :])
+    o = o.transpose(1, 2)[batch, slot].reshape(n, e)
+    return x + block.out_proj(o)
+
+
+def _run_token_floor(block, t):
+    return block.out_proj(block.qkv(t["x"])[:, :EMBED])
+
+
+TOKEN_IMPLS = {"token": _run_token, "token-padded": _run_token_padded, "token-floor": _run_token_floor}
+
+
+def setup_tokens(impl: str, mode: str, setting: str):
+    from sparse_msda import MultilevelSelfAttentionBlockWithRoPE
+
+    t = _token_inputs(setting)
+    torch.manual_seed(0)
+    block = MultilevelSelfAttentionBlockWithRoPE(EMBED, HEADS, position_dim=t["pos"].shape[1])
+    x = t["x"].requires_grad_(True)
+    return block_runner(block, x, TOKEN_IMPLS[impl], t, backward=mode == "fwd+bwd")
+
+
 def build_cases(quick: bool) -> list[Case]:
     settings = [("bev-c2", "enc"), ("bev-c2", "dec"), ("bev-all", "enc"), ("bev-all", "dec"), ("3d-c1", "dec"), ("3d-c1", "enc")]
     if quick:
@@ -92,6 +160,10 @@ def build_cases(quick: bool) -> list[Case]:
                 continue  # [8, 12k, 12k] float32 scores per item, several copies: ~20 GB
             for mode in ("fwd", "fwd+bwd"):
                 cases.append(Case(f"{setting}-{role} {impl} {mode}", setup, dict(impl=impl, mode=mode, setting=setting, role=role)))
+    for setting in ["bev-c2"] if quick else ["bev-c2", "bev-all"]:
+        for impl in TOKEN_IMPLS:
+            for mode in ("fwd", "fwd+bwd"):
+                cases.append(Case(f"{setting}-tokens {impl} {mode}", setup_tokens, dict(impl=impl, mode=mode, setting=setting)))
     return cases
 
 

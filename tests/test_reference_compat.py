@@ -509,3 +509,12 @@ def test_reference_get_multilevel_neighborhoods_parity():
     assert torch.equal(lv, r_lv.long()) and torch.equal(oob, r_oob)
     assert torch.equal(cells[~oob], r_cells.long()[~r_oob])
     assert blocks is not None
+
+
+def test_reference_attribute_names_resolve():
+    nb = SparseNeighborhoodAttentionBlock(16, 2, dropout=0.2, rope_share_heads=True)
+    assert nb.q_in_proj is nb.q_proj and nb.pos_encoding is nb.rope and nb.out_proj_drop is nb.dropout
+    assert nb.attn_drop_rate == 0.2 and nb.rope_share_heads is True
+    assert not any(k.startswith(("q_in_proj", "pos_encoding")) for k in nb.state_dict())  # aliases add no keys
+    db = SparseMSDeformableAttentionBlock(16, 2, 2, 2, dropout=0.1)
+    assert db.out_proj_drop is db.dropout and db.msdeform_attn is not None and db.q_in_proj is not None

@@ -236,6 +236,11 @@ class SparseMSDeformableAttentionBlock(nn.Module):
         self.msdeform_attn.reset_parameters()
         self.out_proj.reset_parameters()
 
+    @property
+    def out_proj_drop(self) -> nn.Dropout:
+        """The reference's name of :attr:`dropout` (read-only alias)."""
+        return self.dropout
+
     def forward(
         self,
         query: Tensor,

@@ -148,6 +148,28 @@ class RotaryAttentionBlock(nn.Module):
             rope_share_heads, rope_freq_group_pattern, rope_enforce_freq_groups_equal,
         )
 
+    # read-only aliases under sparse-transformer-layers' attribute names (state_dict keys stay
+    # ours: convert reference checkpoints with sparse_msda.checkpoints.load_reference_state_dict)
+    @property
+    def q_in_proj(self) -> nn.Linear:
+        return self.q_proj
+
+    @property
+    def pos_encoding(self) -> MultilevelRotaryEncoding:
+        return self.rope
+
+    @property
+    def out_proj_drop(self) -> nn.Dropout:
+        return self.dropout
+
+    @property
+    def attn_drop_rate(self) -> float:
+        return self.dropout.p
+
+    @property
+    def rope_share_heads(self) -> bool:
+        return self.rope.share_heads
+
     def reset_parameters(self) -> None:
         """Xavier-uniform projections, zero biases, unit LayerNorm, RoPE frequencies from the thetas."""
         self.norm.reset_parameters()
