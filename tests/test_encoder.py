@@ -252,6 +252,111 @@ def test_index_of_another_map_is_rejected():
         enc(levels_3d(seed=12), coordinate_index="index")
 
 
+# --- plan and corner-table reuse ------------------------------------------------------------------
+def count_plan_builds(monkeypatch):
+    """Count neighborhood plan builds (the blocks call build_neighborhood_plan through their module)."""
+    from sparse_msda.modules import neighborhood_attention as na
+
+    calls = []
+    original = na.build_neighborhood_plan
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(na, "build_neighborhood_plan", counting)
+    return calls
+
+
+def count_corner_table_builds(monkeypatch):
+    calls = []
+    original = SparseCoordinateIndex._corner_table
+
+    def counting(self):
+        if getattr(self, "_corners", None) is None:
+            calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(SparseCoordinateIndex, "_corner_table", counting)
+    return calls
+
+
+@pytest.mark.parametrize("kernels", ["0", "1"])
+def test_plan_and_corner_table_built_once_per_forward(monkeypatch, kernels):
+    """3 layers: one neighborhood plan and one deformable corner table per encoder forward;
+    outputs and gradients equal to every layer building its own (the unshared path)."""
+    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", kernels)
+    levels = levels_3d(seed=13)
+    for lvl in levels:
+        lvl.features.requires_grad_(True)
+    enc = perturb(make_encoder(n_layers=3))
+    plans, tables = count_plan_builds(monkeypatch), count_corner_table_builds(monkeypatch)
+    shared = enc(levels)
+    assert (len(plans), len(tables)) == (1, 1)
+    weights = [torch.randn_like(o.features) for o in shared]
+    grads = torch.autograd.grad(sum((o.features * w).sum() for o, w in zip(shared, weights)), [l.features for l in levels])
+    enc(levels)
+    assert (len(plans), len(tables)) == (2, 2)  # one more of each per forward
+
+    plans.clear()
+    monkeypatch.setattr(VoxelQueries, "neighborhood_plan", lambda self, block, positions: None)  # every block plans itself
+    own = enc(levels)
+    assert len(plans) == 3
+    own_grads = torch.autograd.grad(sum((o.features * w).sum() for o, w in zip(own, weights)), [l.features for l in levels])
+    for a, b in zip(shared, own):
+        torch.testing.assert_close(a.features, b.features, rtol=0, atol=0)
+    for a, b in zip(grads, own_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_user_stack_of_blocks_shares_one_plan(monkeypatch):
+    """A user's own stack: build_plan() once, plan= to every block (another index passed,
+    or the plan used for other queries, sizes or background, is rejected)."""
+    from sparse_msda import SparseNeighborhoodAttentionBlock
+
+    levels = levels_3d(seed=14)
+    q = VoxelQueries.from_levels(levels)
+    torch.manual_seed(0)
+    blocks = [perturb(SparseNeighborhoodAttentionBlock(C, 2, 3, [3, 5, 3], position_dim=3).double(), seed=s) for s in (1, 2)]
+    args = (q.positions, q.batch_offsets, levels, None)
+    kw = dict(query_level_indices=q.level_indices)
+    x = q.input_features()
+    plans = count_plan_builds(monkeypatch)
+    plan = blocks[0].build_plan(*args, **kw)
+    y = x
+    for block in blocks:
+        y = block(y, *args, plan=plan, **kw)
+    assert len(plans) == 1
+    ref = x
+    for block in blocks:
+        ref = block(ref, *args, **kw)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match="another coordinate_index"):
+        blocks[0](x, *args, plan=plan, coordinate_index=SparseCoordinateIndex.from_spconv(levels), **kw)
+    moved = q.positions.clone()
+    moved[0] += 1.0  # another window centre
+    with pytest.raises(ValueError, match="window centres"):
+        blocks[0](x, moved, *args[1:], plan=plan, **kw)
+    other = SparseNeighborhoodAttentionBlock(C, 2, 3, [3, 3, 3], position_dim=3).double()
+    with pytest.raises(ValueError, match="neighborhood_sizes"):
+        other(x, *args, plan=plan, **kw)
+    bg = torch.zeros(levels[0].batch_size, 3, C, dtype=torch.float64)
+    with pytest.raises(ValueError, match="background"):
+        blocks[0](x, *args, background_embedding=bg, plan=plan, **kw)
+    mask = torch.zeros(x.shape[0], dtype=torch.bool)
+    mask[:3] = True
+    with pytest.raises(ValueError, match="queries"):
+        blocks[0](x, *args, query_mask=mask, plan=plan, **kw)
+    with pytest.raises(TypeError, match="plan"):
+        blocks[0](x, *args, plan="plan", **kw)
+    masked = blocks[0].build_plan(*args, query_mask=mask, background=True, **kw)
+    torch.testing.assert_close(
+        blocks[0](x, *args, query_mask=mask, background_embedding=bg, plan=masked, **kw),
+        blocks[0](x, *args, query_mask=mask, background_embedding=bg, **kw), rtol=0, atol=0,
+    )
+
+
 # --- 2D, float32, post-norm ------------------------------------------------------------------------
 def test_2d_bev_levels_float32():
     levels = random_sparse_levels(SHAPES_2D, 0.3, 2, C, seed=13)

@@ -272,6 +272,7 @@ class NeighborhoodPlan:
     _chunks: Optional[list] = field(default=None, repr=False)
     _counts: Optional[tuple] = field(default=None, repr=False)
     _kernel_tiles: Optional[list] = field(default=None, repr=False)
+    index: Optional[SparseCoordinateIndex] = field(default=None, repr=False)  # the index the rows refer to
 
     @property
     def n_levels(self) -> int:
@@ -516,6 +517,7 @@ def build_neighborhood_plan(
         ),
         chunk_size=chunk_size,
         tile_queries=tile_queries,
+        index=index,
     )
 
 

@@ -29,11 +29,14 @@ Conventions (those of the whole package):
 
 The :class:`adapters.SparseCoordinateIndex` of the map is built once per encoder forward (or
 passed in prebuilt) and shared by all blocks of all layers: only features change between layers.
+So are what depends on coordinates and positions only: the deformable sampling's corner table
+(cached on the index) and the neighborhood attention's plan (:meth:`VoxelQueries.neighborhood_plan`,
+built by the first layer, passed as ``plan=`` to the others).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -43,6 +46,7 @@ from torch import Tensor, nn
 from adapters import SparseCoordinateIndex, multilevel_features
 from adapters.conversion import check_spconv_levels
 
+from ..functional.neighborhood import NeighborhoodPlan
 from ..inputs import check_embed_heads, check_position_dim
 from .deformable_attention import SparseMSDeformableAttentionBlock
 from ..functional.neighborhood import full_scale_positions
@@ -144,6 +148,9 @@ class VoxelQueries:
         level_indices: int64 ``[N]`` level of each query.
         batch_offsets: int64 ``[batch_size + 1]``; queries of item ``b`` are rows
             ``batch_offsets[b]:batch_offsets[b + 1]``.
+
+    The neighborhood plans of these queries are built on first use and cached here
+    (:meth:`neighborhood_plan`), so all layers of one forward share them.
     """
 
     levels: list
@@ -153,6 +160,7 @@ class VoxelQueries:
     positions: Tensor
     level_indices: Tensor
     batch_offsets: Tensor
+    _plans: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_levels(
@@ -189,6 +197,19 @@ class VoxelQueries:
         offsets = torch.zeros(batch_size + 1, dtype=torch.int64, device=batch.device)
         offsets[1:] = torch.cumsum(counts, 0)
         return cls(list(levels), index, order, inverse, positions, level_indices, offsets)
+
+    def neighborhood_plan(self, block: SparseNeighborhoodAttentionBlock, positions: Tensor) -> NeighborhoodPlan:
+        """The neighborhood plan of every voxel query for ``block`` called with query positions
+        ``positions`` (the same tensor values for every layer; no background, no mask), built
+        once per (neighborhood sizes, chunk size) and then shared by every block with the same
+        settings (the block checks that the plan fits its call)."""
+        key = (tuple(block.neighborhood_sizes), block.chunk_size)
+        if key not in self._plans:
+            self._plans[key] = block.build_plan(
+                positions, self.batch_offsets, self.levels, self.index.level_spatial_shapes,
+                query_level_indices=self.level_indices, coordinate_index=self.index,
+            )
+        return self._plans[key]
 
     @property
     def n_queries(self) -> int:
@@ -282,8 +303,11 @@ class SparseMSDAEncoderLayer(nn.Module):
         maps = queries.to_levels(x)
         q = x if query_pos is None else x + query_pos
         positions = queries.positions
-        if isinstance(block, SparseNeighborhoodAttentionBlock):  # takes full-scale positions (as the reference)
+        shared = {}
+        if isinstance(block, SparseNeighborhoodAttentionBlock):
+            # full-scale positions (as the reference); the plan is the same for all layers
             positions = full_scale_positions(positions, queries.level_indices, queries.index.level_spatial_shapes)
+            shared["plan"] = queries.neighborhood_plan(block, positions)
         out = block(
             q,
             positions,
@@ -292,6 +316,7 @@ class SparseMSDAEncoderLayer(nn.Module):
             queries.index.level_spatial_shapes,
             query_level_indices=queries.level_indices,
             coordinate_index=queries.index,
+            **shared,
         )
         # With a query embedding the residual stream stays free of it (Deformable DETR's
         # ``src + attn(with_pos_embed(src, pos), value=src)``): add only the block's update.
@@ -365,9 +390,10 @@ class SparseMSDAEncoder(nn.Module):
     spconv layer accepts it.
 
     Every voxel of every level is a query at its cell centre (``coords + 0.5``, in its own level's
-    frame, spconv axis order). The :class:`adapters.SparseCoordinateIndex` of the map and the
-    batch grouping of the queries are computed once per forward and shared by all layers (pass
-    ``coordinate_index=`` to reuse one built elsewhere, e.g. by a decoder).
+    frame, spconv axis order). The :class:`adapters.SparseCoordinateIndex` of the map, the
+    batch grouping of the queries, the deformable corner table and the neighborhood plan are
+    computed once per forward and shared by all layers (pass ``coordinate_index=`` to reuse an
+    index built elsewhere, e.g. by a decoder).
 
     Level embedding (``level_embedding=True``, default): a learnable ``[n_levels, embed_dim]``
     table, as Deformable DETR's ``level_embed``. Each voxel's entry is added to the *attention

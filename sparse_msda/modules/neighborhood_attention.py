@@ -12,12 +12,14 @@ from torch import Tensor, nn
 from adapters import SparseCoordinateIndex
 
 from ..functional.neighborhood import (
+    NeighborhoodPlan,
     build_neighborhood_plan,
     check_neighborhood_sizes,
     default_chunk_size,
     query_rope_positions,
     sparse_neighborhood_attention,
     voxel_rope_positions,
+    window_centres,
 )
 from ..functional.rope import apply_rope, check_freqs_in_groups, init_rope_frequencies, pattern_name
 from ..inputs import QueryBatch, check_embed_heads, check_position_dim, largest_level, prepare_inputs
@@ -290,6 +292,13 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
     in the backward.
     Dropout acts on the attention branch only (not on attention weights).
 
+    Plan reuse: the plan (which voxels each query attends to) depends on the map's coordinates,
+    the query positions, batch and frames, the neighborhood sizes and background on/off only,
+    not on features or weights. A stack of blocks over the same queries builds it once with
+    :meth:`build_plan` and passes ``plan=`` to every block (:class:`SparseMSDAEncoder` does so);
+    a plan that does not fit the call (other positions' window cells, batch, sizes, background
+    or coordinate index) raises ``ValueError``.
+
     Args:
         embed_dim: feature size of queries and maps; divisible by ``n_heads``.
         n_heads: attention heads (``head_dim = embed_dim // n_heads`` must be even).
@@ -344,6 +353,7 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
         query_level_indices: Optional[Tensor] = None,
         query_mask: Optional[Tensor] = None,
         coordinate_index: Optional[SparseCoordinateIndex] = None,
+        plan: Optional[NeighborhoodPlan] = None,
     ) -> Tensor:
         """Attend from each query to the voxels of its multi-level windows.
 
@@ -363,10 +373,23 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
                 query's RoPE position vector only (default: the largest level).
             query_mask: optional bool ``[n_queries]``; True rows are returned unchanged.
             coordinate_index: optional prebuilt index of the map (reused across layers).
+            plan: optional plan from :meth:`build_plan` for the same queries, map and mask
+                (reused across blocks; its index is used when ``coordinate_index`` is None).
 
         Returns:
             ``[n_queries, embed_dim]``.
+
+        Raises:
+            ValueError: bad inputs, or a ``plan`` built for other queries, sizes, background
+                setting or coordinate index.
         """
+        if plan is not None:
+            if not isinstance(plan, NeighborhoodPlan):
+                raise TypeError(f"plan must be a NeighborhoodPlan from build_plan() or None, got {type(plan).__name__}")
+            if coordinate_index is None:
+                coordinate_index = plan.index
+            elif coordinate_index is not plan.index:
+                raise ValueError("plan was built with another coordinate_index than the one passed")
         aq = self._prepare_queries(
             query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes,
             query_level_indices, query_mask, coordinate_index, background_embedding,
@@ -378,7 +401,10 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
         pos_shapes = full.expand(pos.shape[0], -1)
         with_bg = background_embedding is not None
 
-        plan = build_neighborhood_plan(qb.index, batch, pos, pos_shapes, self.neighborhood_sizes, with_bg, chunk_size=self.chunk_size)
+        if plan is None:
+            plan = self._plan(aq, with_bg)
+        else:
+            self._check_plan(plan, aq, with_bg)
         freqs = self.rope.frequencies()
         H, d = self.n_heads, self.head_dim
         q = self._rotated_queries(x, pos, pos_shapes, levels, plan.full_shape)
@@ -390,6 +416,63 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
 
         attn = sparse_neighborhood_attention(q, k, v, plan, bg_k, bg_v, freqs if with_bg else None)
         return self._finish(query, x, attn, plan.has_keys(), active)
+
+    def _plan(self, aq: _ActiveQueries, with_bg: bool) -> NeighborhoodPlan:
+        return build_neighborhood_plan(
+            aq.inputs.index, aq.batch, aq.positions, aq.position_shapes, self.neighborhood_sizes, with_bg,
+            chunk_size=self.chunk_size,
+        )
+
+    def build_plan(
+        self,
+        query_spatial_positions: Tensor,
+        query_batch_offsets: Tensor,
+        stacked_feature_maps,
+        level_spatial_shapes=None,
+        background: bool = False,
+        query_level_indices: Optional[Tensor] = None,
+        query_mask: Optional[Tensor] = None,
+        coordinate_index: Optional[SparseCoordinateIndex] = None,
+    ) -> NeighborhoodPlan:
+        """The plan :meth:`forward` would build for these queries, to pass as ``plan=`` to
+        every block of a stack that attends from the same queries over the same map (the
+        features and weights may differ; the neighborhood sizes, ``background`` (whether
+        ``background_embedding`` is given) and ``query_mask`` must be the same).
+
+        Arguments as for :meth:`forward` (``background`` instead of ``background_embedding``);
+        the plan keeps the coordinate index it was built with (``plan.index``).
+        """
+        if not isinstance(background, bool):
+            raise TypeError(f"background must be a bool, got {background=}")
+        pos = query_spatial_positions
+        dtype = pos.dtype if isinstance(pos, Tensor) and pos.is_floating_point() else torch.float32
+        n_q = pos.shape[0] if isinstance(pos, Tensor) and pos.ndim else 0
+        query = torch.zeros((), dtype=dtype, device=getattr(pos, "device", None)).expand(n_q, self.embed_dim)
+        aq = self._prepare_queries(
+            query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes,
+            query_level_indices, query_mask, coordinate_index,
+        )
+        return self._plan(aq, background)
+
+    def _check_plan(self, plan: NeighborhoodPlan, aq: _ActiveQueries, with_bg: bool) -> None:
+        """ValueError unless ``plan`` is the plan of these (active) queries."""
+        index = aq.inputs.index
+        problems = []
+        if plan.index is not index:
+            problems.append("another coordinate index")
+        if plan.neighborhood_sizes != self.neighborhood_sizes:
+            problems.append(f"neighborhood_sizes={plan.neighborhood_sizes} (block: {self.neighborhood_sizes})")
+        if plan.with_background != with_bg:
+            problems.append(f"background={plan.with_background} (call: {with_bg})")
+        if plan.n_queries != aq.x.shape[0]:
+            problems.append(f"{plan.n_queries} queries (call: {aq.x.shape[0]})")
+        elif not (
+            torch.equal(plan.query_batch, aq.batch.to(plan.query_batch))
+            and torch.equal(plan.centres, window_centres(aq.positions, aq.position_shapes, plan.level_spatial_shapes))
+        ):
+            problems.append("other query batch items or window centres")
+        if problems:
+            raise ValueError(f"plan does not fit this call: it was built for {', '.join(problems)}; build it with build_plan() from the same inputs")
 
     def extra_repr(self) -> str:
         return (
