@@ -445,7 +445,7 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
         if not isinstance(background, bool):
             raise TypeError(f"background must be a bool, got {background=}")
         pos = query_spatial_positions
-        dtype = pos.dtype if isinstance(pos, Tensor) and pos.is_floating_point() else torch.float32
+        dtype = self.q_proj.weight.dtype  # the plan does not depend on the query's values
         n_q = pos.shape[0] if isinstance(pos, Tensor) and pos.ndim else 0
         query = torch.zeros((), dtype=dtype, device=getattr(pos, "device", None)).expand(n_q, self.embed_dim)
         aq = self._prepare_queries(
