@@ -21,6 +21,7 @@ from ..functional.neighborhood import (
     voxel_rope_positions,
     window_centres,
 )
+from ..functional.norm_linear import layer_norm_linear
 from ..functional.rope import apply_rope, check_freqs_in_groups, init_rope_frequencies, pattern_name
 from ..inputs import QueryBatch, check_embed_heads, check_position_dim, largest_level, prepare_inputs
 
@@ -224,8 +225,12 @@ class RotaryAttentionBlock(nn.Module):
 
     def _rotated_queries(self, x: Tensor, pos: Tensor, pos_shapes: Tensor, levels: Tensor, full_shape: Tensor) -> Tensor:
         """``[n, H, head_dim]`` queries: (pre-)norm, ``q_proj``, RoPE at their (full-scale position, level)."""
-        h = self.norm(x) if self.norm_first else x
-        q = self.q_proj(h).view(x.shape[0], self.n_heads, self.head_dim)
+        if self.norm_first:  # LayerNorm + q_proj; the normalised x is recomputed in the backward, not kept
+            norm, proj = self.norm, self.q_proj
+            q = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, proj.weight, proj.bias)
+        else:
+            q = self.q_proj(x)
+        q = q.view(x.shape[0], self.n_heads, self.head_dim)
         return self.rope(q, query_rope_positions(pos, pos_shapes, levels, full_shape))
 
     def _rotated_keys_values(

@@ -1,0 +1,77 @@
+"""LayerNorm followed by a linear layer, keeping only the LayerNorm's input for the backward.
+
+``linear(layer_norm(x))`` through plain autograd keeps the normalised ``[N, C]`` tensor alive
+until the backward reaches the linear layer (its weight gradient needs it). In the attention
+blocks that is one more activation of the size of the input, held across the whole attention
+backward (where the peak is). :func:`layer_norm_linear` saves ``x`` (which the caller keeps
+anyway), the ``[N, 1]`` mean and reciprocal standard deviation, and recomputes the normalised
+tensor in its backward (one elementwise pass).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["layer_norm_linear"]
+
+
+class _LayerNormLinear(torch.autograd.Function):
+    """``F.linear(F.layer_norm(x, [C], nw, nb, eps), w, b)`` for ``x [N, C]``; saves ``x``,
+    the LayerNorm's ``[N, 1]`` statistics and the parameters, not the normalised tensor."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias):
+        h, mean, rstd = torch.native_layer_norm(x, [x.shape[-1]], norm_weight, norm_bias, eps)
+        out = F.linear(h, weight, bias)
+        ctx.eps = eps
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, mean, rstd, norm_weight, norm_bias, weight = ctx.saved_tensors
+        need_x, need_nw, need_nb, _, need_w, need_b = ctx.needs_input_grad
+        grad_w = grad_b = grad_x = grad_nw = grad_nb = None
+        if need_w:
+            h = torch.native_layer_norm(x, [x.shape[-1]], norm_weight, norm_bias, ctx.eps)[0]
+            grad_w = grad_out.t().mm(h)
+            del h
+        if need_b:
+            grad_b = grad_out.sum(0)
+        if need_x or need_nw or need_nb:
+            grad_h = grad_out.mm(weight)
+            grad_x, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
+                grad_h, x, [x.shape[-1]], mean, rstd, norm_weight, norm_bias, [need_x, need_nw, need_nb]
+            )
+        return grad_x, grad_nw, grad_nb, None, grad_w, grad_b
+
+
+def layer_norm_linear(
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    eps: float,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    """``F.linear(F.layer_norm(x, [C], norm_weight, norm_bias, eps), weight, bias)``.
+
+    Args:
+        x: ``[..., C]``.
+        norm_weight, norm_bias: ``[C]`` LayerNorm affine parameters (or None).
+        eps: LayerNorm epsilon.
+        weight: ``[C_out, C]``; bias: ``[C_out]`` or None.
+
+    Returns:
+        ``[..., C_out]``. Same values and gradients as the two modules in sequence; the
+        backward recomputes the normalised input instead of keeping it.
+    """
+    lead = x.shape[:-1]
+    out = _LayerNormLinear.apply(x.reshape(-1, x.shape[-1]), norm_weight, norm_bias, eps, weight, bias)
+    return out.view(*lead, weight.shape[0])
