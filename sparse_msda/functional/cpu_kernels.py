@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def _predefined_macros(compiler: str, march: str) -> tuple[str, ...]:
     """The compiler's predefined macros for ``-march=march`` (identifies the compiler, its
     version and the exact ISA it targets on this host)."""
     out = subprocess.run(
-        [compiler, f"-march={march}", "-E", "-dM", "-x", "c++", os.devnull],
+        [*shlex.split(compiler), f"-march={march}", "-E", "-dM", "-x", "c++", os.devnull],
         capture_output=True,
         text=True,
         timeout=120,
