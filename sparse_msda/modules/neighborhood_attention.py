@@ -400,10 +400,7 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
             query_level_indices, query_mask, coordinate_index, background_embedding,
         )
         qb, active, x, pos, batch, levels = aq.inputs, aq.active, aq.x, aq.positions, aq.batch, aq.levels
-        # positions are full-scale whatever query_level_indices says (the level enters RoPE only),
-        # as in sparse-transformer-layers
-        full = qb.level_spatial_shapes[largest_level(qb.level_spatial_shapes)].to(pos.dtype)
-        pos_shapes = full.expand(pos.shape[0], -1)
+        pos_shapes = self._position_frames(aq)
         with_bg = background_embedding is not None
 
         if plan is None:
@@ -422,9 +419,17 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
         attn = sparse_neighborhood_attention(q, k, v, plan, bg_k, bg_v, freqs if with_bg else None)
         return self._finish(query, x, attn, plan.has_keys(), active)
 
+    @staticmethod
+    def _position_frames(aq: _ActiveQueries) -> Tensor:
+        """``[n, D]`` frame shape of each query position: positions are full-scale whatever
+        ``query_level_indices`` says (the level enters RoPE only), as in sparse-transformer-layers."""
+        shapes = aq.inputs.level_spatial_shapes
+        full = shapes[largest_level(shapes)].to(aq.positions.dtype)
+        return full.expand(aq.positions.shape[0], -1)
+
     def _plan(self, aq: _ActiveQueries, with_bg: bool) -> NeighborhoodPlan:
         return build_neighborhood_plan(
-            aq.inputs.index, aq.batch, aq.positions, aq.position_shapes, self.neighborhood_sizes, with_bg,
+            aq.inputs.index, aq.batch, aq.positions, self._position_frames(aq), self.neighborhood_sizes, with_bg,
             chunk_size=self.chunk_size,
         )
 
@@ -473,7 +478,7 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
             problems.append(f"{plan.n_queries} queries (call: {aq.x.shape[0]})")
         elif not (
             torch.equal(plan.query_batch, aq.batch.to(plan.query_batch))
-            and torch.equal(plan.centres, window_centres(aq.positions, aq.position_shapes, plan.level_spatial_shapes))
+            and torch.equal(plan.centres, window_centres(aq.positions, self._position_frames(aq), plan.level_spatial_shapes))
         ):
             problems.append("other query batch items or window centres")
         if problems:
