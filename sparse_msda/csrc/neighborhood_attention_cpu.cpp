@@ -22,6 +22,8 @@
 // atomics, no copies); only the (small) frequency gradient has one partial sum per thread.
 #include <torch/extension.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -119,15 +121,7 @@ void split_heads(int64_t n_heads, int n_threads, const F& f) {
   for (auto& t : threads) t.join();
 }
 
-// 64-byte GCC vector type (16 floats / 8 doubles: one AVX-512 register, two AVX2 ones, four SSE
-// ones; the compiler splits it as the target needs), unaligned loads and stores.
-template <typename scalar_t>
-struct Vec {
-  typedef scalar_t type __attribute__((vector_size(64), aligned(sizeof(scalar_t)), may_alias));
-  static constexpr int64_t N = 64 / sizeof(scalar_t);
-  static type load(const scalar_t* p) { return *reinterpret_cast<const type*>(p); }
-  static void store(scalar_t* p, type v) { *reinterpret_cast<type*>(p) = v; }
-};
+using sparse_msda_simd::Vec;  // one register of the target ISA (simd.h)
 
 // Dot product of dh values: vector partial sums when the head dim is a compile-time multiple of the
 // vector width, else a plain loop.
@@ -323,7 +317,8 @@ struct TileRotation {
 };
 
 // ---- tile micro-kernels ----
-// Register blocks of Vec (DH = 0: run-time dh, plain loops).
+// Register blocks of Vec, sized for the target's registers (simd.h; DH = 0: run-time dh, plain
+// loops). gemm_nt holds kRows x 2 accumulators (8: fits AVX2's 16 ymm with its operands).
 constexpr int64_t kRows = 4;    // rows of A per register block
 constexpr int64_t kLanes = 16;  // column padding of the score blocks (a whole number of vectors)
 
@@ -368,6 +363,15 @@ void gemm_nt(const scalar_t* __restrict__ A, const scalar_t* __restrict__ BT, in
   }
 }
 
+// Vectors per register block of gemm_nn: the largest power of two <= W whose kRows x CW
+// accumulators fit the target's accumulator registers (AVX2: 4 x 2 of 16 ymm; AVX-512: 4 x 4 of 32 zmm).
+template <int64_t W>
+constexpr int64_t chunk() {
+  int64_t c = 1;
+  while (c * 2 <= W && kRows * c * 2 <= sparse_msda_simd::kAccRegisters) c *= 2;
+  return c;
+}
+
 // C[rows, dh] = A[rows, inner] x B[inner, dh], A read as A[r * rs + j * js] (so a transposed A is
 // a stride swap); rows a multiple of kRows.
 template <typename scalar_t, int DH>
@@ -377,20 +381,22 @@ void gemm_nn(const scalar_t* __restrict__ A, int64_t rs, int64_t js, const scala
   using v_t = typename V::type;
   constexpr int64_t N = V::N;
   if constexpr (DH > 0 && DH % N == 0) {
-    constexpr int64_t W = DH / N;  // vectors per row
-    for (int64_t g0 = 0; g0 < rows; g0 += kRows) {
-      v_t acc[kRows][W] = {};
-      for (int64_t j = 0; j < inner; ++j) {
-        v_t b[W];
-        for (int64_t w = 0; w < W; ++w) b[w] = V::load(B + j * DH + w * N);
-        for (int64_t r = 0; r < kRows; ++r) {
-          const scalar_t x = A[(g0 + r) * rs + j * js];
-          for (int64_t w = 0; w < W; ++w) acc[r][w] += x * b[w];
+    constexpr int64_t W = DH / N;      // vectors per row
+    constexpr int64_t CW = chunk<W>();  // vectors per register block: kRows x CW accumulators
+    for (int64_t g0 = 0; g0 < rows; g0 += kRows)
+      for (int64_t w0 = 0; w0 < W; w0 += CW) {
+        v_t acc[kRows][CW] = {};
+        for (int64_t j = 0; j < inner; ++j) {
+          v_t b[CW];
+          for (int64_t w = 0; w < CW; ++w) b[w] = V::load(B + j * DH + (w0 + w) * N);
+          for (int64_t r = 0; r < kRows; ++r) {
+            const scalar_t x = A[(g0 + r) * rs + j * js];
+            for (int64_t w = 0; w < CW; ++w) acc[r][w] += x * b[w];
+          }
         }
+        for (int64_t r = 0; r < kRows; ++r)
+          for (int64_t w = 0; w < CW; ++w) V::store(C + (g0 + r) * DH + (w0 + w) * N, acc[r][w]);
       }
-      for (int64_t r = 0; r < kRows; ++r)
-        for (int64_t w = 0; w < W; ++w) V::store(C + (g0 + r) * DH + w * N, acc[r][w]);
-    }
   } else {
     std::fill(C, C + rows * dh, scalar_t(0));
     for (int64_t g = 0; g < rows; ++g)

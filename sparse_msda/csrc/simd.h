@@ -1,0 +1,55 @@
+// SIMD helpers of the CPU kernels: a GCC vector type as wide as one register of the target ISA,
+// and the register budget the micro-kernels size their blocks by.
+//
+// The width is chosen at compile time from the -march the kernels are built for (the compiler's
+// ISA macros): AVX-512 -> 64 bytes (32 zmm registers), AVX/AVX2 -> 32 bytes (16 ymm registers),
+// anything else -> 16 bytes (SSE2 / NEON; 16 registers assumed). A vector type wider than the
+// target's registers is NOT split into registers by GCC: it lives in memory (every operation a
+// load and a store), which made the 64-byte version 4-8x slower on AVX2-only CPUs (issue 11).
+#pragma once
+
+#include <cstdint>
+
+namespace sparse_msda_simd {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+constexpr int kVecRegisters = 32;
+constexpr const char* kIsa = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kVecBytes = 32;
+constexpr int kVecRegisters = 16;
+constexpr const char* kIsa = "avx2";
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+constexpr int kVecRegisters = 16;
+constexpr const char* kIsa = "avx";
+#elif defined(__SSE2__)
+constexpr int kVecBytes = 16;
+constexpr int kVecRegisters = 16;
+constexpr const char* kIsa = "sse2";
+#elif defined(__ARM_NEON)
+constexpr int kVecBytes = 16;
+constexpr int kVecRegisters = 32;
+constexpr const char* kIsa = "neon";
+#else
+constexpr int kVecBytes = 16;
+constexpr int kVecRegisters = 16;
+constexpr const char* kIsa = "generic";
+#endif
+
+// One register of scalar_t (N lanes), unaligned loads and stores.
+template <typename scalar_t>
+struct Vec {
+  typedef scalar_t type __attribute__((vector_size(kVecBytes), aligned(sizeof(scalar_t)), may_alias));
+  static constexpr int64_t N = kVecBytes / static_cast<int64_t>(sizeof(scalar_t));
+  static type load(const scalar_t* p) { return *reinterpret_cast<const type*>(p); }
+  static void store(scalar_t* p, type v) { *reinterpret_cast<type*>(p) = v; }
+  static type broadcast(scalar_t x) { return type{} + x; }
+};
+
+// Accumulator registers a register-blocked micro-kernel may hold (the rest: its loaded operands
+// and broadcasts): 24 of 32 on AVX-512, 8 of 16 elsewhere.
+constexpr int64_t kAccRegisters = kVecRegisters == 32 ? 24 : 8;
+
+}  // namespace sparse_msda_simd
