@@ -293,3 +293,85 @@ def test_neighborhood_attention_rejects_inputs_that_do_not_fit_the_plan():
     plain, (q2, k2, v2, *_) = _nbhd_problem(2, False, 4, 2, False, torch.float64, seed=71)
     with pytest.raises(ValueError, match="exactly when the plan was built with_background"):
         f(q2, k2, v2, plain, bk, bv, fr)  # plan without background, background given
+
+
+# ---------------------------------------------------------------------------------------------
+# the dispatch guard: by default a kernel runs only on the vector ISAs it was measured faster on
+# ---------------------------------------------------------------------------------------------
+from sparse_msda.functional import cpu_kernels  # noqa: E402
+
+
+class _KernelsBuiltFor:
+    """Stands in for a compiled extension built for ``isa``; it has no kernels, so a dispatch
+    that used it would raise AttributeError."""
+
+    def __init__(self, isa):
+        self.isa = isa
+
+    def simd_isa(self):
+        return self.isa
+
+
+@pytest.mark.parametrize(
+    "isa, flag, used",
+    [
+        ("avx512", None, True),
+        ("avx2", None, True),
+        ("avx", None, False),
+        ("sse2", None, False),
+        ("neon", None, False),
+        ("generic", None, False),
+        ("sse2", "1", True),  # forced
+        ("avx2", "0", False),  # disabled
+    ],
+)
+def test_dispatch_uses_kernels_only_on_measured_isas(monkeypatch, isa, flag, used):
+    fake = _KernelsBuiltFor(isa)
+    monkeypatch.setattr(cpu_kernels, "_load", lambda name: fake if cpu_kernels.kernels_enabled() else None)
+    if flag is None:
+        monkeypatch.delenv("SPARSE_MSDA_CPU_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", flag)
+    assert (cpu_kernels.sampling_kernels() is fake) is used
+    assert (cpu_kernels.neighborhood_kernels() is fake) is used
+    assert cpu_kernels.neighborhood_kernels(auto=False) is (fake if flag != "0" else None)
+
+
+def test_unmeasured_isa_runs_the_pytorch_path(monkeypatch):
+    """A build for an ISA outside KERNEL_WINS is never called: both attention functions give the
+    PyTorch path's results (the stand-in has no kernels to call)."""
+    f, inputs = _problem(2, True, 30, torch.float64, 71)
+    plan, nb_inputs = _nbhd_problem(2, True, 8, 2, False, torch.float64, seed=72)
+    out_s, grads_s = _run(f, inputs, monkeypatch, "0")
+    out_n, grads_n = _nbhd_run(plan, nb_inputs, monkeypatch, "0")
+    monkeypatch.setattr(cpu_kernels, "_load", lambda name: _KernelsBuiltFor("sse2"))
+    monkeypatch.delenv("SPARSE_MSDA_CPU_KERNELS")
+    out = f(*inputs)
+    assert torch.equal(out, out_s)
+    q, k, v, bk, bv, fr = nb_inputs
+    assert torch.equal(neighborhood.sparse_neighborhood_attention(q, k, v, plan, bk, bv, fr), out_n)
+
+
+def _expected_isa(macros) -> str:
+    """The label csrc/simd.h must pick for a compiler target with these predefined macros."""
+    defined = {line.split()[1] for line in macros if line.startswith("#define ")}
+    if "__AVX512F__" in defined:
+        return "avx512"
+    if "__AVX2__" in defined and "__FMA__" in defined:
+        return "avx2"
+    if "__AVX__" in defined:
+        return "avx"
+    if "__SSE2__" in defined:
+        return "sse2"
+    return "neon" if "__ARM_NEON" in defined else "generic"
+
+
+def test_built_kernels_target_the_requested_isa(kernels, nbhd_kernels, monkeypatch):
+    """Both extensions report the vector ISA of the -march they were built for (so their vector
+    width is that ISA's register, simd.h), and the default dispatch follows KERNEL_WINS."""
+    macros = cpu_kernels._predefined_macros(cpu_kernels._compiler(), cpu_kernels.target_march())
+    expected = _expected_isa(macros)
+    assert kernels.simd_isa() == expected and nbhd_kernels.simd_isa() == expected
+    monkeypatch.delenv("SPARSE_MSDA_CPU_KERNELS")
+    assert (cpu_kernels.neighborhood_kernels() is nbhd_kernels) is (expected in cpu_kernels.KERNEL_WINS)
+    assert (cpu_kernels.sampling_kernels() is kernels) is (expected in cpu_kernels.KERNEL_WINS)

@@ -955,6 +955,7 @@ std::vector<at::Tensor> neighborhood_backward(const at::Tensor& q, const at::Ten
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("simd_isa", [] { return std::string(sparse_msda_simd::kIsa); }, "the vector ISA this build targets (simd.h)");
   m.def("neighborhood_counts", &neighborhood_counts, "voxel keys and background slots of each query (CPU)");
   m.def("neighborhood_forward", &neighborhood_forward, "fused multi-level sparse neighborhood attention (CPU)");
   m.def("neighborhood_backward", &neighborhood_backward, "its backward (CPU)");

@@ -12,6 +12,8 @@
 // batch / level / head are int64 [S, J] tensors read through their strides (broadcast views welcome).
 #include <torch/extension.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <thread>
@@ -301,6 +303,7 @@ std::vector<at::Tensor> sample_backward(const at::Tensor& table, const at::Tenso
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("simd_isa", [] { return std::string(sparse_msda_simd::kIsa); }, "the vector ISA this build targets (simd.h)");
   m.def("sample_forward", &sample_forward, "fused sparse bilinear/trilinear weighted gather (CPU)");
   m.def("sample_backward", &sample_backward, "its backward (CPU)");
 }

@@ -24,6 +24,13 @@ versions) never rebuild each other's kernel. A build prints one line on stderr w
 
 ``SPARSE_MSDA_CPU_KERNELS=0`` disables them. A failed build (or a ``-march`` whose ISA this CPU
 lacks) warns once and falls back to the PyTorch path.
+
+Dispatch guard: by default a kernel is used only where its build's vector ISA (``simd_isa()`` of
+the extension, from ``csrc/simd.h``: ``avx512``, ``avx2``, ``avx``, ``sse2``, ``neon``,
+``generic``) is one it was measured no slower than its PyTorch path on (:data:`KERNEL_WINS`;
+``python -m benchmarks.neighborhood`` and ``benchmarks.msda`` print the kernel / PyTorch-path
+ratio of every case); elsewhere the PyTorch path runs. ``SPARSE_MSDA_CPU_KERNELS=1`` uses the
+kernels on any ISA (the parity tests do).
 """
 
 from __future__ import annotations
@@ -42,9 +49,12 @@ import warnings
 from pathlib import Path
 
 __all__ = [
+    "KERNEL_WINS",
     "build_directory",
     "build_error",
+    "kernel_wins",
     "kernels_enabled",
+    "kernels_forced",
     "neighborhood_kernels",
     "sampling_kernels",
     "target_march",
@@ -65,9 +75,34 @@ _KERNELS = {
 _ISA_MACRO = re.compile(r"#define (__[A-Z][A-Z0-9_]*__) 1$")
 
 
+# Vector ISAs (the extensions' simd_isa()) on which both kernels were measured no slower than their
+# PyTorch paths in the README cases of benchmarks.neighborhood / benchmarks.msda (README,
+# "Benchmarks": avx512 = -march=native on an AMD EPYC 9B14 (Zen 4), avx2 = -march=x86-64-v3
+# there). Not in it: sse2 (-march=x86-64 there: scan-bev encoder block 1.4 s against 0.9 s for the
+# PyTorch path, single thread) and the ISAs nobody measured (avx without FMA, neon, generic).
+KERNEL_WINS = frozenset({"avx512", "avx2"})
+
+
 def kernels_enabled() -> bool:
     """False when ``SPARSE_MSDA_CPU_KERNELS=0``."""
     return os.environ.get("SPARSE_MSDA_CPU_KERNELS", "1") != "0"
+
+
+def kernels_forced() -> bool:
+    """True when ``SPARSE_MSDA_CPU_KERNELS=1``: use the kernels whatever ISA they are built for."""
+    return os.environ.get("SPARSE_MSDA_CPU_KERNELS", "") == "1"
+
+
+def kernel_wins(isa: str) -> bool:
+    """Whether a kernel built for vector ISA ``isa`` is used by default (:data:`KERNEL_WINS`)."""
+    return isa in KERNEL_WINS
+
+
+def _dispatch(ext, auto: bool):
+    """``ext`` if the CPU dispatch should use it, else None (see the module docstring)."""
+    if ext is None or not auto or kernels_forced():
+        return ext
+    return ext if kernel_wins(ext.simd_isa()) else None
 
 
 def target_march() -> str:
@@ -210,15 +245,16 @@ def _load(name: str):
         return _STATE[name]
 
 
-def sampling_kernels():
-    """The compiled sampling kernels, or None (disabled, or the build failed: warned once)."""
-    return _load("sparse_msda_sample_cpu")
+def sampling_kernels(auto: bool = True):
+    """The compiled sampling kernels, or None (disabled, the build failed: warned once, or
+    ``auto`` and built for an ISA not in :data:`KERNEL_WINS`)."""
+    return _dispatch(_load("sparse_msda_sample_cpu"), auto)
 
 
-def neighborhood_kernels():
-    """The compiled neighborhood-attention kernels, or None (disabled, or the build failed:
-    warned once)."""
-    return _load("sparse_msda_neighborhood_cpu")
+def neighborhood_kernels(auto: bool = True):
+    """The compiled neighborhood-attention kernels, or None (disabled, the build failed: warned
+    once, or ``auto`` and built for an ISA not in :data:`KERNEL_WINS`)."""
+    return _dispatch(_load("sparse_msda_neighborhood_cpu"), auto)
 
 
 def build_error():
