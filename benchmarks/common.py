@@ -66,6 +66,7 @@ __all__ = [
     "REPO_ROOT",
     "add_common_args",
     "format_table",
+    "kernel_vs_pytorch_table",
     "run_case",
     "run_cases",
     "scan_frames",
@@ -278,6 +279,7 @@ def run_cases(
     out: Optional[str] = None,
     title: Optional[str] = None,
     verbose: bool = True,
+    summarize: Optional[Callable[[Sequence[Result]], str]] = None,
 ) -> str:
     """Run every case (each in a fresh subprocess), print and return the markdown table.
 
@@ -287,6 +289,7 @@ def run_cases(
         timeout: seconds per case (setup included) before its subprocess is killed.
         out: also write the table (with a header line naming the machine) to this file.
         title: a heading printed above the table.
+        summarize: appends its text (e.g. :func:`kernel_vs_pytorch_table`) below the table.
     """
     results = []
     for case in cases:
@@ -300,6 +303,8 @@ def run_cases(
         f"median/min of {repeats}; each case in a fresh subprocess._\n\n"
     )
     text = header + table
+    if summarize is not None:
+        text += "\n\n" + summarize(results)
     print(text, flush=True)
     if out:
         Path(out).write_text(text + "\n")
@@ -318,7 +323,67 @@ def machine_description() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}; {cpu_kernel_description()}"
+
+
+def cpu_simd_flags() -> str:
+    """The CPU's vector-ISA flags from ``/proc/cpuinfo`` (``avx2 fma avx512f ...``), or ``?``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "?"
+    return " ".join(sorted(f for f in set(flags) if f.startswith(("avx", "fma", "sse4_2")))) or "no AVX"
+
+
+def cpu_kernel_description() -> str:
+    """CPU flags, and the ISA the fused CPU kernels are built for (their register width) and
+    whether the CPU dispatch uses them (``sparse_msda.functional.cpu_kernels``)."""
+    from sparse_msda.functional import cpu_kernels
+
+    text = f"CPU flags: {cpu_simd_flags()}"
+    ext = cpu_kernels.sampling_kernels(auto=False) if cpu_kernels.kernels_enabled() else None
+    if ext is None:
+        return text + "; CPU kernels off (SPARSE_MSDA_CPU_KERNELS=0 or no build)"
+    isa = ext.simd_isa()
+    used = "used" if cpu_kernels.kernel_wins(isa) or cpu_kernels.kernels_forced() else "not used (PyTorch path)"
+    return text + f"; CPU kernels built with -march={cpu_kernels.target_march()} ({isa}), {used}"
+
+
+def kernel_vs_pytorch_table(
+    results: Sequence[Result], key: Callable[[Case], tuple], kernel: str, pytorch: str, floor: str
+) -> str:
+    """The guard against a CPU kernel slower than its own PyTorch path: per case group (``key(case)
+    -> (group, impl)``), the median ms of the kernel, of the PyTorch path (the same module with
+    ``SPARSE_MSDA_CPU_KERNELS=0``) and of the floor, their ratios, and a closing line naming every
+    group where the kernel lost."""
+    times: dict = {}
+    for r in results:
+        group, impl = key(r.case)
+        if r.median_ms is not None:
+            times.setdefault(group, {})[impl] = r.median_ms
+    head = ["case", "kernel ms", "PyTorch path ms", "floor ms", "kernel / PyTorch", "kernel / floor", "PyTorch / floor"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    losses = []
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a is not None and b else ""
+
+    for group, t in times.items():
+        k, p, f = t.get(kernel), t.get(pytorch), t.get(floor)
+        if k is None and p is None:
+            continue
+        cells = [group] + [f"{x:.0f}" if x is not None else "" for x in (k, p, f)]
+        cells += [ratio(k, p), ratio(k, f), ratio(p, f)]
+        lines.append("| " + " | ".join(cells) + " |")
+        if k is not None and p is not None and k > p:
+            losses.append(f"{group} ({k / p:.2f}x)")
+    verdict = (
+        f"KERNEL SLOWER THAN ITS PYTORCH PATH: {', '.join(losses)}"
+        if losses
+        else "kernel <= PyTorch path in every case measured"
+    )
+    return "Kernel vs its PyTorch path (same inputs, same run):\n\n" + "\n".join(lines) + "\n\n" + verdict
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -332,7 +397,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run_main(description: str, build_cases: Callable[[bool], list], title: str) -> None:
+def run_main(
+    description: str,
+    build_cases: Callable[[bool], list],
+    title: str,
+    summarize: Optional[Callable[[Sequence[Result]], str]] = None,
+) -> None:
     """Command line of a benchmark module: the common arguments plus ``--only`` (comma-separated
     substrings of case names), then :func:`run_cases` on ``build_cases(quick)``."""
     parser = add_common_args(argparse.ArgumentParser(description=description))
@@ -341,7 +411,9 @@ def run_main(description: str, build_cases: Callable[[bool], list], title: str) 
     cases = build_cases(args.quick)
     if args.only:
         cases = [c for c in cases if any(part in c.name for part in args.only.split(","))]
-    run_cases(cases, repeats=args.repeats, warmup=args.warmup, timeout=args.timeout, out=args.out, title=title)
+    run_cases(
+        cases, repeats=args.repeats, warmup=args.warmup, timeout=args.timeout, out=args.out, title=title, summarize=summarize
+    )
 
 
 def block_queries(features, index, role: str, n_queries: int, generator, embed_dim: int, uniform: bool = False):

@@ -9,6 +9,9 @@ fresh subprocess (:mod:`benchmarks.common`). Implementations, on the same inputs
 
 * ``sparse``: :class:`sparse_msda.SparseMSDeformableAttention` on the spconv levels, with a
   prebuilt coordinate index (built once per map, as an encoder does for all its layers).
+* ``pytorch``: the same sparse module on the same inputs with ``SPARSE_MSDA_CPU_KERNELS=0`` (the
+  PyTorch path the fused sampling kernel replaces); the table below the results gives kernel /
+  PyTorch path per case and names every case where the kernel loses (the guard of issue 11).
 * ``dense``: Deformable DETR's ``MSDeformAttn`` formulation (``value_proj`` over every cell of
   the densified maps, ``F.grid_sample`` per level); the densified input maps are built in setup
   (not timed). Skipped where the dense maps would not fit in memory (3D ``[41,1600,1408]`` x 256
@@ -29,11 +32,12 @@ encoder (every voxel a query, at its own level's cell centre) and decoder (900 q
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Case, add_common_args, run_cases, scan_levels
+from benchmarks.common import Case, add_common_args, kernel_vs_pytorch_table, run_cases, scan_levels
 
 EMBED, HEADS, LEVELS, POINTS = 256, 8, 4, 4
 N_DECODER = 900
@@ -131,6 +135,12 @@ def setup_sparse(source: str, mode: str, backward: bool, occupancy: float = 0.05
     return _runner(fn, backward, [query, *feats])
 
 
+def setup_pytorch(source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0):
+    """``setup_sparse`` without the fused CPU kernel (this case's own subprocess)."""
+    os.environ["SPARSE_MSDA_CPU_KERNELS"] = "0"
+    return setup_sparse(source, mode, backward, occupancy, batch_size, threads)
+
+
 def setup_floor(source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0):
     _threads(threads)
     levels = _levels(source, occupancy, batch_size)
@@ -202,7 +212,7 @@ def setup_dense(source: str, mode: str, backward: bool, occupancy: float = 0.05,
 # --- case list ------------------------------------------------------------------------------
 def cases(quick: bool, only: str | None, threads: int = 0):
     out = []
-    impls = (("sparse", setup_sparse), ("dense", setup_dense), ("floor", setup_floor))
+    impls = (("sparse", setup_sparse), ("pytorch", setup_pytorch), ("dense", setup_dense), ("floor", setup_floor))
 
     def add(source, mode, occupancy=0.05, batch_size=2, dense=True, tag=""):
         for backward in (False, True):
@@ -232,6 +242,15 @@ def cases(quick: bool, only: str | None, threads: int = 0):
     return out
 
 
+def _group(case: Case) -> tuple[str, str]:
+    group, _, impl = case.name.rpartition("/")
+    return group, impl
+
+
+def summarize(results) -> str:
+    return kernel_vs_pytorch_table(results, _group, kernel="sparse", pytorch="pytorch", floor="floor")
+
+
 if __name__ == "__main__":
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--only", choices=["synthetic", "scan", "scan_bev", "scan_3d", "sweep"], default=None)
@@ -244,4 +263,5 @@ if __name__ == "__main__":
         timeout=args.timeout,
         out=args.out,
         title="Sparse MSDA vs dense grid_sample vs four-linear floor (embed 256, 8 heads, 4 levels, 4 points)",
+        summarize=summarize,
     )

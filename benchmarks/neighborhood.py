@@ -12,6 +12,9 @@ Implementations, side by side for each setting (embed 256, 8 heads, windows [3, 
 * ``shared-plan``: the block with its plan built once before the timed calls and passed as
   ``plan=`` (what every encoder layer after the first pays: :class:`SparseMSDAEncoder` builds
   the plan once per forward); only for the encoder settings;
+* ``pytorch``: the same block on the same inputs with ``SPARSE_MSDA_CPU_KERNELS=0`` (the
+  PyTorch path the kernel replaces); the table below the results gives kernel / PyTorch path
+  per case, and names every case where the kernel loses (the guard of issue 11);
 * ``floor``: the block's own linear layers alone (q and output projections on the queries,
   the k/v projection on *every* voxel of the map), i.e. what any implementation must pay;
 * ``naive``: gather everything: the same window lookup, then ``[Q, K, H, d]`` keys/values
@@ -34,10 +37,11 @@ Modes: ``fwd`` (training forward: autograd records, the graph is then dropped) a
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from benchmarks.common import Case, block_queries, block_runner, run_main, scan_levels
+from benchmarks.common import Case, block_queries, block_runner, kernel_vs_pytorch_table, run_main, scan_levels
 
 EMBED, HEADS, SIZES = 256, 8, [3, 5, 7, 9]
 NAIVE_LIMIT_BYTES = 8 * 2**30  # estimated naive peak above which it is skipped (24 GiB machine)
@@ -137,7 +141,7 @@ def _run_naive(block, x):
     return query + branch
 
 
-IMPLS = {"block": _run_block, "floor": _run_floor, "naive": _run_naive}
+IMPLS = {"block": _run_block, "pytorch": _run_block, "floor": _run_floor, "naive": _run_naive}
 
 
 def _run_shared_plan(block, x):
@@ -156,6 +160,8 @@ IMPLS["shared-plan"] = _run_shared_plan
 
 
 def setup(impl: str, mode: str, setting: str, role: str, n_queries: int = 900, background: bool = False):
+    if impl == "pytorch":  # this case's own subprocess: the block without the fused CPU kernel
+        os.environ["SPARSE_MSDA_CPU_KERNELS"] = "0"
     x = _inputs(setting, role, n_queries, background)
     block = _block(x["index"].position_dim)
     run = IMPLS[impl]
@@ -190,10 +196,10 @@ def build_cases(quick: bool) -> list[Case]:
     cases = []
     for setting, role, n, bg in settings:
         label = f"{setting}-{role}" + (f"-{2 * n // 1000}k" if n >= 10_000 else "") + ("-bg" if bg else "")
-        for impl in ("floor", "block", "naive"):
+        for impl in ("floor", "block", "pytorch", "naive"):
             if impl == "naive" and naive_estimate_bytes(setting, role, n) > NAIVE_LIMIT_BYTES:
                 continue
-            if impl != "block" and n >= 10_000:
+            if impl in ("floor", "naive") and n >= 10_000:
                 continue
             for mode in ("fwd", "fwd+bwd"):
                 kw = dict(impl=impl, mode=mode, setting=setting, role=role, n_queries=n, background=bg)
@@ -205,5 +211,19 @@ def build_cases(quick: bool) -> list[Case]:
     return cases
 
 
+def _group(case: Case) -> tuple[str, str]:
+    label, impl, mode = case.name.split(" ")
+    return f"{label} {mode}", impl
+
+
+def summarize(results) -> str:
+    return kernel_vs_pytorch_table(results, _group, kernel="block", pytorch="pytorch", floor="floor")
+
+
 if __name__ == "__main__":
-    run_main(__doc__.splitlines()[0], build_cases, "SparseNeighborhoodAttentionBlock: embed 256, 8 heads, windows [3, 5, 7, 9]")
+    run_main(
+        __doc__.splitlines()[0],
+        build_cases,
+        "SparseNeighborhoodAttentionBlock: embed 256, 8 heads, windows [3, 5, 7, 9]",
+        summarize=summarize,
+    )
