@@ -255,9 +255,13 @@ if __name__ == "__main__":
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--only", choices=["synthetic", "scan", "scan_bev", "scan_3d", "sweep"], default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (default: the harness's 2)")
+    parser.add_argument("--match", default=None, help="comma-separated substrings: run only cases whose name contains one")
     args = parser.parse_args()
+    selected = cases(args.quick, args.only, args.threads)
+    if args.match:
+        selected = [c for c in selected if any(part in c.name for part in args.match.split(","))]
     run_cases(
-        cases(args.quick, args.only, args.threads),
+        selected,
         repeats=args.repeats,
         warmup=args.warmup,
         timeout=args.timeout,
