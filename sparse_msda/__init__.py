@@ -4,6 +4,7 @@ Layout:
     sparse_msda.inputs      -- validation/normalisation of the layers' public inputs
     sparse_msda.functional  -- the functional core (sampling, gathering, attention math)
     sparse_msda.modules     -- thin nn.Module layers and blocks on top of it
+    sparse_msda.checkpoints -- loading sparse-transformer-layers checkpoints (the seed API's reference)
     adapters                -- (separate package) spconv <-> COO conversion, hashed coordinate index
 """
 
