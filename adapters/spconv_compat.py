@@ -18,17 +18,30 @@
    replaces it, for spconv's ops module only, with ``torch.Tensor.index_add_`` on the same
    memory (the same per-element additions, exact); it is applied when :mod:`adapters` is
    imported, on every torch build (CPU tensors take that path also with CUDA available).
+
+:func:`patch_spconv` applies (2) and (3) -- what ``import adapters`` does -- explicitly and
+idempotently, for programs that run spconv without ever calling our attention;
+``python -m adapters.check_spconv`` tells whether the installed spconv needs it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from spconv.pytorch.cppcore import torch_tensor_to_tv
 from spconv.pytorch.hash import HashTable
 
-__all__ = ["hash_insert", "hash_query", "new_hash_table", "patch_spconv_cpu_scatter_add", "patch_spconv_cpu_stream"]
+__all__ = [
+    "hash_insert",
+    "hash_query",
+    "new_hash_table",
+    "patch_spconv",
+    "patch_spconv_cpu_scatter_add",
+    "patch_spconv_cpu_stream",
+    "spconv_unpatched",
+]
 
 _NO_CUDA_MESSAGE = "spconv not compiled with cuda"
 
@@ -124,8 +137,12 @@ def patch_spconv_cpu_stream() -> bool:
     for module in (cppcore, ops, hash_module, utils):
         current = getattr(module, "get_current_stream", None)
         if current is not None and not getattr(current, "_sparse_msda_patch", False):
+            _ORIGINAL_STREAMS[module] = current
             module.get_current_stream = get_current_stream
     return True
+
+
+_ORIGINAL_STREAMS: dict = {}  # module -> spconv's own get_current_stream, kept by the patch
 
 
 class _SpconvOpsWithSafeScatterAdd:
@@ -169,3 +186,42 @@ def patch_spconv_cpu_scatter_add() -> bool:
     if not getattr(ops.SpconvOps, "_sparse_msda_patch", False):
         ops.SpconvOps = _SpconvOpsWithSafeScatterAdd(ops.SpconvOps)
     return True
+
+
+def patch_spconv() -> dict[str, bool]:
+    """Apply the fixes for spconv's CPU sparse convolutions; idempotent (a second call changes nothing).
+
+    What ``import adapters`` (and so ``import sparse_msda``) already does, for programs that run
+    spconv convolutions without our attention, or in a process that never imports us: call it
+    once per process before the first CPU sparse convolution (DataLoader workers that only
+    load data need nothing). Fixes defect (2), the sparse-conv backward on a CPU-only torch
+    (nothing to do, and not applied, when torch has CUDA), and defect (3), the data race of the
+    CPU scatter-add that silently corrupts features with more than one thread.
+
+    Returns:
+        ``{"cpu_stream": bool, "cpu_scatter_add": bool}``, whether each patch is installed.
+    """
+    return {"cpu_stream": patch_spconv_cpu_stream(), "cpu_scatter_add": patch_spconv_cpu_scatter_add()}
+
+
+@contextlib.contextmanager
+def spconv_unpatched() -> Iterator[None]:
+    """Run spconv's own CPU code (without :func:`patch_spconv`'s fixes) inside the ``with`` block.
+
+    For checking whether the installed spconv still has the defects
+    (``python -m adapters.check_spconv``); the patches are put back on exit.
+    """
+    import spconv.pytorch.ops as ops
+
+    patched_ops = ops.SpconvOps
+    patched_streams = {m: m.get_current_stream for m in _ORIGINAL_STREAMS}
+    if getattr(patched_ops, "_sparse_msda_patch", False):
+        ops.SpconvOps = patched_ops._base
+    for module, original in _ORIGINAL_STREAMS.items():
+        module.get_current_stream = original
+    try:
+        yield
+    finally:
+        ops.SpconvOps = patched_ops
+        for module, patched in patched_streams.items():
+            module.get_current_stream = patched

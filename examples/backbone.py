@@ -7,7 +7,7 @@ Shapes on the KITTI grid (voxel 0.05 x 0.05 x 0.1 m, range x 0..70.4, y -40..40,
     SparseConv3d s2  [21,  800,  704]   + SubMConv3d              -> level 1 (stride 2)
     SparseConv3d s2  [11,  400,  352]   + SubMConv3d              -> level 2 (stride 4)
     SparseConv3d s2  [ 5,  200,  176]   + SubMConv3d (pad 0,1,1)  -> level 3 (stride 8)
-    per-level SubMConv3d(k=1) to ``embed_dim``  -> SparseMSDAEncoder -> same 4 levels, new features
+    per-level Linear to ``embed_dim`` (sparse_msda.LevelProjection) -> SparseMSDAEncoder -> same 4 levels, new features
     level 3 -> SparseConv3d((3,1,1), stride (2,1,1)) [2, 200, 176] -> height-compressed BEV
     [B, 2 * bev_channels, 200, 176] -> Conv2d heads
 
@@ -25,7 +25,7 @@ from torch import nn
 import sparse_msda  # noqa: F401  (imports adapters first: CPU sparse-conv backward fix)
 import spconv.pytorch as spconv
 from spconv.pytorch import SparseConvTensor
-from sparse_msda import SparseCoordinateIndex, SparseMSDAEncoder
+from sparse_msda import LevelProjection, SparseCoordinateIndex, SparseMSDAEncoder
 from sparse_msda.lidar import KITTI_POINT_RANGE, KITTI_VOXEL_SIZE, stack_batch, voxelize
 
 __all__ = [
@@ -105,19 +105,6 @@ class VoxelBackbone8x(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
-
-
-class LevelProjection(nn.Module):
-    """Per-level ``SubMConv3d(c_l, embed_dim, 1)`` so every level has the encoder's width."""
-
-    def __init__(self, in_channels: Sequence[int], embed_dim: int) -> None:
-        super().__init__()
-        self.proj = nn.ModuleList(
-            spconv.SubMConv3d(c, embed_dim, 1, bias=True, indice_key=f"proj{i}") for i, c in enumerate(in_channels)
-        )
-
-    def forward(self, levels: Sequence[SparseConvTensor]) -> list[SparseConvTensor]:
-        return [proj(x) for proj, x in zip(self.proj, levels)]
 
 
 class BEVHead(nn.Module):

@@ -10,7 +10,7 @@ Steps (each one timed):
 2. voxelise it with spconv's ``PointToVoxel`` on the KITTI grid (0.05 x 0.05 x 0.1 m voxels,
    x 0..70.4, y -40..40, z -3..1 -> spconv shape ``[41, 1600, 1408]``, mean of points per voxel);
 3. run a small ``VoxelBackBone8x``-shaped spconv backbone (strides 1, 2, 4, 8) and project every
-   level to ``embed_dim`` with a ``SubMConv3d(k=1)``;
+   level to ``embed_dim`` with ``sparse_msda.LevelProjection`` (a Linear per level);
 4. build the ``SparseCoordinateIndex`` of the 4 levels once, and run ``SparseMSDAEncoder``
    (``--layers`` x [deformable attention + neighborhood attention + feed-forward], every voxel
    of every level a query) -- the output levels keep their indices and shapes;

@@ -3,7 +3,7 @@
 Task: per-voxel "above ground" segmentation. Every finest-level voxel (0.05 x 0.05 x 0.1 m) is
 labelled 1 when the mean height of its points is above ``--ground-z`` (the sensor is ~2 m above
 the road, so the ground is near z = -2 m), else 0. Model: the ``VoxelBackBone8x``-shaped spconv
-backbone, a per-level ``SubMConv3d(k=1)`` projection, ``SparseMSDAEncoder`` over the 4 levels and
+backbone, a per-level linear projection (``sparse_msda.LevelProjection``), ``SparseMSDAEncoder`` over the 4 levels and
 a linear head on the encoded finest level; binary cross-entropy.
 
     python examples/train_toy.py                                  # one process

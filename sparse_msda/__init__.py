@@ -5,6 +5,7 @@ Layout:
     sparse_msda.functional  -- the functional core (sampling, gathering, attention math)
     sparse_msda.modules     -- thin nn.Module layers and blocks on top of it
     sparse_msda.checkpoints -- loading sparse-transformer-layers checkpoints (the seed API's reference)
+    sparse_msda.integrations -- OpenPCDet / mmdetection3d drop-in backbones (imported on demand)
     adapters                -- (separate package) spconv <-> COO conversion, hashed coordinate index
 """
 
@@ -23,12 +24,18 @@ from .modules.token_self_attention import MultilevelSelfAttentionBlockWithRoPE
 # --- encoder (issue 5) ---
 from .modules.encoder import FeedForwardBlock, SparseMSDAEncoder, SparseMSDAEncoderLayer
 
+# --- backbone levels <-> encoder width (issue 15; framework drop-ins: sparse_msda.integrations) ---
+from .modules.level_projection import LevelBackProjection, LevelProjection
+
 __all__ = [
     "SparseCoordinateIndex",
     # encoder (issue 5)
     "FeedForwardBlock",
     "SparseMSDAEncoder",
     "SparseMSDAEncoderLayer",
+    # level projections (issue 15)
+    "LevelBackProjection",
+    "LevelProjection",
     # neighborhood attention (issue 4)
     "MultilevelSelfAttentionBlockWithRoPE",
     "SparseMultilevelMapAttentionBlock",

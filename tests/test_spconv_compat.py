@@ -261,3 +261,62 @@ def test_sparse_conv_backward_on_cpu_matches_dense_conv3d(make_conv, seed, two_t
         torch.testing.assert_close(conv.bias.grad, bias.grad, rtol=0, atol=1e-12)
     # every output site of spconv is a site the dense conv can reach (non-trivial comparison)
     assert out.features.shape[0] > 0 and float(feats.grad.abs().sum()) > 0
+
+
+# --- adapters.patch_spconv() and python -m adapters.check_spconv (issue 15) ---------------------
+def test_patch_spconv_is_idempotent_and_reversible_for_the_check():
+    import spconv.pytorch.ops as ops
+
+    from adapters import patch_spconv, spconv_unpatched
+
+    first = patch_spconv()
+    proxy, stream = ops.SpconvOps, ops.get_current_stream
+    assert patch_spconv() == first == {"cpu_stream": CPU_ONLY, "cpu_scatter_add": True}
+    assert ops.SpconvOps is proxy and ops.get_current_stream is stream  # a second call wraps nothing twice
+    assert not isinstance(proxy._base, type(proxy))
+    with spconv_unpatched():
+        assert ops.SpconvOps is proxy._base
+        assert not getattr(ops.get_current_stream, "_sparse_msda_patch", False)
+    assert ops.SpconvOps is proxy and ops.get_current_stream is stream
+
+
+def test_check_spconv_verdicts():
+    from adapters.check_spconv import CheckResult, verdict
+
+    def result(patched, threads, errors, backward=0.0, exc=None):
+        return CheckResult(patched, threads, list(errors), None if exc else backward, exc)
+
+    fine = [result(True, 1, [0.0]), result(True, 2, [0.0, 1e-15])]
+    racy = [result(False, 1, [0.0]), result(False, 2, [0.0, 0.3])]
+    text = verdict(racy, fine)
+    assert "NEEDS adapters.patch_spconv(): results are wrong with 2 threads" in text and "backward fails" not in text
+    assert text.endswith("With the patch every result matches the dense reference.")
+    no_stream = [result(False, 1, [0.0], exc="AssertionError: Torch not compiled with CUDA enabled"), result(False, 2, [0.0])]
+    assert "backward fails" in verdict(no_stream, fine)
+    healthy = [result(False, 1, [0.0]), result(False, 2, [0.0])]
+    assert verdict(healthy, fine).startswith("verdict: no defect reproduced")
+    assert "STILL DIFFER" in verdict(healthy, [result(True, 1, [0.0]), result(True, 2, [0.1])])
+    assert racy[1].describe() == "unpatched spconv, 2 threads: forward WRONG in 1/2 runs (max |error| 0.3); backward ok"
+
+
+def test_check_spconv_command():
+    """The command runs spconv's own and the patched CPU convolutions against dense conv3d."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "adapters.check_spconv", "--repeats", "2", "--voxels", "4000"],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "patched   spconv, 1 thread: forward ok in 2/2 runs; backward ok" in lines
+    assert "patched   spconv, 2 threads: forward ok in 2/2 runs; backward ok" in lines
+    assert any(l.startswith("unpatched spconv, 2 threads: forward ") for l in lines)
+    assert lines[-1].startswith("verdict: ") and lines[-1].endswith("With the patch every result matches the dense reference.")
+    if CPU_ONLY:  # spconv 2.3's backward asks for a CUDA stream on a CPU-only torch: deterministic
+        assert "unpatched spconv, 1 thread: forward ok in 2/2 runs; backward FAILS" in proc.stdout
+        assert "NEEDS adapters.patch_spconv()" in lines[-1]
+    assert "[Exception|" not in proc.stdout  # spconv's debug dump is silenced

@@ -345,6 +345,7 @@ class SparseMSDAEncoderLayer(nn.Module):
         level_embedding: Optional[Tensor] = None,
     ) -> list[SparseConvTensor]:
         """Encode one list of levels (see :class:`SparseMSDAEncoder` for arguments and shapes)."""
+        _check_level_widths(levels, self.embed_dim)
         queries = VoxelQueries.from_levels(levels, coordinate_index)
         _check_levels(queries, self.embed_dim, self.n_levels, self.position_dim)
         query_pos = None
@@ -362,6 +363,21 @@ class SparseMSDAEncoderLayer(nn.Module):
             f"embed_dim={self.embed_dim}, n_heads={self.n_heads}, n_levels={self.n_levels}, "
             f"n_points={self.n_points}, neighborhood_sizes={self.neighborhood_sizes}, "
             f"position_dim={self.position_dim}, norm_first={self.norm_first}"
+        )
+
+
+def _check_level_widths(levels, embed_dim: int) -> None:
+    """Levels of a backbone keep their stage widths: say that a projection to embed_dim is missing."""
+    if not isinstance(levels, (list, tuple)) or not all(
+        isinstance(lvl, SparseConvTensor) and lvl.features.ndim == 2 for lvl in levels
+    ):
+        return  # VoxelQueries.from_levels reports malformed level lists
+    widths = [int(lvl.features.shape[1]) for lvl in levels]
+    if any(w != embed_dim for w in widths):
+        raise ValueError(
+            f"levels must all have embed_dim={embed_dim} channels, got channel counts {widths}: project every "
+            f"level to embed_dim first, e.g. with sparse_msda.LevelProjection(in_channels={widths}, "
+            f"embed_dim={embed_dim})"
         )
 
 
@@ -478,6 +494,7 @@ class SparseMSDAEncoder(nn.Module):
             TypeError / ValueError: wrong level list, channel count, level count or dims, or an
                 index not built from these levels.
         """
+        _check_level_widths(levels, self.embed_dim)
         queries = VoxelQueries.from_levels(levels, coordinate_index)
         _check_levels(queries, self.embed_dim, self.n_levels, self.position_dim)
         x = queries.input_features()
