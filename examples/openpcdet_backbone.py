@@ -73,6 +73,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", choices=("twice", "crops"), default="twice",
                         help="batch 2 = the frame twice, or its left (y >= 0) and right (y < 0) halves")
     parser.add_argument("--levels", default="x_conv2,x_conv3,x_conv4", help="levels that get attention")
+    parser.add_argument("--max-points", type=int, default=None, help="a seeded random subset of the points (faster)")
     parser.add_argument("--embed-dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--layers", type=int, default=1)
@@ -85,6 +86,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
 
     points = load_kitti_bin(args.scan)
+    if args.max_points is not None and points.shape[0] > args.max_points:
+        keep = np.random.default_rng(0).choice(points.shape[0], args.max_points, replace=False)
+        points = points[np.sort(keep)]
     frames = [points, points] if args.batch == "twice" else [points[points[:, 1] >= 0], points[points[:, 1] < 0]]
     base_cls, base_name = base_backbone()
     levels = args.levels.split(",")
@@ -113,7 +117,7 @@ def main(argv=None) -> None:
             loss.backward()
         return time.perf_counter() - t, out
 
-    print(f"scan {args.scan}: {points.shape[0]} points; batch 2 = {args.batch}; base {base_name}; "
+    print(f"scan {Path(args.scan).name}: {points.shape[0]} points; batch 2 = {args.batch}; base {base_name}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with torch.set_grad_enabled(args.backward):
         plain_times = [run(plain)[0] for _ in range(args.repeats)]

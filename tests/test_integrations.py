@@ -360,3 +360,14 @@ def test_backbone_level_encoder_arguments():
     expected = enc.back_projection(enc.encoder(enc.projection(levels)))
     for a, b in zip(out, expected):
         torch.testing.assert_close(a.features, b.features)
+
+
+def test_openpcdet_example_runs(capsys):
+    """examples/openpcdet_backbone.py on a subset of the shipped scan, forward + backward."""
+    import openpcdet_backbone
+
+    openpcdet_backbone.main(["--max-points", "3000", "--levels", "x_conv3,x_conv4", "--embed-dim", "16",
+                             "--heads", "2", "--points", "2", "--repeats", "1", "--backward"])
+    out = capsys.readouterr().out
+    assert "batch 2 = twice" in out and "x_conv4: spatial shape [5, 200, 176]" in out
+    assert "encoded_spconv_tensor: [2, 200, 176]" in out and "backbone + sparse MSDA" in out
