@@ -192,14 +192,19 @@ class SparseCoordinateIndex:
         check_integer_tensor("level_indices", level_indices)
         check_integer_tensor("spatial_indices", spatial_indices)
         c = spatial_indices.to(torch.int64)
-        if c.shape[-1] != self.position_dim:
+        if c.ndim == 0 or c.shape[-1] != self.position_dim:
             raise ValueError(
                 f"spatial_indices must have a last dim of {self.position_dim}, got spatial_indices.shape={tuple(c.shape)}"
             )
         b = batch_indices.to(torch.int64)
         l = level_indices.to(torch.int64)
-        b, l = torch.broadcast_tensors(b, l)
-        shape = broadcast_shapes(b.shape, c.shape[:-1])
+        try:
+            shape = broadcast_shapes(b.shape, l.shape, c.shape[:-1])
+        except RuntimeError as err:
+            raise ValueError(
+                f"batch_indices.shape={tuple(b.shape)}, level_indices.shape={tuple(l.shape)} and "
+                f"spatial_indices.shape[:-1]={tuple(c.shape[:-1])} must broadcast to one shape"
+            ) from err
         b, l = b.expand(shape), l.expand(shape)
         c = c.expand(*shape, self.position_dim)
         keys, valid = self._query_keys(b.reshape(-1), l.reshape(-1), c.reshape(-1, self.position_dim))

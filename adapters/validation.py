@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Sequence, Union
 
 import torch
 
-__all__ = ["as_level_spatial_shapes", "broadcast_shapes", "check_integer_tensor", "check_tensor", "check_voxel_bounds", "in_bounds"]
+__all__ = [
+    "as_level_spatial_shapes", "broadcast_shapes", "check_index_range", "check_integer_tensor", "check_tensor",
+    "check_voxel_bounds", "in_bounds",
+]
 
 ShapeLike = Union[torch.Tensor, Sequence[Sequence[int]]]
 
@@ -44,6 +49,37 @@ def check_integer_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
+def check_index_range(name: str, value: torch.Tensor, n: int) -> None:
+    """Raise ValueError unless every entry of the integer tensor ``value`` lies in ``[0, n)``;
+    the message names the argument, the valid range and the first offending value (in the
+    tensor's flattened order). One min/max pass (the broadcast views the attention passes are
+    small)."""
+    if value.numel() == 0:
+        return
+    if int(value.min()) >= 0 and int(value.max()) < n:
+        return
+    flat = value.reshape(-1)
+    bad = int(((flat < 0) | (flat >= n)).nonzero()[0, 0])
+    raise ValueError(
+        f"{name} must lie in [0, {n}), got {name}[{bad}]={int(flat[bad])} (flattened position {bad}; "
+        f"range of {name}: [{int(value.min())}, {int(value.max())}])"
+    )
+
+
+def _as_int_entry(x, name: str, spec) -> int:
+    """An integral shape entry as int: ints (not bools) and integral-valued floats; anything else
+    (12.7, True, "8") raises TypeError rather than being truncated."""
+    if isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
+        raise TypeError(f"{name} must hold integers, got a bool in {spec!r}")
+    try:
+        return operator.index(x)
+    except TypeError:
+        pass
+    if isinstance(x, float) and math.isfinite(x) and x.is_integer():
+        return int(x)
+    raise TypeError(f"{name} must hold integral values (a shape is a count of cells), got {x!r} in {spec!r}")
+
+
 def as_level_spatial_shapes(
     level_spatial_shapes: ShapeLike, device: torch.device | None = None, name: str = "level_spatial_shapes"
 ) -> torch.Tensor:
@@ -56,8 +92,15 @@ def as_level_spatial_shapes(
         shapes = check_integer_tensor(name, level_spatial_shapes).to(device=device, dtype=torch.int64)
     else:
         try:
-            shapes = torch.as_tensor([list(map(int, s)) for s in level_spatial_shapes], dtype=torch.int64, device=device)
-        except (TypeError, ValueError) as err:
+            rows = [[_as_int_entry(x, name, level_spatial_shapes) for x in s] for s in level_spatial_shapes]
+            shapes = torch.as_tensor(rows, dtype=torch.int64, device=device)
+        except TypeError as err:
+            if "integral values" in str(err) or "a bool" in str(err):
+                raise
+            raise TypeError(
+                f"{name} must be an integer tensor or a sequence of per-level int sequences, got {level_spatial_shapes!r}"
+            ) from err
+        except (ValueError, RuntimeError) as err:  # ragged rows, values beyond int64
             raise TypeError(
                 f"{name} must be an integer tensor or a sequence of per-level int sequences, got {level_spatial_shapes!r}"
             ) from err

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from adapters import SparseCoordinateIndex, multilevel_features
+from adapters.validation import check_index_range
 
-__all__ = ["QueryBatch", "check_embed_heads", "check_position_dim", "prepare_inputs", "largest_level"]
+__all__ = ["QueryBatch", "check_embed_heads", "check_position_dim", "check_query", "prepare_inputs", "largest_level"]
 
 
 def check_embed_heads(embed_dim: int, n_heads: int) -> None:
@@ -38,6 +39,22 @@ def check_position_dim(position_dim: int) -> None:
 def largest_level(level_spatial_shapes: Tensor) -> int:
     """Index of the level with the largest area (2D) or volume (3D); the first on ties."""
     return int(torch.argmax(level_spatial_shapes.prod(-1)))
+
+
+def check_query(query, embed_dim: int, dtype: Optional[torch.dtype] = None) -> None:
+    """The dtype policy of every module: ``query`` is a floating-point ``[n_queries, embed_dim]``
+    tensor of the module's parameter dtype ``dtype`` (TypeError naming both otherwise; cast the
+    query, or the module with ``.to(dtype)``). Feature maps and background embeddings of another
+    floating dtype are cast to it."""
+    if not isinstance(query, Tensor) or not query.is_floating_point():
+        raise TypeError(f"query must be a floating-point tensor, got {getattr(query, 'dtype', type(query).__name__)}")
+    if dtype is not None and query.dtype != dtype:
+        raise TypeError(
+            f"query must have the module's dtype {dtype}, got query.dtype={query.dtype} (cast the query, or the module "
+            "with .to(dtype)); the feature maps and background are cast to the module's dtype"
+        )
+    if query.ndim != 2 or query.shape[1] != embed_dim:
+        raise ValueError(f"query must have shape [n_queries, {embed_dim}], got query.shape={tuple(query.shape)}")
 
 
 @dataclass
@@ -74,18 +91,22 @@ def prepare_inputs(
     query_level_indices: Optional[Tensor] = None,
     background_embedding: Optional[Tensor] = None,
     index: Optional[SparseCoordinateIndex] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> QueryBatch:
-    """Check every public input of an attention call and normalise it.
+    """Check every public input of an attention call and normalise it (before any layer runs).
+
+    Policies: ``query`` has the module's dtype ``dtype`` (:func:`check_query`); the features
+    (``QueryBatch.features``) are cast to the query's dtype; positions are finite (NaN / inf
+    raise, huge finite positions are queries outside the map); every index (offsets, levels)
+    lies in its range. Any strides are accepted.
 
     Raises:
-        TypeError: wrong kinds or dtypes (e.g. integer positions, float offsets).
+        TypeError: wrong kinds or dtypes (e.g. integer positions, float offsets, a query of
+            another dtype than the module's).
         ValueError: shape mismatches, offsets that do not match the batch, levels or
-            position dims that differ from the module's.
+            position dims that differ from the module's, non-finite positions.
     """
-    if not isinstance(query, Tensor) or not query.is_floating_point():
-        raise TypeError(f"query must be a floating-point tensor, got {getattr(query, 'dtype', type(query).__name__)}")
-    if query.ndim != 2 or query.shape[1] != embed_dim:
-        raise ValueError(f"query must have shape [n_queries, {embed_dim}], got query.shape={tuple(query.shape)}")
+    check_query(query, embed_dim, dtype)
     n_queries = query.shape[0]
     if not isinstance(query_spatial_positions, Tensor) or not query_spatial_positions.is_floating_point():
         raise TypeError(
@@ -97,6 +118,13 @@ def prepare_inputs(
             f"query_spatial_positions must have shape [{n_queries}, {position_dim}], "
             f"got query_spatial_positions.shape={tuple(query_spatial_positions.shape)}"
         )
+    finite = torch.isfinite(query_spatial_positions).all(-1)
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0, 0])
+        raise ValueError(
+            "query_spatial_positions must be finite (a NaN / inf position has no cell; a huge finite one is a "
+            f"query outside the map), got query {bad} at {query_spatial_positions[bad].tolist()}"
+        )
 
     features, index = multilevel_features(stacked_feature_maps, level_spatial_shapes, index)
     shapes = index.level_spatial_shapes.to(query.device)
@@ -107,6 +135,9 @@ def prepare_inputs(
         )
     if features.shape[-1] != embed_dim:
         raise ValueError(f"feature maps must have {embed_dim} channels, got {features.shape[-1]}")
+    if not features.is_floating_point():
+        raise TypeError(f"the feature maps must be floating-point, got {features.dtype}")
+    features = features.to(query.dtype)
     batch_size = index.batch_size
 
     if not isinstance(query_batch_offsets, Tensor) or query_batch_offsets.is_floating_point():
@@ -135,8 +166,7 @@ def prepare_inputs(
                 f"query_level_indices must have shape [{n_queries}], got query_level_indices.shape={tuple(query_level_indices.shape)}"
             )
         levels = query_level_indices.to(device=query.device, dtype=torch.int64)
-        if n_queries and (int(levels.min()) < 0 or int(levels.max()) >= n_levels):
-            raise ValueError(f"query_level_indices must lie in [0, {n_levels}), got range [{int(levels.min())}, {int(levels.max())}]")
+        check_index_range("query_level_indices", levels, n_levels)
 
     if background_embedding is not None:
         if not isinstance(background_embedding, Tensor) or not background_embedding.is_floating_point():

@@ -205,14 +205,14 @@ inline void exp_shifted(double* x, int64_t n, double shift) {
 
 // The tensors of one call. Layouts: q [Q, H, dh]; k, v [N, H, dh]; tables [B, K, H, dh];
 // bg_v [B, L, H, dh]; out [Q, H, dh]; lse [Q, H]. Window-centre rotations (background only):
-// rcos/rsin [R, Hf, dh/2] hold cos/sin of the RoPE angle of centre coordinate c on axis a of level l
-// at row rstart[l, a] + (c + radius[l] + 1), for c in [-radius[l] - 1, shape[l, a] + radius[l]]
-// (a centre outside that range has no in-bounds window cell); axis 0's rows include the level
-// angle. Hf = 1 (shared frequencies) or H. full [D]: the full-scale shape.
+// rcos/rsin [R, Hf, dh/2] hold cos/sin of the RoPE angle of query i's window-centre coordinate on
+// axis a of level l at row rrow[i, l, a] (rows only for the centre coordinates the plan's queries
+// use: memory follows the queries, not the map's extent); axis 0's rows include the level angle.
+// Hf = 1 (shared frequencies) or H. full [D]: the full-scale shape.
 template <typename scalar_t>
 struct Operands {
   const scalar_t *q, *k, *v, *tab, *bgv, *rcos, *rsin;
-  const int64_t *rstart, *full;
+  const int64_t *rrow, *full;
   int64_t H, dh, L, K, Hf, half;
   bool background;
   scalar_t scale;
@@ -222,7 +222,7 @@ struct Operands {
       : q(q_.data_ptr<scalar_t>()), k(k_.data_ptr<scalar_t>()), v(v_.data_ptr<scalar_t>()),
         tab(tab_.defined() ? tab_.data_ptr<scalar_t>() : nullptr), bgv(bgv_.defined() ? bgv_.data_ptr<scalar_t>() : nullptr),
         rcos(rot.empty() ? nullptr : rot[0].data_ptr<scalar_t>()), rsin(rot.empty() ? nullptr : rot[1].data_ptr<scalar_t>()),
-        rstart(rot.empty() ? nullptr : rot[2].data_ptr<int64_t>()), full(rot.empty() ? nullptr : rot[3].data_ptr<int64_t>()),
+        rrow(rot.empty() ? nullptr : rot[2].data_ptr<int64_t>()), full(rot.empty() ? nullptr : rot[3].data_ptr<int64_t>()),
         H(q_.size(1)), dh(q_.size(2)), L(T.n_levels), K(T.n_slots), Hf(rot.empty() ? 1 : rot[0].size(1)),
         half(q_.size(2) / 2), background(tab_.defined()), scale(static_cast<scalar_t>(scale_)) {}
 
@@ -263,7 +263,7 @@ struct TileRotation {
         for (int64_t a = 0; a < D; ++a) {
           const int64_t cc = std::min(std::max(T.centres[(i * L + l) * D + a], -r - 1), T.shapes[l * D + a] + r);
           centre[(g * L + l) * D + a] = cc;
-          const int64_t row = op.rstart[l * D + a] + cc + r + 1;
+          const int64_t row = op.rrow[(i * L + l) * D + a];
           const scalar_t* fc = op.rcos + (row * op.Hf + hf) * half;
           const scalar_t* fs = op.rsin + (row * op.Hf + hf) * half;
           if (a == 0) {
@@ -858,13 +858,14 @@ void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK(tables.defined() == bg_v.defined() && tables.defined() == !rotation.empty(),
               "rotation/tables/bg_v: all or none");
   if (!tables.defined()) return;
-  TORCH_CHECK(rotation.size() == 4, "rotation: [cos, sin, start, full]");
+  TORCH_CHECK(rotation.size() == 4, "rotation: [cos, sin, rows, full]");
   for (int j = 0; j < 2; ++j)
     TORCH_CHECK(rotation[j].scalar_type() == q.scalar_type() && rotation[j].is_contiguous() && rotation[j].dim() == 3 &&
                     (rotation[j].size(1) == 1 || rotation[j].size(1) == q.size(1)) && rotation[j].size(2) == q.size(2) / 2,
                 "rotation cos/sin must be contiguous [R, 1 or H, dh/2] of q's dtype");
-  TORCH_CHECK(rotation[2].scalar_type() == at::kLong && rotation[2].is_contiguous() && rotation[2].numel() == T.n_levels * T.dim,
-              "rotation start must be int64 [L, D]");
+  TORCH_CHECK(rotation[2].scalar_type() == at::kLong && rotation[2].is_contiguous() &&
+                  rotation[2].numel() == T.n_queries * T.n_levels * T.dim,
+              "rotation rows must be int64 [Q, L, D]");
   TORCH_CHECK(rotation[3].scalar_type() == at::kLong && rotation[3].numel() == T.dim, "rotation full must be int64 [D]");
   TORCH_CHECK(tables.scalar_type() == q.scalar_type() && tables.is_contiguous() && tables.dim() == 4 &&
                   tables.size(1) == T.n_slots && tables.size(2) == q.size(1) && tables.size(3) == q.size(2),
@@ -901,7 +902,7 @@ std::vector<at::Tensor> neighborhood_counts(const std::vector<at::Tensor>& tiles
   return {pairs, bg};
 }
 
-// rotation: [cos, sin, start, full] of the window-centre rotations (see Operands), empty without
+// rotation: [cos, sin, rows, full] of the window-centre rotations (see Operands), empty without
 // background (then tables and bg_v are None). Returns (out [Q, H, dh], log-sum-exp [Q, H], and per
 // query its number of voxel keys and of background slots, int64 [Q] each).
 std::vector<at::Tensor> neighborhood_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -9,13 +9,19 @@
 // its level holds background row bg_offset + (b * n_levels + l) * n_heads + head when bg_offset >= 0,
 // else nothing; a corner outside its level holds nothing.
 //
-// batch / level / head are int64 [S, J] tensors read through their strides (broadcast views welcome).
+// batch / level / head are int64 [S, J] tensors read through their strides (broadcast views welcome);
+// the caller (sparse_weighted_gather) has checked them against the batch size, level and head counts.
+//
+// Non-finite positions follow F.grid_sample: a sample with a NaN or infinite coordinate contributes
+// NaN to its output row, touches no table row (no table gradient), and gets NaN position and weight
+// gradients. Base cells are clamped to [-2, 2**40] before the integer conversion (outside every level).
 #include <torch/extension.h>
 
 #include "simd.h"
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -57,17 +63,28 @@ void parallel_range(int64_t n, int n_threads, const F& f) {
   for (auto& t : threads) t.join();
 }
 
-// Corners of sample (s, j): rows (-1: holds nothing), weights c_k and per-axis fractions.
+// Corners of sample (s, j): rows (-1: holds nothing), weights c_k and per-axis fractions. Returns
+// false for a non-finite sample (then every row is -1 and every weight 0).
 template <typename scalar_t, int DIM>
-inline void corners(const Layout& L, const scalar_t* pos, const int32_t* crow, int64_t s, int64_t j,
+inline bool corners(const Layout& L, const scalar_t* pos, const int32_t* crow, int64_t s, int64_t j,
                     int64_t* rows, scalar_t* w, scalar_t* frac) {
   constexpr int K = 1 << DIM;
   int64_t base[DIM];
+  bool finite = true;
   for (int d = 0; d < DIM; ++d) {
     scalar_t shifted = pos[d] - scalar_t(0.5);
     scalar_t b = std::floor(shifted);
-    base[d] = static_cast<int64_t>(b);
+    finite = finite && std::isfinite(pos[d]);
+    base[d] = static_cast<int64_t>(std::isnan(b) ? scalar_t(-2) : std::min(std::max(b, scalar_t(-2)), scalar_t(1LL << 40)));
     frac[d] = shifted - b;
+  }
+  if (!finite) {
+    for (int d = 0; d < DIM; ++d) frac[d] = 0;
+    for (int k = 0; k < K; ++k) {
+      rows[k] = -1;
+      w[k] = 0;
+    }
+    return false;
   }
   const int64_t h = L.head[s * L.hs0 + j * L.hs1];
   for (int k = 0; k < K; ++k) {
@@ -90,6 +107,7 @@ inline void corners(const Layout& L, const scalar_t* pos, const int32_t* crow, i
     }
     if (inside) rows[k] = L.bg_offset + (L.batch[s * L.bs0 + j * L.bs1] * L.n_levels + l) * L.n_heads + h;
   }
+  return true;
 }
 
 // The per-sample inputs of both passes: positions [S, J, D], attention weights [S, J], base-cell
@@ -109,10 +127,11 @@ struct SampleInputs {
         id(ids.data_ptr<int32_t>()), cr(corner_rows.data_ptr<int32_t>()), S(positions.size(0)),
         J(positions.size(1)) {}
 
-  // Corners of (s, j) into rows / w / frac (see corners()); returns its attention weight.
-  scalar_t at(int64_t s, int64_t j, int64_t* rows, scalar_t* w, scalar_t* frac) const {
+  // Corners of (s, j) into rows / w / frac (see corners()); returns its attention weight, and in
+  // finite whether the position is finite.
+  scalar_t at(int64_t s, int64_t j, int64_t* rows, scalar_t* w, scalar_t* frac, bool& finite) const {
     const int64_t sj = s * J + j;
-    corners<scalar_t, DIM>(L, pos + sj * DIM, cr + static_cast<int64_t>(id[sj]) * (1 << DIM), s, j, rows, w, frac);
+    finite = corners<scalar_t, DIM>(L, pos + sj * DIM, cr + static_cast<int64_t>(id[sj]) * (1 << DIM), s, j, rows, w, frac);
     return att[sj];
   }
 };
@@ -135,7 +154,9 @@ void forward_impl(const at::Tensor& table, const at::Tensor& positions, const at
       scalar_t* os = o + s * dh;
       std::fill(os, os + dh, scalar_t(0));
       for (int64_t j = 0; j < J; ++j) {
-        const scalar_t a = in.at(s, j, rows, w, frac);
+        bool finite;
+        const scalar_t a = in.at(s, j, rows, w, frac, finite);
+        if (!finite) std::fill(os, os + dh, std::numeric_limits<scalar_t>::quiet_NaN());  // F.grid_sample
         for (int k = 0; k < K; ++k) {
           if (rows[k] < 0) continue;
           const scalar_t c = a * w[k];
@@ -168,8 +189,9 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
     scalar_t w[K], frac[DIM], dots[K];
     const scalar_t* g = go + s * dh;
     const int64_t sj = s * J + j;
-    const scalar_t a = in.at(s, j, rows, w, frac);
-    scalar_t gwj = 0;
+    bool finite;
+    const scalar_t a = in.at(s, j, rows, w, frac, finite);
+    scalar_t gwj = finite ? scalar_t(0) : std::numeric_limits<scalar_t>::quiet_NaN();
     for (int k = 0; k < K; ++k) {
       dots[k] = 0;
       if (rows[k] < 0) continue;
@@ -196,7 +218,7 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
             if (e != d) dw *= ((k >> (DIM - 1 - e)) & 1) ? frac[e] : scalar_t(1) - frac[e];
           acc += dw * dots[k];  // dots[k] == 0 where the corner holds nothing
         }
-        gp[sj * DIM + d] = a * acc;
+        gp[sj * DIM + d] = finite ? a * acc : std::numeric_limits<scalar_t>::quiet_NaN();
       }
     }
   };

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from adapters import SparseCoordinateIndex, broadcast_shapes, multilevel_features
+from adapters.validation import check_index_range
 
 from .sampling import SamplingPlan, plan_sampling, sparse_weighted_gather
 
@@ -156,6 +157,10 @@ def sparse_bilinear_sample(
         TypeError / ValueError: wrong kinds, dtypes or shapes (messages name the argument).
     """
     n_heads = 1
+    if isinstance(sparse_tensor, Tensor) and sparse_tensor.layout != torch.sparse_coo:
+        raise TypeError(
+            f"sparse_tensor must be a sparse COO stack or a list of SparseConvTensor, got a tensor of layout {sparse_tensor.layout}"
+        )
     if (
         isinstance(sparse_tensor, Tensor)
         and sparse_tensor.layout == torch.sparse_coo
@@ -210,6 +215,10 @@ def sparse_bilinear_sample(
             f"batch_indices.shape={tuple(b.shape)} and level_indices.shape={tuple(l.shape)} must broadcast to "
             f"spatial_positions.shape[:-1]={tuple(lead)} without enlarging it"
         )
+    # what the kernels index with: checked here, before any lookup (an out-of-range batch item
+    # would read another item's voxels or, with a background, outside the background table)
+    check_index_range("batch_indices", b, index.batch_size)
+    check_index_range("level_indices", l, index.n_levels)
 
     if split and head_indices is None:
         # sample every head: a trailing head axis
@@ -417,9 +426,33 @@ def sparse_deformable_attention(
 
     Returns:
         ``[Q, n_heads * head_dim]``.
+
+    Raises:
+        TypeError / ValueError: shapes that do not fit together, ``batch_indices`` outside
+            ``[0, index.batch_size)``, a level count other than the index's.
     """
+    if not isinstance(value, Tensor) or value.ndim != 3:
+        raise ValueError(f"value must be [N, n_heads, head_dim], got {getattr(value, 'shape', type(value).__name__)}")
     n_voxels, n_heads, head_dim = value.shape
+    if (
+        not isinstance(sampling_locations, Tensor)
+        or sampling_locations.ndim != 5
+        or sampling_locations.shape[1] != n_heads
+        or sampling_locations.shape[2] != index.n_levels
+        or sampling_locations.shape[4] != index.position_dim
+    ):
+        raise ValueError(
+            f"sampling_locations must be [Q, n_heads={n_heads}, n_levels={index.n_levels}, n_points, {index.position_dim}], "
+            f"got {tuple(getattr(sampling_locations, 'shape', ()))}"
+        )
     q, _, n_levels, n_points, dim = sampling_locations.shape
+    if not isinstance(attention_weights, Tensor) or attention_weights.shape != sampling_locations.shape[:4]:
+        raise ValueError(
+            f"attention_weights must have shape {tuple(sampling_locations.shape[:4])}, got {tuple(getattr(attention_weights, 'shape', ()))}"
+        )
+    if not isinstance(batch_indices, Tensor) or batch_indices.shape != (q,):
+        raise ValueError(f"batch_indices must have shape [{q}], got {tuple(getattr(batch_indices, 'shape', ()))}")
+    check_index_range("batch_indices", _as_int("batch_indices", batch_indices), index.batch_size)
     b, l, h = deformable_sample_indices(batch_indices, n_heads, n_levels, n_points)
     out = sparse_weighted_gather(
         value.reshape(n_voxels * n_heads, head_dim),

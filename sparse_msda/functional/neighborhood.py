@@ -48,6 +48,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from adapters import SparseCoordinateIndex, as_level_spatial_shapes
+from adapters.validation import check_index_range, check_integer_tensor
 
 from .cpu_kernels import neighborhood_kernels
 from .rope import rope_angles, rope_cos_sin, rotate_pairs, rotate_pairs_back
@@ -60,6 +61,7 @@ __all__ = [
     "PlanChunk",
     "background_tables",
     "build_neighborhood_plan",
+    "check_finite_positions",
     "check_neighborhood_sizes",
     "default_chunk_size",
     "SAVED_PROBABILITIES_BYTES",
@@ -127,14 +129,36 @@ def window_centres(positions: Tensor, position_shapes: Tensor, level_spatial_sha
         level_spatial_shapes: int ``[L, D]``.
 
     Returns:
-        int64 ``[Q, L, D]``: ``floor(positions / position_shapes * shape_l)`` in float64.
+        contiguous int64 ``[Q, L, D]``: ``floor(positions / position_shapes * shape_l)`` in
+        float64, clamped to ``[-CENTRE_LIMIT, CENTRE_LIMIT]`` before the integer conversion (a
+        huge position stays outside the map and no later ``centre +- radius`` overflows).
+        Positions must be finite (:func:`check_finite_positions`); a NaN would give an
+        arbitrary centre.
     """
     p = positions.detach().to(torch.float64)
     ps = position_shapes.to(device=p.device, dtype=torch.float64)
     if ps.ndim == 1:
         ps = ps.expand_as(p)
     ls = level_spatial_shapes.to(device=p.device, dtype=torch.float64)
-    return torch.floor(p[:, None, :] / ps[:, None, :] * ls[None]).to(torch.int64)
+    c = torch.floor(p[:, None, :] / ps[:, None, :] * ls[None])
+    return c.clamp_(-CENTRE_LIMIT, CENTRE_LIMIT).to(torch.int64).contiguous()
+
+
+#: window centres are clamped to this magnitude (far outside any grid, far from int64 overflow)
+CENTRE_LIMIT = float(2**40)
+
+
+def check_finite_positions(name: str, positions: Tensor) -> None:
+    """Raise ValueError naming the first query whose position has a NaN or infinite coordinate
+    (the written policy: a non-finite query position is an error; a huge finite one is a query
+    outside the map)."""
+    ok = torch.isfinite(positions).all(-1) if positions.ndim else torch.isfinite(positions)
+    if not bool(ok.all()):
+        bad = int((~ok).reshape(-1).nonzero()[0, 0])
+        raise ValueError(
+            f"{name} must be finite (NaN / inf positions have no cell), got query {bad} at "
+            f"{positions[bad].tolist() if positions.ndim > 1 else positions[bad].item()}"
+        )
 
 
 def get_multilevel_neighborhoods(
@@ -176,6 +200,7 @@ def get_multilevel_neighborhoods(
             f"query_fullscale_spatial_positions must have shape [n_queries, position_dim={dim}] to match "
             f"level_spatial_shapes, got query_fullscale_spatial_positions.shape={tuple(pos.shape)}"
         )
+    check_finite_positions("query_fullscale_spatial_positions", pos)
     sizes = check_neighborhood_sizes(neighborhood_sizes, n_levels)
     full = shapes[int(torch.argmax(shapes.prod(-1)))]
     centres = window_centres(pos, full, shapes)
@@ -406,10 +431,23 @@ def build_neighborhood_plan(
         cells_per_chunk: bound on window cells looked up at once (memory of the lookup).
         compact_rows: renumber key rows to the voxels some tile uses (``voxel_rows``).
     """
+    if not isinstance(index, SparseCoordinateIndex):
+        raise TypeError(f"index must be a SparseCoordinateIndex, got {type(index).__name__}")
+    if not isinstance(positions, Tensor) or not positions.is_floating_point():
+        raise TypeError(f"positions must be a floating-point tensor, got {getattr(positions, 'dtype', type(positions).__name__)}")
+    n_levels, dim = index.level_spatial_shapes.shape
+    if positions.ndim != 2 or positions.shape[1] != dim:
+        raise ValueError(f"positions must have shape [n_queries, {dim}], got positions.shape={tuple(positions.shape)}")
+    check_finite_positions("positions", positions)
+    check_integer_tensor("query_batch", query_batch)
+    if query_batch.shape != (positions.shape[0],):
+        raise ValueError(f"query_batch must have shape [{positions.shape[0]}], got query_batch.shape={tuple(query_batch.shape)}")
+    check_index_range("query_batch", query_batch, index.batch_size)  # indexes the background tables
+    sizes = check_neighborhood_sizes(neighborhood_sizes, n_levels)
+    if not isinstance(tile_queries, int) or tile_queries < 1:
+        raise ValueError(f"tile_queries must be a positive int, got {tile_queries=}")
     device = positions.device
     shapes = index.level_spatial_shapes.to(device)
-    n_levels, dim = shapes.shape
-    sizes = list(neighborhood_sizes)
     offsets, slot_level = window_offsets(sizes, dim, device=device)
     centres = window_centres(positions, position_shapes, shapes)  # [Q, L, D]
     n_q = positions.shape[0]
@@ -437,10 +475,17 @@ def build_neighborhood_plan(
     piece_batch = query_batch[order][piece_qstart]
 
     # --- union box of each piece's windows at each level ------------------------------------
-    c_sorted = centres[order].view(n_q, n_levels * dim)
+    # a query none of whose windows reaches into its level's grid (e.g. a huge position) sees no
+    # cell: it does not widen its piece's box (its neighbours' keys stay exactly theirs)
+    c_sorted = centres[order].reshape(n_q, n_levels * dim)
+    r_all = radius[None, :, None]
+    reach = ((centres + r_all >= 0) & (centres - r_all < shapes[None])).all(-1).any(-1)[order]  # [Q]
+    far = 2 * int(CENTRE_LIMIT)
     idx = piece[:, None].expand_as(c_sorted)
-    lo = c_sorted.new_zeros(n_pieces, n_levels * dim).scatter_reduce_(0, idx, c_sorted, "amin", include_self=False)
-    hi = c_sorted.new_zeros(n_pieces, n_levels * dim).scatter_reduce_(0, idx, c_sorted, "amax", include_self=False)
+    c_lo = torch.where(reach[:, None], c_sorted, far)
+    c_hi = torch.where(reach[:, None], c_sorted, -far)
+    lo = c_sorted.new_zeros(n_pieces, n_levels * dim).scatter_reduce_(0, idx, c_lo, "amin", include_self=False)
+    hi = c_sorted.new_zeros(n_pieces, n_levels * dim).scatter_reduce_(0, idx, c_hi, "amax", include_self=False)
     r = radius[None, :, None]
     box_lo = torch.maximum(lo.view(-1, n_levels, dim) - r, torch.zeros((), dtype=torch.int64, device=device))
     box_hi = torch.minimum(hi.view(-1, n_levels, dim) + r, shapes[None] - 1)
@@ -1014,31 +1059,38 @@ class NeighborhoodKernelFunction(torch.autograd.Function):
 def _centre_rotation(plan: NeighborhoodPlan, freqs: Tensor, dtype: torch.dtype) -> list:
     """Per-axis RoPE rotations of the window-centre cells, for the kernel's background scores.
 
-    Returns ``[cos, sin, start, full]``: ``cos``/``sin`` ``[R, H', d/2]`` in ``dtype`` hold the
-    angle of centre coordinate ``c`` on axis ``a`` of level ``l`` (cell centre ``c + 0.5``
+    Returns ``[cos, sin, rows, full]``: ``cos``/``sin`` ``[R, H', d/2]`` in ``dtype`` hold the
+    angle of a centre coordinate ``c`` on axis ``a`` of level ``l`` (cell centre ``c + 0.5``
     mapped to full scale, times the axis' frequencies; axis 0 also carries the level term
-    ``l * freqs[..., D]``) at row ``start[l, a] + c + r_l + 1``, for ``c`` in ``[-r_l - 1,
-    shape + r_l]`` (a centre outside it has no in-bounds window cell, ``r_l`` the window
-    radius). Angles in float64, reduced before the trigonometry (:func:`rope_cos_sin`); the
-    kernel multiplies the ``D`` factors of a centre (angles add)."""
+    ``l * freqs[..., D]``), and int64 ``rows [Q, L, D]`` the row of each query's centre
+    coordinate. Only the coordinates the plan's queries use get a row (``R <= Q * L * D``):
+    memory follows the queries, not the map's extent (a ``[2**22, 2**22]`` map with 20 queries
+    needs ~40 rows per level). Centres are clamped to ``[-r_l - 1, shape + r_l]`` first (a
+    centre outside has no in-bounds window cell, and the kernel then reads no row). Angles in
+    float64, reduced before the trigonometry (:func:`rope_cos_sin`); the kernel multiplies the
+    ``D`` factors of a centre (angles add)."""
     shapes = plan.level_spatial_shapes.cpu()
     full = plan.full_shape.cpu()
     f64 = freqs.to(torch.float64).cpu()  # [H', d/2, D + 1]
     dim = shapes.shape[1]
-    angles, start, row = [], [], 0
+    centres = plan.centres.cpu()
+    n_q = centres.shape[0]
+    rows = torch.empty(n_q, len(plan.neighborhood_sizes), dim, dtype=torch.int64)
+    angles, row = [], 0
     for level, size in enumerate(plan.neighborhood_sizes):
         r = (size - 1) // 2
         for axis in range(dim):
-            c = torch.arange(-r - 1, int(shapes[level, axis]) + r + 1, dtype=torch.float64)
-            u = (c + 0.5) / float(shapes[level, axis]) * float(full[axis])
+            n = int(shapes[level, axis])
+            used, inverse = torch.unique(centres[:, level, axis].clamp(-r - 1, n + r), return_inverse=True)
+            u = (used.to(torch.float64) + 0.5) / n * float(full[axis])
             ang = u[:, None, None] * f64[None, :, :, axis]
             if axis == 0:
                 ang = ang + level * f64[None, :, :, dim]
             angles.append(ang)
-            start.append(row)
-            row += c.shape[0]
+            rows[:, level, axis] = inverse + row
+            row += used.shape[0]
     cos, sin = rope_cos_sin(torch.cat(angles), dtype)
-    return [cos.contiguous(), sin.contiguous(), torch.tensor(start, dtype=torch.int64), full.to(torch.int64).contiguous()]
+    return [cos.contiguous(), sin.contiguous(), rows.contiguous(), full.to(torch.int64).contiguous()]
 
 
 def _kernel_attention(q, k, v, plan, background_k, background_v, rope_freqs, scale) -> Tensor:

@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from adapters import SparseCoordinateIndex, broadcast_shapes
+from adapters.validation import check_index_range, check_integer_tensor
 
 from .cpu_kernels import sampling_kernels
 
@@ -96,16 +97,59 @@ class _Sampling:
         return t if t.shape[0] == 1 else t[sl]
 
 
+def _check_positions(index: SparseCoordinateIndex, positions: Tensor) -> None:
+    if not isinstance(positions, Tensor) or not positions.is_floating_point():
+        raise TypeError(f"positions must be a floating-point tensor, got {getattr(positions, 'dtype', type(positions).__name__)}")
+    if positions.ndim != 3 or positions.shape[-1] != index.position_dim:
+        raise ValueError(
+            f"positions must have shape [S, J, {index.position_dim}] for a {index.position_dim}D index, "
+            f"got positions.shape={tuple(positions.shape)}"
+        )
+
+
+def _checked_index(name: str, t, n: int, positions: Tensor) -> Tensor:
+    """An integer index tensor broadcastable to ``positions.shape[:2]`` with values in ``[0, n)``
+    (ValueError naming the argument, range and first bad value): what makes the C++ kernels safe
+    to read the table rows it selects."""
+    check_integer_tensor(name, t)
+    lead = tuple(positions.shape[:2])
+    try:
+        ok = t.ndim <= 2 and broadcast_shapes(t.shape, lead) == lead
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must broadcast to positions.shape[:2]={lead} without enlarging it, got {name}.shape={tuple(t.shape)}")
+    check_index_range(name, t, n)
+    return t
+
+
 def _sample_index(t: Tensor, positions: Tensor) -> Tensor:
     """An integer index broadcastable to ``[S, J]`` as an int64 ``[S | 1, J | 1]`` view on the positions' device."""
     return t.to(device=positions.device, dtype=torch.int64).expand(*broadcast_shapes(t.shape, (1, 1)))
 
 
-def _split(positions: Tensor, dtype) -> tuple[Tensor, Tensor]:
-    """Base cells (int64) and fractional offsets (``dtype``) of positions ``[..., D]``."""
+#: base cells are clamped to ``[-2, BASE_CELL_LIMIT]`` (in floating point, before the integer
+#: conversion): every corner of such a cell lies outside any level, so huge positions stay
+#: "outside the map" and never overflow the int64 arithmetic of the lookups
+BASE_CELL_LIMIT = float(2**40)
+
+
+def _base_cells(positions: Tensor) -> Tensor:
+    """int64 base cells ``floor(p - 0.5)`` of positions ``[..., D]``, clamped to ``[-2,
+    BASE_CELL_LIMIT]`` before the conversion; a NaN coordinate gives -2 (outside)."""
+    base = torch.floor(positions - 0.5)
+    return torch.nan_to_num(base, nan=-2.0).clamp_(-2.0, BASE_CELL_LIMIT).to(torch.int64)
+
+
+def _split(positions: Tensor, dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Base cells (int64, :func:`_base_cells`), fractional offsets (``dtype``) of positions
+    ``[..., D]`` and the bool ``[...]`` mask of non-finite samples (any coordinate NaN or
+    infinite; their offsets are set to 0 so that no NaN weight reaches a table row)."""
     shifted = positions - 0.5
-    base = torch.floor(shifted)
-    return base.to(torch.int64), (shifted - base).to(dtype)
+    floor = torch.floor(shifted)
+    bad = ~torch.isfinite(positions).all(-1)
+    frac = (shifted - floor).to(dtype).masked_fill_(bad[..., None], 0.0)
+    return _base_cells(positions), frac, bad
 
 
 def _outer(u: Tensor) -> Tensor:
@@ -159,12 +203,12 @@ def _base_cell_ids(sampling: _Sampling, positions: Tensor, only: Optional[slice]
     if sampling.plan is not None:
         return sampling.plan.ids if only is None else sampling.plan.ids[only]
     if only is not None:
-        base = torch.floor(positions[only] - 0.5).to(torch.int64)
+        base = _base_cells(positions[only])
         b, l = sampling.rows_of(sampling.batch, only), sampling.rows_of(sampling.level, only)
         return sampling.index.base_cell_ids(b, l, base).to(torch.int32)
     ids = torch.empty(n_samples, n_per, dtype=torch.int32, device=positions.device)
     for sl in sampling.steps(n_samples, n_per, dim, per_sample=n_per):  # one key per (s, j)
-        base = torch.floor(positions[sl] - 0.5).to(torch.int64)  # [c, J, D]
+        base = _base_cells(positions[sl])  # [c, J, D]
         b, l = sampling.rows_of(sampling.batch, sl), sampling.rows_of(sampling.level, sl)  # broadcast views
         ids[sl] = sampling.index.base_cell_ids(b, l, base)
     return ids
@@ -223,6 +267,9 @@ def plan_sampling(
         a :class:`SamplingPlan` for :func:`sparse_weighted_gather` (``plan=``) on the same
         positions, batch and level indices.
     """
+    _check_positions(index, positions)
+    _checked_index("batch_indices", batch_indices, index.batch_size, positions)
+    _checked_index("level_indices", level_indices, index.n_levels, positions)
     n_samples, n_per, _ = positions.shape
     b, l = _sample_index(batch_indices, positions), _sample_index(level_indices, positions)
     sampling = _Sampling(index, b, l, None, 1, None, CHUNK_CORNERS, True)
@@ -278,12 +325,14 @@ class _SparseSample(torch.autograd.Function):
         with torch.no_grad():
             for sl in sampling.steps(n_samples, n_per, dim):
                 c = sl.stop - sl.start
-                base, frac = _split(positions[sl], table.dtype)
+                base, frac, bad = _split(positions[sl], table.dtype)
                 chunk_ids = _base_cell_ids(sampling, positions, sl)
                 ids[sl] = chunk_ids
                 rows, wc, _, _, _ = _corners(sampling, chunk_ids, base, frac, sl)
                 psw = (wc * weights[sl, :, None]).view(c, -1)
                 out[sl] = F.embedding_bag(rows.view(c, -1), table, per_sample_weights=psw, mode="sum")
+                if bool(bad.any()):  # as F.grid_sample: a non-finite location gives NaN
+                    out[sl][bad.any(-1)] = float("nan")
         ctx.save_for_backward(table, positions, weights, ids)
         return out
 
@@ -310,8 +359,10 @@ class _SparseSample(torch.autograd.Function):
         buf = None
         for sl in sampling.steps(n_samples, n_per, dim):
             c = sl.stop - sl.start
-            base, frac = _split(positions[sl], table.dtype)
+            base, frac, bad = _split(positions[sl], table.dtype)
             rows, wc, u, valid, found = _corners(sampling, ids[sl], base, frac, sl)
+            if not bool(bad.any()):
+                bad = None
             a = weights[sl]
             g = grad_out[sl]
             n = c * n_per * k
@@ -323,13 +374,22 @@ class _SparseSample(torch.autograd.Function):
                 dots = torch.bmm(gathered, g[:, :, None]).view(c, n_per, k)
                 if need_w:
                     g_w[sl] = (dots * wc).sum(-1)
+                    if bad is not None:  # the sample's value is NaN (F.grid_sample)
+                        g_w[sl] = g_w[sl].masked_fill(bad, float("nan"))
                 if need_pos:
                     gc = dots * a[..., None]  # dL / d corner weight
                     if found is not None:
                         gc = gc * found
                     g_pos[sl] = _factor_grads(gc, u, valid).to(positions.dtype)
-            if need_table:
-                _scatter_rows(g_table, flat, (wc * a[..., None]).view(-1), g, n_per * k)
+                    if bad is not None:
+                        g_pos[sl] = g_pos[sl].masked_fill(bad[..., None], float("nan"))
+            if need_table:  # a non-finite sample has weight 0 on every corner: it touches no row
+                wa = wc * a[..., None]
+                if found is not None:  # absent corners read row 0 with weight 0: keep a NaN weight off it
+                    wa = wa.masked_fill(~found, 0.0)
+                if bad is not None:
+                    wa = wa.masked_fill(bad[..., None], 0.0)
+                _scatter_rows(g_table, flat, wa.view(-1), g, n_per * k)
         return g_table, g_pos, g_w, None
 
 
@@ -412,8 +472,55 @@ def sparse_weighted_gather(
 
     Returns:
         ``[S, Dh]``; differentiable w.r.t. table, positions, sample_weights, background_table.
+
+    Raises:
+        TypeError / ValueError: every argument is checked before any lookup or kernel runs:
+            batch / level / head indices outside ``[0, batch_size)``, ``[0, n_levels)``,
+            ``[0, n_heads)`` (the message names the argument, the range and the first bad
+            value), a table or background table whose row count does not match the index
+            (or plan) and ``n_heads``, weights or a plan of another shape.
+
+    A sample with a NaN or infinite coordinate follows ``F.grid_sample``: its output row is NaN,
+    it adds nothing to any table row's gradient, and its own position and weight gradients are NaN.
     """
+    _check_positions(index, positions)
     n_samples, n_per, dim = positions.shape
+    if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads <= 0:
+        raise ValueError(f"n_heads must be a positive int, got {n_heads=}")
+    if not isinstance(table, Tensor) or not table.is_floating_point() or table.ndim != 2:
+        raise TypeError(f"table must be a floating-point [rows, Dh] tensor, got {getattr(table, 'shape', type(table).__name__)}")
+    _checked_index("batch_indices", batch_indices, index.batch_size, positions)
+    _checked_index("level_indices", level_indices, index.n_levels, positions)
+    if head_indices is not None:
+        _checked_index("head_indices", head_indices, n_heads, positions)
+    n_voxel_rows = index.n_voxels
+    if plan is not None:
+        if not isinstance(plan, SamplingPlan):
+            raise TypeError(f"plan must be a SamplingPlan (from plan_sampling), got {type(plan).__name__}")
+        if tuple(plan.ids.shape) != (n_samples, n_per) or plan.ids.dtype != torch.int32:
+            raise ValueError(f"plan.ids must be int32 [{n_samples}, {n_per}] (plan_sampling of these positions), got {tuple(plan.ids.shape)}")
+        if plan.corner_table.ndim != 2 or plan.corner_table.shape[1] != 2**dim:
+            raise ValueError(f"plan.corner_table must be [T, {2**dim}], got {tuple(plan.corner_table.shape)}")
+        check_index_range("plan.ids", plan.ids, plan.corner_table.shape[0])
+        if plan.voxel_rows is not None:
+            n_voxel_rows = plan.voxel_rows.shape[0]
+        if plan.corner_table is not index.corner_row_table() and plan.corner_table.numel():
+            if int(plan.corner_table.max()) >= n_voxel_rows:
+                raise ValueError(f"plan.corner_table refers to voxel rows beyond the {n_voxel_rows} of the plan")
+    if table.shape[0] != n_voxel_rows * n_heads:
+        raise ValueError(
+            f"table must have n_voxels * n_heads = {n_voxel_rows} * {n_heads} = {n_voxel_rows * n_heads} rows"
+            f"{' (plan.voxel_rows)' if plan is not None and plan.voxel_rows is not None else ''}, got table.shape={tuple(table.shape)}"
+        )
+    if background_table is not None:
+        n_bg = index.batch_size * index.n_levels * n_heads
+        if not isinstance(background_table, Tensor) or background_table.shape != (n_bg, table.shape[1]):
+            raise ValueError(
+                f"background_table must have shape [batch_size * n_levels * n_heads, Dh] = [{n_bg}, {table.shape[1]}], "
+                f"got {tuple(getattr(background_table, 'shape', ()))}"
+            )
+    if sample_weights is not None and (not isinstance(sample_weights, Tensor) or sample_weights.shape != (n_samples, n_per)):
+        raise ValueError(f"sample_weights must have shape [{n_samples}, {n_per}], got {tuple(getattr(sample_weights, 'shape', ()))}")
     n_value_rows = table.shape[0]
     if background_table is not None:
         table = torch.cat([table, background_table.to(table.dtype)])

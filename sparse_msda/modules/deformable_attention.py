@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from adapters import SparseCoordinateIndex
 
 from ..functional.deformable import plan_deformable_sampling, sparse_deformable_attention
-from ..inputs import check_embed_heads, check_position_dim, prepare_inputs
+from ..inputs import QueryBatch, check_embed_heads, check_position_dim, check_query, prepare_inputs
 
 __all__ = ["SparseMSDeformableAttention", "SparseMSDeformableAttentionBlock", "sampling_direction_init"]
 
@@ -146,7 +146,19 @@ class SparseMSDeformableAttention(nn.Module):
         Raises:
             TypeError / ValueError: bad inputs (see :func:`sparse_msda.inputs.prepare_inputs`).
         """
-        qb = prepare_inputs(
+        qb = self.prepare(
+            query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes,
+            query_level_indices, background_embedding, coordinate_index,
+        )
+        return self._attend(qb, query, query_spatial_positions, background_embedding)
+
+    def prepare(
+        self, query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes=None,
+        query_level_indices=None, background_embedding=None, coordinate_index=None,
+    ) -> QueryBatch:
+        """The checked, normalised inputs of :meth:`forward` (:func:`~sparse_msda.inputs.prepare_inputs`
+        with this module's sizes and dtype); the block calls it before its LayerNorm runs."""
+        return prepare_inputs(
             query,
             query_spatial_positions,
             query_batch_offsets,
@@ -158,12 +170,16 @@ class SparseMSDeformableAttention(nn.Module):
             query_level_indices=query_level_indices,
             background_embedding=background_embedding,
             index=coordinate_index,
+            dtype=self.value_proj.weight.dtype,
         )
+
+    def _attend(self, qb: QueryBatch, query: Tensor, query_spatial_positions: Tensor, background_embedding) -> Tensor:
+        """The attention on inputs checked by :meth:`prepare`."""
         n_q = query.shape[0]
         h, l, p, d = self.n_heads, self.n_levels, self.n_points, self.position_dim
         background_value = None
         if background_embedding is not None:
-            background_value = self.value_proj(background_embedding).view(-1, l, h, self.head_dim)
+            background_value = self.value_proj(background_embedding.to(query.dtype)).view(-1, l, h, self.head_dim)
         attn = self.attention_weights(query).view(n_q, h, l * p).softmax(-1).view(n_q, h, l, p)
         shapes = qb.level_spatial_shapes.to(query_spatial_positions.dtype)  # [L, D]
         ref = query_spatial_positions / qb.query_level_shapes  # [Q, D], normalised
@@ -252,20 +268,17 @@ class SparseMSDeformableAttentionBlock(nn.Module):
         query_level_indices: Optional[Tensor] = None,
         coordinate_index: Optional[SparseCoordinateIndex] = None,
     ) -> Tensor:
-        """``[Q, C]`` -> ``[Q, C]``; arguments as for :class:`SparseMSDeformableAttention`."""
+        """``[Q, C]`` -> ``[Q, C]``; arguments as for :class:`SparseMSDeformableAttention`. Every
+        input is checked before the LayerNorm runs."""
+        check_query(query, self.msdeform_attn.embed_dim, self.q_in_proj.weight.dtype)
+        qb = self.msdeform_attn.prepare(
+            query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes,
+            query_level_indices, background_embedding, coordinate_index,
+        )
         residual = query
         x = self.norm(query) if self.norm_first else query
         x = self.q_in_proj(x)
-        x = self.msdeform_attn(
-            x,
-            query_spatial_positions,
-            query_batch_offsets,
-            stacked_feature_maps,
-            level_spatial_shapes,
-            query_level_indices=query_level_indices,
-            background_embedding=background_embedding,
-            coordinate_index=coordinate_index,
-        )
+        x = self.msdeform_attn._attend(qb, x, query_spatial_positions, background_embedding)
         x = self.dropout(self.out_proj(x))
         x = x + residual
         if not self.norm_first:

@@ -193,7 +193,7 @@ class RotaryAttentionBlock(nn.Module):
             query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes,
             embed_dim=self.embed_dim, n_levels=self.n_levels, position_dim=self.position_dim,
             query_level_indices=query_level_indices, background_embedding=background_embedding,
-            index=coordinate_index,
+            index=coordinate_index, dtype=self.q_proj.weight.dtype,
         )
         active = self._active_rows(query_mask, query)
         return _ActiveQueries(
@@ -413,7 +413,7 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
         k, v = self._rotated_keys_values(qb.features, qb.index, plan.voxel_rows, query)
         bg_k = bg_v = None
         if with_bg:
-            bkv = self.kv_proj(background_embedding.to(query.dtype)).view(-1, self.n_levels, 2, H, d)
+            bkv = self.kv_proj(background_embedding.to(query.dtype)).view(-1, self.n_levels, 2, H, d)  # any strides
             bg_k, bg_v = bkv[:, :, 0], bkv[:, :, 1]
 
         attn = sparse_neighborhood_attention(q, k, v, plan, bg_k, bg_v, freqs if with_bg else None)
