@@ -180,6 +180,48 @@ def test_column_major_positions_accepted(monkeypatch, path):
     torch.testing.assert_close(sa(q_t, pos_t, offsets, st, shapes), sa(query, pos, offsets, st, shapes), atol=0, rtol=0)
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values with every stride changed (every other element of an interleaved tensor;
+    2-D tensors also column-major)."""
+    if t.ndim == 2:
+        t = t.T.contiguous().T
+    out = torch.stack([t, torch.zeros_like(t)], -1)[..., 0]
+    assert torch.equal(out, t) and not out.is_contiguous()
+    return out
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["msda", "msda_block", "nbh", "self", "grid"])
+def test_strided_and_expanded_inputs_everywhere(monkeypatch, path, kind):
+    """Strided / transposed / expanded query, positions, offsets, levels and background: the same
+    output as contiguous inputs, bit for bit, in every module and the grid sample."""
+    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    _, query, pos, offsets, st, shapes = _nbh_case()
+    n = len(pos)
+    levels = torch.zeros(n, dtype=torch.int64)
+    bg = torch.randn(1, 1, 16, dtype=torch.float64).expand(1, 2, 16)  # expanded: one row for both levels
+    if kind == "grid":
+        b = torch.zeros(n, dtype=torch.int64)
+        ref = multilevel_sparse_bilinear_grid_sample(st, pos, b, shapes, levels, background_embedding=bg.contiguous())
+        out = multilevel_sparse_bilinear_grid_sample(st, _strided(pos), b[:1].expand(n), shapes, _strided(levels), background_embedding=bg)
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+        return
+    module = {
+        "msda": lambda: SparseMSDeformableAttention(16, 2, n_levels=2, n_points=2),
+        "msda_block": lambda: SparseMSDeformableAttentionBlock(16, 2, n_levels=2, n_points=2),
+        "nbh": lambda: SparseNeighborhoodAttentionBlock(16, 2, n_levels=2, neighborhood_sizes=[3, 3]),
+        "self": lambda: SparseMultilevelSelfAttentionBlock(16, 2, n_levels=2),
+    }[kind]().double()
+    kw = {} if kind == "self" else dict(background_embedding=bg.contiguous())
+    ref = module(query, pos, offsets, st, shapes, query_level_indices=levels, **kw)
+    kw = {} if kind == "self" else dict(background_embedding=bg)
+    q_exp = query[:1].expand(n, 16)  # an expanded query too
+    ref_exp = module(q_exp.contiguous(), pos, offsets, st, shapes, query_level_indices=levels, **kw)
+    out = module(_strided(query), _strided(pos), _strided(offsets), st, shapes, query_level_indices=levels[:1].expand(n), **kw)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    torch.testing.assert_close(module(q_exp, pos.T.contiguous().T, offsets, st, shapes, query_level_indices=levels, **kw), ref_exp, atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------ finding 4: NaN sampling locations
 @pytest.mark.parametrize("path", PATHS)
 def test_nan_sampling_location_follows_grid_sample(monkeypatch, path):
@@ -308,3 +350,18 @@ def test_background_cost_follows_use_not_extent(monkeypatch, path):
     )
     cos = nbh._centre_rotation(plan, block.rope.frequencies().detach(), torch.float32)[0]
     assert cos.shape[0] <= n * 2 + 2, cos.shape  # rows per used centre coordinate, not per cell of the axis
+
+
+def test_neighborhood_attention_background_shape_checked_before_the_kernel():
+    """The kernel indexes the background tables by the tiles' batch items: too few rows must raise."""
+    st, shapes = _issue_map()
+    index = SparseCoordinateIndex.from_coo_stack(st, shapes)
+    pos = torch.tensor([[4.5, 4.5], [3.5, 3.5]], dtype=torch.float64)
+    plan = nbh.build_neighborhood_plan(index, torch.tensor([0, 1]), pos, torch.tensor([8, 8]), [3], True)
+    q = torch.randn(2, 2, 4, dtype=torch.float64)
+    kv = torch.randn(plan.n_keys, 2, 4, dtype=torch.float64)
+    freqs = torch.rand(2, 2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"background_k must have shape \[batch_size, n_levels, H, d\] = \[2, 1, 2, 4\]"):
+        nbh.sparse_neighborhood_attention(q, kv, kv, plan, torch.randn(1, 1, 2, 4, dtype=torch.float64), torch.randn(1, 1, 2, 4, dtype=torch.float64), freqs)
+    with pytest.raises(ValueError, match=r"query_batch must lie in \[0, 2\).*5"):
+        nbh.build_neighborhood_plan(index, torch.tensor([0, 5]), pos, torch.tensor([8, 8]), [3], True)
