@@ -365,3 +365,25 @@ def test_neighborhood_attention_background_shape_checked_before_the_kernel():
         nbh.sparse_neighborhood_attention(q, kv, kv, plan, torch.randn(1, 1, 2, 4, dtype=torch.float64), torch.randn(1, 1, 2, 4, dtype=torch.float64), freqs)
     with pytest.raises(ValueError, match=r"query_batch must lie in \[0, 2\).*5"):
         nbh.build_neighborhood_plan(index, torch.tensor([0, 5]), pos, torch.tensor([8, 8]), [3], True)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("i", range(4))
+def test_float32_huge_position_at_a_coarse_level_keeps_everything_finite(monkeypatch, path, i):
+    """3e38 in the frame of the coarse level is inf at the fine level in float32: the query must
+    still be a finite query outside the map, and no parameter gradient may turn NaN."""
+    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    _, query, pos, offsets, st, shapes = _nbh_case(torch.float32)
+    module = _modules(torch.float32)[i]
+    levels = torch.ones(len(pos), dtype=torch.int64)  # positions in the coarse [8, 8] frame
+    pos = pos / 2
+    ref = module(query, pos, offsets, st, shapes, query_level_indices=levels)
+    pos[9] = torch.tensor([3e38, -3e38])
+    out = module(query, pos, offsets, st, shapes, query_level_indices=levels)
+    assert torch.isfinite(out).all()
+    if i != 3:  # the global self-attention sees every voxel from anywhere: only finiteness applies
+        others = torch.arange(len(pos)) != 9
+        torch.testing.assert_close(out[others], ref[others])
+    out.sum().backward()
+    for name, p in module.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name

@@ -66,6 +66,7 @@ __all__ = [
     "default_chunk_size",
     "SAVED_PROBABILITIES_BYTES",
     "get_multilevel_neighborhoods",
+    "NORMALISED_POSITION_LIMIT",
     "query_rope_positions",
     "sparse_neighborhood_attention",
     "voxel_rope_positions",
@@ -684,10 +685,19 @@ def _pack_chunks(plan: NeighborhoodPlan) -> tuple[list, tuple]:
 # ---------------------------------------------------------------------------------------------
 # RoPE positions
 # ---------------------------------------------------------------------------------------------
+#: normalised positions (``p / shape``) are clamped to +-2**24 map extents for the rotary encoding
+#: and the deformable reference points: beyond it a float32 position carries no sub-map
+#: information, and the clamp keeps ``p / shape_q * shape_l`` finite (a 3e38 position at a coarse
+#: level would overflow float32 at a finer one and turn a query outside the map into NaN)
+NORMALISED_POSITION_LIMIT = float(2**24)
+
+
 def query_rope_positions(positions: Tensor, position_shapes: Tensor, levels: Tensor, full_shape: Tensor) -> Tensor:
-    """Position vectors ``[Q, D + 1]`` (full-scale position, level) of queries (differentiable)."""
+    """Position vectors ``[Q, D + 1]`` (full-scale position, level) of queries (differentiable;
+    normalised positions clamped to :data:`NORMALISED_POSITION_LIMIT`)."""
     full = full_shape.to(device=positions.device, dtype=positions.dtype)
-    p = positions / position_shapes.to(positions.dtype) * full
+    lim = NORMALISED_POSITION_LIMIT
+    p = (positions / position_shapes.to(positions.dtype)).clamp(-lim, lim) * full
     return torch.cat([p, levels.to(positions.dtype)[:, None]], dim=1)
 
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from adapters import SparseCoordinateIndex
 
 from ..functional.deformable import plan_deformable_sampling, sparse_deformable_attention
+from ..functional.neighborhood import NORMALISED_POSITION_LIMIT
 from ..inputs import QueryBatch, check_embed_heads, check_position_dim, check_query, prepare_inputs
 
 __all__ = ["SparseMSDeformableAttention", "SparseMSDeformableAttentionBlock", "sampling_direction_init"]
@@ -182,7 +183,8 @@ class SparseMSDeformableAttention(nn.Module):
             background_value = self.value_proj(background_embedding.to(query.dtype)).view(-1, l, h, self.head_dim)
         attn = self.attention_weights(query).view(n_q, h, l * p).softmax(-1).view(n_q, h, l, p)
         shapes = qb.level_spatial_shapes.to(query_spatial_positions.dtype)  # [L, D]
-        ref = query_spatial_positions / qb.query_level_shapes  # [Q, D], normalised
+        lim = NORMALISED_POSITION_LIMIT  # a huge position stays outside the map without overflowing
+        ref = (query_spatial_positions / qb.query_level_shapes).clamp(-lim, lim)  # [Q, D], normalised
         # sampling_offsets' output is (x, y[, z]) (MSDeformAttn's layout); flipping its (small) weight
         # instead of its [Q, H, L, P, D] output gives (y, x) / (z, y, x) directly (no flipped copy);
         # the reference points are added out of place (in place on the view would make autograd
