@@ -387,3 +387,15 @@ def test_float32_huge_position_at_a_coarse_level_keeps_everything_finite(monkeyp
     out.sum().backward()
     for name, p in module.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def test_self_attention_offsets_must_rise():
+    """Falling offsets silently dropped rows (the output had fewer rows than the queries)."""
+    from sparse_msda.functional.self_attention import multilevel_self_attention
+
+    q = torch.randn(5, 2, 4)
+    k = torch.randn(6, 2, 4)
+    with pytest.raises(ValueError, match="rising from 0"):
+        multilevel_self_attention(q, k, k, torch.tensor([0, 4, 3, 5]), torch.tensor([0, 2, 4, 6]))
+    with pytest.raises(ValueError, match="rising from 0"):
+        multilevel_self_attention(q, k, k, torch.tensor([0, 2, 5]), torch.tensor([1, 2, 6]))

@@ -129,9 +129,10 @@ def multilevel_self_attention(
         )
     qo = query_offsets.to("cpu", torch.int64).tolist()
     ko = key_offsets.to("cpu", torch.int64).tolist()
-    if len(qo) != len(ko) or qo[-1] != q.shape[0] or ko[-1] != k.shape[0]:
+    rising = lambda o: o[0] == 0 and all(a <= b for a, b in zip(o, o[1:]))  # noqa: E731
+    if len(qo) != len(ko) or not qo or qo[-1] != q.shape[0] or ko[-1] != k.shape[0] or not rising(qo) or not rising(ko):
         raise ValueError(
-            f"query_offsets/key_offsets must be [B + 1] ending at Q={q.shape[0]} / N={k.shape[0]}, "
+            f"query_offsets/key_offsets must be [B + 1], rising from 0 to Q={q.shape[0]} / N={k.shape[0]}, "
             f"got query_offsets={qo}, key_offsets={ko}"
         )
     pieces = []
