@@ -1143,11 +1143,14 @@ def sparse_neighborhood_attention(
         raise ValueError("rope_freqs is required to rotate background keys")
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3 or k.shape[1:] != q.shape[1:] or v.shape[1:] != q.shape[1:]:
         raise ValueError(f"q, k, v must be [rows, H, d] with the same H and d, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if plan.with_background:
-        expected = (plan.batch_size, plan.n_levels, *q.shape[1:])
+    if plan.with_background:  # the kernels index them by the tiles' batch items and levels
+        used = int(plan.query_batch.max()) + 1 if plan.n_queries else 0
         for name, t in (("background_k", background_k), ("background_v", background_v)):
-            if tuple(t.shape) != expected:  # the kernels index them by the tiles' batch items and levels
-                raise ValueError(f"{name} must have shape [batch_size, n_levels, H, d] = {list(expected)}, got {name}.shape={tuple(t.shape)}")
+            if t.ndim != 4 or t.shape[0] < used or tuple(t.shape[1:]) != (plan.n_levels, *q.shape[1:]):
+                raise ValueError(
+                    f"{name} must have shape [batch, n_levels, H, d] = [>= {used}, {plan.n_levels}, {q.shape[1]}, {q.shape[2]}] "
+                    f"(a row for every batch item the plan's queries use), got {name}.shape={tuple(t.shape)}"
+                )
     if q.shape[0] != plan.n_queries or k.shape[0] != plan.n_keys or v.shape[0] != plan.n_keys:
         raise ValueError(
             f"q/k/v rows ({q.shape[0]}, {k.shape[0]}, {v.shape[0]}) do not match the plan "
