@@ -20,11 +20,11 @@ from adapters import SparseCoordinateIndex
 from sparse_msda import (
     SparseMSDeformableAttention,
     SparseMSDeformableAttentionBlock,
-    SparseMultilevelSelfAttentionBlock,
+    SparseMultilevelMapAttentionBlock,
     SparseNeighborhoodAttentionBlock,
-    multilevel_sparse_bilinear_grid_sample,
 )
 from sparse_msda.functional import neighborhood as nbh
+from sparse_msda.functional.deformable import sparse_bilinear_sample
 from sparse_msda.functional.sampling import sparse_weighted_gather
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -53,16 +53,24 @@ def test_out_of_range_batch_index_in_subprocess(path):
         import os; os.environ["SPARSE_MSDA_CPU_KERNELS"] = "{path}"
         import torch
         from tests.test_bad_inputs import _issue_map
-        from sparse_msda import multilevel_sparse_bilinear_grid_sample
+        from sparse_msda import multilevel_sparse_bilinear_grid_sample, sparse_split_heads
+        from sparse_msda.functional.deformable import sparse_bilinear_sample
         st, shapes = _issue_map()
+        bg = torch.randn(2, 1, 8, dtype=torch.float64)
         try:
-            multilevel_sparse_bilinear_grid_sample(st, torch.tensor([[4.3, 4.7]], dtype=torch.float64),
-                torch.tensor([10**6]), shapes, torch.tensor([0]), background_embedding=torch.randn(2, 1, 8, dtype=torch.float64))
+            sparse_bilinear_sample(st, torch.tensor([[4.3, 4.7]], dtype=torch.float64),
+                torch.tensor([10**6]), shapes, torch.tensor([0]), background_embedding=bg)
         except ValueError as err:
             print("ValueError:", err)
+        try:  # the seed-API function (head-split map, positions [N, L, H, D])
+            multilevel_sparse_bilinear_grid_sample(sparse_split_heads(st, 1), torch.tensor([[[[4.3, 4.7]]]], dtype=torch.float64),
+                torch.tensor([10**6]), torch.tensor(shapes), background_embedding=bg[:, :, None])
+        except ValueError as err:
+            print("ValueError (seed API):", err)
     """)
     assert proc.returncode == 0, f"crashed (rc={proc.returncode}): {proc.stderr[-2000:]}"
     assert "ValueError:" in proc.stdout and "batch_indices" in proc.stdout and "1000000" in proc.stdout
+    assert "ValueError (seed API): batch_indices must lie in [0, 2)" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -75,10 +83,10 @@ def test_out_of_range_batch_and_level_raise(monkeypatch, path, with_bg, bad_batc
     pos = torch.tensor([[4.3, 4.7], [3.5, 3.5]], dtype=torch.float64)
     bg = torch.randn(2, 1, 8, dtype=torch.float64) if with_bg else None
     with pytest.raises(ValueError, match=rf"batch_indices must lie in \[0, 2\).*{bad_batch}"):
-        multilevel_sparse_bilinear_grid_sample(st, pos, torch.tensor([0, bad_batch]), shapes, torch.tensor([0, 0]), background_embedding=bg)
+        sparse_bilinear_sample(st, pos, torch.tensor([0, bad_batch]), shapes, torch.tensor([0, 0]), background_embedding=bg)
     for bad_level in (1, -1):
         with pytest.raises(ValueError, match=rf"level_indices must lie in \[0, 1\).*{bad_level}"):
-            multilevel_sparse_bilinear_grid_sample(st, pos, torch.tensor([0, 1]), shapes, torch.tensor([0, bad_level]), background_embedding=bg)
+            sparse_bilinear_sample(st, pos, torch.tensor([0, 1]), shapes, torch.tensor([0, bad_level]), background_embedding=bg)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -176,7 +184,7 @@ def test_column_major_positions_accepted(monkeypatch, path):
     torch.testing.assert_close(block(query, pos_t, offsets, st, shapes), ref, atol=0, rtol=0)
     q_t = query.T.contiguous().T
     torch.testing.assert_close(block(q_t, pos_t, offsets, st, shapes), ref, atol=0, rtol=0)
-    sa = SparseMultilevelSelfAttentionBlock(16, 2, n_levels=2).to(torch.float64)
+    sa = SparseMultilevelMapAttentionBlock(16, 2, n_levels=2).to(torch.float64)
     torch.testing.assert_close(sa(q_t, pos_t, offsets, st, shapes), sa(query, pos, offsets, st, shapes), atol=0, rtol=0)
 
 
@@ -202,15 +210,15 @@ def test_strided_and_expanded_inputs_everywhere(monkeypatch, path, kind):
     bg = torch.randn(1, 1, 16, dtype=torch.float64).expand(1, 2, 16)  # expanded: one row for both levels
     if kind == "grid":
         b = torch.zeros(n, dtype=torch.int64)
-        ref = multilevel_sparse_bilinear_grid_sample(st, pos, b, shapes, levels, background_embedding=bg.contiguous())
-        out = multilevel_sparse_bilinear_grid_sample(st, _strided(pos), b[:1].expand(n), shapes, _strided(levels), background_embedding=bg)
+        ref = sparse_bilinear_sample(st, pos, b, shapes, levels, background_embedding=bg.contiguous())
+        out = sparse_bilinear_sample(st, _strided(pos), b[:1].expand(n), shapes, _strided(levels), background_embedding=bg)
         torch.testing.assert_close(out, ref, atol=0, rtol=0)
         return
     module = {
         "msda": lambda: SparseMSDeformableAttention(16, 2, n_levels=2, n_points=2),
         "msda_block": lambda: SparseMSDeformableAttentionBlock(16, 2, n_levels=2, n_points=2),
         "nbh": lambda: SparseNeighborhoodAttentionBlock(16, 2, n_levels=2, neighborhood_sizes=[3, 3]),
-        "self": lambda: SparseMultilevelSelfAttentionBlock(16, 2, n_levels=2),
+        "self": lambda: SparseMultilevelMapAttentionBlock(16, 2, n_levels=2),
     }[kind]().double()
     kw = {} if kind == "self" else dict(background_embedding=bg.contiguous())
     ref = module(query, pos, offsets, st, shapes, query_level_indices=levels, **kw)
@@ -232,7 +240,7 @@ def test_nan_sampling_location_follows_grid_sample(monkeypatch, path):
     st = torch.sparse_coo_tensor(st.indices(), vals, st.shape, is_coalesced=True)
     pos = torch.tensor([[4.3, 4.7], [float("nan"), 4.5], [4.5, float("nan")], [3.5, 3.5]], dtype=torch.float64)
     batch = torch.tensor([0, 0, 1, 1])
-    out = multilevel_sparse_bilinear_grid_sample(st, pos, batch, shapes, torch.zeros(4, dtype=torch.int64))
+    out = sparse_bilinear_sample(st, pos, batch, shapes, torch.zeros(4, dtype=torch.int64))
     # dense reference
     dense = st.detach().to_dense()[..., 0, :].permute(0, 3, 1, 2)  # [B, C, H, W]
     grid = (pos.flip(-1) / 8 * 2 - 1)[:, None, None, :]  # (x, y) in [-1, 1]
@@ -278,7 +286,7 @@ def _modules(dtype):
         SparseMSDeformableAttention(16, 2, n_levels=2, n_points=2).to(dtype),
         SparseMSDeformableAttentionBlock(16, 2, n_levels=2, n_points=2).to(dtype),
         SparseNeighborhoodAttentionBlock(16, 2, n_levels=2, neighborhood_sizes=[3, 3]).to(dtype),
-        SparseMultilevelSelfAttentionBlock(16, 2, n_levels=2).to(dtype),
+        SparseMultilevelMapAttentionBlock(16, 2, n_levels=2).to(dtype),
     ]
 
 
@@ -317,7 +325,11 @@ def test_lookup_errors_name_the_argument():
 def test_dense_map_to_grid_sample_names_sparse_tensor():
     st, shapes = _issue_map()
     with pytest.raises(TypeError, match=r"^sparse_tensor must be"):
-        multilevel_sparse_bilinear_grid_sample(st.to_dense(), torch.zeros(1, 2), torch.tensor([0]), shapes)
+        sparse_bilinear_sample(st.to_dense(), torch.zeros(1, 2), torch.tensor([0]), shapes)
+    from sparse_msda import multilevel_sparse_bilinear_grid_sample
+
+    with pytest.raises(ValueError, match=r"^sparse_tensor must be a head-split sparse COO"):  # seed API: its ValueError
+        multilevel_sparse_bilinear_grid_sample(st.to_dense(), torch.zeros(1, 1, 1, 2), torch.tensor([0]), torch.tensor(shapes))
 
 
 @pytest.mark.parametrize("bad", [[[12.7, 10.2], [6, 5]], [[12, 10], [6.5, 5]], [[True, 10]]])

@@ -32,11 +32,11 @@ from adapters import SparseCoordinateIndex, as_level_spatial_shapes
 from sparse_msda import (
     SparseMSDeformableAttention,
     SparseMSDeformableAttentionBlock,
-    SparseMultilevelSelfAttentionBlock,
+    SparseMultilevelMapAttentionBlock,
     SparseNeighborhoodAttentionBlock,
-    multilevel_sparse_bilinear_grid_sample,
     sparse_split_heads,
 )
+from sparse_msda.functional.deformable import sparse_bilinear_sample
 from sparse_msda.functional.sampling import sparse_weighted_gather
 from tests.dense_reference import densify_levels
 from tests.test_neighborhood import naive_block
@@ -116,7 +116,7 @@ def test_grid_sample_matches_grid_sample_reference(monkeypatch, data, m, with_bg
     if n and data.draw(st.booleans()):
         pos[data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, dim - 1))] = data.draw(st.sampled_from([float("nan"), float("inf")]))
     bg = torch.randn(batch, n_levels, c, dtype=torch.float64) if with_bg else None
-    run = lambda p: multilevel_sparse_bilinear_grid_sample(stacked, p, b, shapes, lv, background_embedding=bg)  # noqa: E731
+    run = lambda p: sparse_bilinear_sample(stacked, p, b, shapes, lv, background_embedding=bg)  # noqa: E731
     out_k, out_t = _paths(monkeypatch, lambda: run(pos))
     torch.testing.assert_close(out_k, out_t, equal_nan=True)
     # reference: F.grid_sample per sample on the dense level
@@ -202,7 +202,7 @@ def test_msda_and_self_attention_finite_and_query_independent(monkeypatch, data,
     n_levels, dim = len(shapes), len(shapes[0])
     torch.manual_seed(1)
     if block_kind == "self":
-        module, with_bg = SparseMultilevelSelfAttentionBlock(8, 2, n_levels=n_levels, position_dim=dim).double(), False
+        module, with_bg = SparseMultilevelMapAttentionBlock(8, 2, n_levels=n_levels, position_dim=dim).double(), False
     elif block_kind == "msda":
         module = SparseMSDeformableAttention(8, 2, n_levels=n_levels, n_points=2, position_dim=dim).double()
     else:
@@ -246,7 +246,7 @@ def test_corrupted_grid_sample_arguments(monkeypatch, data, m, with_bg, n):
     h = torch.zeros(n, dtype=torch.int64) if split else None
     pos = torch.rand(n, dim, dtype=torch.float64) * 3
     bg = torch.randn(batch, n_levels, *((n_heads, c // n_heads) if split else (c,)), dtype=torch.float64) if with_bg else None
-    args = dict(sparse_tensor=mp, spatial_positions=pos, batch_indices=b, level_spatial_shapes=shapes, level_indices=lv,
+    args = dict(sparse_tensor=mp, spatial_positions=pos, batch_indices=b, level_spatial_shapes=torch.tensor(shapes), level_indices=lv,
                 head_indices=h, background_embedding=bg)
     which = data.draw(st.sampled_from(
         ["batch", "level", "head", "batch_float", "pos_int", "pos_dim", "bg_shape", "dense", "shape_float", "shape_neg", "shape_levels"]
@@ -288,7 +288,7 @@ def test_corrupted_grid_sample_arguments(monkeypatch, data, m, with_bg, n):
     else:
         args["level_spatial_shapes"] = shapes + [shapes[-1]]
         exc, name = ValueError, "level_spatial_shapes"
-    _raises(exc, name, lambda: multilevel_sparse_bilinear_grid_sample(**args))
+    _raises(exc, name, lambda: sparse_bilinear_sample(**args))
 
 
 @pytest.mark.skipif(not INNER, reason="runs in a subprocess, from test_corruptions_in_a_subprocess")
@@ -302,7 +302,7 @@ def test_corrupted_module_arguments(monkeypatch, data, m, n, kind):
         "msda": lambda: SparseMSDeformableAttention(8, 2, n_levels=n_levels, n_points=2, position_dim=dim),
         "msda_block": lambda: SparseMSDeformableAttentionBlock(8, 2, n_levels=n_levels, n_points=2, position_dim=dim),
         "nbh": lambda: SparseNeighborhoodAttentionBlock(8, 2, n_levels=n_levels, neighborhood_sizes=[3] * n_levels, position_dim=dim),
-        "self": lambda: SparseMultilevelSelfAttentionBlock(8, 2, n_levels=n_levels, position_dim=dim),
+        "self": lambda: SparseMultilevelMapAttentionBlock(8, 2, n_levels=n_levels, position_dim=dim),
     }[kind]().double()
     query, pos, offsets, levels = _queries(data, shapes, batch, n, 8, hostile=False)
     args = dict(query=query, query_spatial_positions=pos, query_batch_offsets=offsets, stacked_feature_maps=stacked,
