@@ -411,3 +411,26 @@ def test_self_attention_offsets_must_rise():
         multilevel_self_attention(q, k, k, torch.tensor([0, 4, 3, 5]), torch.tensor([0, 2, 4, 6]))
     with pytest.raises(ValueError, match="rising from 0"):
         multilevel_self_attention(q, k, k, torch.tensor([0, 2, 5]), torch.tensor([1, 2, 6]))
+
+
+def test_token_self_attention_follows_the_same_policies():
+    """MultilevelSelfAttentionBlockWithRoPE: the dtype policy, finite positions (every token
+    attends to every other: one NaN position would reach them all), integral shapes."""
+    from sparse_msda import MultilevelSelfAttentionBlockWithRoPE
+
+    block = MultilevelSelfAttentionBlockWithRoPE(16, 2).double()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    pos = torch.rand(5, 2, dtype=torch.float64) * 8
+    lvl = torch.zeros(5, dtype=torch.int64)
+    shapes = torch.tensor([[8, 8]])
+    offsets = torch.tensor([0, 5])
+    out = block(x, pos, lvl, shapes, offsets)
+    assert torch.isfinite(out).all()
+    with pytest.raises(TypeError, match=r"module's dtype torch.float64, got x.dtype=torch.float32"):
+        block(x.float(), pos, lvl, shapes, offsets)
+    bad = pos.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"spatial_positions must be finite, got token 3"):
+        block(x, bad, lvl, shapes, offsets)
+    with pytest.raises(TypeError, match="integral"):
+        block(x, pos, lvl, torch.tensor([[8.5, 8.0]]), offsets)

@@ -155,6 +155,14 @@ class MultilevelSelfAttentionBlockWithRoPE(nn.Module):
                 raise ValueError(f"Expected {name} to be 2D, got {name}.shape={tuple(getattr(t, 'shape', ()))}")
         if not x.is_floating_point():
             raise TypeError(f"x must be floating point, got {x.dtype=}")
+        if x.dtype != self.qkv.weight.dtype:  # the package's one dtype policy (README, "Bad input")
+            raise TypeError(
+                f"x must have the module's dtype {self.qkv.weight.dtype}, got x.dtype={x.dtype} (cast x, or the module with .to(dtype))"
+            )
+        finite = torch.isfinite(spatial_positions).all(-1)  # (integer positions, as the reference accepts, are)
+        if not bool(finite.all()):  # every token attends to every other: one NaN key would reach them all
+            bad = int((~finite).nonzero()[0, 0])
+            raise ValueError(f"spatial_positions must be finite, got token {bad} at {spatial_positions[bad].tolist()}")
         _check_int_tensor("level_indices", level_indices, 1)
         _check_int_tensor("batch_offsets", batch_offsets, 1)
         if not isinstance(level_spatial_shapes, Tensor) or level_spatial_shapes.ndim not in (2, 3):
@@ -162,6 +170,8 @@ class MultilevelSelfAttentionBlockWithRoPE(nn.Module):
                 "Expected level_spatial_shapes of shape [n_levels, position_dim] or [batch, n_levels, position_dim], "
                 f"got {getattr(level_spatial_shapes, 'shape', type(level_spatial_shapes).__name__)}"
             )
+        if level_spatial_shapes.is_floating_point() and not bool((level_spatial_shapes == level_spatial_shapes.round()).all()):
+            raise TypeError(f"level_spatial_shapes must hold integral values, got {level_spatial_shapes.tolist()}")
         n = x.shape[0]
         if n != spatial_positions.shape[0] or n != level_indices.shape[0]:
             raise ValueError(
