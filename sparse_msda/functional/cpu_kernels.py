@@ -77,7 +77,7 @@ _ISA_MACRO = re.compile(r"#define (__[A-Z][A-Z0-9_]*__) 1$")
 
 # Vector ISAs (the extensions' simd_isa()) on which both kernels were measured no slower than their
 # PyTorch paths in the README cases of benchmarks.neighborhood / benchmarks.msda (README,
-# "Benchmarks": avx512 = -march=native on an AMD EPYC 9B14 (Zen 4), avx2 = -march=x86-64-v3
+# "Benchmarks": avx512 = -march=native on an AMD EPYC (Zen 4), avx2 = -march=x86-64-v3
 # there). Not in it: sse2 (-march=x86-64 there: scan-bev encoder block 1.4 s against 0.9 s for the
 # PyTorch path, single thread) and the ISAs nobody measured (avx without FMA, neon, generic).
 KERNEL_WINS = frozenset({"avx512", "avx2"})
