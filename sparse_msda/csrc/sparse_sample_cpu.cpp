@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -44,9 +45,7 @@ Layout make_layout(const at::Tensor& batch, const at::Tensor& level, const at::T
                 shapes.data_ptr<int64_t>(), n_heads, n_levels, bg_offset, static_cast<int>(shapes.size(1))};
 }
 
-// Split [0, n) into up to n_threads parts f(begin, end, part), run on torch's intra-op thread pool
-// (at::parallel_for; no OpenMP of our own, and no threads of our own competing for the cores with
-// its spin-waiting workers).
+// Split [0, n) over up to n_threads std::threads (no OpenMP: the extension must not bring its own runtime).
 template <typename F>
 void parallel_range(int64_t n, int n_threads, const F& f) {
   int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n / 256)));
@@ -54,13 +53,14 @@ void parallel_range(int64_t n, int n_threads, const F& f) {
     f(0, n, 0);
     return;
   }
-  const int64_t step = (n + parts - 1) / parts;
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p * step, e = std::min(n, b + step);
-      if (b < e) f(b, e, static_cast<int>(p));
-    }
-  });
+  std::vector<std::thread> threads;
+  int64_t step = (n + parts - 1) / parts;
+  for (int p = 1; p < parts; ++p) {
+    int64_t b = p * step, e = std::min(n, b + step);
+    if (b < e) threads.emplace_back([&f, b, e, p] { f(b, e, p); });
+  }
+  f(0, std::min(n, step), 0);
+  for (auto& t : threads) t.join();
 }
 
 // Corners of sample (s, j): rows (-1: holds nothing), weights c_k and per-axis fractions. Returns
@@ -228,6 +228,7 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
     // Table gradient without copies or atomics: every row written for a sample of head h is
     // r * n_heads + h (voxel or background row), so thread t takes the (s, j) of heads h with
     // h % parts == t and no two threads ever write the same row.
+    std::vector<std::thread> threads;
     auto by_head = [&](int t) {
       for (int64_t s = 0; s < S; ++s) {
         if (L.hs1 == 0 && L.head[s * L.hs0] % parts != t) continue;  // one head per sample
@@ -235,9 +236,9 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
           if (L.head[s * L.hs0 + j * L.hs1] % parts == t) process(s, j, g_table_ptr);
       }
     };
-    at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) by_head(static_cast<int>(t));
-    });
+    for (int t = 1; t < parts; ++t) threads.emplace_back(by_head, t);
+    by_head(0);
+    for (auto& th : threads) th.join();
     return;
   }
   // Otherwise: thread 0 writes g_table, thread p > 0 its own zeroed copy, summed at the end (no
