@@ -334,30 +334,8 @@ def multilevel_sparse_bilinear_grid_sample(
             f"{level_spatial_shapes.shape[0]} != {n_levels}"
         )
     device = spatial_positions.device
-    if level_indices is None:
-        if spatial_positions.shape[-3] != n_levels:
-            raise SeedShapeError(
-                f"Default level_indices mode assumes that spatial_positions.shape[-3] == n_levels, got "
-                f"{spatial_positions.shape[-3]} and {n_levels}"
-            )
-        level_indices = torch.arange(n_levels, device=device)
-    elif not isinstance(level_indices, Tensor) or level_indices.ndim != 1 or level_indices.shape[0] != spatial_positions.shape[-3]:
-        raise ValueError(
-            "Shape mismatch for spatial_positions and level_indices: level_indices must be [spatial_positions.shape[-3]], "
-            f"got {tuple(spatial_positions.shape)} and {tuple(getattr(level_indices, 'shape', ()))}"
-        )
-    if head_indices is None:
-        if spatial_positions.shape[-2] != n_heads:
-            raise SeedShapeError(
-                f"Default head_indices mode assumes that spatial_positions.shape[-2] == n_heads, got "
-                f"{spatial_positions.shape[-2]} and {n_heads}"
-            )
-        head_indices = torch.arange(n_heads, device=device)
-    elif not isinstance(head_indices, Tensor) or head_indices.ndim != 1 or head_indices.shape[0] != spatial_positions.shape[-2]:
-        raise ValueError(
-            "Shape mismatch for spatial_positions and head_indices: head_indices must be [spatial_positions.shape[-2]], "
-            f"got {tuple(spatial_positions.shape)} and {tuple(getattr(head_indices, 'shape', ()))}"
-        )
+    level_indices = _seed_axis_indices("level_indices", level_indices, spatial_positions, -3, "n_levels", n_levels, device)
+    head_indices = _seed_axis_indices("head_indices", head_indices, spatial_positions, -2, "n_heads", n_heads, device)
     b = _as_int("batch_indices", batch_indices)[..., None, None]
     lvl = _as_int("level_indices", level_indices)[:, None]
     h = _as_int("head_indices", head_indices)
@@ -369,6 +347,25 @@ def multilevel_sparse_bilinear_grid_sample(
         sparse_tensor, spatial_positions, b.expand(lead), level_spatial_shapes, lvl.expand(lead), h.expand(lead),
         background_embedding,
     )
+
+
+def _seed_axis_indices(name, indices, spatial_positions, axis, count_name, count, device):
+    """The reference's index mode for ``spatial_positions``' dim ``axis`` (-3: levels, -2: heads):
+    ``arange(count)`` when ``indices`` is None (that dim must then have ``count`` entries), else a
+    1-D tensor with one entry per element of that dim."""
+    size = spatial_positions.shape[axis]
+    if indices is None:
+        if size != count:
+            raise SeedShapeError(
+                f"Default {name} mode assumes that spatial_positions.shape[{axis}] == {count_name}, got {size} and {count}"
+            )
+        return torch.arange(count, device=device)
+    if not isinstance(indices, Tensor) or indices.ndim != 1 or indices.shape[0] != size:
+        raise ValueError(
+            f"Shape mismatch for spatial_positions and {name}: {name} must be [spatial_positions.shape[{axis}]], "
+            f"got {tuple(spatial_positions.shape)} and {tuple(getattr(indices, 'shape', ()))}"
+        )
+    return indices
 
 
 def deformable_sample_indices(batch_indices: Tensor, n_heads: int, n_levels: int, n_points: int):
