@@ -21,6 +21,8 @@ from torch import Tensor
 from adapters import SparseCoordinateIndex, multilevel_features
 from adapters.validation import check_index_range
 
+from .functional.precision import position_dtype
+
 __all__ = ["QueryBatch", "check_embed_heads", "check_position_dim", "check_query", "prepare_inputs", "largest_level"]
 
 
@@ -183,5 +185,5 @@ def prepare_inputs(
         level_spatial_shapes=shapes,
         batch_indices=batch_indices,
         query_level_indices=levels,
-        query_level_shapes=shapes[levels].to(query_spatial_positions.dtype),
+        query_level_shapes=shapes[levels].to(position_dtype(query_spatial_positions.dtype)),
     )

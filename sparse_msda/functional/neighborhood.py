@@ -33,6 +33,10 @@ looked up once per tile through the coordinate index (:func:`build_neighborhood_
   batched matmuls, background slots per level by matmuls of the back-rotated queries against the
   offset tables; the backward recomputes scores chunk by chunk from the saved log-sum-exp.
 
+float16 / bfloat16 q/k/v compute in float32 (cast in, output cast back, gradients in their
+inputs' dtypes: :mod:`sparse_msda.functional.precision`), so on CPU they take the kernel too;
+the PyTorch path always max-shifts its softmax below float32 (``exp`` overflows float16 above ~11).
+
 Neither keeps a ``[pairs, embed_dim]`` tensor: beyond the inputs and outputs, memory is the
 plan's integer indices plus buffers bounded by a tile (kernel) or a chunk (PyTorch path).
 """
@@ -51,6 +55,7 @@ from adapters import SparseCoordinateIndex, as_level_spatial_shapes
 from adapters.validation import check_index_range, check_integer_tensor
 
 from .cpu_kernels import neighborhood_kernels
+from .precision import LOW_PRECISION, autocast_off, upcast
 from .rope import rope_angles, rope_cos_sin, rotate_pairs, rotate_pairs_back
 
 __all__ = [
@@ -758,7 +763,7 @@ def _rotation_angle_grad(y: Tensor, gy: Tensor) -> Tensor:
     return y[..., :half] * gy[..., half:] - y[..., half:] * gy[..., :half]
 
 
-_SOFTMAX_NO_SHIFT_BOUND = 60.0  # exp(+-60) is far from float32 overflow/underflow
+_SOFTMAX_NO_SHIFT_BOUND = 60.0  # exp(+-60) is far from float32 overflow/underflow (float16/bfloat16 always shift)
 
 SAVED_PROBABILITIES_BYTES = 256 * 2**20
 """Budget for keeping the attention weights (voxel pairs ``[H, padded pairs]``, background
@@ -841,6 +846,8 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
         if with_bg:  # background weights [H, n, K] and centre cos/sin [L, H', n, d/2] x 2 per chunk
             kept += n_q * (n_heads * plan.slot_level.shape[0] + plan.n_levels * (freqs.shape[0] + n_heads) * head_dim)
         keep = kept * q.element_size() <= SAVED_PROBABILITIES_BYTES
+        # the unshifted softmax is only safe in float32 / float64: exp overflows float16 above ~11
+        low_precision = q.dtype not in (torch.float32, torch.float64)
         saved = [] if keep else None  # per chunk: (unnormalised weights [H, T, G, U], 1 / sum [H, T, G])
         # |score| <= scale |q_h| |k_h| (rotations keep norms): where a chunk's bound is small the
         # softmax needs no max shift (exp cannot overflow or underflow), saving two passes
@@ -855,7 +862,7 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
             kn = k_norm.index_select(0, c.key_gather).amax(0)
             if with_bg:
                 kn = torch.maximum(kn, bg_norm[c.batch])
-            shift = float((qn * kn).max()) > _SOFTMAX_NO_SHIFT_BOUND
+            shift = low_precision or float((qn * kn).max()) > _SOFTMAX_NO_SHIFT_BOUND
             qp = _gather_heads(q, c.query_gather, T, scale)  # [H, T, G, d]
             kp = _gather_heads(kk, c.key_gather, T)  # [H, T, U, d]
             s = torch.matmul(qp, kp.transpose(-1, -2)).masked_fill_(c.masked, neg_inf)  # [H, T, G, U]
@@ -1157,6 +1164,15 @@ def sparse_neighborhood_attention(
             f"(n_queries={plan.n_queries}, n_keys={plan.n_keys})"
         )
     scale = q.shape[-1] ** -0.5
+    with autocast_off(q.device.type):  # float32 compute for float16 / bfloat16 (precision.py)
+        if q.dtype in LOW_PRECISION:
+            args = upcast(q, k, v, background_k, background_v, rope_freqs)
+            return _attention(*args[:3], plan, *args[3:], scale).to(q.dtype)
+        return _attention(q, k, v, plan, background_k, background_v, rope_freqs, scale)
+
+
+def _attention(q, k, v, plan, background_k, background_v, rope_freqs, scale) -> Tensor:
+    """The C++ kernel on CPU float32 / float64 (when built), else the PyTorch path."""
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and neighborhood_kernels() is not None:
         return _kernel_attention(q, k, v, plan, background_k, background_v, rope_freqs, scale)
     return NeighborhoodAttentionFunction.apply(q, k, v, background_k, background_v, rope_freqs, plan, scale)

@@ -70,8 +70,12 @@ def layer_norm_linear(
 
     Returns:
         ``[..., C_out]``. Same values and gradients as the two modules in sequence; the
-        backward recomputes the normalised input instead of keeping it.
+        backward recomputes the normalised input instead of keeping it. Under ``torch.autocast``
+        it is the two ops themselves (LayerNorm in float32, the linear layer in autocast's
+        dtype), which keep the normalised tensor.
     """
+    if torch.is_autocast_enabled(x.device.type):  # autocast's own dtype rules for the two ops
+        return F.linear(F.layer_norm(x, [x.shape[-1]], norm_weight, norm_bias, eps), weight, bias)
     lead = x.shape[:-1]
     out = _LayerNormLinear.apply(x.reshape(-1, x.shape[-1]), norm_weight, norm_bias, eps, weight, bias)
     return out.view(*lead, weight.shape[0])

@@ -32,6 +32,9 @@ and voxels, never in corners):
   ``J * 2**D`` corners per output row; the backward recomputes corner rows and weights chunk
   by chunk. ``[samples, corners, head_dim]`` never exists beyond one chunk.
 
+float16 / bfloat16 tables compute in float32 (cast in, output cast back, gradients in their
+inputs' dtypes: :mod:`sparse_msda.functional.precision`), so they take the kernels too.
+
 A decoder can hash its samples before its values exist (:func:`plan_sampling`) and project
 only the voxels their corners touch.
 """
@@ -50,6 +53,7 @@ from adapters import SparseCoordinateIndex, broadcast_shapes
 from adapters.validation import check_index_range, check_integer_tensor
 
 from .cpu_kernels import sampling_kernels
+from .precision import LOW_PRECISION, autocast_off, upcast
 
 __all__ = ["CHUNK_CORNERS", "TABLE_COPY_BYTES", "SamplingPlan", "plan_sampling", "sparse_weighted_gather"]
 
@@ -535,4 +539,9 @@ def sparse_weighted_gather(
         inference=not (torch.is_grad_enabled() and any(t.requires_grad for t in (table, positions, sample_weights))),
         plan=plan,
     )
-    return _SparseSample.apply(table, positions, sample_weights.to(table.dtype), sampling)
+    sample_weights = sample_weights.to(table.dtype)
+    with autocast_off(table.device.type):  # float32 compute for float16 / bfloat16 (precision.py)
+        if table.dtype in LOW_PRECISION:
+            table32, weights32 = upcast(table, sample_weights)
+            return _SparseSample.apply(table32, positions.float(), weights32, sampling).to(table.dtype)
+        return _SparseSample.apply(table, positions, sample_weights, sampling)

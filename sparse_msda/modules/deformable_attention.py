@@ -38,6 +38,7 @@ from adapters import SparseCoordinateIndex
 
 from ..functional.deformable import plan_deformable_sampling, sparse_deformable_attention
 from ..functional.neighborhood import NORMALISED_POSITION_LIMIT
+from ..functional.precision import position_dtype
 from ..inputs import QueryBatch, check_embed_heads, check_position_dim, check_query, prepare_inputs
 
 __all__ = ["SparseMSDeformableAttention", "SparseMSDeformableAttentionBlock", "sampling_direction_init"]
@@ -182,6 +183,7 @@ class SparseMSDeformableAttention(nn.Module):
         if background_embedding is not None:
             background_value = self.value_proj(background_embedding.to(query.dtype)).view(-1, l, h, self.head_dim)
         attn = self.attention_weights(query).view(n_q, h, l * p).softmax(-1).view(n_q, h, l, p)
+        query_spatial_positions = query_spatial_positions.to(position_dtype(query_spatial_positions.dtype))
         shapes = qb.level_spatial_shapes.to(query_spatial_positions.dtype)  # [L, D]
         lim = NORMALISED_POSITION_LIMIT  # a huge position stays outside the map without overflowing
         ref = (query_spatial_positions / qb.query_level_shapes).clamp(-lim, lim)  # [Q, D], normalised

@@ -47,6 +47,7 @@ from adapters import SparseCoordinateIndex, multilevel_features
 from adapters.conversion import check_spconv_levels
 
 from ..functional.neighborhood import NeighborhoodPlan
+from ..functional.precision import position_dtype
 from ..inputs import check_embed_heads, check_position_dim
 from .deformable_attention import SparseMSDeformableAttentionBlock
 from ..functional.neighborhood import full_scale_positions
@@ -189,7 +190,7 @@ class VoxelQueries:
         else:
             order = inverse = None
         dtype = levels[0].features.dtype
-        positions = index.spatial_indices.to(dtype) + 0.5
+        positions = index.spatial_indices.to(position_dtype(dtype)) + 0.5  # float16/bfloat16 maps: float32 positions
         level_indices = index.level_indices
         if order is not None:
             positions, level_indices, batch = positions[order], level_indices[order], batch[order]

@@ -22,6 +22,7 @@ from ..functional.neighborhood import (
     window_centres,
 )
 from ..functional.norm_linear import layer_norm_linear
+from ..functional.precision import position_dtype
 from ..functional.rope import apply_rope, check_freqs_in_groups, init_rope_frequencies, pattern_name
 from ..inputs import QueryBatch, check_embed_heads, check_position_dim, largest_level, prepare_inputs
 
@@ -200,7 +201,7 @@ class RotaryAttentionBlock(nn.Module):
             inputs=qb,
             active=active,
             x=self._select(query, active),
-            positions=self._select(query_spatial_positions, active),
+            positions=self._select(query_spatial_positions.to(position_dtype(query_spatial_positions.dtype)), active),
             batch=self._select(qb.batch_indices, active),
             levels=self._select(qb.query_level_indices, active),
             position_shapes=self._select(qb.query_level_shapes, active),
