@@ -12,3 +12,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def cpu_backends() -> list[str]:
+    """The backends available here that run CPU tensors (``sparse_msda.backends``): the parity
+    tests run on each (``backend`` fixture). ``cpu`` builds the C++ kernels on first call."""
+    from sparse_msda.backends import available_backends, backend_module
+
+    probe = torch.zeros(1)
+    return [n for n in available_backends() if backend_module(n).supports("weighted_gather", probe)]
+
+
+@pytest.fixture(params=cpu_backends())
+def backend(request, monkeypatch):
+    """Run the test on one backend: ``SPARSE_MSDA_BACKEND`` set to its name."""
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", request.param)
+    return request.param

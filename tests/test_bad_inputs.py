@@ -23,13 +23,15 @@ from sparse_msda import (
     SparseMultilevelMapAttentionBlock,
     SparseNeighborhoodAttentionBlock,
 )
+from sparse_msda.backends import cpu as cpu_backend
 from sparse_msda.functional import neighborhood as nbh
 from sparse_msda.functional.deformable import sparse_bilinear_sample
 from sparse_msda.functional.sampling import sparse_weighted_gather
+from tests.conftest import cpu_backends
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-PATHS = ["1", "0"]  # SPARSE_MSDA_CPU_KERNELS: fused C++ kernels, PyTorch path
+PATHS = cpu_backends()  # SPARSE_MSDA_BACKEND: every backend that runs CPU tensors here (cpu: the C++ kernels, reference)
 
 
 def _issue_map(dtype=torch.float64):
@@ -50,7 +52,7 @@ def _run_isolated(code: str) -> subprocess.CompletedProcess:
 def test_out_of_range_batch_index_in_subprocess(path):
     """batch_indices=[10**6] with a background segfaulted (SIGSEGV) in the CPU kernel."""
     proc = _run_isolated(f"""
-        import os; os.environ["SPARSE_MSDA_CPU_KERNELS"] = "{path}"
+        import os; os.environ["SPARSE_MSDA_BACKEND"] = "{path}"
         import torch
         from tests.test_bad_inputs import _issue_map
         from sparse_msda import multilevel_sparse_bilinear_grid_sample, sparse_split_heads
@@ -78,7 +80,7 @@ def test_out_of_range_batch_index_in_subprocess(path):
 @pytest.mark.parametrize("bad_batch", [2, -1])
 def test_out_of_range_batch_and_level_raise(monkeypatch, path, with_bg, bad_batch):
     """b = batch_size gave heap garbage, b = -1 the last voxel's features (both paths)."""
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", path)
     st, shapes = _issue_map()
     pos = torch.tensor([[4.3, 4.7], [3.5, 3.5]], dtype=torch.float64)
     bg = torch.randn(2, 1, 8, dtype=torch.float64) if with_bg else None
@@ -92,7 +94,7 @@ def test_out_of_range_batch_and_level_raise(monkeypatch, path, with_bg, bad_batc
 @pytest.mark.parametrize("path", PATHS)
 def test_weighted_gather_checks_indices_before_the_kernel(monkeypatch, path):
     """The lower-level gather (the only way to the C++ sampling kernel) checks batch, level and head."""
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", path)
     st, shapes = _issue_map()
     index = SparseCoordinateIndex.from_coo_stack(st, shapes)
     table = torch.randn(4 * 2, 4, dtype=torch.float64)
@@ -133,7 +135,7 @@ def _nbh_case(dtype=torch.float64, seed=0):
 @pytest.mark.parametrize("bad", [1e30, -1e19, 1e19, 3e38])
 def test_huge_query_position_does_not_change_other_queries(monkeypatch, path, with_bg, bad):
     """A 1e19 / 1e30 position made every other query of its tile lose all its keys."""
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", path)
     block, query, pos, offsets, st, shapes = _nbh_case()
     bg = torch.randn(1, 2, 16, dtype=torch.float64) if with_bg else None
     ref = block(query, pos, offsets, st, shapes, background_embedding=bg)
@@ -150,7 +152,7 @@ def test_huge_query_position_does_not_change_other_queries(monkeypatch, path, wi
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_query_position_raises(monkeypatch, path, bad):
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", path)
     block, query, pos, offsets, st, shapes = _nbh_case()
     pos[5, 0] = bad
     with pytest.raises(ValueError, match=r"query_spatial_positions must be finite.*query 5"):
@@ -176,7 +178,7 @@ def test_window_centres_are_clamped_before_integer_conversion():
 @pytest.mark.parametrize("path", PATHS)
 def test_column_major_positions_accepted(monkeypatch, path):
     """``stack.indices()[1:-1].T + 0.5`` is column-major: the neighborhood block rejected it."""
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", path)
     block, query, pos, offsets, st, shapes = _nbh_case()
     pos_t = pos.T.contiguous().T  # same values, column-major
     assert not pos_t.is_contiguous()
@@ -203,7 +205,7 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
 def test_strided_and_expanded_inputs_everywhere(monkeypatch, path, kind):
     """Strided / transposed / expanded query, positions, offsets, levels and background: the same
     output as contiguous inputs, bit for bit, in every module and the grid sample."""
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", path)
     _, query, pos, offsets, st, shapes = _nbh_case()
     n = len(pos)
     levels = torch.zeros(n, dtype=torch.int64)
@@ -234,7 +236,7 @@ def test_strided_and_expanded_inputs_everywhere(monkeypatch, path, kind):
 @pytest.mark.parametrize("path", PATHS)
 def test_nan_sampling_location_follows_grid_sample(monkeypatch, path):
     """A NaN location: NaN output (as F.grid_sample) in both paths; no NaN in any voxel's gradient."""
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", path)
     st, shapes = _issue_map()
     vals = st.values().clone().requires_grad_()
     st = torch.sparse_coo_tensor(st.indices(), vals, st.shape, is_coalesced=True)
@@ -258,7 +260,7 @@ def test_nan_sampling_location_follows_grid_sample(monkeypatch, path):
 def test_nan_sample_gradient_stays_in_its_own_rows(monkeypatch, path):
     """sparse_weighted_gather with a NaN sample: table gradient finite and equal to the gradient
     without that sample; NaN only in that sample's own position/weight gradients."""
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", path)
     st, shapes = _issue_map()
     index = SparseCoordinateIndex.from_coo_stack(st, shapes)
     g = torch.Generator().manual_seed(1)
@@ -345,7 +347,7 @@ def test_non_integral_level_spatial_shapes_rejected(bad):
 @pytest.mark.parametrize("path", PATHS)
 def test_background_cost_follows_use_not_extent(monkeypatch, path):
     """A [2**22, 2**22] map holding 20 voxels: the window-centre rotation tables peaked at 1.7 GB."""
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", path)
     g = torch.Generator().manual_seed(0)
     n = 20
     coords = torch.randint(0, 2**22, (n, 2), generator=g)
@@ -360,7 +362,7 @@ def test_background_cost_follows_use_not_extent(monkeypatch, path):
         SparseCoordinateIndex.from_coo_stack(st, [[2**22, 2**22]]), torch.zeros(n, dtype=torch.int64), pos,
         torch.tensor([2**22, 2**22]), [3], True,
     )
-    cos = nbh._centre_rotation(plan, block.rope.frequencies().detach(), torch.float32)[0]
+    cos = cpu_backend._centre_rotation(plan, block.rope.frequencies().detach(), torch.float32)[0]
     assert cos.shape[0] <= n * 2 + 2, cos.shape  # rows per used centre coordinate, not per cell of the axis
 
 
@@ -384,7 +386,7 @@ def test_neighborhood_attention_background_shape_checked_before_the_kernel():
 def test_float32_huge_position_at_a_coarse_level_keeps_everything_finite(monkeypatch, path, i):
     """3e38 in the frame of the coarse level is inf at the fine level in float32: the query must
     still be a finite query outside the map, and no parameter gradient may turn NaN."""
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", path)
     _, query, pos, offsets, st, shapes = _nbh_case(torch.float32)
     module = _modules(torch.float32)[i]
     levels = torch.ones(len(pos), dtype=torch.int64)  # positions in the coarse [8, 8] frame

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from adapters import SparseCoordinateIndex
+from sparse_msda import tuning
 from sparse_msda.functional import sampling
 from sparse_msda.functional.cpu_kernels import build_error, sampling_kernels
 from tests.test_deformable import random_map
@@ -69,7 +70,7 @@ def test_kernels_match_pytorch_path(kernels, monkeypatch, dim, with_bg, threads,
     """Two threads split the table gradient by head (n_heads >= 2, one head per sample or per
     point), else each writes its own copy (``table_copy_bytes=0``: no copy allowed, one thread)."""
     if table_copy_bytes is not None:
-        monkeypatch.setattr(sampling, "TABLE_COPY_BYTES", table_copy_bytes)
+        monkeypatch.setattr(tuning, "TABLE_COPY_BYTES", table_copy_bytes)
     f, inputs = _problem(dim, with_bg, 900, torch.float64, 3 + dim, n_heads=n_heads, head_per_point=head_per_point)
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -96,7 +96,7 @@ def dense_output(module, query, pos, offsets, stack, shapes, levels=None, backgr
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("occupancy", [1.0, 0.35])
 @pytest.mark.parametrize("with_background", [False, True])
-def test_parity_with_dense_msdeformattn(dim, dtype, occupancy, with_background):
+def test_parity_with_dense_msdeformattn(dim, dtype, occupancy, with_background, backend):
     gen = torch.Generator().manual_seed(dim * 100 + int(occupancy * 10) + with_background)
     embed, heads, points = 16, 4, 3
     shapes = SHAPES[dim]
@@ -110,7 +110,7 @@ def test_parity_with_dense_msdeformattn(dim, dtype, occupancy, with_background):
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
-def test_parity_default_query_level_and_points_outside():
+def test_parity_default_query_level_and_points_outside(backend):
     """Default query level = largest level; large offsets put most points outside every level."""
     gen = torch.Generator().manual_seed(7)
     stack, shapes = random_map(SHAPES[2], 2, 8, 0.5, torch.float64, gen)
@@ -120,7 +120,7 @@ def test_parity_default_query_level_and_points_outside():
     torch.testing.assert_close(out, dense_output(module, query, pos, offsets, stack, shapes), **TOL[torch.float64])
 
 
-def test_zero_value_far_outside_equals_output_bias():
+def test_zero_value_far_outside_equals_output_bias(backend):
     """Every sample far outside the map: the attention output is exactly output_proj(0)."""
     gen = torch.Generator().manual_seed(3)
     stack, shapes = random_map(SHAPES[2], 1, 8, 1.0, torch.float64, gen)
@@ -154,7 +154,7 @@ def test_hypothesis_parity_random_small_maps(seed, dim, occupancy, counts, backg
 
 # ----------------------------------------------------------------------------- grid sample
 @pytest.mark.parametrize("dim", [2, 3])
-def test_grid_sample_matches_f_grid_sample(dim):
+def test_grid_sample_matches_f_grid_sample(dim, backend):
     gen = torch.Generator().manual_seed(11 + dim)
     shapes = SHAPES[dim]
     stack, shapes_t = random_map(shapes, 2, 6, 0.6, torch.float64, gen)
@@ -175,7 +175,7 @@ def test_grid_sample_matches_f_grid_sample(dim):
             torch.testing.assert_close(out, ref.reshape(2, 6, n).transpose(1, 2), **TOL[torch.float64])
 
 
-def test_grid_sample_head_split_and_head_indices():
+def test_grid_sample_head_split_and_head_indices(backend):
     gen = torch.Generator().manual_seed(5)
     stack, shapes = random_map(SHAPES[2], 2, 8, 0.5, torch.float64, gen)
     split = sparse_split_heads(stack, 4)
@@ -193,7 +193,7 @@ def test_grid_sample_head_split_and_head_indices():
 
 # ----------------------------------------------------------------------------- (b) gradcheck
 @pytest.mark.parametrize("dim", [2, 3])
-def test_gradcheck_module_query_values_background_positions(dim):
+def test_gradcheck_module_query_values_background_positions(dim, backend):
     gen = torch.Generator().manual_seed(21 + dim)
     shapes = [[4, 5], [2, 3]] if dim == 2 else [[3, 4, 3], [2, 2, 2]]
     stack, shapes_t = random_map(shapes, 2, 4, 0.6, torch.float64, gen)
@@ -210,7 +210,7 @@ def test_gradcheck_module_query_values_background_positions(dim):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
 
 
-def test_gradcheck_grid_sample_values_positions_background():
+def test_gradcheck_grid_sample_values_positions_background(backend):
     gen = torch.Generator().manual_seed(31)
     stack, shapes = random_map([[4, 4], [2, 3]], 1, 3, 0.5, torch.float64, gen)
     st_ = stack.coalesce()
@@ -242,7 +242,7 @@ def test_gradients_reach_every_parameter():
     ids=["item-without-queries", "item-without-voxels", "single-query", "zero-queries", "no-voxels-at-all"],
 )
 @pytest.mark.parametrize("with_background", [False, True])
-def test_empty_items_and_tiny_batches(counts, empty_items, with_background):
+def test_empty_items_and_tiny_batches(counts, empty_items, with_background, backend):
     gen = torch.Generator().manual_seed(sum(counts) + len(empty_items))
     stack, shapes = random_map(SHAPES[2], 3, 8, 0.5, torch.float64, gen, empty_items=empty_items)
     module = randomize(SparseMSDeformableAttention(8, 2, 3, 2), gen).double()
@@ -258,7 +258,7 @@ def test_empty_items_and_tiny_batches(counts, empty_items, with_background):
 
 # ----------------------------------------------------------------------------- (d) input kinds
 @pytest.mark.parametrize("dim", [2, 3])
-def test_coo_stack_spconv_list_and_prebuilt_index_agree(dim):
+def test_coo_stack_spconv_list_and_prebuilt_index_agree(dim, backend):
     gen = torch.Generator().manual_seed(41)
     shapes = SHAPES[dim]
     stack, shapes_t = random_map(shapes, 2, 8, 0.5, torch.float32, gen)
@@ -432,7 +432,7 @@ def test_extra_repr():
 
 
 @pytest.mark.parametrize("dim", [2, 3])
-def test_gradcheck_fused_gather_with_repeated_corners(dim):
+def test_gradcheck_fused_gather_with_repeated_corners(dim, backend):
     """The custom backward of the fused interpolation + weighted sum, with corners shared by
     several samples of one bag (points of a head close together) and a background."""
     from sparse_msda.functional.sampling import sparse_weighted_gather
@@ -507,7 +507,7 @@ def test_grid_sample_head_split_uncoalesced_stack():
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("with_bg", [False, True])
 @pytest.mark.parametrize("compact", [True, False])
-def test_planned_compact_sampling_matches(dim, with_bg, compact, monkeypatch):
+def test_planned_compact_sampling_matches(dim, with_bg, compact, monkeypatch, backend):
     """A decoder's planned sampling (hash first, project only the touched voxels, or all of
     them) equals the plain path: outputs and the gradients of query, features, background and
     parameters."""

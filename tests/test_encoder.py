@@ -281,11 +281,9 @@ def count_corner_table_builds(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("kernels", ["0", "1"])
-def test_plan_and_corner_table_built_once_per_forward(monkeypatch, kernels):
+def test_plan_and_corner_table_built_once_per_forward(monkeypatch, backend):
     """3 layers: one neighborhood plan and one deformable corner table per encoder forward;
     outputs and gradients equal to every layer building its own (the unshared path)."""
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", kernels)
     levels = levels_3d(seed=13)
     for lvl in levels:
         lvl.features.requires_grad_(True)

@@ -40,6 +40,7 @@ from sparse_msda.functional.deformable import sparse_bilinear_sample
 from sparse_msda.functional.sampling import sparse_weighted_gather
 from tests.dense_reference import densify_levels
 from tests.test_neighborhood import naive_block
+from tests.conftest import cpu_backends
 from tests.window_maps import make_map
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
@@ -237,7 +238,7 @@ BAD_INT = st.sampled_from([-1, -2, -(10**6), 10**6, 2**31, 2**40, -(2**62)])
 def test_corrupted_grid_sample_arguments(monkeypatch, data, m, with_bg, n):
     stacked, voxels, feats, shapes, batch = m
     dim, n_levels, c = len(shapes[0]), len(shapes), feats.shape[1]
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", data.draw(st.sampled_from(["0", "1"])))
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", data.draw(st.sampled_from(cpu_backends())))
     split = data.draw(st.booleans())
     n_heads = 2
     mp = sparse_split_heads(stacked, n_heads) if split else stacked
@@ -297,7 +298,7 @@ def test_corrupted_grid_sample_arguments(monkeypatch, data, m, with_bg, n):
 def test_corrupted_module_arguments(monkeypatch, data, m, n, kind):
     stacked, voxels, feats, shapes, batch = m
     n_levels, dim = len(shapes), len(shapes[0])
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", data.draw(st.sampled_from(["0", "1"])))
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", data.draw(st.sampled_from(cpu_backends())))
     module = {
         "msda": lambda: SparseMSDeformableAttention(8, 2, n_levels=n_levels, n_points=2, position_dim=dim),
         "msda_block": lambda: SparseMSDeformableAttentionBlock(8, 2, n_levels=n_levels, n_points=2, position_dim=dim),
@@ -353,7 +354,7 @@ def test_corrupted_module_arguments(monkeypatch, data, m, n, kind):
 def test_corrupted_index_and_gather_arguments(monkeypatch, data, m):
     stacked, voxels, feats, shapes, batch = m
     dim, n_levels = len(shapes[0]), len(shapes)
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", data.draw(st.sampled_from(["0", "1"])))
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", data.draw(st.sampled_from(cpu_backends())))
     index = SparseCoordinateIndex.from_coo_stack(stacked, shapes)
     which = data.draw(st.sampled_from(["lookup_broadcast", "lookup_0d", "lookup_float", "table_rows", "weights", "gather_batch",
                                        "gather_level", "gather_head", "shape_bool"]))

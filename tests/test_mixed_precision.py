@@ -29,20 +29,18 @@ from sparse_msda import (
     SparseMultilevelMapAttentionBlock,
     SparseNeighborhoodAttentionBlock,
 )
-from sparse_msda.functional import neighborhood
-from sparse_msda.functional.neighborhood import (
-    NeighborhoodAttentionFunction,
-    build_neighborhood_plan,
-    sparse_neighborhood_attention,
-)
+from sparse_msda import tuning
+from sparse_msda.backends.reference import NeighborhoodAttentionFunction
+from sparse_msda.functional.neighborhood import build_neighborhood_plan, sparse_neighborhood_attention
 from sparse_msda.lidar import random_sparse_levels
+from tests.conftest import cpu_backends
 from tests.test_cpu_kernels import _problem
 from tests.window_maps import make_map, random_queries
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny problems
 
 LOW = [torch.float16, torch.bfloat16]
-PATHS = ["1", "0"]  # SPARSE_MSDA_CPU_KERNELS: C++ kernels (where built), PyTorch path
+PATHS = cpu_backends()  # SPARSE_MSDA_BACKEND: every backend that runs CPU tensors here (cpu: the C++ kernels, reference)
 
 
 def eps(dtype):
@@ -93,13 +91,13 @@ def test_float16_large_scores_neighborhood_attention(path, monkeypatch):
     PyTorch path skipped the max shift below a bound of 60, and exp overflows float16 above
     ~11). Compared to float64 on the same inputs: the float32 compute is exact to ~1e-6, the
     float16 output and gradients are rounded once (<= eps / 2 relative), so ``eps``."""
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", path)
     plan = _plan_problem()
     q, k, v = (t.requires_grad_() for t in _large_score_qkv(plan, torch.float16))
     q64, k64 = q.detach().double(), k.detach().double()
     bound = float((q64.norm(dim=-1).amax(0) * k64.norm(dim=-1).amax(0)).max()) * 0.5  # what the path checks
     top = float(torch.einsum("qhd,khd->qkh", q64, k64).max()) * 0.5
-    assert bound < neighborhood._SOFTMAX_NO_SHIFT_BOUND and top > 11.1  # exp(top) overflows float16
+    assert bound < tuning.SOFTMAX_NO_SHIFT_BOUND and top > 11.1  # exp(top) overflows float16
     out = sparse_neighborhood_attention(q, k, v, plan)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(torch.float16)
@@ -136,7 +134,7 @@ def test_neighborhood_attention_low_precision(path, dtype, background, monkeypat
     q, k, v, background k/v and the RoPE frequencies. float32 compute from exact inputs, one
     rounding to the dtype at the end: ``eps`` relative (plus ``eps`` times the largest entry
     for entries near zero)."""
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", path)
     plan = _plan_problem(seed=31, background=background)
     g = torch.Generator().manual_seed(2)
     H, d = 2, 4
@@ -170,7 +168,7 @@ def test_sampling_low_precision(path, dtype, background, monkeypatch):
     rounding (``eps``) of float64 on the same inputs."""
     f, inputs64 = _problem(2, background, 300, torch.float64, 7)
     inputs = [t.detach().to(dtype).requires_grad_() for t in inputs64]
-    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", path)
+    monkeypatch.setenv("SPARSE_MSDA_BACKEND", path)
     out = f(*inputs)
     assert out.dtype == dtype
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)

@@ -11,8 +11,9 @@ import torch
 from adapters import SparseCoordinateIndex, coo_stack_to_spconv
 from sparse_msda import SparseNeighborhoodAttentionBlock, get_multilevel_neighborhoods
 from sparse_msda.functional import neighborhood
+from sparse_msda import tuning
+from sparse_msda.backends.reference import NeighborhoodAttentionFunction
 from sparse_msda.functional.neighborhood import (
-    NeighborhoodAttentionFunction,
     build_neighborhood_plan,
     window_offsets,
 )
@@ -112,7 +113,7 @@ CASES_3D = dict(shapes=[[6, 8, 8], [3, 4, 4]], sizes=[3, 3])
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("variant", ["prenorm", "postnorm_bias_levels"])
-def test_parity_with_naive_reference(dim, background, variant):
+def test_parity_with_naive_reference(dim, background, variant, backend):
     case = CASES_2D if dim == 2 else CASES_3D
     shapes, sizes = case["shapes"], case["sizes"]
     L, E, H = len(shapes), 16, 2
@@ -132,7 +133,7 @@ def test_parity_with_naive_reference(dim, background, variant):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_spconv_levels_input_and_prebuilt_index_match_coo_stack():
+def test_spconv_levels_input_and_prebuilt_index_match_coo_stack(backend):
     shapes, sizes = CASES_2D["shapes"], CASES_2D["sizes"]
     block = make_block(16, 2, 3, sizes, 2)
     stacked, _, _ = make_map(shapes, 2, 0.3, 16, seed=5)
@@ -154,7 +155,7 @@ def test_spconv_levels_input_and_prebuilt_index_match_coo_stack():
 @pytest.mark.parametrize("keep_weights", [False, True])
 def test_gradcheck_function(background, share_heads, keep_weights, one_thread, monkeypatch):
     # the forward keeps the attention weights under a byte budget, else the backward recomputes them
-    monkeypatch.setattr(neighborhood, "SAVED_PROBABILITIES_BYTES", 1 << 30 if keep_weights else 0)
+    monkeypatch.setattr(tuning, "SAVED_PROBABILITIES_BYTES", 1 << 30 if keep_weights else 0)
     shapes, sizes = [[8, 8], [4, 4]], [3, 3]
     _, voxels, _ = make_map(shapes, 2, 0.3, 1, seed=11)
     idx = SparseCoordinateIndex(
@@ -225,7 +226,7 @@ def test_plan_tiles_hold_exactly_each_querys_window_voxels(dim):
     assert len(plan.chunks) > 2 and any(c.shape[1] > 1 for c in plan.chunks)
 
 
-def test_gradcheck_block_through_positions_background_and_features(one_thread):
+def test_gradcheck_block_through_positions_background_and_features(one_thread, backend):
     shapes, sizes = [[8, 6], [4, 3]], [3, 3]
     block = make_block(8, 2, 2, sizes, 2, rope_share_heads=False)
     stacked, _, _ = make_map(shapes, 1, 0.35, 8, seed=21)
@@ -270,7 +271,7 @@ def test_gradcheck_block_through_positions_background_and_features(one_thread):
 # invariances
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("background", [False, True])
-def test_translation_invariance(background):
+def test_translation_invariance(background, backend):
     shapes = [[96, 96], [48, 48], [24, 24], [12, 12]]  # coarsest stride 8 full-scale cells
     sizes = [3, 5, 3, 3] if background else [3, 5, 7, 9]
     E = 32
@@ -293,7 +294,7 @@ def test_translation_invariance(background):
     assert not torch.allclose(block(query, pos_bad, offsets, stacked, shapes, background_embedding=bg), out, atol=1e-3)
 
 
-def test_permutation_equivariance_over_queries():
+def test_permutation_equivariance_over_queries(backend):
     shapes, sizes = CASES_2D["shapes"], CASES_2D["sizes"]
     block = make_block(16, 2, 3, sizes, 2)
     stacked, _, _ = make_map(shapes, 2, 0.3, 16, seed=41)
@@ -306,7 +307,7 @@ def test_permutation_equivariance_over_queries():
     torch.testing.assert_close(out_p, out[perm], rtol=1e-12, atol=1e-12)
 
 
-def test_locality_voxel_outside_every_window_changes_nothing():
+def test_locality_voxel_outside_every_window_changes_nothing(backend):
     shapes, sizes = [[16, 16], [8, 8]], [3, 3]
     block = make_block(16, 2, 2, sizes, 2)
     stacked, voxels, feats = make_map(shapes, 1, 0.4, 16, seed=51)
@@ -335,7 +336,7 @@ def test_locality_voxel_outside_every_window_changes_nothing():
 # ------------------------------------------------------------------------------------------
 # query_mask / empty windows
 # ------------------------------------------------------------------------------------------
-def test_query_mask_rows_returned_exactly_and_others_unchanged():
+def test_query_mask_rows_returned_exactly_and_others_unchanged(backend):
     shapes, sizes = CASES_2D["shapes"], CASES_2D["sizes"]
     for norm_first in (True, False):
         block = make_block(16, 2, 3, sizes, 2, norm_first=norm_first)
@@ -353,7 +354,7 @@ def test_query_mask_rows_returned_exactly_and_others_unchanged():
     assert torch.equal(all_masked, query)
 
 
-def test_empty_windows_return_residual_finite_with_finite_grads():
+def test_empty_windows_return_residual_finite_with_finite_grads(backend):
     shapes, sizes = [[16, 16], [8, 8]], [3, 3]
     block = make_block(16, 2, 2, sizes, 2, bias=True)  # out_proj bias must not leak in
     stacked, _, _ = make_map(shapes, 1, 0.5, 16, seed=71, region=(0, 4))

@@ -1,8 +1,9 @@
-"""Optional fused CPU kernels (``sparse_msda/csrc``), compiled on first use.
+"""Building and loading the fused CPU kernels (``sparse_msda/csrc``), compiled on first use.
 
-The pure-PyTorch paths of :mod:`sparse_msda.functional.sampling` and
-:mod:`sparse_msda.functional.neighborhood` are the references and run everywhere (CPU and
-CUDA). On CPU, two small C++ kernels fuse the per-sample / per-query work and its backward:
+The kernels are the ``cpu`` backend (:mod:`sparse_msda.backends.cpu`, which holds their autograd
+Functions); the ``reference`` backend (:mod:`sparse_msda.backends.reference`, pure PyTorch) runs
+everywhere (CPU and CUDA). On CPU, two small C++ kernels fuse the per-sample / per-query work
+and its backward:
 
 * ``csrc/sparse_sample_cpu.cpp``: interpolation and weighted sum of the sparse sampling
   (:func:`sampling_kernels`); the sample's corner rows come from the coordinate index's

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from adapters import SparseCoordinateIndex, broadcast_shapes, multilevel_features
+from adapters import SparseCoordinateIndex, as_level_spatial_shapes, broadcast_shapes, multilevel_features
 from adapters.validation import check_index_range
 
 from .sampling import SamplingPlan, plan_sampling, sparse_weighted_gather
@@ -124,6 +124,7 @@ def sparse_bilinear_sample(
     level_indices: Optional[Tensor] = None,
     head_indices: Optional[Tensor] = None,
     background_embedding: Optional[Tensor] = None,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """Bilinearly (trilinearly in 3D) sample a multi-level sparse map at arbitrary points, with
     index tensors broadcast numpy-style against the points (ours; for the reference's
@@ -148,6 +149,9 @@ def sparse_bilinear_sample(
             samples every head.
         background_embedding: value of an absent site, ``[batch, n_levels, C]`` or
             ``[batch, n_levels, n_heads, head_dim]`` (same space as the map's values).
+        backend: ``"reference"``, ``"cpu"``, ``"triton"`` or None (automatic, or
+            ``$SPARSE_MSDA_BACKEND``): the implementation of the sampling
+            (:func:`sparse_msda.backends.choose_backend`).
 
     Returns:
         ``[..., C]``; for a head-split map ``[..., head_dim]`` with ``head_indices``, else
@@ -157,6 +161,10 @@ def sparse_bilinear_sample(
         TypeError / ValueError: wrong kinds, dtypes or shapes (messages name the argument).
     """
     n_heads = 1
+    if level_spatial_shapes is not None and not isinstance(level_spatial_shapes, Tensor):
+        # a nested sequence: checked (and made a tensor) first, so that a bad one is reported as
+        # such and the head-split layout below can be recognised from its position_dim
+        level_spatial_shapes = as_level_spatial_shapes(level_spatial_shapes)
     if isinstance(sparse_tensor, Tensor) and sparse_tensor.layout != torch.sparse_coo:
         raise TypeError(
             f"sparse_tensor must be a sparse COO stack or a list of SparseConvTensor, got a tensor of layout {sparse_tensor.layout}"
@@ -251,7 +259,8 @@ def sparse_bilinear_sample(
     pos = spatial_positions.reshape(n, 1, dim)
     flat_idx = lambda t: t.expand(lead).reshape(n, 1)  # noqa: E731
     out = sparse_weighted_gather(
-        table, index, pos, flat_idx(b), flat_idx(l), flat_idx(h), n_heads=n_heads, background_table=bg_table
+        table, index, pos, flat_idx(b), flat_idx(l), flat_idx(h), n_heads=n_heads, background_table=bg_table,
+        backend=backend,
     )
     return out.reshape(*lead, head_dim)
 
@@ -269,6 +278,7 @@ def multilevel_sparse_bilinear_grid_sample(
     level_indices: Optional[Tensor] = None,
     head_indices: Optional[Tensor] = None,
     background_embedding: Optional[Tensor] = None,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """Sample a head-split multi-level sparse map, with the index alignment of
     sparse-transformer-layers (its signature and conventions; 2D and 3D).
@@ -290,6 +300,9 @@ def multilevel_sparse_bilinear_grid_sample(
         head_indices: int ``[H']``: the head along dim ``-2``; default ``arange(n_heads)``.
         background_embedding: ``[batch, n_levels, n_heads, head_dim]``: the value of absent
             sites (default zero).
+        backend: ``"reference"``, ``"cpu"``, ``"triton"`` or None (automatic, or
+            ``$SPARSE_MSDA_BACKEND``): the implementation of the sampling
+            (:func:`sparse_msda.backends.choose_backend`).
 
     Returns:
         ``[N, ..., L', H', head_dim]``.
@@ -345,7 +358,7 @@ def multilevel_sparse_bilinear_grid_sample(
     lead = spatial_positions.shape[:-1]
     return sparse_bilinear_sample(
         sparse_tensor, spatial_positions, b.expand(lead), level_spatial_shapes, lvl.expand(lead), h.expand(lead),
-        background_embedding,
+        background_embedding, backend=backend,
     )
 
 
@@ -404,6 +417,7 @@ def sparse_deformable_attention(
     attention_weights: Tensor,
     background_value: Optional[Tensor] = None,
     plan: Optional[SamplingPlan] = None,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """The sampling + attention sum of multi-scale deformable attention on a sparse map.
 
@@ -420,6 +434,9 @@ def sparse_deformable_attention(
         background_value: ``[batch, n_levels, n_heads, head_dim]`` projected value of an
             absent site, or None.
         plan: optional :func:`plan_deformable_sampling` of the same locations.
+        backend: ``"reference"``, ``"cpu"``, ``"triton"`` or None (automatic, or
+            ``$SPARSE_MSDA_BACKEND``): the implementation of the sampling
+            (:func:`sparse_msda.backends.choose_backend`).
 
     Returns:
         ``[Q, n_heads * head_dim]``.
@@ -462,5 +479,6 @@ def sparse_deformable_attention(
         sample_weights=attention_weights.reshape(q * n_heads, n_levels * n_points),
         background_table=None if background_value is None else background_value.reshape(-1, head_dim),
         plan=plan,
+        backend=backend,
     )
     return out.reshape(q, n_heads * head_dim)

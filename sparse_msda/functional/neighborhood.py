@@ -20,18 +20,23 @@ grouped into tiles (same batch item and same window centre at the coarsest level
 ``tile_queries``); a tile's keys are the voxels present in the union of its queries' windows,
 looked up once per tile through the coordinate index (:func:`build_neighborhood_plan`).
 
-* CPU, float32/float64 (:class:`NeighborhoodKernelFunction`, ``csrc/neighborhood_attention_cpu.cpp``):
-  per tile and head, blocked products score the tile's queries against its keys and aggregate
-  the values; each query's softmax runs over its own window keys and background slots only.
-  Background slots (absent in-bounds window cells, only with a background embedding) are scored
-  against the background key rotated at the slot's offset (:func:`background_tables`) with the
-  query rotated back by its window centre, inside the kernel. Saved: ``q, k, v``, the background
-  tables, the output and a ``[Q, H]`` log-sum-exp; the backward recomputes everything else.
-* Elsewhere (CUDA, other dtypes, or ``SPARSE_MSDA_CPU_KERNELS=0``;
-  :class:`NeighborhoodAttentionFunction`): tiles are padded and batched into chunks, scores by
-  batched matmuls ``[H, T, G, d] x [H, T, d, U]`` masked to each query's own windows, values by
-  batched matmuls, background slots per level by matmuls of the back-rotated queries against the
-  offset tables; the backward recomputes scores chunk by chunk from the saved log-sum-exp.
+The attention itself runs in a backend (:func:`sparse_msda.backends.choose_backend`, or the
+``backend=`` argument of :func:`sparse_neighborhood_attention`):
+
+* ``cpu`` (:class:`sparse_msda.backends.cpu.NeighborhoodKernelFunction`,
+  ``csrc/neighborhood_attention_cpu.cpp``; CPU float32/float64): per tile and head, blocked
+  products score the tile's queries against its keys and aggregate the values; each query's
+  softmax runs over its own window keys and background slots only. Background slots (absent
+  in-bounds window cells, only with a background embedding) are scored against the background
+  key rotated at the slot's offset (:func:`background_tables`) with the query rotated back by
+  its window centre, inside the kernel. Saved: ``q, k, v``, the background tables, the output
+  and a ``[Q, H]`` log-sum-exp; the backward recomputes everything else.
+* ``reference`` (:class:`sparse_msda.backends.reference.NeighborhoodAttentionFunction`; any
+  device and dtype): tiles are padded and batched into chunks, scores by batched matmuls
+  ``[H, T, G, d] x [H, T, d, U]`` masked to each query's own windows, values by batched matmuls,
+  background slots per level by matmuls of the back-rotated queries against the offset tables;
+  the backward recomputes scores chunk by chunk from the saved log-sum-exp.
+* ``triton`` (``sparse_msda.backends.triton``): CUDA.
 
 float16 / bfloat16 q/k/v compute in float32 (cast in, output cast back, gradients in their
 inputs' dtypes: :mod:`sparse_msda.functional.precision`), so on CPU they take the kernel too;
@@ -49,18 +54,17 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from adapters import SparseCoordinateIndex, as_level_spatial_shapes
 from adapters.validation import check_index_range, check_integer_tensor
 
+from .. import tuning
+from ..backends import check_backend_name, choose_backend
 from .cpu_kernels import neighborhood_kernels
 from .precision import LOW_PRECISION, autocast_off, upcast
 from .rope import rope_angles, rope_cos_sin, rotate_pairs, rotate_pairs_back
 
 __all__ = [
-    "NeighborhoodAttentionFunction",
-    "NeighborhoodKernelFunction",
     "NeighborhoodTiles",
     "NeighborhoodPlan",
     "PlanChunk",
@@ -69,7 +73,6 @@ __all__ = [
     "check_finite_positions",
     "check_neighborhood_sizes",
     "default_chunk_size",
-    "SAVED_PROBABILITIES_BYTES",
     "get_multilevel_neighborhoods",
     "NORMALISED_POSITION_LIMIT",
     "query_rope_positions",
@@ -78,6 +81,22 @@ __all__ = [
     "window_centres",
     "window_offsets",
 ]
+
+
+def __getattr__(name: str):
+    """Names that moved: the two attention Functions to :mod:`sparse_msda.backends` (reference
+    and cpu), ``SAVED_PROBABILITIES_BYTES`` to :mod:`sparse_msda.tuning` (read there)."""
+    if name == "NeighborhoodAttentionFunction":
+        from ..backends.reference import NeighborhoodAttentionFunction
+
+        return NeighborhoodAttentionFunction
+    if name == "NeighborhoodKernelFunction":
+        from ..backends.cpu import NeighborhoodKernelFunction
+
+        return NeighborhoodKernelFunction
+    if name == "SAVED_PROBABILITIES_BYTES":
+        return tuning.SAVED_PROBABILITIES_BYTES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,9 +412,6 @@ def _lexsort(primary: Tensor, secondary: Tensor) -> Tensor:
     return order[torch.argsort(primary[order], stable=True)]
 
 
-_PAD_SLACK = 1.15  # a chunk closes early once its padded entries exceed this times its real ones
-
-
 def _size_classes(limit: int) -> Tensor:
     """Padded tile sizes 1, 2, ..., 8, 10, 12, ... up to ``limit`` (inclusive)."""
     return torch.tensor(sorted({*range(1, min(limit, 8) + 1), *range(8, limit + 1, 2), limit}), dtype=torch.int64)
@@ -409,8 +425,8 @@ def build_neighborhood_plan(
     neighborhood_sizes: Sequence[int],
     with_background: bool,
     chunk_size: int = 1 << 18,
-    tile_queries: int = 32,
-    cells_per_chunk: int = 1 << 19,
+    tile_queries: int = tuning.TILE_QUERIES,
+    cells_per_chunk: int = tuning.LOOKUP_CELLS_PER_CHUNK,
     compact_rows: bool = True,
 ) -> NeighborhoodPlan:
     """Group queries into tiles and look up each tile's window cells through the index.
@@ -609,7 +625,7 @@ def _pack_chunks(plan: NeighborhoodPlan) -> tuple[list, tuple]:
             b_list[p] != cur_b
             or padded > chunk_size
             or new_bgw > 4 * chunk_size
-            or (padded + new_bgw > _PAD_SLACK * (work + new_bgw) and (real + bgw) * 16 > chunk_size)
+            or (padded + new_bgw > tuning.PAD_SLACK * (work + new_bgw) and (real + bgw) * 16 > chunk_size)
         ):
             groups.append((cur, cur_g, cur_u, cur_b))
             cur, cur_g, cur_u, real, bgw = [], 0, 0, 0, 0
@@ -756,367 +772,10 @@ def background_tables(bg_k: Tensor, freqs: Tensor, plan: NeighborhoodPlan) -> tu
     return tables, cos_o, sin_o
 
 
-def _rotation_angle_grad(y: Tensor, gy: Tensor) -> Tensor:
-    """``dL/dtheta`` of ``y = R(theta) x`` given ``dL/dy`` (split-half pairs): ``y1 g2 - y2 g1``,
-    ``[..., H, d/2]``."""
-    half = y.shape[-1] // 2
-    return y[..., :half] * gy[..., half:] - y[..., half:] * gy[..., :half]
-
-
-_SOFTMAX_NO_SHIFT_BOUND = 60.0  # exp(+-60) is far from float32 overflow/underflow (float16/bfloat16 always shift)
-
-SAVED_PROBABILITIES_BYTES = 256 * 2**20
-"""Budget for keeping the attention weights (voxel pairs ``[H, padded pairs]``, background
-slots ``[H, queries, slots]``: ``embed_dim / H`` times smaller than per-pair features) and the
-background path's window-centre ``cos``/``sin`` from the forward for the backward; above it
-the backward recomputes them from ``q``, ``k`` and the frequencies."""
-
-
 def default_chunk_size(n_heads: int) -> int:
-    """Padded (query, key) entries per chunk: the ``[H, T, G, U]`` score buffers stay near
-    2 MiB in float32 (reused by the allocator instead of fresh, page-faulting mappings)."""
-    return max(1 << 12, (1 << 19) // max(n_heads, 1))
-
-
-def _gather_heads(x: Tensor, rows: Tensor, blocks: int, scale: Optional[float] = None) -> Tensor:
-    """Rows of ``x [N, H, d]`` as a contiguous head-major block ``[H, blocks, len(rows) / blocks, d]``
-    (optionally times ``scale``); chunk-sized temporaries only."""
-    n_heads, head_dim = x.shape[1], x.shape[2]
-    picked = x.index_select(0, rows).transpose(0, 1)  # [H, n, d] view
-    out = torch.empty(n_heads, rows.shape[0], head_dim, dtype=x.dtype, device=x.device)
-    if scale is None:
-        out.copy_(picked)
-    else:
-        torch.mul(picked, scale, out=out)
-    return out.view(n_heads, blocks, -1, head_dim)
-
-
-def _scatter_rows(dest: Tensor, c: PlanChunk, block: Tensor, scale: Optional[float] = None) -> None:
-    """``dest[query] = block`` for the chunk's real queries; ``block`` is ``[H, T, G, d]``,
-    ``dest`` is ``[Q, H, d]``."""
-    n_heads, head_dim = block.shape[0], block.shape[-1]
-    rows = block.view(n_heads, -1, head_dim).index_select(1, c.query_pos).transpose(0, 1)  # [n, H, d] view
-    if scale is not None:
-        rows = rows * scale
-    dest.index_copy_(0, c.query_rows, rows.contiguous())
-
-
-def _key_major(x: Tensor) -> Tensor:
-    """``[H, T, U, d]`` -> contiguous ``[T * U, H, d]`` (``index_add_`` is several times faster
-    from a contiguous source)."""
-    return x.permute(1, 2, 0, 3).contiguous().view(-1, x.shape[0], x.shape[3])
-
-
-class NeighborhoodAttentionFunction(torch.autograd.Function):
-    """Softmax attention of each query over its window keys, with a recomputing backward.
-
-    Inputs: rotated queries ``q [Q, H, d]``, rotated voxel keys ``k [n_keys, H, d]``, values
-    ``v [n_keys, H, d]``, unrotated background keys/values ``bg_k, bg_v [B, L, H, d]`` (or
-    None), the RoPE frequencies ``freqs [H', d/2, D+1]`` (background keys only), the plan and
-    the score scale. Output ``[Q, H, d]`` (zero for queries without keys).
-
-    Per chunk of tiles (:class:`PlanChunk`): the tiles' queries and keys are gathered
-    head-major into ``[H, T, G, d]`` / ``[H, T, U, d]`` blocks, scores by one batched matmul,
-    masked to each query's windows, then one batched matmul with the values. Background
-    slots: per level the queries are rotated back by their window centre, ``R(-u_centre) q``,
-    and scored by one matmul against the background key rotated at each slot offset
-    (:func:`background_tables`); they join the same softmax and aggregate the background
-    value of their level. The backward recomputes the scores chunk by chunk
-    (flash-attention style, from a saved ``[H, Q]`` log-sum-exp), scatters key/value
-    gradients with ``index_add_`` and has closed-form RoPE gradients for the background path
-    (frequencies included). Saved: ``q, k, v, bg_k, bg_v, freqs``, the output, the
-    log-sum-exp and the plan's integer indices and masks; no ``[pairs, embed_dim]`` tensor is
-    kept, and the per-chunk buffers are bounded by the plan's chunk size.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, bg_k, bg_v, freqs, plan: NeighborhoodPlan, scale: float):
-        n_q, n_heads, head_dim = q.shape
-        with_bg = bg_k is not None
-        neg_inf = float("-inf")
-        zero = torch.zeros((), dtype=q.dtype, device=q.device)
-        kk, vv = k, v
-        if k.shape[0] == 0:  # no voxel key anywhere: gather from a masked-out zero row
-            kk, vv = k.new_zeros(1, n_heads, head_dim), v.new_zeros(1, n_heads, head_dim)
-        out = q.new_zeros(n_q, n_heads, head_dim)
-        lse_h = q.new_zeros(n_heads, n_q)
-        if with_bg:
-            tables = background_tables(bg_k, freqs, plan)[0].permute(0, 2, 3, 1).contiguous()  # [B, H, d, K]
-        kept = plan.n_padded_pairs * n_heads
-        if with_bg:  # background weights [H, n, K] and centre cos/sin [L, H', n, d/2] x 2 per chunk
-            kept += n_q * (n_heads * plan.slot_level.shape[0] + plan.n_levels * (freqs.shape[0] + n_heads) * head_dim)
-        keep = kept * q.element_size() <= SAVED_PROBABILITIES_BYTES
-        # the unshifted softmax is only safe in float32 / float64: exp overflows float16 above ~11
-        low_precision = q.dtype not in (torch.float32, torch.float64)
-        saved = [] if keep else None  # per chunk: (unnormalised weights [H, T, G, U], 1 / sum [H, T, G])
-        # |score| <= scale |q_h| |k_h| (rotations keep norms): where a chunk's bound is small the
-        # softmax needs no max shift (exp cannot overflow or underflow), saving two passes
-        q_norm = torch.linalg.vector_norm(q, dim=-1) * scale  # [Q, H]
-        k_norm = torch.linalg.vector_norm(kk, dim=-1)  # [N, H]
-        if with_bg:
-            bg_norm = torch.linalg.vector_norm(bg_k, dim=-1).amax(1)  # [B, H]
-        for c in plan.chunks:
-            T, G, U = c.shape
-            n = T * G
-            qn = q_norm.index_select(0, c.query_gather).amax(0)  # [H]
-            kn = k_norm.index_select(0, c.key_gather).amax(0)
-            if with_bg:
-                kn = torch.maximum(kn, bg_norm[c.batch])
-            shift = low_precision or float((qn * kn).max()) > _SOFTMAX_NO_SHIFT_BOUND
-            qp = _gather_heads(q, c.query_gather, T, scale)  # [H, T, G, d]
-            kp = _gather_heads(kk, c.key_gather, T)  # [H, T, U, d]
-            s = torch.matmul(qp, kp.transpose(-1, -2)).masked_fill_(c.masked, neg_inf)  # [H, T, G, U]
-            del kp
-            m = s.amax(-1) if shift else q.new_zeros(n_heads, T, G)  # [H, T, G]
-            if with_bg:  # background slots of the real (not padding) queries: rows c.query_pos
-                pos = c.query_pos
-                s_bg = []  # scores per level, exp-ed later in place
-                u_c = _centre_positions(plan.centres.index_select(0, c.query_rows), plan)  # [r, L, D+1]
-                cos_c, sin_c = rope_cos_sin(torch.einsum("nlk,hjk->lhnj", u_c, freqs.to(torch.float64)), q.dtype)
-                qf = qp.view(n_heads, n, head_dim).index_select(1, pos)  # [H, r, d]
-                ql_all = rotate_pairs_back(qf, cos_c, sin_c)  # R(-u_centre) q at every level, [L, H, r, d]
-                m_bg = None
-                for level, (k0, k1) in enumerate(plan.slot_ranges):
-                    sl = torch.matmul(ql_all[level], tables[c.batch, :, :, k0:k1]).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf)
-                    s_bg.append(sl)  # [H, r, K_l]
-                    if shift:
-                        m_bg = sl.amax(-1) if m_bg is None else torch.maximum(m_bg, sl.amax(-1))
-                if shift:
-                    m_flat = m.view(n_heads, n)
-                    m_flat.index_copy_(1, pos, torch.maximum(m_flat.index_select(1, pos), m_bg))
-            if shift:
-                m = torch.where(m > neg_inf, m, zero)
-                s.sub_(m[..., None])
-            s.exp_()
-            z = s.sum(-1)  # [H, T, G]
-            o = torch.matmul(s, _gather_heads(vv, c.key_gather, T))  # [H, T, G, d]
-            if with_bg:
-                mr = m.view(n_heads, n).index_select(1, pos)[..., None]  # [H, r, 1]
-                z_bg, o_bg, a_sums = 0.0, 0.0, []
-                for level, sl in enumerate(s_bg):
-                    a_l = (sl.sub_(mr) if shift else sl).exp_().sum(-1)  # [H, r]
-                    a_sums.append(a_l)
-                    z_bg = z_bg + a_l
-                    o_bg = o_bg + a_l[..., None] * bg_v[c.batch, level][:, None, :]
-                z.view(n_heads, n).index_add_(1, pos, z_bg)
-                o.view(n_heads, n, head_dim).index_add_(1, pos, o_bg)
-            has = z > 0
-            z_inv = torch.where(has, 1.0 / z, zero)
-            o *= z_inv[..., None]
-            if saved is not None:
-                saved.append((s, z_inv) + ((s_bg, cos_c, sin_c, ql_all, a_sums) if with_bg else ()))
-            _scatter_rows(out, c, o)
-            lse_h.index_copy_(1, c.query_rows, torch.where(has, m + torch.log(z), zero).view(n_heads, n).index_select(1, c.query_pos))
-        ctx.save_for_backward(q, k, v, bg_k, bg_v, freqs, out, lse_h)
-        ctx.plan, ctx.scale, ctx.weights = plan, scale, saved
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, bg_k, bg_v, freqs, out, lse_h = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
-        need_q, need_k, need_v, need_bk, need_bv, need_f = ctx.needs_input_grad[:6]
-        with_bg = bg_k is not None
-        n_q, n_heads, head_dim = q.shape
-        neg_inf = float("-inf")
-        g = grad_out.contiguous()
-        delta_h = torch.einsum("qhd,qhd->hq", g, out).contiguous()  # [H, Q] = sum over keys of a <g, v>
-        if k.shape[0] == 0:
-            k, v = k.new_zeros(1, n_heads, head_dim), v.new_zeros(1, n_heads, head_dim)
-        dq = q.new_zeros(n_q, n_heads, head_dim)
-        dk = k.new_zeros(plan.n_keys + 1, n_heads, head_dim)
-        dv = v.new_zeros(plan.n_keys + 1, n_heads, head_dim)
-        if with_bg:
-            tables, cos_o, sin_o = background_tables(bg_k, freqs, plan)  # [B, K, H, d]
-            tables_t = tables.permute(0, 2, 3, 1).contiguous()  # [B, H, d, K]
-            dtables = torch.zeros_like(tables_t) if (need_bk or need_f) else None
-            dbv = torch.zeros_like(bg_v) if need_bv else None
-            freqs64 = freqs.to(torch.float64)
-            dfreqs = torch.zeros_like(freqs64) if need_f else None
-        weights = ctx.weights
-        for i, c in enumerate(plan.chunks):
-            T, G, U = c.shape
-            n = T * G
-            qi = c.query_gather
-            qp = _gather_heads(q, qi, T, scale)
-            gp = _gather_heads(g, qi, T)
-            kp = _gather_heads(k, c.key_gather, T)
-            vp = _gather_heads(v, c.key_gather, T)
-            lp = lse_h.index_select(1, qi).view(n_heads, T, G, 1)
-            dp = delta_h.index_select(1, qi).view(n_heads, T, G, 1)
-            if weights is not None:  # kept by the forward: a = w / z, folded into the small factors
-                a, z_inv = weights[i][0], weights[i][1][..., None]  # [H, T, G, U], [H, T, G, 1]
-                g_a, dp_a = gp * z_inv, dp * z_inv
-            else:  # recomputed
-                a = torch.matmul(qp, kp.transpose(-1, -2)).masked_fill_(c.masked, neg_inf).sub_(lp).exp_()  # [H, T, G, U]
-                g_a, dp_a = gp, dp
-            ds = torch.matmul(g_a, vp.transpose(-1, -2)).sub_(dp_a).mul_(a)  # [H, T, G, U]
-            del vp
-            keys = c.key.view(-1)
-            if need_v:
-                dv.index_add_(0, keys, _key_major(torch.matmul(a.transpose(-1, -2), g_a)))
-            del a, g_a
-            if need_k:
-                dk.index_add_(0, keys, _key_major(torch.matmul(ds.transpose(-1, -2), qp)))
-            dq_c = torch.matmul(ds, kp).view(n_heads, n, head_dim)  # w.r.t. the scaled query
-            del ds, kp
-            if with_bg:  # rows of the real queries, as in the forward
-                b, pos = c.batch, c.query_pos
-                qf = qp.view(n_heads, n, head_dim).index_select(1, pos)
-                gf = gp.view(n_heads, n, head_dim).index_select(1, pos)
-                lf = lp.view(n_heads, n).index_select(1, pos)[..., None]
-                df = dp.view(n_heads, n).index_select(1, pos)[..., None]
-                u_c = _centre_positions(plan.centres.index_select(0, c.query_rows), plan)  # [r, L, D+1]
-                if weights is not None:
-                    s_bg, cos_c, sin_c, ql_all, a_sums = weights[i][2:]
-                    z_inv = weights[i][1].view(n_heads, n).index_select(1, pos)[..., None]
-                else:
-                    cos_c, sin_c = rope_cos_sin(torch.einsum("nlk,hjk->lhnj", u_c, freqs64), q.dtype)
-                    ql_all = rotate_pairs_back(qf, cos_c, sin_c)  # [L, H, r, d]
-                dql_all = torch.empty_like(ql_all) if (need_q or need_f) else None
-                for level, (k0, k1) in enumerate(plan.slot_ranges):
-                    ql = ql_all[level]
-                    tab = tables_t[b, :, :, k0:k1]  # [H, d, K_l]
-                    gv = (gf * bg_v[b, level][:, None, :]).sum(-1, keepdim=True)  # <g, bg_v>, [H, n, 1]
-                    if weights is not None:  # a = w / z, folded into the small factors
-                        w = s_bg[level]
-                        if need_bv:
-                            dbv[b, level] += torch.einsum("hn,hnd->hd", a_sums[level] * z_inv[..., 0], gf)
-                        ds = w * ((gv - df) * z_inv)  # [H, n, K_l]
-                    else:
-                        a = torch.matmul(ql, tab).masked_fill_(c.bg_masked[:, :, k0:k1], neg_inf).sub_(lf).exp_()
-                        if need_bv:
-                            dbv[b, level] += torch.einsum("hn,hnd->hd", a.sum(-1), gf)
-                        ds = a.mul_(gv - df)  # [H, n, K_l]
-                    if dtables is not None:
-                        dtables[b, :, :, k0:k1] += torch.matmul(ql.transpose(-1, -2), ds)
-                    if dql_all is not None:
-                        torch.matmul(ds, tab.transpose(-1, -2), out=dql_all[level])  # [H, r, d]
-                    del ds
-                if need_q:  # all levels rotated back at once
-                    dq_c.index_add_(1, pos, rotate_pairs(dql_all, cos_c, sin_c).sum(0))
-                if need_f:  # ql = R(-theta) q: dtheta = -(ql1 dql2 - ql2 dql1); one reduction
-                    dth = _rotation_angle_grad(ql_all, dql_all)  # [L, H, r, d/2]
-                    if freqs.shape[0] != n_heads:
-                        dth = dth.sum(1, keepdim=True)
-                    u_l = u_c.to(q.dtype).transpose(0, 1)  # [L, r, D+1]
-                    dfreqs -= torch.einsum("lhnj,lnk->hjk", dth, u_l).to(torch.float64)
-            if need_q:
-                _scatter_rows(dq, c, dq_c, scale)
-        dq = dq if need_q else None
-        dk = dk[: plan.n_keys] if need_k else None
-        dv = dv[: plan.n_keys] if need_v else None
-        dbk = None
-        if with_bg and (need_bk or need_f):
-            dtab = dtables.permute(0, 3, 1, 2)  # [B, K, H, d]
-            if need_bk:  # tables[b, k] = R(u_offset(k)) bg_k[b, level(k)]
-                back = rotate_pairs(dtab, cos_o, -sin_o)  # [B, K, H, d]
-                dbk = torch.zeros_like(bg_k).index_add_(1, plan.slot_level, back)
-            if need_f:
-                dth = _rotation_angle_grad(tables, dtab).sum(0)  # [K, H, d/2]
-                if freqs.shape[0] != n_heads:
-                    dth = dth.sum(1, keepdim=True)
-                dfreqs += torch.einsum("khj,kc->hjc", dth.to(torch.float64), _offset_positions(plan))
-        if with_bg:
-            dfreqs = dfreqs.to(freqs.dtype) if need_f else None
-            return dq, dk, dv, dbk, dbv, dfreqs, None, None
-        return dq, dk, dv, None, None, None, None, None
-
-
-class NeighborhoodKernelFunction(torch.autograd.Function):
-    """The same attention as :class:`NeighborhoodAttentionFunction`, fused in the C++ CPU kernel
-    (``csrc/neighborhood_attention_cpu.cpp``) over the plan's tiles.
-
-    Inputs: ``q [Q, H, d]``, ``k, v [n_keys, H, d]`` as there; with background the RoPE
-    frequencies ``freqs [H', d/2, D+1]``, ``tables [B, K, H, d]`` (:func:`background_tables`,
-    built by ordinary autograd ops) and ``bg_v [B, L, H, d]``, else None.
-
-    Per tile and head the kernel scores the tile's queries against its keys by one blocked
-    product, takes each query's softmax over its own window keys and background slots, and
-    aggregates the values by another product. A background slot is scored with the query
-    rotated back by its window centre (:func:`_centre_rotation` tables; the kernel composes
-    the per-axis rotations), so nothing of size ``[Q, L, H, d]`` is ever stored. It saves
-    the output and a ``[Q, H]`` log-sum-exp; the backward recomputes every score from them,
-    and returns the frequencies' gradient through the centre rotations in closed form
-    (autograd adds the part through ``tables``). Threads split the heads, so gradient rows
-    never collide. Nothing per (query, key) pair is stored.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, freqs, tables, bg_v, plan: NeighborhoodPlan, scale: float):
-        kernels = neighborhood_kernels()
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        rotation = []
-        if tables is not None:
-            tables, bg_v = tables.contiguous(), bg_v.contiguous()
-            rotation = _centre_rotation(plan, freqs.detach(), q.dtype)
-        out, lse, n_keys, n_slots = kernels.neighborhood_forward(
-            q, k, v, rotation, tables, bg_v, plan.kernel_tiles(), scale, torch.get_num_threads()
-        )
-        if plan._counts is None:  # the kernel enumerated every window: the plan's counts come free
-            plan._counts = (n_keys, n_slots if plan.with_background else None)
-        ctx.save_for_backward(q, k, v, tables, bg_v, out, lse)
-        ctx.plan, ctx.scale, ctx.rotation, ctx.freqs_dtype = plan, scale, rotation, None if freqs is None else freqs.dtype
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, tables, bg_v, out, lse = ctx.saved_tensors
-        dq, dk, dv, dfreqs, dtables, dbv = neighborhood_kernels().neighborhood_backward(
-            q, k, v, ctx.rotation, tables, bg_v, ctx.plan.kernel_tiles(), out, lse, grad_out.contiguous(), ctx.scale,
-            list(ctx.needs_input_grad[:6]), torch.get_num_threads(),
-        )
-        if dfreqs is not None:
-            dfreqs = dfreqs.to(ctx.freqs_dtype)
-        return dq, dk, dv, dfreqs, dtables, dbv, None, None
-
-
-def _centre_rotation(plan: NeighborhoodPlan, freqs: Tensor, dtype: torch.dtype) -> list:
-    """Per-axis RoPE rotations of the window-centre cells, for the kernel's background scores.
-
-    Returns ``[cos, sin, rows, full]``: ``cos``/``sin`` ``[R, H', d/2]`` in ``dtype`` hold the
-    angle of a centre coordinate ``c`` on axis ``a`` of level ``l`` (cell centre ``c + 0.5``
-    mapped to full scale, times the axis' frequencies; axis 0 also carries the level term
-    ``l * freqs[..., D]``), and int64 ``rows [Q, L, D]`` the row of each query's centre
-    coordinate. Only the coordinates the plan's queries use get a row (``R <= Q * L * D``):
-    memory follows the queries, not the map's extent (a ``[2**22, 2**22]`` map with 20 queries
-    needs ~40 rows per level). Centres are clamped to ``[-r_l - 1, shape + r_l]`` first (a
-    centre outside has no in-bounds window cell, and the kernel then reads no row). Angles in
-    float64, reduced before the trigonometry (:func:`rope_cos_sin`); the kernel multiplies the
-    ``D`` factors of a centre (angles add)."""
-    shapes = plan.level_spatial_shapes.cpu()
-    full = plan.full_shape.cpu()
-    f64 = freqs.to(torch.float64).cpu()  # [H', d/2, D + 1]
-    dim = shapes.shape[1]
-    centres = plan.centres.cpu()
-    n_q = centres.shape[0]
-    rows = torch.empty(n_q, len(plan.neighborhood_sizes), dim, dtype=torch.int64)
-    angles, row = [], 0
-    for level, size in enumerate(plan.neighborhood_sizes):
-        r = (size - 1) // 2
-        for axis in range(dim):
-            n = int(shapes[level, axis])
-            used, inverse = torch.unique(centres[:, level, axis].clamp(-r - 1, n + r), return_inverse=True)
-            u = (used.to(torch.float64) + 0.5) / n * float(full[axis])
-            ang = u[:, None, None] * f64[None, :, :, axis]
-            if axis == 0:
-                ang = ang + level * f64[None, :, :, dim]
-            angles.append(ang)
-            rows[:, level, axis] = inverse + row
-            row += used.shape[0]
-    cos, sin = rope_cos_sin(torch.cat(angles), dtype)
-    return [cos.contiguous(), sin.contiguous(), rows.contiguous(), full.to(torch.int64).contiguous()]
-
-
-def _kernel_attention(q, k, v, plan, background_k, background_v, rope_freqs, scale) -> Tensor:
-    """:class:`NeighborhoodKernelFunction`, with the background keys rotated at the window
-    offsets by autograd ops (small: ``[B, K, H, d]``)."""
-    tables = None
-    if plan.with_background:
-        tables = background_tables(background_k, rope_freqs, plan)[0]  # [B, K, H, d]
-    return NeighborhoodKernelFunction.apply(q, k, v, rope_freqs if plan.with_background else None, tables, background_v, plan, scale)
+    """Padded (query, key) entries per chunk of the PyTorch path:
+    :data:`~sparse_msda.tuning.CHUNK_SCORE_ENTRIES` shared by the heads (at least 4096)."""
+    return max(1 << 12, tuning.CHUNK_SCORE_ENTRIES // max(n_heads, 1))
 
 
 def sparse_neighborhood_attention(
@@ -1127,6 +786,7 @@ def sparse_neighborhood_attention(
     background_k: Optional[Tensor] = None,
     background_v: Optional[Tensor] = None,
     rope_freqs: Optional[Tensor] = None,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """Multi-head attention of each query over the keys of its plan (one softmax per query).
 
@@ -1140,10 +800,18 @@ def sparse_neighborhood_attention(
             key/value of each batch item and level; required iff ``plan.with_background``.
             A background key acts rotated at the absent cell's own position.
         rope_freqs: ``[H or 1, d / 2, D + 1]`` frequencies; required with background.
+        backend: ``"reference"``, ``"cpu"``, ``"triton"`` or None (automatic, or
+            ``$SPARSE_MSDA_BACKEND``): :func:`sparse_msda.backends.choose_backend`.
 
     Returns:
         ``[Q, H, d]``, zero rows for queries without keys.
+
+    Raises:
+        ValueError: shapes that do not match each other or the plan, background arguments
+            given without a background plan (or missing with one), a ``backend`` that is
+            unknown, unavailable or does not support the tensors.
     """
+    check_backend_name(backend)
     if plan.with_background != (background_k is not None) or (background_k is None) != (background_v is None):
         raise ValueError("background_k/background_v must be given exactly when the plan was built with_background")
     if plan.with_background and rope_freqs is None:
@@ -1167,12 +835,12 @@ def sparse_neighborhood_attention(
     with autocast_off(q.device.type):  # float32 compute for float16 / bfloat16 (precision.py)
         if q.dtype in LOW_PRECISION:
             args = upcast(q, k, v, background_k, background_v, rope_freqs)
-            return _attention(*args[:3], plan, *args[3:], scale).to(q.dtype)
-        return _attention(q, k, v, plan, background_k, background_v, rope_freqs, scale)
+            return _attention(*args[:3], plan, *args[3:], scale, backend).to(q.dtype)
+        return _attention(q, k, v, plan, background_k, background_v, rope_freqs, scale, backend)
 
 
-def _attention(q, k, v, plan, background_k, background_v, rope_freqs, scale) -> Tensor:
-    """The C++ kernel on CPU float32 / float64 (when built), else the PyTorch path."""
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and neighborhood_kernels() is not None:
-        return _kernel_attention(q, k, v, plan, background_k, background_v, rope_freqs, scale)
-    return NeighborhoodAttentionFunction.apply(q, k, v, background_k, background_v, rope_freqs, plan, scale)
+def _attention(q, k, v, plan, background_k, background_v, rope_freqs, scale, backend) -> Tensor:
+    """The attention of the backend :func:`~sparse_msda.backends.choose_backend` picks."""
+    tensors = (q, k, v) + ((background_k, background_v) if plan.with_background else ())
+    module = choose_backend("neighborhood_attention", *tensors, backend=backend)
+    return module.neighborhood_attention(q, k, v, plan, background_k, background_v, rope_freqs, scale)

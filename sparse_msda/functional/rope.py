@@ -52,6 +52,8 @@ from torch.autograd.function import once_differentiable
 
 from adapters import broadcast_shapes
 
+from .. import tuning
+
 __all__ = [
     "FREQ_GROUP_PATTERNS",
     "apply_rope",
@@ -248,15 +250,9 @@ def rotate_pairs_back(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return y
 
 
-ROPE_CHUNK_ROWS = 8192
-"""Rows rotated at a time by :class:`_RopeFunction`: the float64 angles and the cos/sin of a
-chunk stay small (a few MiB, cache-resident and reused) instead of ``[N, H', d/2]`` float64
-temporaries that are page-faulted in on every call."""
-
-
 class _RopeFunction(torch.autograd.Function):
     """``rotate_pairs(x, cos(theta), sin(theta))`` with ``theta = rope_angles(positions, freqs)``
-    for ``x [N, H, d]`` and ``positions [N, D + 1]``, in chunks of :data:`ROPE_CHUNK_ROWS` rows,
+    for ``x [N, H, d]`` and ``positions [N, D + 1]``, in chunks of :data:`sparse_msda.tuning.ROPE_CHUNK_ROWS` rows,
     with a closed-form backward that recomputes ``cos``/``sin`` per chunk (saves ``positions``,
     ``freqs`` and the output only)::
 
@@ -268,8 +264,8 @@ class _RopeFunction(torch.autograd.Function):
     def forward(ctx, x, positions, freqs):
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         half = x.shape[-1] // 2
-        for r0 in range(0, x.shape[0], ROPE_CHUNK_ROWS):
-            r1 = min(r0 + ROPE_CHUNK_ROWS, x.shape[0])
+        for r0 in range(0, x.shape[0], tuning.ROPE_CHUNK_ROWS):
+            r1 = min(r0 + tuning.ROPE_CHUNK_ROWS, x.shape[0])
             cos, sin = rope_cos_sin(rope_angles(positions[r0:r1], freqs), x.dtype)
             x1, x2, y1, y2 = x[r0:r1, :, :half], x[r0:r1, :, half:], y[r0:r1, :, :half], y[r0:r1, :, half:]
             torch.mul(x1, cos, out=y1)
@@ -289,8 +285,8 @@ class _RopeFunction(torch.autograd.Function):
         dpos = torch.empty(positions.shape, dtype=torch.float64, device=y.device) if need_pos else None
         dfreqs = torch.zeros(freqs.shape, dtype=torch.float64, device=y.device) if need_freqs else None
         f64 = freqs.to(torch.float64)
-        for r0 in range(0, n, ROPE_CHUNK_ROWS):
-            r1 = min(r0 + ROPE_CHUNK_ROWS, n)
+        for r0 in range(0, n, tuning.ROPE_CHUNK_ROWS):
+            r1 = min(r0 + tuning.ROPE_CHUNK_ROWS, n)
             g = gy[r0:r1]
             if need_x:
                 cos, sin = rope_cos_sin(rope_angles(positions[r0:r1], freqs), y.dtype)

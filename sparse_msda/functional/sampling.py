@@ -19,18 +19,19 @@ the sample's ``2**D`` corner rows are then one row of the index's corner table
 (:meth:`~adapters.SparseCoordinateIndex.corner_rows`). The backward reuses the saved int32
 base-cell ids and never hashes again.
 
-Compute, two interchangeable paths behind one custom autograd Function that saves only its
-inputs and the ``[S, J]`` int32 base-cell ids (memory linear in samples, a few bytes each,
-and voxels, never in corners):
+Compute: :func:`sparse_weighted_gather` checks its arguments and hands the call to one backend
+(:func:`sparse_msda.backends.choose_backend`, or its ``backend=`` argument), whose custom
+autograd Function saves only its inputs and the ``[S, J]`` int32 base-cell ids (memory linear
+in samples, a few bytes each, and voxels, never in corners):
 
-* CPU: the fused C++ kernels of :mod:`sparse_msda.functional.cpu_kernels` (one pass per
-  sample forward and backward; the table gradient split by head across threads).
-* Otherwise (CUDA tensors, mixed dtypes, kernels disabled or not buildable): PyTorch ops in
-  chunks of about :data:`CHUNK_CORNERS` corners. In each, the interpolation and the weighted
-  sum over samples (the attention sum of deformable attention) are one
-  ``F.embedding_bag(..., per_sample_weights=..., mode='sum')`` with a fixed bag of
-  ``J * 2**D`` corners per output row; the backward recomputes corner rows and weights chunk
-  by chunk. ``[samples, corners, head_dim]`` never exists beyond one chunk.
+* ``cpu`` (:mod:`sparse_msda.backends.cpu`): the fused C++ kernels (one pass per sample forward
+  and backward; the table gradient split by head across threads);
+* ``reference`` (:mod:`sparse_msda.backends.reference`, the specification; CUDA tensors, other
+  dtypes, kernels disabled or not buildable): PyTorch ops in chunks of about
+  :data:`sparse_msda.tuning.CHUNK_CORNERS` corners, each one fixed-bag ``F.embedding_bag(...,
+  per_sample_weights=..., mode='sum')`` over ``J * 2**D`` corners per output row; the backward
+  recomputes corner rows and weights chunk by chunk;
+* ``triton`` (``sparse_msda.backends.triton``): CUDA.
 
 float16 / bfloat16 tables compute in float32 (cast in, output cast back, gradients in their
 inputs' dtypes: :mod:`sparse_msda.functional.precision`), so they take the kernels too.
@@ -45,25 +46,23 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from adapters import SparseCoordinateIndex, broadcast_shapes
 from adapters.validation import check_index_range, check_integer_tensor
 
-from .cpu_kernels import sampling_kernels
+from .. import tuning
+from ..backends import check_backend_name, choose_backend
 from .precision import LOW_PRECISION, autocast_off, upcast
 
-__all__ = ["CHUNK_CORNERS", "TABLE_COPY_BYTES", "SamplingPlan", "plan_sampling", "sparse_weighted_gather"]
+__all__ = ["SamplingPlan", "plan_sampling", "sparse_weighted_gather"]
 
-#: corners processed per chunk (bounds the ``[corners, head_dim]`` scratch buffer of backward)
-CHUNK_CORNERS = 1 << 19
 
-#: memory the CPU kernels' backward may spend on per-thread copies of the table gradient (one
-#: copy per extra thread, no atomics); a larger table runs the backward on fewer threads
-TABLE_COPY_BYTES = 512 << 20
-
+def __getattr__(name: str):
+    """``CHUNK_CORNERS`` / ``TABLE_COPY_BYTES`` moved to :mod:`sparse_msda.tuning` (read there)."""
+    if name in ("CHUNK_CORNERS", "TABLE_COPY_BYTES"):
+        return getattr(tuning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 @dataclass
 class _Sampling:
@@ -145,61 +144,6 @@ def _base_cells(positions: Tensor) -> Tensor:
     return torch.nan_to_num(base, nan=-2.0).clamp_(-2.0, BASE_CELL_LIMIT).to(torch.int64)
 
 
-def _split(positions: Tensor, dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Base cells (int64, :func:`_base_cells`), fractional offsets (``dtype``) of positions
-    ``[..., D]`` and the bool ``[...]`` mask of non-finite samples (any coordinate NaN or
-    infinite; their offsets are set to 0 so that no NaN weight reaches a table row)."""
-    shifted = positions - 0.5
-    floor = torch.floor(shifted)
-    bad = ~torch.isfinite(positions).all(-1)
-    frac = (shifted - floor).to(dtype).masked_fill_(bad[..., None], 0.0)
-    return _base_cells(positions), frac, bad
-
-
-def _outer(u: Tensor) -> Tensor:
-    """``[..., D, 2]`` per-axis factors -> ``[..., 2**D]`` corner weights (first axis most significant)."""
-    dim = u.shape[-2]
-    w = u[..., 0, :]
-    for d in range(1, dim):
-        w = (w[..., :, None] * u[..., d, None, :]).flatten(-2)
-    return w
-
-
-def _corners(ctx: _Sampling, ids: Tensor, base: Tensor, frac: Tensor, sl: slice):
-    """Table rows ``[c, J, K]``, corner weights ``[c, J, K]``, per-axis factors ``[c, J, D, 2]``,
-    the per-axis validity ``(lo, hi)`` of the corners (None without background) and the
-    present-corner mask (None with background: absent in-grid corners hold the background)."""
-    c, n_per, dim = base.shape
-    index = ctx.index
-    cr = ctx.corner_rows(ids)  # [c, J, K], -1 absent
-    found = cr >= 0
-    head = ctx.rows_of(ctx.head, sl)
-    if head is not None and ctx.n_heads > 1:
-        cr = cr * ctx.n_heads + head.to(cr.dtype)[..., None]
-    u = torch.stack([1.0 - frac, frac], -1)  # [c, J, D, 2]
-    if ctx.background_offset is None:
-        rows = cr.masked_fill(~found, 0)  # weight 0 below: any valid row will do
-        return rows, _outer(u) * found, u, None, found
-    batch, level = ctx.rows_of(ctx.batch, sl), ctx.rows_of(ctx.level, sl)
-    fill = (batch * index.n_levels + level) * ctx.n_heads + ctx.background_offset
-    if head is not None:
-        fill = fill + head
-    rows = torch.where(found, cr, fill.to(cr.dtype)[..., None])
-    shape = index.level_spatial_shapes.to(base.device)[level.expand(c, n_per)]  # [c, J, D]
-    valid = torch.stack([(base >= 0) & (base < shape), (base >= -1) & (base < shape - 1)], -1)  # [c, J, D, 2]
-    u = u * valid
-    return rows, _outer(u), u, valid, None
-
-
-def _cpu_kernels(table: Tensor, positions: Tensor, sampling: _Sampling):
-    """The fused CPU kernels when they apply (CPU tensors, one dtype, int32 corner rows), else None."""
-    if table.device.type != "cpu" or positions.dtype != table.dtype or table.dtype not in (torch.float32, torch.float64):
-        return None
-    if sampling.corner_table().dtype != torch.int32:
-        return None
-    return sampling_kernels()
-
-
 def _base_cell_ids(sampling: _Sampling, positions: Tensor, only: Optional[slice] = None) -> Tensor:
     """int32 ``[S, J]`` corner-table ids of every sample's base cell (hash queries in chunks), or
     of the samples in slice ``only`` (one chunk)."""
@@ -216,20 +160,6 @@ def _base_cell_ids(sampling: _Sampling, positions: Tensor, only: Optional[slice]
         b, l = sampling.rows_of(sampling.batch, sl), sampling.rows_of(sampling.level, sl)  # broadcast views
         ids[sl] = sampling.index.base_cell_ids(b, l, base)
     return ids
-
-
-def _kernel_args(sampling: _Sampling, positions: Tensor) -> tuple:
-    """(corner_rows, batch, level, head, shapes, n_heads, bg_offset, n_threads) for the CPU kernels."""
-    n_samples, n_per, _ = positions.shape
-    index = sampling.index
-    corner_rows = sampling.corner_table()
-    expand = lambda t: t.expand(n_samples, n_per)  # noqa: E731  (broadcast views: the kernel reads strides)
-    head = sampling.head if sampling.head is not None else torch.zeros(1, 1, dtype=torch.int64)
-    bg = -1 if sampling.background_offset is None else sampling.background_offset
-    return (
-        corner_rows, expand(sampling.batch), expand(sampling.level), expand(head),
-        index.level_spatial_shapes.contiguous(), sampling.n_heads, bg, torch.get_num_threads(),
-    )
 
 
 @dataclass
@@ -276,7 +206,7 @@ def plan_sampling(
     _checked_index("level_indices", level_indices, index.n_levels, positions)
     n_samples, n_per, _ = positions.shape
     b, l = _sample_index(batch_indices, positions), _sample_index(level_indices, positions)
-    sampling = _Sampling(index, b, l, None, 1, None, CHUNK_CORNERS, True)
+    sampling = _Sampling(index, b, l, None, 1, None, tuning.CHUNK_CORNERS, True)
     ids = _base_cell_ids(sampling, positions.detach())
     uids, inverse = torch.unique(ids, return_inverse=True)
     rows = index.corner_row_table().index_select(0, uids.to(torch.int64))  # [U, K]
@@ -287,160 +217,6 @@ def plan_sampling(
     row_map[voxel_rows] = torch.arange(voxel_rows.numel(), dtype=rows.dtype, device=rows.device)
     compact = torch.where(rows >= 0, row_map[rows.clamp(min=0).to(torch.int64)], rows)
     return SamplingPlan(inverse.to(torch.int32).view(n_samples, n_per), compact.contiguous(), voxel_rows)
-
-
-class _SparseSample(torch.autograd.Function):
-    """``out[s] = sum_j a[s, j] * sum_k c_k(frac[s, j]) * table[row(s, j, k)]``.
-
-    Forward hashes each sample's base cell once (ids saved as int32, unless a plan brings
-    them) and runs the CPU kernel, or one fixed-bag ``embedding_bag`` per chunk. The PyTorch
-    backward recomputes each chunk's rows and weights from the saved ids and positions; per
-    corner it forms the value/gradient dot product (a gather into a reused buffer and a
-    batched matmul) for the gradients of ``a`` and of the positions (analytically through
-    the per-axis factors), and adds the weighted output gradient into the table gradient
-    (entries sorted by row, one ``embedding_bag`` per chunk, :func:`_scatter_rows`).
-    """
-
-    @staticmethod
-    def forward(ctx, table: Tensor, positions: Tensor, weights: Tensor, sampling: _Sampling):
-        n_samples, n_per, dim = positions.shape
-        ctx.sampling = sampling
-        kernels = _cpu_kernels(table, positions, sampling)
-        if kernels is not None:
-            positions, weights = positions.contiguous(), weights.contiguous()
-            ctx.kernels = kernels
-            if sampling.inference:  # ids chunk by chunk, nothing kept
-                out = table.new_empty(n_samples, table.shape[1])
-                args = _kernel_args(sampling, positions)
-                for sl in sampling.steps(n_samples, n_per, dim, per_sample=n_per):
-                    ids = _base_cell_ids(sampling, positions, sl)
-                    batch, level, head = (t[sl] for t in args[1:4])
-                    out[sl] = kernels.sample_forward(
-                        table, positions[sl], weights[sl], ids, args[0], batch, level, head, *args[4:]
-                    )
-                return out
-            ids = _base_cell_ids(sampling, positions)
-            out = kernels.sample_forward(table, positions, weights, ids, *_kernel_args(sampling, positions))
-            ctx.save_for_backward(table, positions, weights, ids)
-            return out
-        ctx.kernels = None
-        out = table.new_empty(n_samples, table.shape[1])
-        ids = torch.empty(n_samples, n_per, dtype=torch.int32, device=positions.device)
-        with torch.no_grad():
-            for sl in sampling.steps(n_samples, n_per, dim):
-                c = sl.stop - sl.start
-                base, frac, bad = _split(positions[sl], table.dtype)
-                chunk_ids = _base_cell_ids(sampling, positions, sl)
-                ids[sl] = chunk_ids
-                rows, wc, _, _, _ = _corners(sampling, chunk_ids, base, frac, sl)
-                psw = (wc * weights[sl, :, None]).view(c, -1)
-                out[sl] = F.embedding_bag(rows.view(c, -1), table, per_sample_weights=psw, mode="sum")
-                if bool(bad.any()):  # as F.grid_sample: a non-finite location gives NaN
-                    out[sl][bad.any(-1)] = float("nan")
-        ctx.save_for_backward(table, positions, weights, ids)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        table, positions, weights, ids = ctx.saved_tensors
-        sampling = ctx.sampling
-        n_samples, n_per, dim = positions.shape
-        head_dim = table.shape[1]
-        grad_out = grad_out.contiguous()
-        need_table, need_pos, need_w = ctx.needs_input_grad[:3]
-        if ctx.kernels is not None:
-            g_table, g_pos, g_w = ctx.kernels.sample_backward(
-                table, positions, weights, ids, *_kernel_args(sampling, positions)[:-1], grad_out,
-                need_table, need_pos, need_w, torch.get_num_threads(),
-                max(0, TABLE_COPY_BYTES // max(1, table.numel() * table.element_size())),
-            )
-            return (g_table if need_table else None), (g_pos if need_pos else None), (g_w if need_w else None), None
-        g_table = torch.zeros_like(table) if need_table else None
-        g_pos = torch.zeros_like(positions) if need_pos else None
-        g_w = torch.zeros_like(weights) if need_w else None
-        k = 2**dim
-        buf = None
-        for sl in sampling.steps(n_samples, n_per, dim):
-            c = sl.stop - sl.start
-            base, frac, bad = _split(positions[sl], table.dtype)
-            rows, wc, u, valid, found = _corners(sampling, ids[sl], base, frac, sl)
-            if not bool(bad.any()):
-                bad = None
-            a = weights[sl]
-            g = grad_out[sl]
-            n = c * n_per * k
-            if buf is None:
-                buf = table.new_empty(min(n_samples * n_per * k, max(n, sampling.chunk_corners)), head_dim)
-            flat = rows.reshape(-1)
-            if need_pos or need_w:
-                gathered = torch.index_select(table, 0, flat, out=buf[:n]).view(c, n_per * k, head_dim)
-                dots = torch.bmm(gathered, g[:, :, None]).view(c, n_per, k)
-                if need_w:
-                    g_w[sl] = (dots * wc).sum(-1)
-                    if bad is not None:  # the sample's value is NaN (F.grid_sample)
-                        g_w[sl] = g_w[sl].masked_fill(bad, float("nan"))
-                if need_pos:
-                    gc = dots * a[..., None]  # dL / d corner weight
-                    if found is not None:
-                        gc = gc * found
-                    g_pos[sl] = _factor_grads(gc, u, valid).to(positions.dtype)
-                    if bad is not None:
-                        g_pos[sl] = g_pos[sl].masked_fill(bad[..., None], float("nan"))
-            if need_table:  # a non-finite sample has weight 0 on every corner: it touches no row
-                wa = wc * a[..., None]
-                if found is not None:  # absent corners read row 0 with weight 0: keep a NaN weight off it
-                    wa = wa.masked_fill(~found, 0.0)
-                if bad is not None:
-                    wa = wa.masked_fill(bad[..., None], 0.0)
-                _scatter_rows(g_table, flat, wa.view(-1), g, n_per * k)
-        return g_table, g_pos, g_w, None
-
-
-def _scatter_rows(g_table: Tensor, rows: Tensor, weights: Tensor, grad: Tensor, bag: int) -> None:
-    """``g_table[rows[m]] += weights[m] * grad[m // bag]`` (the transposed weighted gather).
-
-    Entries are sorted by row and each distinct row's weighted sum is one ``embedding_bag``
-    over the chunk's output gradient, so the scatter writes each row once per chunk and no
-    ``[entries, head_dim]`` product is formed.
-    """
-    sorted_rows, perm = torch.sort(rows)
-    uniq, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-    offsets = torch.zeros_like(counts)
-    torch.cumsum(counts[:-1], 0, out=offsets[1:])
-    sums = F.embedding_bag(
-        torch.div(perm, bag, rounding_mode="floor"), grad, offsets,
-        per_sample_weights=weights.index_select(0, perm), mode="sum",
-    )
-    g_table.index_add_(0, uniq, sums)
-
-
-def _factor_grads(gc: Tensor, u: Tensor, valid: Optional[Tensor]) -> Tensor:
-    """``d L / d frac`` ``[c, J, D]`` from ``d L / d corner weight`` ``[c, J, 2**D]``.
-
-    Corner weight ``k`` is ``prod_d u[d, bit_d(k)]`` with ``u[d] = (1 - f_d, f_d)`` (times
-    the corners' validity with a background), so ``dL/du[d, e]`` sums ``gc`` over the
-    other axes weighted by their factors, and ``dL/df_d = dL/du[d, 1] - dL/du[d, 0]``
-    (each masked by validity).
-    """
-    dim = u.shape[-2]
-    lead = gc.shape[:-1]
-    nl = len(lead)
-    g = gc.view(*lead, *([2] * dim))
-    out = []
-    for d in range(dim):
-        t = g
-        for e in range(dim):
-            if e != d:
-                shape = [*lead] + [1] * dim
-                shape[nl + e] = 2
-                t = t * u[..., e, :].reshape(shape)
-        du = t.sum([nl + e for e in range(dim) if e != d]) if dim > 1 else t  # [..., 2]
-        if valid is None:
-            out.append(du[..., 1] - du[..., 0])
-        else:
-            out.append(du[..., 1] * valid[..., d, 1] - du[..., 0] * valid[..., d, 0])
-    return torch.stack(out, -1)
 
 
 def sparse_weighted_gather(
@@ -455,6 +231,7 @@ def sparse_weighted_gather(
     background_table: Optional[Tensor] = None,
     chunk_corners: Optional[int] = None,
     plan: Optional[SamplingPlan] = None,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """``out[s] = sum_j w[s, j] * interp(map[b[s, j], l[s, j], h[s, j]], positions[s, j])``.
 
@@ -469,10 +246,12 @@ def sparse_weighted_gather(
         sample_weights: ``[S, J]`` weights (e.g. attention weights) or None (all 1).
         background_table: ``[batch * n_levels * n_heads, Dh]`` value of an absent site,
             row ``(b * n_levels + l) * n_heads + h``, or None (absent sites are zero).
-        chunk_corners: corners per chunk (default :data:`CHUNK_CORNERS`).
+        chunk_corners: corners per chunk (default :data:`sparse_msda.tuning.CHUNK_CORNERS`).
         plan: from :func:`plan_sampling` on the same positions, batch and level indices: no
             hashing here; with ``plan.voxel_rows``, ``table`` holds only those voxels
             (``[N' * n_heads, Dh]``, row ``i * n_heads + h`` for voxel ``voxel_rows[i]``).
+        backend: ``"reference"``, ``"cpu"``, ``"triton"`` or None (automatic, or
+            ``$SPARSE_MSDA_BACKEND``): :func:`sparse_msda.backends.choose_backend`.
 
     Returns:
         ``[S, Dh]``; differentiable w.r.t. table, positions, sample_weights, background_table.
@@ -482,12 +261,14 @@ def sparse_weighted_gather(
             batch / level / head indices outside ``[0, batch_size)``, ``[0, n_levels)``,
             ``[0, n_heads)`` (the message names the argument, the range and the first bad
             value), a table or background table whose row count does not match the index
-            (or plan) and ``n_heads``, weights or a plan of another shape.
+            (or plan) and ``n_heads``, weights or a plan of another shape; a ``backend`` that is
+            unknown, unavailable or does not support the tensors.
 
     A sample with a NaN or infinite coordinate follows ``F.grid_sample``: its output row is NaN,
     it adds nothing to any table row's gradient, and its own position and weight gradients are NaN.
     """
     _check_positions(index, positions)
+    check_backend_name(backend)
     n_samples, n_per, dim = positions.shape
     if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads <= 0:
         raise ValueError(f"n_heads must be a positive int, got {n_heads=}")
@@ -535,7 +316,7 @@ def sparse_weighted_gather(
     sampling = _Sampling(
         index, _sample_index(batch_indices, positions), _sample_index(level_indices, positions),
         None if head_indices is None else _sample_index(head_indices, positions), n_heads,
-        None if background_table is None else n_value_rows, chunk_corners or CHUNK_CORNERS,
+        None if background_table is None else n_value_rows, chunk_corners or tuning.CHUNK_CORNERS,
         inference=not (torch.is_grad_enabled() and any(t.requires_grad for t in (table, positions, sample_weights))),
         plan=plan,
     )
@@ -543,5 +324,11 @@ def sparse_weighted_gather(
     with autocast_off(table.device.type):  # float32 compute for float16 / bfloat16 (precision.py)
         if table.dtype in LOW_PRECISION:
             table32, weights32 = upcast(table, sample_weights)
-            return _SparseSample.apply(table32, positions.float(), weights32, sampling).to(table.dtype)
-        return _SparseSample.apply(table, positions, sample_weights, sampling)
+            return _gather(table32, positions.float(), weights32, sampling, backend).to(table.dtype)
+        return _gather(table, positions, sample_weights, sampling, backend)
+
+
+def _gather(table: Tensor, positions: Tensor, weights: Tensor, sampling: _Sampling, backend: Optional[str]) -> Tensor:
+    """The weighted gather of the backend :func:`~sparse_msda.backends.choose_backend` picks."""
+    module = choose_backend("weighted_gather", table, positions, sampling.corner_table(), backend=backend)
+    return module.weighted_gather(table, positions, weights, sampling)

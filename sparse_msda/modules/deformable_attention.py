@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from adapters import SparseCoordinateIndex
 
+from ..backends import check_backend_name
 from ..functional.deformable import plan_deformable_sampling, sparse_deformable_attention
 from ..functional.neighborhood import NORMALISED_POSITION_LIMIT
 from ..functional.precision import position_dtype
@@ -79,6 +80,8 @@ class SparseMSDeformableAttention(nn.Module):
         n_levels: levels of the map.
         n_points: sampling points per head and level.
         position_dim: 2 or 3.
+        backend: implementation of the attention: ``"reference"``, ``"cpu"``, ``"triton"`` or
+            None (automatic, or ``$SPARSE_MSDA_BACKEND``; :func:`sparse_msda.backends.choose_backend`).
 
     Shapes (forward):
         query ``[Q, C]``; query_spatial_positions float ``[Q, D]``; query_batch_offsets
@@ -94,9 +97,13 @@ class SparseMSDeformableAttention(nn.Module):
     #: plan the sampling first (see the class docstring) below this many corners per voxel
     plan_below: float = 64.0
 
-    def __init__(self, embed_dim: int, n_heads: int, n_levels: int = 4, n_points: int = 4, position_dim: int = 2) -> None:
+    def __init__(
+        self, embed_dim: int, n_heads: int, n_levels: int = 4, n_points: int = 4, position_dim: int = 2,
+        backend: Optional[str] = None,
+    ) -> None:
         super().__init__()
         check_embed_heads(embed_dim, n_heads)
+        self.backend = check_backend_name(backend)
         check_position_dim(position_dim)
         for name, v in (("n_levels", n_levels), ("n_points", n_points)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -205,13 +212,15 @@ class SparseMSDeformableAttention(nn.Module):
             if plan.voxel_rows is not None:
                 features = features.index_select(0, plan.voxel_rows.to(features.device))
         value = self.value_proj(features).view(-1, h, self.head_dim)
-        out = sparse_deformable_attention(value, qb.index, qb.batch_indices, locations, attn, background_value, plan)
+        out = sparse_deformable_attention(
+            value, qb.index, qb.batch_indices, locations, attn, background_value, plan, backend=self.backend
+        )
         return self.output_proj(out)
 
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, n_heads={self.n_heads}, n_levels={self.n_levels}, "
-            f"n_points={self.n_points}, position_dim={self.position_dim}"
+            f"n_points={self.n_points}, position_dim={self.position_dim}, backend={self.backend!r}"
         )
 
 
@@ -226,6 +235,7 @@ class SparseMSDeformableAttentionBlock(nn.Module):
         dropout: dropout after the output projection.
         bias: bias of the query input and output projections.
         norm_first: pre-norm (True) or post-norm (False).
+        backend: implementation of the sampling (see :class:`SparseMSDeformableAttention`).
     """
 
     def __init__(
@@ -238,13 +248,14 @@ class SparseMSDeformableAttentionBlock(nn.Module):
         bias: bool = False,
         norm_first: bool = True,
         position_dim: int = 2,
+        backend: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.norm_first = norm_first
         self.norm = nn.LayerNorm(embed_dim)
         self.q_in_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.msdeform_attn = SparseMSDeformableAttention(embed_dim, n_heads, n_levels, n_points, position_dim)
+        self.msdeform_attn = SparseMSDeformableAttention(embed_dim, n_heads, n_levels, n_points, position_dim, backend)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
@@ -290,4 +301,4 @@ class SparseMSDeformableAttentionBlock(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"norm_first={self.norm_first}"
+        return f"norm_first={self.norm_first}, backend={self.msdeform_attn.backend!r}"

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from adapters import SparseCoordinateIndex, multilevel_features
 from adapters.conversion import check_spconv_levels
 
+from ..backends import check_backend_name
 from ..functional.neighborhood import NeighborhoodPlan
 from ..functional.precision import position_dtype
 from ..inputs import check_embed_heads, check_position_dim
@@ -252,6 +253,8 @@ class SparseMSDAEncoderLayer(nn.Module):
         activation: feed-forward activation, ``"relu"`` or ``"gelu"``.
         norm_first: pre-norm (default) or post-norm blocks.
         bias: biases of the attention blocks' projections.
+        backend: implementation of both attentions: ``"reference"``, ``"cpu"``, ``"triton"`` or
+            None (automatic, or ``$SPARSE_MSDA_BACKEND``; :func:`sparse_msda.backends.choose_backend`).
 
     ``forward(levels, coordinate_index=None, level_embedding=None)`` runs the layer on a list of
     ``SparseConvTensor``; :class:`SparseMSDAEncoder` calls :meth:`forward_queries` instead so the
@@ -271,9 +274,11 @@ class SparseMSDAEncoderLayer(nn.Module):
         activation: str = "gelu",
         norm_first: bool = True,
         bias: bool = False,
+        backend: Optional[str] = None,
     ) -> None:
         super().__init__()
         check_embed_heads(embed_dim, n_heads)
+        self.backend = check_backend_name(backend)
         check_position_dim(position_dim)
         _check_positive_int("n_levels", n_levels)
         _check_positive_int("n_points", n_points)
@@ -289,11 +294,11 @@ class SparseMSDAEncoderLayer(nn.Module):
         self.neighborhood_sizes = neighborhood_sizes
         self.deformable = SparseMSDeformableAttentionBlock(
             embed_dim, n_heads, n_levels, n_points, dropout=dropout, bias=bias,
-            norm_first=norm_first, position_dim=position_dim,
+            norm_first=norm_first, position_dim=position_dim, backend=backend,
         )
         self.neighborhood = SparseNeighborhoodAttentionBlock(
             embed_dim, n_heads, n_levels=n_levels, neighborhood_sizes=neighborhood_sizes,
-            position_dim=position_dim, dropout=dropout, bias=bias, norm_first=norm_first,
+            position_dim=position_dim, dropout=dropout, bias=bias, norm_first=norm_first, backend=backend,
         )
         self.feedforward = FeedForwardBlock(
             embed_dim, dim_feedforward, dropout=dropout, activation=activation, norm_first=norm_first
@@ -363,7 +368,7 @@ class SparseMSDAEncoderLayer(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, n_heads={self.n_heads}, n_levels={self.n_levels}, "
             f"n_points={self.n_points}, neighborhood_sizes={self.neighborhood_sizes}, "
-            f"position_dim={self.position_dim}, norm_first={self.norm_first}"
+            f"position_dim={self.position_dim}, norm_first={self.norm_first}, backend={self.backend!r}"
         )
 
 
@@ -422,7 +427,7 @@ class SparseMSDAEncoder(nn.Module):
 
     Args:
         embed_dim, n_heads, n_levels, n_points, neighborhood_sizes, position_dim,
-        dim_feedforward, dropout, activation, norm_first, bias: see :class:`SparseMSDAEncoderLayer`.
+        dim_feedforward, dropout, activation, norm_first, bias, backend: see :class:`SparseMSDAEncoderLayer`.
         n_layers: number of layers.
         level_embedding: learnable level embedding added to the attention queries.
         final_norm: LayerNorm on the output (default: True for pre-norm stacks, whose residual
@@ -445,9 +450,11 @@ class SparseMSDAEncoder(nn.Module):
         bias: bool = False,
         level_embedding: bool = True,
         final_norm: Optional[bool] = None,
+        backend: Optional[str] = None,
     ) -> None:
         super().__init__()
         _check_positive_int("n_layers", n_layers)
+        self.backend = check_backend_name(backend)
         if level_embedding and not norm_first:
             raise ValueError(
                 "level_embedding=True needs norm_first=True (the embedding is kept out of the residual "
@@ -457,7 +464,7 @@ class SparseMSDAEncoder(nn.Module):
             SparseMSDAEncoderLayer(
                 embed_dim, n_heads, n_levels, n_points=n_points, neighborhood_sizes=neighborhood_sizes,
                 position_dim=position_dim, dim_feedforward=dim_feedforward, dropout=dropout,
-                activation=activation, norm_first=norm_first, bias=bias,
+                activation=activation, norm_first=norm_first, bias=bias, backend=backend,
             )
             for _ in range(n_layers)
         )
@@ -510,5 +517,6 @@ class SparseMSDAEncoder(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, n_heads={self.n_heads}, n_levels={self.n_levels}, "
             f"n_layers={self.n_layers}, position_dim={self.position_dim}, "
-            f"level_embedding={self.level_embed is not None}, final_norm={self.norm is not None}"
+            f"level_embedding={self.level_embed is not None}, final_norm={self.norm is not None}, "
+            f"backend={self.backend!r}"
         )

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from adapters import SparseCoordinateIndex
 
+from ..backends import check_backend_name
+
 from ..functional.neighborhood import (
     NeighborhoodPlan,
     build_neighborhood_plan,
@@ -290,9 +292,9 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
     ``norm(x)`` otherwise). ``query_mask[i] = True``: output row ``i`` is input row ``i``
     exactly (the query is not computed).
 
-    Memory: the attention (on CPU the fused kernel
-    :class:`~sparse_msda.functional.neighborhood.NeighborhoodKernelFunction`, elsewhere
-    :class:`~sparse_msda.functional.neighborhood.NeighborhoodAttentionFunction`) saves per-voxel
+    Memory: the attention (the ``cpu`` backend's fused kernel
+    :class:`~sparse_msda.backends.cpu.NeighborhoodKernelFunction`, or the ``reference`` backend's
+    :class:`~sparse_msda.backends.reference.NeighborhoodAttentionFunction`) saves per-voxel
     keys/values, the output, a ``[queries, heads]`` log-sum-exp and the plan's integer indices
     only (tiled attention; no ``[queries, keys, embed_dim]`` tensor) and recomputes the scores
     in the backward.
@@ -319,6 +321,8 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
         rope_freq_group_pattern: ``"single"``, ``"partition"`` (spatial | level), ``"closure"``, ``"axial"`` or ``"spatial_level"``
             (:mod:`sparse_msda.functional.rope`).
         rope_enforce_freq_groups_equal: error if ``head_dim // 2`` does not split equally.
+        backend: implementation of the attention: ``"reference"``, ``"cpu"``, ``"triton"`` or
+            None (automatic, or ``$SPARSE_MSDA_BACKEND``; :func:`sparse_msda.backends.choose_backend`).
 
     Raises:
         ValueError: bad sizes/levels/position_dim/heads/RoPE options. TypeError: non-int sizes.
@@ -339,11 +343,13 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
         rope_share_heads: bool = False,
         rope_freq_group_pattern: str = "single",
         rope_enforce_freq_groups_equal: bool = True,
+        backend: Optional[str] = None,
     ) -> None:
         super().__init__(
             embed_dim, n_heads, n_levels, position_dim, dropout, bias, norm_first, rope_spatial_base_theta,
             rope_level_base_theta, rope_share_heads, rope_freq_group_pattern, rope_enforce_freq_groups_equal,
         )
+        self.backend = check_backend_name(backend)
         self.neighborhood_sizes = check_neighborhood_sizes(neighborhood_sizes, n_levels)
         self.chunk_size = default_chunk_size(n_heads)
         self.reset_parameters()
@@ -417,7 +423,7 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
             bkv = self.kv_proj(background_embedding.to(query.dtype)).view(-1, self.n_levels, 2, H, d)  # any strides
             bg_k, bg_v = bkv[:, :, 0], bkv[:, :, 1]
 
-        attn = sparse_neighborhood_attention(q, k, v, plan, bg_k, bg_v, freqs if with_bg else None)
+        attn = sparse_neighborhood_attention(q, k, v, plan, bg_k, bg_v, freqs if with_bg else None, backend=self.backend)
         return self._finish(query, x, attn, plan.has_keys(), active)
 
     @staticmethod
@@ -489,5 +495,5 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
         return (
             f"embed_dim={self.embed_dim}, n_heads={self.n_heads}, n_levels={self.n_levels}, "
             f"neighborhood_sizes={self.neighborhood_sizes}, position_dim={self.position_dim}, "
-            f"bias={self.bias}, norm_first={self.norm_first}"
+            f"bias={self.bias}, norm_first={self.norm_first}, backend={self.backend!r}"
         )

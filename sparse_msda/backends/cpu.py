@@ -1,0 +1,241 @@
+"""The fused C++ CPU kernels as a backend (``sparse_msda/csrc``).
+
+* ``weighted_gather``: :class:`SamplingKernelFunction` (``csrc/sparse_sample_cpu.cpp``):
+  interpolation and attention-weighted sum in one pass per sample, forward and backward;
+* ``neighborhood_attention``: :class:`NeighborhoodKernelFunction`
+  (``csrc/neighborhood_attention_cpu.cpp``): scores, softmax and weighted sum per tile and head
+  over the plan's tiles, with a recomputing backward.
+
+Supports CPU tensors of one floating dtype, float32 or float64 (and int32 corner tables for the
+sampling). The kernels are compiled on first use and cached, by
+:mod:`sparse_msda.functional.cpu_kernels` (build directory keyed by torch, compiler, flags, the
+target ISA ``$SPARSE_MSDA_CPU_MARCH`` and the source; ``python -m sparse_msda.build_kernels``
+prebuilds them). :func:`available` is True once both built (a failed build warns once);
+:func:`wins` says whether the automatic choice uses them (their vector ISA is in
+:data:`~sparse_msda.functional.cpu_kernels.KERNEL_WINS`). Each kernel is held equal to the
+reference backend (outputs and every gradient) and gradchecked in ``tests/test_cpu_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import tuning
+from ..functional.cpu_kernels import build_error, kernel_wins, kernels_enabled, neighborhood_kernels, sampling_kernels
+from ..functional.neighborhood import NeighborhoodPlan, background_tables
+from ..functional.rope import rope_cos_sin
+from ..functional.sampling import _base_cell_ids, _Sampling
+from . import same_float_dtype
+
+__all__ = [
+    "NeighborhoodKernelFunction",
+    "SUPPORTS",
+    "SamplingKernelFunction",
+    "available",
+    "neighborhood_attention",
+    "supports",
+    "weighted_gather",
+    "wins",
+]
+
+#: what :func:`supports` accepts, in words (for error messages)
+SUPPORTS = "CPU tensors of one dtype, float32 or float64 (int32 corner tables)"
+
+
+def available() -> bool:
+    """True when both kernels are built (or load from the cache) and not disabled by
+    ``SPARSE_MSDA_CPU_KERNELS=0``; builds them on first call (~30 s each)."""
+    return kernels_enabled() and sampling_kernels(auto=False) is not None and neighborhood_kernels(auto=False) is not None
+
+
+def unavailable_reason() -> str:
+    if not kernels_enabled():
+        return "disabled by SPARSE_MSDA_CPU_KERNELS=0"
+    err = build_error()
+    return f"the C++ kernels could not be built: {type(err).__name__}: {err}" if err is not None else "the C++ kernels are not built"
+
+
+def wins() -> bool:
+    """Whether the automatic choice uses the kernels: their build's vector ISA is one they were
+    measured no slower than the reference on (``KERNEL_WINS``)."""
+    ext = sampling_kernels(auto=False)
+    return ext is not None and kernel_wins(ext.simd_isa())
+
+
+def supports(op: str, *tensors: Tensor) -> bool:
+    """CPU tensors, one floating dtype in (float32, float64); integer tensors (corner tables)
+    int32. ``op`` is ``"weighted_gather"`` or ``"neighborhood_attention"``."""
+    tensors = tuple(t for t in tensors if isinstance(t, Tensor))
+    if not same_float_dtype(tensors, (torch.float32, torch.float64), "cpu"):
+        return False
+    return all(t.is_floating_point() or t.dtype == torch.int32 for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+def _kernel_args(sampling: _Sampling, positions: Tensor) -> tuple:
+    """(corner_rows, batch, level, head, shapes, n_heads, bg_offset, n_threads) for the CPU kernels."""
+    n_samples, n_per, _ = positions.shape
+    index = sampling.index
+    corner_rows = sampling.corner_table()
+    expand = lambda t: t.expand(n_samples, n_per)  # noqa: E731  (broadcast views: the kernel reads strides)
+    head = sampling.head if sampling.head is not None else torch.zeros(1, 1, dtype=torch.int64)
+    bg = -1 if sampling.background_offset is None else sampling.background_offset
+    return (
+        corner_rows, expand(sampling.batch), expand(sampling.level), expand(head),
+        index.level_spatial_shapes.contiguous(), sampling.n_heads, bg, torch.get_num_threads(),
+    )
+
+
+
+class SamplingKernelFunction(torch.autograd.Function):
+    """The same sampling as :class:`sparse_msda.backends.reference.SamplingFunction`, fused in
+    the C++ CPU kernel (``csrc/sparse_sample_cpu.cpp``): one pass per sample forward and
+    backward, the table gradient split by head across threads (per-thread copies within
+    :data:`~sparse_msda.tuning.TABLE_COPY_BYTES`). Saves the inputs and the ``[S, J]`` int32
+    base-cell ids; in inference mode hashes and samples chunk by chunk and keeps nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, positions: Tensor, weights: Tensor, sampling: _Sampling):
+        n_samples, n_per, dim = positions.shape
+        ctx.sampling = sampling
+        kernels = ctx.kernels = sampling_kernels(auto=False)
+        positions, weights = positions.contiguous(), weights.contiguous()
+        if sampling.inference:  # ids chunk by chunk, nothing kept
+            out = table.new_empty(n_samples, table.shape[1])
+            args = _kernel_args(sampling, positions)
+            for sl in sampling.steps(n_samples, n_per, dim, per_sample=n_per):
+                ids = _base_cell_ids(sampling, positions, sl)
+                batch, level, head = (t[sl] for t in args[1:4])
+                out[sl] = kernels.sample_forward(
+                    table, positions[sl], weights[sl], ids, args[0], batch, level, head, *args[4:]
+                )
+            return out
+        ids = _base_cell_ids(sampling, positions)
+        out = kernels.sample_forward(table, positions, weights, ids, *_kernel_args(sampling, positions))
+        ctx.save_for_backward(table, positions, weights, ids)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        table, positions, weights, ids = ctx.saved_tensors
+        sampling = ctx.sampling
+        grad_out = grad_out.contiguous()
+        need_table, need_pos, need_w = ctx.needs_input_grad[:3]
+        g_table, g_pos, g_w = ctx.kernels.sample_backward(
+            table, positions, weights, ids, *_kernel_args(sampling, positions)[:-1], grad_out,
+            need_table, need_pos, need_w, torch.get_num_threads(),
+            max(0, tuning.TABLE_COPY_BYTES // max(1, table.numel() * table.element_size())),
+        )
+        return (g_table if need_table else None), (g_pos if need_pos else None), (g_w if need_w else None), None
+
+
+# ---------------------------------------------------------------------------------------------
+# neighborhood attention
+# ---------------------------------------------------------------------------------------------
+class NeighborhoodKernelFunction(torch.autograd.Function):
+    """The same attention as :class:`sparse_msda.backends.reference.NeighborhoodAttentionFunction`, fused in the C++ CPU kernel
+    (``csrc/neighborhood_attention_cpu.cpp``) over the plan's tiles.
+
+    Inputs: ``q [Q, H, d]``, ``k, v [n_keys, H, d]`` as there; with background the RoPE
+    frequencies ``freqs [H', d/2, D+1]``, ``tables [B, K, H, d]`` (:func:`~sparse_msda.functional.neighborhood.background_tables`,
+    built by ordinary autograd ops) and ``bg_v [B, L, H, d]``, else None.
+
+    Per tile and head the kernel scores the tile's queries against its keys by one blocked
+    product, takes each query's softmax over its own window keys and background slots, and
+    aggregates the values by another product. A background slot is scored with the query
+    rotated back by its window centre (:func:`_centre_rotation` tables; the kernel composes
+    the per-axis rotations), so nothing of size ``[Q, L, H, d]`` is ever stored. It saves
+    the output and a ``[Q, H]`` log-sum-exp; the backward recomputes every score from them,
+    and returns the frequencies' gradient through the centre rotations in closed form
+    (autograd adds the part through ``tables``). Threads split the heads, so gradient rows
+    never collide. Nothing per (query, key) pair is stored.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, freqs, tables, bg_v, plan: NeighborhoodPlan, scale: float):
+        kernels = ctx.kernels = neighborhood_kernels(auto=False)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        rotation = []
+        if tables is not None:
+            tables, bg_v = tables.contiguous(), bg_v.contiguous()
+            rotation = _centre_rotation(plan, freqs.detach(), q.dtype)
+        out, lse, n_keys, n_slots = kernels.neighborhood_forward(
+            q, k, v, rotation, tables, bg_v, plan.kernel_tiles(), scale, torch.get_num_threads()
+        )
+        if plan._counts is None:  # the kernel enumerated every window: the plan's counts come free
+            plan._counts = (n_keys, n_slots if plan.with_background else None)
+        ctx.save_for_backward(q, k, v, tables, bg_v, out, lse)
+        ctx.plan, ctx.scale, ctx.rotation, ctx.freqs_dtype = plan, scale, rotation, None if freqs is None else freqs.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, tables, bg_v, out, lse = ctx.saved_tensors
+        dq, dk, dv, dfreqs, dtables, dbv = ctx.kernels.neighborhood_backward(
+            q, k, v, ctx.rotation, tables, bg_v, ctx.plan.kernel_tiles(), out, lse, grad_out.contiguous(), ctx.scale,
+            list(ctx.needs_input_grad[:6]), torch.get_num_threads(),
+        )
+        if dfreqs is not None:
+            dfreqs = dfreqs.to(ctx.freqs_dtype)
+        return dq, dk, dv, dfreqs, dtables, dbv, None, None
+
+
+def _centre_rotation(plan: NeighborhoodPlan, freqs: Tensor, dtype: torch.dtype) -> list:
+    """Per-axis RoPE rotations of the window-centre cells, for the kernel's background scores.
+
+    Returns ``[cos, sin, rows, full]``: ``cos``/``sin`` ``[R, H', d/2]`` in ``dtype`` hold the
+    angle of a centre coordinate ``c`` on axis ``a`` of level ``l`` (cell centre ``c + 0.5``
+    mapped to full scale, times the axis' frequencies; axis 0 also carries the level term
+    ``l * freqs[..., D]``), and int64 ``rows [Q, L, D]`` the row of each query's centre
+    coordinate. Only the coordinates the plan's queries use get a row (``R <= Q * L * D``):
+    memory follows the queries, not the map's extent (a ``[2**22, 2**22]`` map with 20 queries
+    needs ~40 rows per level). Centres are clamped to ``[-r_l - 1, shape + r_l]`` first (a
+    centre outside has no in-bounds window cell, and the kernel then reads no row). Angles in
+    float64, reduced before the trigonometry (:func:`rope_cos_sin`); the kernel multiplies the
+    ``D`` factors of a centre (angles add)."""
+    shapes = plan.level_spatial_shapes.cpu()
+    full = plan.full_shape.cpu()
+    f64 = freqs.to(torch.float64).cpu()  # [H', d/2, D + 1]
+    dim = shapes.shape[1]
+    centres = plan.centres.cpu()
+    n_q = centres.shape[0]
+    rows = torch.empty(n_q, len(plan.neighborhood_sizes), dim, dtype=torch.int64)
+    angles, row = [], 0
+    for level, size in enumerate(plan.neighborhood_sizes):
+        r = (size - 1) // 2
+        for axis in range(dim):
+            n = int(shapes[level, axis])
+            used, inverse = torch.unique(centres[:, level, axis].clamp(-r - 1, n + r), return_inverse=True)
+            u = (used.to(torch.float64) + 0.5) / n * float(full[axis])
+            ang = u[:, None, None] * f64[None, :, :, axis]
+            if axis == 0:
+                ang = ang + level * f64[None, :, :, dim]
+            angles.append(ang)
+            rows[:, level, axis] = inverse + row
+            row += used.shape[0]
+    cos, sin = rope_cos_sin(torch.cat(angles), dtype)
+    return [cos.contiguous(), sin.contiguous(), rows.contiguous(), full.to(torch.int64).contiguous()]
+
+
+def weighted_gather(table: Tensor, positions: Tensor, weights: Tensor, sampling: _Sampling) -> Tensor:
+    """``out[s] = sum_j weights[s, j] * interp(table, positions[s, j])`` (see
+    :func:`sparse_msda.functional.sampling.sparse_weighted_gather`), by the C++ kernel."""
+    return SamplingKernelFunction.apply(table, positions, weights, sampling)
+
+
+def neighborhood_attention(q, k, v, plan, background_k, background_v, rope_freqs, scale) -> Tensor:
+    """``[Q, H, d]`` softmax attention of each query over its plan's keys (see
+    :func:`sparse_msda.functional.neighborhood.sparse_neighborhood_attention`), by the C++
+    kernel; the background keys are rotated at the window offsets by autograd ops (small:
+    ``[B, K, H, d]``)."""
+    tables = None
+    if plan.with_background:
+        tables = background_tables(background_k, rope_freqs, plan)[0]  # [B, K, H, d]
+    return NeighborhoodKernelFunction.apply(q, k, v, rope_freqs if plan.with_background else None, tables, background_v, plan, scale)
