@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import inspect
 import multiprocessing as mp
 import os
 import resource
@@ -397,6 +398,41 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+#: ``--dtype`` choices: the module and its inputs in that dtype, or (``autocast-bfloat16``) a float32
+#: module and inputs run under ``torch.autocast("cpu" / "cuda", dtype=torch.bfloat16)`` (backward outside)
+DTYPES = ("float32", "bfloat16", "float16", "autocast-bfloat16")
+
+
+def precision(dtype: str):
+    """``(tensor dtype, autocast dtype or None)`` of a ``--dtype`` choice (:data:`DTYPES`)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype.startswith("autocast-"):
+        return torch.float32, getattr(torch, dtype.split("-", 1)[1])
+    return getattr(torch, dtype), None
+
+
+def under_autocast(fn: Callable, dtype: str, device: str = "cpu") -> Callable:
+    """``fn`` run under ``torch.autocast`` when ``dtype`` is an autocast choice, else ``fn``."""
+    import torch
+
+    cast = precision(dtype)[1]
+    if cast is None:
+        return fn
+
+    def run(*args, **kwargs):
+        with torch.autocast(device, dtype=cast):
+            return fn(*args, **kwargs)
+    return run
+
+
+def dtype_label(dtype: str) -> str:
+    """Case-name prefix of a ``--dtype`` choice ("" for float32, the default)."""
+    return "" if dtype == "float32" else f"{dtype} "
+
+
 def run_main(
     description: str,
     build_cases: Callable[[bool], list],
@@ -407,8 +443,11 @@ def run_main(
     substrings of case names), then :func:`run_cases` on ``build_cases(quick)``."""
     parser = add_common_args(argparse.ArgumentParser(description=description))
     parser.add_argument("--only", default=None, help="comma-separated substrings: run only cases whose name contains one")
+    takes_dtype = "dtype" in inspect.signature(build_cases).parameters
+    if takes_dtype:
+        parser.add_argument("--dtype", choices=DTYPES, default="float32", help="module and input dtype, or autocast")
     args = parser.parse_args()
-    cases = build_cases(args.quick)
+    cases = build_cases(args.quick, dtype=args.dtype) if takes_dtype else build_cases(args.quick)
     if args.only:
         cases = [c for c in cases if any(part in c.name for part in args.only.split(","))]
     run_cases(

@@ -20,6 +20,10 @@ fresh subprocess (:mod:`benchmarks.common`). Implementations, on the same inputs
   ``sampling_offsets`` / ``attention_weights`` on the queries, ``output_proj`` on a ``[Q, 256]``
   tensor): a lower bound no implementation can beat.
 
+``--dtype bfloat16`` / ``float16``: the module, the query and the features in that dtype (positions
+float32); ``--dtype autocast-bfloat16``: float32 module and inputs, the forward under
+``torch.autocast("cpu", dtype=torch.bfloat16)``. The dense cases run in float32 only.
+
 Passes: ``fwd`` under ``torch.no_grad()`` (inference); ``fwd+bwd`` with gradients to queries and
 features and a scalar loss ``out.square().mean()``.
 
@@ -37,7 +41,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Case, add_common_args, kernel_vs_pytorch_table, run_cases, scan_levels
+from benchmarks.common import (
+    DTYPES, Case, add_common_args, dtype_label, kernel_vs_pytorch_table, precision, run_cases, scan_levels, under_autocast,
+)
 
 EMBED, HEADS, LEVELS, POINTS = 256, 8, 4, 4
 N_DECODER = 900
@@ -120,33 +126,47 @@ def _runner(fn, backward: bool, inputs):
 
 
 # --- the three implementations ---------------------------------------------------------------
-def setup_sparse(source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0):
+def _cast(levels, query, module, dtype: str):
+    """Levels' features, the query and the module in ``dtype``'s tensor dtype (:func:`benchmarks.common.precision`);
+    positions stay float32."""
+    tensor_dtype = precision(dtype)[0]
+    levels = [lvl.replace_feature(lvl.features.to(tensor_dtype)) for lvl in levels]
+    return levels, query.to(tensor_dtype), module.to(tensor_dtype)
+
+
+def setup_sparse(
+    source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0, dtype: str = "float32"
+):
     _threads(threads)
     from adapters import SparseCoordinateIndex
 
     levels = _levels(source, occupancy, batch_size)
     dim = len(levels[0].spatial_shape)
     query, pos, offsets, lev = _queries(levels, mode)
-    module = _module(dim)
+    levels, query, module = _cast(levels, query, _module(dim), dtype)
     index = SparseCoordinateIndex.from_spconv(levels)
     feats = [lvl.features.requires_grad_(backward) for lvl in levels]
     query.requires_grad_(backward)
     fn = lambda: module(query, pos, offsets, levels, None, query_level_indices=lev, coordinate_index=index)  # noqa: E731
-    return _runner(fn, backward, [query, *feats])
+    return _runner(under_autocast(fn, dtype), backward, [query, *feats])
 
 
-def setup_pytorch(source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0):
+def setup_pytorch(
+    source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0, dtype: str = "float32"
+):
     """``setup_sparse`` without the fused CPU kernel (this case's own subprocess)."""
     os.environ["SPARSE_MSDA_CPU_KERNELS"] = "0"
-    return setup_sparse(source, mode, backward, occupancy, batch_size, threads)
+    return setup_sparse(source, mode, backward, occupancy, batch_size, threads, dtype)
 
 
-def setup_floor(source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0):
+def setup_floor(
+    source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0, dtype: str = "float32"
+):
     _threads(threads)
     levels = _levels(source, occupancy, batch_size)
     dim = len(levels[0].spatial_shape)
     query, _, _, _ = _queries(levels, mode)
-    module = _module(dim)
+    levels, query, module = _cast(levels, query, _module(dim), dtype)
     feats = torch.cat([lvl.features for lvl in levels]).requires_grad_(backward)
     query.requires_grad_(backward)
 
@@ -156,7 +176,7 @@ def setup_floor(source: str, mode: str, backward: bool, occupancy: float = 0.05,
         a = module.attention_weights(query)
         y = module.output_proj(query)
         return y + (v.sum() + o.sum() + a.sum()) * 0  # keep every product alive in the graph
-    return _runner(fn, backward, [query, feats])
+    return _runner(under_autocast(fn, dtype), backward, [query, feats])
 
 
 def _dense_core(value_list, sampling_locations, attention_weights):
@@ -210,19 +230,21 @@ def setup_dense(source: str, mode: str, backward: bool, occupancy: float = 0.05,
 
 
 # --- case list ------------------------------------------------------------------------------
-def cases(quick: bool, only: str | None, threads: int = 0):
+def cases(quick: bool, only: str | None, threads: int = 0, dtype: str = "float32"):
     out = []
     impls = (("sparse", setup_sparse), ("pytorch", setup_pytorch), ("dense", setup_dense), ("floor", setup_floor))
 
     def add(source, mode, occupancy=0.05, batch_size=2, dense=True, tag=""):
         for backward in (False, True):
             for name, setup in impls:
-                if name == "dense" and not dense:
+                if name == "dense" and (not dense or dtype != "float32"):  # the dense reference: float32 only
                     continue
                 kw = dict(source=source, mode=mode, backward=backward, occupancy=occupancy, batch_size=batch_size)
                 if threads:
                     kw["threads"] = threads
-                label = f"{tag}{source}/{mode}/{'fwd+bwd' if backward else 'fwd'}/{name}"
+                if dtype != "float32":
+                    kw["dtype"] = dtype
+                label = f"{dtype_label(dtype)}{tag}{source}/{mode}/{'fwd+bwd' if backward else 'fwd'}/{name}"
                 out.append(Case(label, setup, kw))
 
     if only in (None, "synthetic"):
@@ -256,8 +278,9 @@ if __name__ == "__main__":
     parser.add_argument("--only", choices=["synthetic", "scan", "scan_bev", "scan_3d", "sweep"], default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (default: the harness's 2)")
     parser.add_argument("--match", default=None, help="comma-separated substrings: run only cases whose name contains one")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="module and input dtype, or autocast (not the dense cases)")
     args = parser.parse_args()
-    selected = cases(args.quick, args.only, args.threads)
+    selected = cases(args.quick, args.only, args.threads, args.dtype)
     if args.match:
         selected = [c for c in selected if any(part in c.name for part in args.match.split(","))]
     run_cases(

@@ -21,6 +21,10 @@ Implementations, side by side for each setting (embed 256, 8 heads, windows [3, 
   gathered per (query, window cell), dense masked softmax, plain autograd. Skipped (with the
   reason in the table) where its estimated memory would not fit this machine.
 
+``--dtype bfloat16`` / ``float16``: the block, queries, features and background in that dtype
+(positions float32); ``--dtype autocast-bfloat16``: float32 block and inputs, the forward under
+``torch.autocast("cpu", dtype=torch.bfloat16)``. The naive reference runs in float32 only.
+
 Modes: ``fwd`` (training forward: autograd records, the graph is then dropped) and
 ``fwd+bwd`` (forward + backward of ``(out * w).sum()``). Settings:
 
@@ -41,7 +45,9 @@ import os
 
 import torch
 
-from benchmarks.common import Case, block_queries, block_runner, kernel_vs_pytorch_table, run_main, scan_levels
+from benchmarks.common import (
+    Case, block_queries, block_runner, dtype_label, kernel_vs_pytorch_table, precision, run_main, scan_levels, under_autocast,
+)
 
 EMBED, HEADS, SIZES = 256, 8, [3, 5, 7, 9]
 NAIVE_LIMIT_BYTES = 8 * 2**30  # estimated naive peak above which it is skipped (24 GiB machine)
@@ -159,12 +165,20 @@ def _run_shared_plan(block, x):
 IMPLS["shared-plan"] = _run_shared_plan
 
 
-def setup(impl: str, mode: str, setting: str, role: str, n_queries: int = 900, background: bool = False):
+def setup(
+    impl: str, mode: str, setting: str, role: str, n_queries: int = 900, background: bool = False, dtype: str = "float32"
+):
     if impl == "pytorch":  # this case's own subprocess: the block without the fused CPU kernel
         os.environ["SPARSE_MSDA_CPU_KERNELS"] = "0"
     x = _inputs(setting, role, n_queries, background)
     block = _block(x["index"].position_dim)
-    run = IMPLS[impl]
+    tensor_dtype = precision(dtype)[0]  # --dtype: block, query, features, background (positions stay float32)
+    block = block.to(tensor_dtype)
+    x["levels"] = [lvl.replace_feature(lvl.features.to(tensor_dtype)) for lvl in x["levels"]]
+    for key in ("query", "features", "bg"):
+        if x[key] is not None:
+            x[key] = x[key].to(tensor_dtype)
+    run = under_autocast(IMPLS[impl], dtype)
     query = x["query"].requires_grad_(True)
     return block_runner(block, query, run, x, backward=mode == "fwd+bwd")
 
@@ -177,7 +191,7 @@ def naive_estimate_bytes(setting: str, role: str, n_queries: int) -> int:
     return 5 * n_q * k * EMBED * 4
 
 
-def build_cases(quick: bool) -> list[Case]:
+def build_cases(quick: bool, dtype: str = "float32") -> list[Case]:
     settings = [
         ("syn", "enc", 0, False),
         ("syn", "enc", 0, True),
@@ -195,18 +209,22 @@ def build_cases(quick: bool) -> list[Case]:
         settings = [("syn", "dec", 900, False)]
     cases = []
     for setting, role, n, bg in settings:
-        label = f"{setting}-{role}" + (f"-{2 * n // 1000}k" if n >= 10_000 else "") + ("-bg" if bg else "")
+        label = dtype_label(dtype).replace(" ", ":") + f"{setting}-{role}" + (f"-{2 * n // 1000}k" if n >= 10_000 else "") + ("-bg" if bg else "")
         for impl in ("floor", "block", "pytorch", "naive"):
             if impl == "naive" and naive_estimate_bytes(setting, role, n) > NAIVE_LIMIT_BYTES:
                 continue
-            if impl in ("floor", "naive") and n >= 10_000:
+            if impl in ("floor", "naive") and n >= 10_000 or impl == "naive" and dtype != "float32":
                 continue
             for mode in ("fwd", "fwd+bwd"):
                 kw = dict(impl=impl, mode=mode, setting=setting, role=role, n_queries=n, background=bg)
+                if dtype != "float32":
+                    kw["dtype"] = dtype
                 cases.append(Case(f"{label} {impl} {mode}", setup, kw))
         if role == "enc" and setting.startswith("scan"):  # the block as encoder layers 2..n run it
             for mode in ("fwd", "fwd+bwd"):
                 kw = dict(impl="shared-plan", mode=mode, setting=setting, role=role, n_queries=n, background=bg)
+                if dtype != "float32":
+                    kw["dtype"] = dtype
                 cases.append(Case(f"{label} shared-plan {mode}", setup, kw))
     return cases
 
