@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import tuning
+from ..functional.determinism import kernel_threads
 from ..functional.cpu_kernels import build_error, kernel_wins, kernels_enabled, neighborhood_kernels, sampling_kernels
 from ..functional.neighborhood import NeighborhoodPlan, background_tables
 from ..functional.rope import rope_cos_sin
@@ -95,7 +96,8 @@ class SamplingKernelFunction(torch.autograd.Function):
     """The same sampling as :class:`sparse_msda.backends.reference.SamplingFunction`, fused in
     the C++ CPU kernel (``csrc/sparse_sample_cpu.cpp``): one pass per sample forward and
     backward, the table gradient split by head across threads (per-thread copies within
-    :data:`~sparse_msda.tuning.TABLE_COPY_BYTES`). Saves the inputs and the ``[S, J]`` int32
+    :data:`~sparse_msda.tuning.TABLE_COPY_BYTES`; under ``torch.use_deterministic_algorithms(True)``
+    never, so the result does not depend on the thread count: :mod:`sparse_msda.functional.determinism`). Saves the inputs and the ``[S, J]`` int32
     base-cell ids; in inference mode hashes and samples chunk by chunk and keeps nothing.
     """
 
@@ -129,7 +131,7 @@ class SamplingKernelFunction(torch.autograd.Function):
         need_table, need_pos, need_w = ctx.needs_input_grad[:3]
         g_table, g_pos, g_w = ctx.kernels.sample_backward(
             table, positions, weights, ids, *_kernel_args(sampling, positions)[:-1], grad_out,
-            need_table, need_pos, need_w, torch.get_num_threads(),
+            need_table, need_pos, need_w, kernel_threads(sampling.n_heads, need_table),  # thread-count invariant if deterministic
             max(0, tuning.TABLE_COPY_BYTES // max(1, table.numel() * table.element_size())),
         )
         return (g_table if need_table else None), (g_pos if need_pos else None), (g_w if need_w else None), None

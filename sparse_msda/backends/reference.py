@@ -33,6 +33,7 @@ from ..functional.neighborhood import (
     _offset_positions,
     background_tables,
 )
+from ..functional.determinism import one_thread_when_deterministic
 from ..functional.rope import rope_cos_sin, rotate_pairs, rotate_pairs_back
 from ..functional.sampling import _base_cell_ids, _base_cells, _Sampling
 
@@ -123,6 +124,7 @@ class SamplingFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @one_thread_when_deterministic  # thread-count invariant results (functional/determinism.py)
     def forward(ctx, table: Tensor, positions: Tensor, weights: Tensor, sampling: _Sampling):
         n_samples, n_per, dim = positions.shape
         ctx.sampling = sampling
@@ -145,6 +147,7 @@ class SamplingFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @one_thread_when_deterministic
     def backward(ctx, grad_out):
         table, positions, weights, ids = ctx.saved_tensors
         sampling = ctx.sampling
@@ -301,6 +304,7 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @one_thread_when_deterministic  # thread-count invariant results (functional/determinism.py)
     def forward(ctx, q, k, v, bg_k, bg_v, freqs, plan: NeighborhoodPlan, scale: float):
         n_q, n_heads, head_dim = q.shape
         with_bg = bg_k is not None
@@ -384,6 +388,7 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @one_thread_when_deterministic
     def backward(ctx, grad_out):
         q, k, v, bg_k, bg_v, freqs, out, lse_h = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
