@@ -428,9 +428,25 @@ def under_autocast(fn: Callable, dtype: str, device: str = "cpu") -> Callable:
     return run
 
 
+def dtype_list(text: str) -> list[str]:
+    """``--dtype``'s value: one or more comma-separated :data:`DTYPES` (several: each case runs once
+    per dtype, side by side in one run, which is what makes their times comparable on a busy machine)."""
+    dtypes = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if not dtypes or bad:
+        raise argparse.ArgumentTypeError(f"--dtype takes comma-separated values from {DTYPES}, got {text!r}")
+    return dtypes
+
+
 def dtype_label(dtype: str) -> str:
-    """Case-name prefix of a ``--dtype`` choice ("" for float32, the default)."""
-    return "" if dtype == "float32" else f"{dtype} "
+    """Case-name prefix of a ``--dtype`` choice ("" for float32, the default; else ``"<dtype>:"``)."""
+    return "" if dtype == "float32" else f"{dtype}:"
+
+
+def without_dtype(name: str) -> str:
+    """A case name without its :func:`dtype_label` prefix."""
+    head, sep, rest = name.partition(":")
+    return rest if sep and head in DTYPES else name
 
 
 def run_main(
@@ -445,9 +461,17 @@ def run_main(
     parser.add_argument("--only", default=None, help="comma-separated substrings: run only cases whose name contains one")
     takes_dtype = "dtype" in inspect.signature(build_cases).parameters
     if takes_dtype:
-        parser.add_argument("--dtype", choices=DTYPES, default="float32", help="module and input dtype, or autocast")
+        parser.add_argument(
+            "--dtype", type=dtype_list, default=["float32"], help=f"module and input dtype(s), comma-separated, from {DTYPES}"
+        )
     args = parser.parse_args()
-    cases = build_cases(args.quick, dtype=args.dtype) if takes_dtype else build_cases(args.quick)
+    if takes_dtype:
+        cases = [c for d in args.dtype for c in build_cases(args.quick, dtype=d)]
+        if len(args.dtype) > 1:  # each case's dtypes next to each other
+            order = {c.name: i for i, c in enumerate(build_cases(args.quick))}
+            cases.sort(key=lambda c: order.get(without_dtype(c.name), len(order)))
+    else:
+        cases = build_cases(args.quick)
     if args.only:
         cases = [c for c in cases if any(part in c.name for part in args.only.split(","))]
     run_cases(

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
-    DTYPES, Case, add_common_args, dtype_label, kernel_vs_pytorch_table, precision, run_cases, scan_levels, under_autocast,
+    Case, add_common_args, dtype_label, dtype_list, without_dtype, kernel_vs_pytorch_table, precision, run_cases, scan_levels, under_autocast,
 )
 
 EMBED, HEADS, LEVELS, POINTS = 256, 8, 4, 4
@@ -278,9 +278,15 @@ if __name__ == "__main__":
     parser.add_argument("--only", choices=["synthetic", "scan", "scan_bev", "scan_3d", "sweep"], default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (default: the harness's 2)")
     parser.add_argument("--match", default=None, help="comma-separated substrings: run only cases whose name contains one")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="module and input dtype, or autocast (not the dense cases)")
+    parser.add_argument(
+        "--dtype", type=dtype_list, default=["float32"],
+        help="module and input dtype(s), comma-separated: float32, bfloat16, float16, autocast-bfloat16 (dense: float32 only)",
+    )
     args = parser.parse_args()
-    selected = cases(args.quick, args.only, args.threads, args.dtype)
+    selected = [c for d in args.dtype for c in cases(args.quick, args.only, args.threads, d)]
+    if len(args.dtype) > 1:  # each case's dtypes next to each other
+        order = {c.name: i for i, c in enumerate(cases(args.quick, args.only, args.threads))}
+        selected.sort(key=lambda c: order.get(without_dtype(c.name), len(order)))
     if args.match:
         selected = [c for c in selected if any(part in c.name for part in args.match.split(","))]
     run_cases(

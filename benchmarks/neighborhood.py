@@ -209,7 +209,7 @@ def build_cases(quick: bool, dtype: str = "float32") -> list[Case]:
         settings = [("syn", "dec", 900, False)]
     cases = []
     for setting, role, n, bg in settings:
-        label = dtype_label(dtype).replace(" ", ":") + f"{setting}-{role}" + (f"-{2 * n // 1000}k" if n >= 10_000 else "") + ("-bg" if bg else "")
+        label = dtype_label(dtype) + f"{setting}-{role}" + (f"-{2 * n // 1000}k" if n >= 10_000 else "") + ("-bg" if bg else "")
         for impl in ("floor", "block", "pytorch", "naive"):
             if impl == "naive" and naive_estimate_bytes(setting, role, n) > NAIVE_LIMIT_BYTES:
                 continue
