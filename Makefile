@@ -4,12 +4,26 @@
 # torch drags in gigabytes of CUDA packages), then the package with its extras.
 #
 # Variables: PYTHON (interpreter used to create .venv, default python3),
-#            SPCONV (the ONE spconv build extra: cpu (default), cu120, cu121, cu124, cu126).
+#            SPCONV (the ONE spconv build extra: cpu (default), cu120, cu121, cu124, cu126),
+#            TRITON_PIN (default triton==3.9.0, see below).
+#
+# Triton: the triton backend's tests (tests/test_triton_backend.py) run its kernels on CPU tensors
+# through Triton's interpreter, so a CPU torch (whose wheel does not depend on triton) gets a pinned
+# triton next to it: triton==3.9.0, the version checked with torch 2.13.0 here. A CUDA torch depends
+# on its OWN triton version (e.g. torch 2.11+cu130 -> triton 3.6) and that one must not be replaced:
+# the recipe installs TRITON_PIN only when the installed torch does not require triton itself. The
+# pin is not in pyproject.toml's extras, since an extra cannot tell the two torch builds apart.
+# `make test TRITON_PIN=` installs none (the triton tests then skip, saying why).
 
 PYTHON ?= python3
 VENV ?= .venv
 SPCONV ?= cpu
 TORCH_PIN := torch==2.13.0
+TRITON_PIN ?= triton==3.9.0
+# exit status 0 iff the installed torch does not depend on triton (a CPU build)
+TORCH_WITHOUT_TRITON := import importlib.metadata as m, re, sys; \
+  names = [re.match(r"[A-Za-z0-9_.-]+", r).group().lower() for r in (m.requires("torch") or [])]; \
+  sys.exit(any(n in ("triton", "pytorch-triton") for n in names))
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q
 
@@ -20,6 +34,9 @@ $(PY):
 
 $(VENV)/.installed-$(SPCONV)-test: pyproject.toml | $(PY)
 	$(PIP) $(TORCH_PIN)
+	@if [ -z "$(TRITON_PIN)" ]; then echo "TRITON_PIN is empty: no triton installed"; \
+	elif $(PY) -c '$(TORCH_WITHOUT_TRITON)'; then echo "$(PIP) $(TRITON_PIN)"; $(PIP) '$(TRITON_PIN)'; \
+	else echo "torch brings its own triton: $(TRITON_PIN) not installed"; fi
 	$(PIP) -e '.[$(SPCONV),test]'
 	touch $@
 
