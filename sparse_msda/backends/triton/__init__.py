@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "interpreted", "supports", "weighted_gather", "neighborhood_attention"]
+__all__ = ["SUPPORTS", "available", "interpreted", "neighborhood_attention", "supports", "unavailable_reason", "weighted_gather"]
 
 #: operations this backend implements
 OPS = ("weighted_gather", "neighborhood_attention")
@@ -45,9 +45,25 @@ def _loaded():
     return sys.modules.get(__name__ + ".kernels_state")
 
 
+#: what :func:`supports` accepts (for the error of a forced ``backend="triton"``)
+SUPPORTS = (
+    "CUDA tensors on one device (CPU tensors only through Triton's interpreter: TRITON_INTERPRET=1 set before "
+    "the first use), float32/float16/bfloat16/float64"
+)
+
+
 def available() -> bool:
     """``triton`` is importable and there is a device to run it: a CUDA GPU, or the interpreter."""
     return _triton_importable() and (torch.cuda.is_available() or interpreted())
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is False ("" when it is True)."""
+    if not _triton_importable():
+        return "triton is not installed (a CUDA torch brings its own; for the CPU interpreter: pip install triton==3.9.0)"
+    if not (torch.cuda.is_available() or interpreted()):
+        return "no CUDA device, and TRITON_INTERPRET=1 (Triton's CPU interpreter) was not set before the first use"
+    return ""
 
 
 def supports(op: str, *tensors) -> bool:
