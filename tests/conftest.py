@@ -1,7 +1,16 @@
 """Shared pytest fixtures."""
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton backend's tests run its kernels through Triton's interpreter. Triton
+# fixes the mode when it is first imported (its own library functions are decorated then) and
+# reads it again at run time, so it is set here, before any test imports triton (torch may do so
+# on its own). Nothing else runs Triton code on a CPU-only machine.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

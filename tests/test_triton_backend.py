@@ -1,7 +1,7 @@
 """The Triton backend (sparse_msda/backends/triton) against the reference (pure PyTorch) backend.
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``,
-set here before the kernels are first used); with one, on CUDA tensors. Problems are tiny (the
+set by conftest.py before triton is imported); with one, on CUDA tensors. Problems are tiny (the
 interpreter runs each program op by op): every case compares the output and EVERY gradient with
 the reference path, which test_deformable.py / test_neighborhood.py prove against dense
 ``grid_sample`` and a naive loop, and gradcheck in float64.
@@ -35,15 +35,10 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
-    """Without CUDA: the kernels decorated for Triton's interpreter (``TRITON_INTERPRET=1`` from
-    here on: triton reads it at decoration and again at run time, so it stays set for the rest
-    of the session; on CPU nothing else in the suite runs Triton code)."""
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    from sparse_msda.backends.triton import kernels_state, neighborhood_kernels, sampling_kernels  # noqa: F401
-
+    """Without CUDA the kernels must be decorated for Triton's interpreter (``TRITON_INTERPRET=1``,
+    set by conftest.py before anything imports triton)."""
     if not CUDA and not triton_backend.interpreted():
-        pytest.skip("no CUDA device, and the Triton kernels were already decorated without TRITON_INTERPRET=1")
+        pytest.skip("no CUDA device, and TRITON_INTERPRET=1 was not set before triton was first imported (conftest.py sets it)")
     yield
 
 TOL = {
