@@ -14,6 +14,8 @@ the same (rounded) inputs to 2e-2 (bfloat16) / 4e-3 (float16) relative, 1e-2 / 2
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import os
 
@@ -93,23 +95,8 @@ def _sampling_problem(dim, with_bg, dtype, seed, n=24, n_per=4, n_heads=2, head_
 
 
 def _gather(backend, *args):
-    """``sparse_weighted_gather`` on the named backend."""
-    if backend == "triton":
-        orig = sampling._SparseSample.apply
-        sampling._SparseSample.apply = triton_backend.weighted_gather
-        try:
-            return sampling.sparse_weighted_gather(*args)
-        finally:
-            sampling._SparseSample.apply = orig
-    prev = os.environ.get("SPARSE_MSDA_CPU_KERNELS")
-    os.environ["SPARSE_MSDA_CPU_KERNELS"] = "0"  # the PyTorch path
-    try:
-        return sampling.sparse_weighted_gather(*args)
-    finally:
-        if prev is None:
-            del os.environ["SPARSE_MSDA_CPU_KERNELS"]
-        else:
-            os.environ["SPARSE_MSDA_CPU_KERNELS"] = prev
+    """``sparse_weighted_gather`` on the named backend (``reference`` is the PyTorch path)."""
+    return sampling.sparse_weighted_gather(*args, backend=backend)
 
 
 def _out_and_grads(fn, leaves, dtype, seed=5):
@@ -121,9 +108,20 @@ def _out_and_grads(fn, leaves, dtype, seed=5):
     return out, torch.autograd.grad((out * w).nansum(), leaves)
 
 
+@contextlib.contextmanager
+def _native_low_precision(module):
+    """A context in which ``module``'s public op hands float16/bfloat16 tensors to the backend as
+    they are (the functional layer casts them to float32 first: precision.py), so the kernels'
+    own low-precision path is tested."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "upcast", lambda *tensors: tensors)
+        yield
+
+
 def _compare_sampling(dim, with_bg, dtype, seed, **kw):
     call, leaves = _sampling_problem(dim, with_bg, dtype, seed, **kw)
-    out, grads = _out_and_grads(lambda *x: call("triton", *x), leaves, dtype)
+    with _native_low_precision(sampling):
+        out, grads = _out_and_grads(lambda *x: call("triton", *x), leaves, dtype)
     ref_leaves = [t.detach().to(_ref_dtype(dtype)).requires_grad_() for t in leaves]
     ref, ref_grads = _out_and_grads(lambda *x: call("reference", *x), ref_leaves, dtype)
     assert out.dtype == dtype and torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
@@ -188,9 +186,7 @@ def _nbhd_problem(dim, background, dtype, seed, n_heads=2, head_dim=4, share_hea
 
 def _attend(backend, plan, q, k, v, bk=None, bv=None, fr=None):
     """``sparse_neighborhood_attention`` on the named backend."""
-    if backend == "triton":
-        return triton_backend.neighborhood_attention(q, k, v, plan, bk, bv, fr, q.shape[-1] ** -0.5)
-    return neighborhood.NeighborhoodAttentionFunction.apply(q, k, v, bk, bv, fr, plan, q.shape[-1] ** -0.5)
+    return neighborhood.sparse_neighborhood_attention(q, k, v, plan, bk, bv, fr, backend=backend)
 
 
 def _compare_nbhd(dim, background, dtype, seed, **kw):
@@ -200,7 +196,8 @@ def _compare_nbhd(dim, background, dtype, seed, **kw):
     def fn(backend):
         return lambda *x: _attend(backend, plan, *x)
 
-    out, grads = _out_and_grads(fn("triton"), leaves, dtype)
+    with _native_low_precision(neighborhood):
+        out, grads = _out_and_grads(fn("triton"), leaves, dtype)
     ref_leaves = [t.detach().to(_ref_dtype(dtype)).requires_grad_() for t in leaves]
     ref, ref_grads = _out_and_grads(fn("reference"), ref_leaves, dtype)
     assert out.dtype == dtype
@@ -240,3 +237,55 @@ def test_neighborhood_empty_batch_item_and_no_queries():
     _compare_nbhd(2, True, torch.float64, seed=71, empty_items=(1,))
     _compare_nbhd(2, False, torch.float64, seed=72, empty_items=(0,))
     _compare_nbhd(2, True, torch.float64, seed=73, counts=(0, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend layer
+# ---------------------------------------------------------------------------------------------
+def test_choice_rules(monkeypatch):
+    """Automatic choice: triton for CUDA tensors, never for CPU tensors (even under the
+    interpreter); ``backend="triton"`` on CPU tensors without the interpreter is a ValueError
+    that says so."""
+    from sparse_msda.backends import choose_backend
+
+    monkeypatch.delenv("SPARSE_MSDA_BACKEND", raising=False)
+    monkeypatch.delenv("SPARSE_MSDA_CPU_KERNELS", raising=False)
+    x = torch.zeros(2, 2, 4)
+    assert choose_backend("neighborhood_attention", x, x, x) is not triton_backend
+    if CUDA:
+        xc = x.cuda()
+        assert choose_backend("neighborhood_attention", xc, xc, xc) is triton_backend
+        assert choose_backend("weighted_gather", xc[0], xc) is triton_backend
+    else:
+        assert choose_backend("weighted_gather", x, x, backend="triton") is triton_backend  # the interpreter
+    monkeypatch.setattr(triton_backend, "interpreted", lambda: False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        choose_backend("weighted_gather", x, x, backend="triton")
+    assert "TRITON_INTERPRET=1" in triton_backend.SUPPORTS
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the automatic choice takes triton for CUDA tensors)")
+@pytest.mark.parametrize("background", [False, True])
+def test_cuda_neighborhood_block_matches_cpu(background):
+    """A SparseNeighborhoodAttentionBlock on CUDA (the automatic choice: triton) equals the same
+    block on CPU (reference backend), output and every parameter gradient, float64."""
+    from sparse_msda import SparseNeighborhoodAttentionBlock
+
+    shapes, sizes, E, H = [[12, 10], [6, 5], [3, 3]], [3, 5, 3], 16, 2
+    torch.manual_seed(0)
+    block = SparseNeighborhoodAttentionBlock(E, H, n_levels=3, neighborhood_sizes=sizes, position_dim=2).double()
+    stacked, _, _ = make_map(shapes, 2, 0.3, E, seed=2)
+    pos, offsets = random_queries([7, 5], shapes[0], seed=3)
+    query = torch.randn(pos.shape[0], E, dtype=torch.float64)
+    bg = torch.randn(2, 3, E, dtype=torch.float64) if background else None
+    outs, grads = [], []
+    for dev, backend in (("cpu", "reference"), ("cuda", None)):
+        blk = copy.deepcopy(block).to(dev)
+        blk.backend = backend
+        out = blk(query.to(dev), pos.to(dev), offsets.to(dev), stacked.to(dev), shapes, background_embedding=None if bg is None else bg.to(dev))
+        out.square().sum().backward()
+        outs.append(out.cpu())
+        grads.append([p.grad.cpu() for p in blk.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
+    for g1, g0 in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g1, g0, rtol=1e-8, atol=1e-9)
