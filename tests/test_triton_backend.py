@@ -262,6 +262,13 @@ def test_choice_rules(monkeypatch):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         choose_backend("weighted_gather", x, x, backend="triton")
     assert "TRITON_INTERPRET=1" in triton_backend.SUPPORTS
+    monkeypatch.undo()
+    monkeypatch.delenv("SPARSE_MSDA_BACKEND", raising=False)
+    monkeypatch.delenv("SPARSE_MSDA_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not triton_backend.supports("weighted_gather", x) and "atomics" in triton_backend.unsupported_reason("weighted_gather", x)
+    if CUDA:  # deterministic algorithms requested: the automatic choice avoids the atomics
+        assert choose_backend("neighborhood_attention", xc, xc, xc) is not triton_backend
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the automatic choice takes triton for CUDA tensors)")

@@ -48,7 +48,8 @@ def _loaded():
 #: what :func:`supports` accepts (for the error of a forced ``backend="triton"``)
 SUPPORTS = (
     "CUDA tensors on one device (CPU tensors only through Triton's interpreter: TRITON_INTERPRET=1 set before "
-    "the first use), float32/float16/bfloat16/float64"
+    "the first use), float32/float16/bfloat16/float64, not under torch.use_deterministic_algorithms(True) "
+    "(the backward adds gradients with atomics)"
 )
 
 
@@ -69,8 +70,8 @@ def unavailable_reason() -> str:
 def supports(op: str, *tensors) -> bool:
     """Whether this backend runs ``op`` on these tensors: triton importable, every tensor on one
     CUDA device (or on the CPU under the interpreter), floating tensors float32/float16/bfloat16/
-    float64."""
-    if op not in OPS or not _triton_importable():
+    float64, and deterministic algorithms not requested (the backward's atomics are not)."""
+    if op not in OPS or not _triton_importable() or torch.are_deterministic_algorithms_enabled():
         return False
     devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
     if len(devices) != 1:
@@ -94,6 +95,8 @@ def unsupported_reason(op: str, *tensors) -> Optional[str]:
         return f"the triton backend has no operation {op!r} (it has {OPS})"
     if not _triton_importable():
         return "triton is not installed (pip install triton; a CUDA torch brings its own)"
+    if torch.are_deterministic_algorithms_enabled():
+        return "torch.use_deterministic_algorithms(True): the backward adds gradients with atomics (order not fixed)"
     devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
     if len(devices) != 1:
         return f"the tensors must be on one device, got {sorted(map(str, devices))}"
