@@ -16,7 +16,7 @@ from .functional.deformable import multilevel_sparse_bilinear_grid_sample, spars
 from .modules.deformable_attention import SparseMSDeformableAttention, SparseMSDeformableAttentionBlock
 
 # --- neighborhood attention (issue 4) ---
-from .functional.neighborhood import get_multilevel_neighborhoods
+from .functional.windows import get_multilevel_neighborhoods
 from .modules.neighborhood_attention import SparseNeighborhoodAttentionBlock
 from .modules.self_attention import SparseMultilevelMapAttentionBlock
 from .modules.token_self_attention import MultilevelSelfAttentionBlockWithRoPE

@@ -10,7 +10,7 @@ Where each is used:
 
 * sampling (:mod:`sparse_msda.backends.reference`, :mod:`sparse_msda.backends.cpu`):
   :data:`CHUNK_CORNERS`, :data:`TABLE_COPY_BYTES`;
-* neighborhood attention plans (:mod:`sparse_msda.functional.neighborhood`):
+* neighborhood attention plans (:mod:`sparse_msda.functional.neighborhood_plan`):
   :data:`TILE_QUERIES`, :data:`LOOKUP_CELLS_PER_CHUNK`, :data:`CHUNK_SCORE_ENTRIES`,
   :data:`PAD_SLACK`;
 * the neighborhood attention's PyTorch path (:mod:`sparse_msda.backends.reference`):

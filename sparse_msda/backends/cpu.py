@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from .. import tuning
 from ..functional.determinism import kernel_threads
 from ..functional.cpu_kernels import build_error, kernel_wins, kernels_enabled, neighborhood_kernels, sampling_kernels
-from ..functional.neighborhood import NeighborhoodPlan, background_tables
+from ..functional.neighborhood_plan import NeighborhoodPlan, background_tables
 from ..functional.rope import rope_cos_sin
 from ..functional.sampling import _base_cell_ids, _Sampling
 from . import same_float_dtype
@@ -91,7 +91,6 @@ def _kernel_args(sampling: _Sampling, positions: Tensor) -> tuple:
     )
 
 
-
 class SamplingKernelFunction(torch.autograd.Function):
     """The same sampling as :class:`sparse_msda.backends.reference.SamplingFunction`, fused in
     the C++ CPU kernel (``csrc/sparse_sample_cpu.cpp``): one pass per sample forward and
@@ -145,7 +144,7 @@ class NeighborhoodKernelFunction(torch.autograd.Function):
     (``csrc/neighborhood_attention_cpu.cpp``) over the plan's tiles.
 
     Inputs: ``q [Q, H, d]``, ``k, v [n_keys, H, d]`` as there; with background the RoPE
-    frequencies ``freqs [H', d/2, D+1]``, ``tables [B, K, H, d]`` (:func:`~sparse_msda.functional.neighborhood.background_tables`,
+    frequencies ``freqs [H', d/2, D+1]``, ``tables [B, K, H, d]`` (:func:`~sparse_msda.functional.neighborhood_plan.background_tables`,
     built by ordinary autograd ops) and ``bg_v [B, L, H, d]``, else None.
 
     Per tile and head the kernel scores the tile's queries against its keys by one blocked

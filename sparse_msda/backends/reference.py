@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import tuning
-from ..functional.neighborhood import (
+from ..functional.neighborhood_plan import (
     NeighborhoodPlan,
     PlanChunk,
     _centre_positions,
@@ -109,7 +109,6 @@ def _corners(ctx: _Sampling, ids: Tensor, base: Tensor, frac: Tensor, sl: slice)
     return rows, _outer(u), u, valid, None
 
 
-
 class SamplingFunction(torch.autograd.Function):
     """``out[s] = sum_j a[s, j] * sum_k c_k(frac[s, j]) * table[row(s, j, k)]`` in PyTorch ops.
 
@@ -143,7 +142,6 @@ class SamplingFunction(torch.autograd.Function):
                     out[sl][bad.any(-1)] = float("nan")
         ctx.save_for_backward(table, positions, weights, ids)
         return out
-
 
     @staticmethod
     @once_differentiable
@@ -294,7 +292,7 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
     masked to each query's windows, then one batched matmul with the values. Background
     slots: per level the queries are rotated back by their window centre, ``R(-u_centre) q``,
     and scored by one matmul against the background key rotated at each slot offset
-    (:func:`~sparse_msda.functional.neighborhood.background_tables`); they join the same softmax and aggregate the background
+    (:func:`~sparse_msda.functional.neighborhood_plan.background_tables`); they join the same softmax and aggregate the background
     value of their level. The backward recomputes the scores chunk by chunk
     (flash-attention style, from a saved ``[H, Q]`` log-sum-exp), scatters key/value
     gradients with ``index_add_`` and has closed-form RoPE gradients for the background path

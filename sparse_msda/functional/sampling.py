@@ -64,6 +64,7 @@ def __getattr__(name: str):
         return getattr(tuning, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 @dataclass
 class _Sampling:
     """Non-tensor context of one sampling call: where each sample's corners live."""

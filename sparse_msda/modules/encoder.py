@@ -47,7 +47,7 @@ from adapters import SparseCoordinateIndex, multilevel_features
 from adapters.conversion import check_spconv_levels
 
 from ..backends import check_backend_name
-from ..functional.neighborhood import NeighborhoodPlan
+from ..functional.neighborhood_plan import NeighborhoodPlan
 from ..functional.precision import position_dtype
 from ..inputs import check_embed_heads, check_position_dim
 from .deformable_attention import SparseMSDeformableAttentionBlock

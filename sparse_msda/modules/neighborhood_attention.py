@@ -12,20 +12,12 @@ from torch import Tensor, nn
 from adapters import SparseCoordinateIndex
 
 from ..backends import check_backend_name
-
-from ..functional.neighborhood import (
-    NeighborhoodPlan,
-    build_neighborhood_plan,
-    check_neighborhood_sizes,
-    default_chunk_size,
-    query_rope_positions,
-    sparse_neighborhood_attention,
-    voxel_rope_positions,
-    window_centres,
-)
+from ..functional.neighborhood import query_rope_positions, sparse_neighborhood_attention, voxel_rope_positions
+from ..functional.neighborhood_plan import NeighborhoodPlan, build_neighborhood_plan, default_chunk_size
 from ..functional.norm_linear import layer_norm_linear
 from ..functional.precision import position_dtype
 from ..functional.rope import apply_rope, check_freqs_in_groups, init_rope_frequencies, pattern_name
+from ..functional.windows import check_neighborhood_sizes, window_centres
 from ..inputs import QueryBatch, check_embed_heads, check_position_dim, largest_level, prepare_inputs
 
 __all__ = ["MultilevelRotaryEncoding", "RotaryAttentionBlock", "SparseNeighborhoodAttentionBlock"]
