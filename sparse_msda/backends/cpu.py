@@ -1,8 +1,8 @@
 """The fused C++ CPU kernels as a backend (``sparse_msda/csrc``).
 
-* ``weighted_gather``: :class:`SamplingKernelFunction` (``csrc/sparse_sample_cpu.cpp``):
+* ``weighted_gather``: :func:`gather_forward` / :func:`gather_backward` (``csrc/sparse_sample_cpu.cpp``):
   interpolation and attention-weighted sum in one pass per sample, forward and backward;
-* ``neighborhood_attention``: :class:`NeighborhoodKernelFunction`
+* ``neighborhood_attention``: :func:`attention_forward` / :func:`attention_backward`
   (``csrc/neighborhood_attention_cpu.cpp``): scores, softmax and weighted sum per tile and head
   over the plan's tiles, with a recomputing backward.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import tuning
 from ..functional.determinism import kernel_threads
@@ -28,12 +27,14 @@ from ..functional.cpu_kernels import build_error, kernel_wins, kernels_enabled, 
 from ..functional.neighborhood_plan import NeighborhoodPlan, background_tables
 from ..functional.rope import rope_cos_sin
 from ..functional.sampling import _base_cell_ids, _Sampling
-from . import same_float_dtype
+from . import ops, same_float_dtype
 
 __all__ = [
-    "NeighborhoodKernelFunction",
     "SUPPORTS",
-    "SamplingKernelFunction",
+    "attention_backward",
+    "attention_forward",
+    "gather_backward",
+    "gather_forward",
     "available",
     "neighborhood_attention",
     "supports",
@@ -77,74 +78,51 @@ def supports(op: str, *tensors: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 # sampling
 # ---------------------------------------------------------------------------------------------
-def _kernel_args(sampling: _Sampling, positions: Tensor) -> tuple:
-    """(corner_rows, batch, level, head, shapes, n_heads, bg_offset, n_threads) for the CPU kernels."""
+def _kernel_args(ctx: _Sampling, positions: Tensor) -> tuple:
+    """(corner_rows, batch, level, head, shapes, n_heads, bg_offset) for the CPU kernels."""
     n_samples, n_per, _ = positions.shape
-    index = sampling.index
-    corner_rows = sampling.corner_table()
     expand = lambda t: t.expand(n_samples, n_per)  # noqa: E731  (broadcast views: the kernel reads strides)
-    head = sampling.head if sampling.head is not None else torch.zeros(1, 1, dtype=torch.int64)
-    bg = -1 if sampling.background_offset is None else sampling.background_offset
+    head = ctx.head if ctx.head is not None else torch.zeros(1, 1, dtype=torch.int64)
+    bg = -1 if ctx.background_offset is None else ctx.background_offset
     return (
-        corner_rows, expand(sampling.batch), expand(sampling.level), expand(head),
-        index.level_spatial_shapes.contiguous(), sampling.n_heads, bg, torch.get_num_threads(),
+        ctx.corner_table(), expand(ctx.batch), expand(ctx.level), expand(head),
+        ctx.level_spatial_shapes.contiguous(), ctx.n_heads, bg,
     )
 
 
-class SamplingKernelFunction(torch.autograd.Function):
-    """The same sampling as :class:`sparse_msda.backends.reference.SamplingFunction`, fused in
-    the C++ CPU kernel (``csrc/sparse_sample_cpu.cpp``): one pass per sample forward and
-    backward, the table gradient split by head across threads (per-thread copies within
+def gather_forward(table: Tensor, positions: Tensor, weights: Tensor, ids: Tensor, ctx: _Sampling) -> Tensor:
+    """The ``cpu`` implementation of the ``sparse_msda::weighted_gather`` op: the fused C++
+    kernel (``csrc/sparse_sample_cpu.cpp``), one pass per sample."""
+    positions, weights = positions.contiguous(), weights.contiguous()
+    return sampling_kernels(auto=False).sample_forward(
+        table, positions, weights, ids, *_kernel_args(ctx, positions), torch.get_num_threads()
+    )
+
+
+def gather_backward(grad_out: Tensor, table: Tensor, positions: Tensor, weights: Tensor, ids: Tensor, ctx: _Sampling, needs) -> tuple:
+    """Gradients of ``(table, positions, weights)`` by the C++ kernel: one pass per sample, the
+    table gradient split by head across threads (per-thread copies within
     :data:`~sparse_msda.tuning.TABLE_COPY_BYTES`; under ``torch.use_deterministic_algorithms(True)``
-    never, so the result does not depend on the thread count: :mod:`sparse_msda.functional.determinism`). Saves the inputs and the ``[S, J]`` int32
-    base-cell ids; in inference mode hashes and samples chunk by chunk and keeps nothing.
-    """
-
-    @staticmethod
-    def forward(ctx, table: Tensor, positions: Tensor, weights: Tensor, sampling: _Sampling):
-        n_samples, n_per, dim = positions.shape
-        ctx.sampling = sampling
-        kernels = ctx.kernels = sampling_kernels(auto=False)
-        positions, weights = positions.contiguous(), weights.contiguous()
-        if sampling.inference:  # ids chunk by chunk, nothing kept
-            out = table.new_empty(n_samples, table.shape[1])
-            args = _kernel_args(sampling, positions)
-            for sl in sampling.steps(n_samples, n_per, dim, per_sample=n_per):
-                ids = _base_cell_ids(sampling, positions, sl)
-                batch, level, head = (t[sl] for t in args[1:4])
-                out[sl] = kernels.sample_forward(
-                    table, positions[sl], weights[sl], ids, args[0], batch, level, head, *args[4:]
-                )
-            return out
-        ids = _base_cell_ids(sampling, positions)
-        out = kernels.sample_forward(table, positions, weights, ids, *_kernel_args(sampling, positions))
-        ctx.save_for_backward(table, positions, weights, ids)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        table, positions, weights, ids = ctx.saved_tensors
-        sampling = ctx.sampling
-        grad_out = grad_out.contiguous()
-        need_table, need_pos, need_w = ctx.needs_input_grad[:3]
-        g_table, g_pos, g_w = ctx.kernels.sample_backward(
-            table, positions, weights, ids, *_kernel_args(sampling, positions)[:-1], grad_out,
-            need_table, need_pos, need_w, kernel_threads(sampling.n_heads, need_table),  # thread-count invariant if deterministic
-            max(0, tuning.TABLE_COPY_BYTES // max(1, table.numel() * table.element_size())),
-        )
-        return (g_table if need_table else None), (g_pos if need_pos else None), (g_w if need_w else None), None
+    never, so the result does not depend on the thread count: :mod:`sparse_msda.functional.determinism`)."""
+    positions, weights = positions.contiguous(), weights.contiguous()
+    need_table, need_pos, need_w = (bool(n) for n in needs[:3])
+    return sampling_kernels(auto=False).sample_backward(
+        table, positions, weights, ids, *_kernel_args(ctx, positions), grad_out,
+        need_table, need_pos, need_w, kernel_threads(ctx.n_heads, need_table),  # thread-count invariant if deterministic
+        max(0, tuning.TABLE_COPY_BYTES // max(1, table.numel() * table.element_size())),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # neighborhood attention
 # ---------------------------------------------------------------------------------------------
-class NeighborhoodKernelFunction(torch.autograd.Function):
-    """The same attention as :class:`sparse_msda.backends.reference.NeighborhoodAttentionFunction`, fused in the C++ CPU kernel
-    (``csrc/neighborhood_attention_cpu.cpp``) over the plan's tiles.
+def attention_forward(q, k, v, tables, bg_v, rotation: list, tiles: list, scale: float) -> tuple:
+    """The ``cpu`` implementation of the ``sparse_msda::neighborhood_attention`` op: the same
+    attention as :class:`sparse_msda.backends.reference.NeighborhoodAttentionFunction`, fused in
+    the C++ CPU kernel (``csrc/neighborhood_attention_cpu.cpp``) over the plan's tiles.
 
-    Inputs: ``q [Q, H, d]``, ``k, v [n_keys, H, d]`` as there; with background the RoPE
-    frequencies ``freqs [H', d/2, D+1]``, ``tables [B, K, H, d]`` (:func:`~sparse_msda.functional.neighborhood_plan.background_tables`,
+    Inputs: ``q [Q, H, d]``, ``k, v [n_keys, H, d]`` as there; with background the window-centre
+    rotations (:func:`_centre_rotation` of the RoPE frequencies), ``tables [B, K, H, d]`` (:func:`~sparse_msda.functional.neighborhood_plan.background_tables`,
     built by ordinary autograd ops) and ``bg_v [B, L, H, d]``, else None.
 
     Per tile and head the kernel scores the tile's queries against its keys by one blocked
@@ -158,34 +136,26 @@ class NeighborhoodKernelFunction(torch.autograd.Function):
     never collide. Nothing per (query, key) pair is stored.
     """
 
-    @staticmethod
-    def forward(ctx, q, k, v, freqs, tables, bg_v, plan: NeighborhoodPlan, scale: float):
-        kernels = ctx.kernels = neighborhood_kernels(auto=False)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        rotation = []
-        if tables is not None:
-            tables, bg_v = tables.contiguous(), bg_v.contiguous()
-            rotation = _centre_rotation(plan, freqs.detach(), q.dtype)
-        out, lse, n_keys, n_slots = kernels.neighborhood_forward(
-            q, k, v, rotation, tables, bg_v, plan.kernel_tiles(), scale, torch.get_num_threads()
-        )
-        if plan._counts is None:  # the kernel enumerated every window: the plan's counts come free
-            plan._counts = (n_keys, n_slots if plan.with_background else None)
-        ctx.save_for_backward(q, k, v, tables, bg_v, out, lse)
-        ctx.plan, ctx.scale, ctx.rotation, ctx.freqs_dtype = plan, scale, rotation, None if freqs is None else freqs.dtype
-        return out
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if tables is not None:
+        tables, bg_v = tables.contiguous(), bg_v.contiguous()
+    out, lse, n_keys, n_slots = neighborhood_kernels(auto=False).neighborhood_forward(
+        q, k, v, rotation, tables, bg_v, tiles, scale, torch.get_num_threads()
+    )
+    return out, lse, torch.stack([n_keys, n_slots])
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, tables, bg_v, out, lse = ctx.saved_tensors
-        dq, dk, dv, dfreqs, dtables, dbv = ctx.kernels.neighborhood_backward(
-            q, k, v, ctx.rotation, tables, bg_v, ctx.plan.kernel_tiles(), out, lse, grad_out.contiguous(), ctx.scale,
-            list(ctx.needs_input_grad[:6]), torch.get_num_threads(),
-        )
-        if dfreqs is not None:
-            dfreqs = dfreqs.to(ctx.freqs_dtype)
-        return dq, dk, dv, dfreqs, dtables, dbv, None, None
+
+def attention_backward(grad_out, q, k, v, tables, bg_v, rotation: list, tiles: list, out, lse, scale: float, needs) -> tuple:
+    """Gradients of ``(q, k, v, freqs (float64), tables, bg_v)`` by the C++ kernel (None where
+    not needed): every score recomputed from the saved log-sum-exp; the frequencies' gradient
+    through the window-centre rotations in closed form (autograd adds the part through
+    ``tables``). Threads split the heads, so gradient rows never collide."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if tables is not None:
+        tables, bg_v = tables.contiguous(), bg_v.contiguous()
+    return tuple(neighborhood_kernels(auto=False).neighborhood_backward(
+        q, k, v, rotation, tables, bg_v, tiles, out, lse, grad_out, scale, [bool(n) for n in needs], torch.get_num_threads(),
+    ))
 
 
 def _centre_rotation(plan: NeighborhoodPlan, freqs: Tensor, dtype: torch.dtype) -> list:
@@ -227,16 +197,37 @@ def _centre_rotation(plan: NeighborhoodPlan, freqs: Tensor, dtype: torch.dtype) 
 
 def weighted_gather(table: Tensor, positions: Tensor, weights: Tensor, sampling: _Sampling) -> Tensor:
     """``out[s] = sum_j weights[s, j] * interp(table, positions[s, j])`` (see
-    :func:`sparse_msda.functional.sampling.sparse_weighted_gather`), by the C++ kernel."""
-    return SamplingKernelFunction.apply(table, positions, weights, sampling)
+    :func:`sparse_msda.functional.sampling.sparse_weighted_gather`), by the C++ kernel: the
+    samples' base cells hashed here, then the ``sparse_msda::weighted_gather`` op
+    (:func:`gather_forward`). Without gradients (``sampling.inference``) both run chunk by
+    chunk, so not even the ``[S, J]`` ids are held at once."""
+    args = sampling.op_args()
+    if not sampling.inference:
+        with torch.no_grad():
+            ids = _base_cell_ids(sampling, positions.detach())
+        return ops.weighted_gather(table, positions, weights, ids, *args, "cpu")
+    n_samples, n_per, dim = positions.shape
+    out = table.new_empty(n_samples, table.shape[1])
+    for sl in sampling.steps(n_samples, n_per, dim, per_sample=n_per):
+        ids = _base_cell_ids(sampling, positions, sl)
+        batch, level, head = (None if x is None else sampling.rows_of(x, sl) for x in args[1:4])
+        out[sl] = ops.weighted_gather(table, positions[sl], weights[sl], ids, args[0], batch, level, head, *args[4:], "cpu")
+    return out
 
 
 def neighborhood_attention(q, k, v, plan, background_k, background_v, rope_freqs, scale) -> Tensor:
     """``[Q, H, d]`` softmax attention of each query over its plan's keys (see
     :func:`sparse_msda.functional.neighborhood.sparse_neighborhood_attention`), by the C++
-    kernel; the background keys are rotated at the window offsets by autograd ops (small:
-    ``[B, K, H, d]``)."""
-    tables = None
+    kernel through the ``sparse_msda::neighborhood_attention`` op; outside the op the background
+    keys are rotated at the window offsets by autograd ops (small: ``[B, K, H, d]``) and the
+    window-centre rotations are tabulated (:func:`_centre_rotation`)."""
+    tables, rotation, freqs = None, [], None
     if plan.with_background:
         tables = background_tables(background_k, rope_freqs, plan)[0]  # [B, K, H, d]
-    return NeighborhoodKernelFunction.apply(q, k, v, rope_freqs if plan.with_background else None, tables, background_v, plan, scale)
+        with torch.no_grad():
+            rotation = _centre_rotation(plan, rope_freqs.detach(), q.dtype)
+        freqs = rope_freqs
+    out, _, counts = ops.neighborhood_attention(q, k, v, freqs, tables, background_v, rotation, plan.kernel_tiles(), scale, "cpu")
+    if plan._counts is None:  # the kernel enumerated every window: the plan's counts come free
+        plan._counts = (counts[0], counts[1] if plan.with_background else None)
+    return out

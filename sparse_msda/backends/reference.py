@@ -6,7 +6,8 @@ is tested against independent references: dense ``F.grid_sample(align_corners=Fa
 Deformable DETR for the sampling (``tests/test_deformable.py``), a naive per-query loop for
 the neighborhood attention (``tests/test_neighborhood.py``), and ``gradcheck`` in float64.
 
-* ``weighted_gather``: :class:`SamplingFunction`: chunks of about
+* ``weighted_gather``: :func:`gather_forward` / :func:`gather_backward` (the
+  ``sparse_msda::weighted_gather`` op, :mod:`sparse_msda.backends.ops`): chunks of about
   :data:`~sparse_msda.tuning.CHUNK_CORNERS` corners; per chunk the interpolation and the
   weighted sum over samples are one fixed-bag ``F.embedding_bag(..., per_sample_weights=...)``;
   the backward recomputes corner rows and weights chunk by chunk from the saved int32 base-cell
@@ -36,10 +37,12 @@ from ..functional.neighborhood_plan import (
 from ..functional.determinism import one_thread_when_deterministic
 from ..functional.rope import rope_cos_sin, rotate_pairs, rotate_pairs_back
 from ..functional.sampling import _base_cell_ids, _base_cells, _Sampling
+from . import ops
 
 __all__ = [
     "NeighborhoodAttentionFunction",
-    "SamplingFunction",
+    "gather_backward",
+    "gather_forward",
     "available",
     "neighborhood_attention",
     "supports",
@@ -88,7 +91,6 @@ def _corners(ctx: _Sampling, ids: Tensor, base: Tensor, frac: Tensor, sl: slice)
     the per-axis validity ``(lo, hi)`` of the corners (None without background) and the
     present-corner mask (None with background: absent in-grid corners hold the background)."""
     c, n_per, dim = base.shape
-    index = ctx.index
     cr = ctx.corner_rows(ids)  # [c, J, K], -1 absent
     found = cr >= 0
     head = ctx.rows_of(ctx.head, sl)
@@ -99,99 +101,91 @@ def _corners(ctx: _Sampling, ids: Tensor, base: Tensor, frac: Tensor, sl: slice)
         rows = cr.masked_fill(~found, 0)  # weight 0 below: any valid row will do
         return rows, _outer(u) * found, u, None, found
     batch, level = ctx.rows_of(ctx.batch, sl), ctx.rows_of(ctx.level, sl)
-    fill = (batch * index.n_levels + level) * ctx.n_heads + ctx.background_offset
+    fill = (batch * ctx.n_levels + level) * ctx.n_heads + ctx.background_offset
     if head is not None:
         fill = fill + head
     rows = torch.where(found, cr, fill.to(cr.dtype)[..., None])
-    shape = index.level_spatial_shapes.to(base.device)[level.expand(c, n_per)]  # [c, J, D]
+    shape = ctx.level_spatial_shapes.to(base.device)[level.expand(c, n_per)]  # [c, J, D]
     valid = torch.stack([(base >= 0) & (base < shape), (base >= -1) & (base < shape - 1)], -1)  # [c, J, D, 2]
     u = u * valid
     return rows, _outer(u), u, valid, None
 
 
-class SamplingFunction(torch.autograd.Function):
-    """``out[s] = sum_j a[s, j] * sum_k c_k(frac[s, j]) * table[row(s, j, k)]`` in PyTorch ops.
+@one_thread_when_deterministic  # thread-count invariant results (functional/determinism.py)
+def gather_forward(table: Tensor, positions: Tensor, weights: Tensor, ids: Tensor, ctx: _Sampling) -> Tensor:
+    """``out[s] = sum_j a[s, j] * sum_k c_k(frac[s, j]) * table[row(s, j, k)]`` in PyTorch ops
+    (the ``reference`` implementation of the ``sparse_msda::weighted_gather`` op).
 
-    Forward: per chunk of about :data:`~sparse_msda.tuning.CHUNK_CORNERS` corners, the samples'
-    base cells are hashed (ids kept as int32, unless a plan brings them) and the interpolation
-    and weighted sum are one fixed-bag ``embedding_bag``. Backward: recomputes each chunk's rows
-    and weights from the saved ids and positions; per corner it forms the value/gradient dot
-    product (a gather into a reused buffer and a batched matmul) for the gradients of ``a`` and
-    of the positions (analytically through the per-axis factors), and adds the weighted output
-    gradient into the table gradient (entries sorted by row, one ``embedding_bag`` per chunk,
-    :func:`_scatter_table_rows`).
+    Per chunk of about :data:`~sparse_msda.tuning.CHUNK_CORNERS` corners, the corner rows of the
+    samples' base-cell ``ids`` (int32 ``[S, J]``, hashed before the op) and their weights, and the
+    interpolation and weighted sum as one fixed-bag ``embedding_bag``.
     """
-
-    @staticmethod
-    @one_thread_when_deterministic  # thread-count invariant results (functional/determinism.py)
-    def forward(ctx, table: Tensor, positions: Tensor, weights: Tensor, sampling: _Sampling):
-        n_samples, n_per, dim = positions.shape
-        ctx.sampling = sampling
-        out = table.new_empty(n_samples, table.shape[1])
-        ids = torch.empty(n_samples, n_per, dtype=torch.int32, device=positions.device)
-        with torch.no_grad():
-            for sl in sampling.steps(n_samples, n_per, dim):
-                c = sl.stop - sl.start
-                base, frac, bad = _split(positions[sl], table.dtype)
-                chunk_ids = _base_cell_ids(sampling, positions, sl)
-                ids[sl] = chunk_ids
-                rows, wc, _, _, _ = _corners(sampling, chunk_ids, base, frac, sl)
-                psw = (wc * weights[sl, :, None]).view(c, -1)
-                out[sl] = F.embedding_bag(rows.view(c, -1), table, per_sample_weights=psw, mode="sum")
-                if bool(bad.any()):  # as F.grid_sample: a non-finite location gives NaN
-                    out[sl][bad.any(-1)] = float("nan")
-        ctx.save_for_backward(table, positions, weights, ids)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    @one_thread_when_deterministic
-    def backward(ctx, grad_out):
-        table, positions, weights, ids = ctx.saved_tensors
-        sampling = ctx.sampling
-        n_samples, n_per, dim = positions.shape
-        head_dim = table.shape[1]
-        grad_out = grad_out.contiguous()
-        need_table, need_pos, need_w = ctx.needs_input_grad[:3]
-        g_table = torch.zeros_like(table) if need_table else None
-        g_pos = torch.zeros_like(positions) if need_pos else None
-        g_w = torch.zeros_like(weights) if need_w else None
-        k = 2**dim
-        buf = None
-        for sl in sampling.steps(n_samples, n_per, dim):
+    n_samples, n_per, dim = positions.shape
+    out = table.new_empty(n_samples, table.shape[1])
+    with torch.no_grad():
+        for sl in ctx.steps(n_samples, n_per, dim):
             c = sl.stop - sl.start
             base, frac, bad = _split(positions[sl], table.dtype)
-            rows, wc, u, valid, found = _corners(sampling, ids[sl], base, frac, sl)
-            if not bool(bad.any()):
-                bad = None
-            a = weights[sl]
-            g = grad_out[sl]
-            n = c * n_per * k
-            if buf is None:
-                buf = table.new_empty(min(n_samples * n_per * k, max(n, sampling.chunk_corners)), head_dim)
-            flat = rows.reshape(-1)
-            if need_pos or need_w:
-                gathered = torch.index_select(table, 0, flat, out=buf[:n]).view(c, n_per * k, head_dim)
-                dots = torch.bmm(gathered, g[:, :, None]).view(c, n_per, k)
-                if need_w:
-                    g_w[sl] = (dots * wc).sum(-1)
-                    if bad is not None:  # the sample's value is NaN (F.grid_sample)
-                        g_w[sl] = g_w[sl].masked_fill(bad, float("nan"))
-                if need_pos:
-                    gc = dots * a[..., None]  # dL / d corner weight
-                    if found is not None:
-                        gc = gc * found
-                    g_pos[sl] = _factor_grads(gc, u, valid).to(positions.dtype)
-                    if bad is not None:
-                        g_pos[sl] = g_pos[sl].masked_fill(bad[..., None], float("nan"))
-            if need_table:  # a non-finite sample has weight 0 on every corner: it touches no row
-                wa = wc * a[..., None]
-                if found is not None:  # absent corners read row 0 with weight 0: keep a NaN weight off it
-                    wa = wa.masked_fill(~found, 0.0)
+            rows, wc, _, _, _ = _corners(ctx, ids[sl], base, frac, sl)
+            psw = (wc * weights[sl, :, None]).view(c, -1)
+            out[sl] = F.embedding_bag(rows.view(c, -1), table, per_sample_weights=psw, mode="sum")
+            if bool(bad.any()):  # as F.grid_sample: a non-finite location gives NaN
+                out[sl][bad.any(-1)] = float("nan")
+    return out
+
+
+@one_thread_when_deterministic
+def gather_backward(grad_out: Tensor, table: Tensor, positions: Tensor, weights: Tensor, ids: Tensor, ctx: _Sampling, needs) -> tuple:
+    """Gradients of ``(table, positions, weights)`` (None where ``needs`` is False).
+
+    Recomputes each chunk's rows and weights from the ids and positions; per corner it forms the
+    value/gradient dot product (a gather into a reused buffer and a batched matmul) for the
+    gradients of ``a`` and of the positions (analytically through the per-axis factors), and adds
+    the weighted output gradient into the table gradient (entries sorted by row, one
+    ``embedding_bag`` per chunk, :func:`_scatter_table_rows`).
+    """
+    n_samples, n_per, dim = positions.shape
+    head_dim = table.shape[1]
+    need_table, need_pos, need_w = needs[:3]
+    g_table = torch.zeros_like(table) if need_table else None
+    g_pos = torch.zeros_like(positions) if need_pos else None
+    g_w = torch.zeros_like(weights) if need_w else None
+    k = 2**dim
+    buf = None
+    for sl in ctx.steps(n_samples, n_per, dim):
+        c = sl.stop - sl.start
+        base, frac, bad = _split(positions[sl], table.dtype)
+        rows, wc, u, valid, found = _corners(ctx, ids[sl], base, frac, sl)
+        if not bool(bad.any()):
+            bad = None
+        a = weights[sl]
+        g = grad_out[sl]
+        n = c * n_per * k
+        if buf is None:
+            buf = table.new_empty(min(n_samples * n_per * k, max(n, ctx.chunk_corners)), head_dim)
+        flat = rows.reshape(-1)
+        if need_pos or need_w:
+            gathered = torch.index_select(table, 0, flat, out=buf[:n]).view(c, n_per * k, head_dim)
+            dots = torch.bmm(gathered, g[:, :, None]).view(c, n_per, k)
+            if need_w:
+                g_w[sl] = (dots * wc).sum(-1)
+                if bad is not None:  # the sample's value is NaN (F.grid_sample)
+                    g_w[sl] = g_w[sl].masked_fill(bad, float("nan"))
+            if need_pos:
+                gc = dots * a[..., None]  # dL / d corner weight
+                if found is not None:
+                    gc = gc * found
+                g_pos[sl] = _factor_grads(gc, u, valid).to(positions.dtype)
                 if bad is not None:
-                    wa = wa.masked_fill(bad[..., None], 0.0)
-                _scatter_table_rows(g_table, flat, wa.view(-1), g, n_per * k)
-        return g_table, g_pos, g_w, None
+                    g_pos[sl] = g_pos[sl].masked_fill(bad[..., None], float("nan"))
+        if need_table:  # a non-finite sample has weight 0 on every corner: it touches no row
+            wa = wc * a[..., None]
+            if found is not None:  # absent corners read row 0 with weight 0: keep a NaN weight off it
+                wa = wa.masked_fill(~found, 0.0)
+            if bad is not None:
+                wa = wa.masked_fill(bad[..., None], 0.0)
+            _scatter_table_rows(g_table, flat, wa.view(-1), g, n_per * k)
+    return g_table, g_pos, g_w
 
 
 def _scatter_table_rows(g_table: Tensor, rows: Tensor, weights: Tensor, grad: Tensor, bag: int) -> None:
@@ -500,8 +494,11 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
 
 def weighted_gather(table: Tensor, positions: Tensor, weights: Tensor, sampling: _Sampling) -> Tensor:
     """``out[s] = sum_j weights[s, j] * interp(table, positions[s, j])`` (see
-    :func:`sparse_msda.functional.sampling.sparse_weighted_gather`), in PyTorch ops."""
-    return SamplingFunction.apply(table, positions, weights, sampling)
+    :func:`sparse_msda.functional.sampling.sparse_weighted_gather`), in PyTorch ops: the samples'
+    base cells hashed here, then the ``sparse_msda::weighted_gather`` op (:func:`gather_forward`)."""
+    with torch.no_grad():
+        ids = _base_cell_ids(sampling, positions.detach())
+    return ops.weighted_gather(table, positions, weights, ids, *sampling.op_args(), "reference")
 
 
 def neighborhood_attention(q, k, v, plan, background_k, background_v, rope_freqs, scale) -> Tensor:

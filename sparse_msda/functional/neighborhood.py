@@ -29,7 +29,7 @@ looked up once per tile through the coordinate index (:func:`build_neighborhood_
 The attention itself runs in a backend (:func:`sparse_msda.backends.choose_backend`, or the
 ``backend=`` argument of :func:`sparse_neighborhood_attention`):
 
-* ``cpu`` (:class:`sparse_msda.backends.cpu.NeighborhoodKernelFunction`,
+* ``cpu`` (:func:`sparse_msda.backends.cpu.attention_forward`, the ``sparse_msda::neighborhood_attention`` op,
   ``csrc/neighborhood_attention_cpu.cpp``; CPU float32/float64): per tile and head, blocked
   products score the tile's queries against its keys and aggregate the values; each query's
   softmax runs over its own window keys and background slots only. Background slots (absent
@@ -104,16 +104,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """Names that moved: the two attention Functions to :mod:`sparse_msda.backends` (reference
-    and cpu), ``SAVED_PROBABILITIES_BYTES`` to :mod:`sparse_msda.tuning` (read there)."""
+    """Names that moved: ``NeighborhoodAttentionFunction`` to :mod:`sparse_msda.backends.reference`
+    (the C++ kernel's Function became the ``sparse_msda::neighborhood_attention`` op,
+    :mod:`sparse_msda.backends.ops`), ``SAVED_PROBABILITIES_BYTES`` to :mod:`sparse_msda.tuning` (read there)."""
     if name == "NeighborhoodAttentionFunction":
         from ..backends.reference import NeighborhoodAttentionFunction
 
         return NeighborhoodAttentionFunction
-    if name == "NeighborhoodKernelFunction":
-        from ..backends.cpu import NeighborhoodKernelFunction
-
-        return NeighborhoodKernelFunction
     if name == "SAVED_PROBABILITIES_BYTES":
         return tuning.SAVED_PROBABILITIES_BYTES
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

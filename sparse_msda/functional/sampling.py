@@ -67,9 +67,15 @@ def __getattr__(name: str):
 
 @dataclass
 class _Sampling:
-    """Non-tensor context of one sampling call: where each sample's corners live."""
+    """Context of one sampling call: where each sample's corners live.
 
-    index: SparseCoordinateIndex
+    Built by :func:`sparse_weighted_gather` around the coordinate index (``index``); inside the
+    ``sparse_msda::weighted_gather`` custom op it is rebuilt from tensors alone
+    (:meth:`from_tensors`: the corner table and the level shapes instead of the index), since
+    nothing but tensors and numbers crosses an op boundary (:meth:`op_args`).
+    """
+
+    index: Optional[SparseCoordinateIndex]
     batch: Tensor  # int64, broadcastable to [S, J]
     level: Tensor  # int64, broadcastable to [S, J]
     head: Optional[Tensor]  # int64, broadcastable to [S, J], or None (head 0)
@@ -78,9 +84,34 @@ class _Sampling:
     chunk_corners: int
     inference: bool = False  # no gradient will be asked for: keep nothing for backward
     plan: Optional["SamplingPlan"] = None  # precomputed ids and (compacted) corner table
+    corners: Optional[Tensor] = None  # the corner table itself (from_tensors)
+    shapes: Optional[Tensor] = None  # int64 [L, D] level shapes (from_tensors)
+
+    @classmethod
+    def from_tensors(cls, corner_table, batch, level, head, level_shapes, n_heads, background_offset, chunk_corners) -> "_Sampling":
+        """The context of :meth:`op_args` (``background_offset < 0``: no background)."""
+        bg = None if background_offset < 0 else background_offset
+        return cls(None, batch, level, head, n_heads, bg, chunk_corners, corners=corner_table, shapes=level_shapes)
+
+    def op_args(self) -> tuple:
+        """``(corner_table, batch, level, head, level_shapes, n_heads, background_offset,
+        chunk_corners)``: the context as the custom op's arguments (``-1``: no background)."""
+        bg = -1 if self.background_offset is None else self.background_offset
+        return (self.corner_table(), self.batch, self.level, self.head, self.level_spatial_shapes,
+                self.n_heads, bg, self.chunk_corners)
+
+    @property
+    def level_spatial_shapes(self) -> Tensor:
+        return self.shapes if self.shapes is not None else self.index.level_spatial_shapes
+
+    @property
+    def n_levels(self) -> int:
+        return self.level_spatial_shapes.shape[0]
 
     def corner_table(self) -> Tensor:
         """``[T, 2**D]`` corner rows per base-cell id (the plan's, else the index's)."""
+        if self.corners is not None:
+            return self.corners
         return self.plan.corner_table if self.plan is not None else self.index.corner_row_table()
 
     def corner_rows(self, ids: Tensor) -> Tensor:

@@ -285,7 +285,7 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
     exactly (the query is not computed).
 
     Memory: the attention (the ``cpu`` backend's fused kernel
-    :class:`~sparse_msda.backends.cpu.NeighborhoodKernelFunction`, or the ``reference`` backend's
+    :func:`~sparse_msda.backends.cpu.attention_forward` (the ``sparse_msda::neighborhood_attention`` op), or the ``reference`` backend's
     :class:`~sparse_msda.backends.reference.NeighborhoodAttentionFunction`) saves per-voxel
     keys/values, the output, a ``[queries, heads]`` log-sum-exp and the plan's integer indices
     only (tiled attention; no ``[queries, keys, embed_dim]`` tensor) and recomputes the scores
