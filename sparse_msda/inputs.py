@@ -23,7 +23,15 @@ from adapters.validation import check_index_range
 
 from .functional.precision import position_dtype
 
-__all__ = ["QueryBatch", "check_embed_heads", "check_position_dim", "check_query", "prepare_inputs", "largest_level"]
+__all__ = [
+    "QueryBatch",
+    "check_dropout",
+    "check_embed_heads",
+    "check_position_dim",
+    "check_query",
+    "largest_level",
+    "prepare_inputs",
+]
 
 
 def check_embed_heads(embed_dim: int, n_heads: int) -> None:
@@ -31,6 +39,14 @@ def check_embed_heads(embed_dim: int, n_heads: int) -> None:
         raise ValueError(f"embed_dim and n_heads must be positive ints, got {embed_dim=}, {n_heads=}")
     if embed_dim % n_heads != 0:
         raise ValueError(f"embed_dim must be divisible by n_heads, got {embed_dim=}, {n_heads=}")
+
+
+def check_dropout(dropout, name: str = "dropout") -> float:
+    """``dropout`` as a float: a probability in ``[0, 1]`` (``nn.Dropout``'s range; 1 drops the
+    whole branch in training), not a bool. The one dropout check of every module."""
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout <= 1.0):
+        raise ValueError(f"{name} must be a probability in [0, 1], got {name}={dropout!r}")
+    return float(dropout)
 
 
 def check_position_dim(position_dim: int) -> None:

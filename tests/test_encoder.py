@@ -423,3 +423,41 @@ def test_errors():
 def test_extra_repr():
     text = repr(make_encoder())
     assert "n_layers=2" in text and "level_embedding=True" in text and "neighborhood_sizes=[3, 3, 3]" in text
+
+
+def test_inputs_validated_once_per_forward(monkeypatch):
+    """The encoder checks its levels (and a passed coordinate index: index.matches) once per
+    forward; its blocks take the checked-input path (no prepare_inputs, no index check per block)."""
+    from sparse_msda.modules import deformable_attention as da
+    from sparse_msda.modules import neighborhood_attention as na
+
+    levels = levels_3d(seed=15)
+    index = SparseCoordinateIndex.from_spconv(levels)
+    enc = perturb(make_encoder(n_layers=3))
+    calls = {"prepare_inputs": 0, "matches": 0}
+
+    def counting(name, original):
+        def f(*a, **kw):
+            calls[name] += 1
+            return original(*a, **kw)
+        return f
+
+    for module in (da, na):
+        monkeypatch.setattr(module, "prepare_inputs", counting("prepare_inputs", module.prepare_inputs))
+    monkeypatch.setattr(SparseCoordinateIndex, "matches", counting("matches", SparseCoordinateIndex.matches))
+    out = enc(levels, coordinate_index=index)
+    assert calls == {"prepare_inputs": 0, "matches": 1}
+    # the same blocks called on their own validate (their public path)
+    queries = VoxelQueries.from_levels(levels, index)
+    layer = enc.layers[0]
+    layer.deformable(queries.input_features(), queries.positions, queries.batch_offsets, levels, None,
+                     query_level_indices=queries.level_indices, coordinate_index=index)
+    assert calls == {"prepare_inputs": 1, "matches": 3}
+    assert all(torch.isfinite(o.features).all() for o in out)
+
+
+def test_encoder_rejects_wrong_dtype_once():
+    levels = levels_3d(seed=16)
+    enc = make_encoder(n_layers=2).float()
+    with pytest.raises(TypeError, match="query must have the module's dtype torch.float32, got query.dtype=torch.float64"):
+        enc(levels)

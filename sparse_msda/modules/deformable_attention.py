@@ -40,7 +40,7 @@ from ..backends import check_backend_name
 from ..functional.deformable import plan_deformable_sampling, sparse_deformable_attention
 from ..functional.neighborhood import NORMALISED_POSITION_LIMIT
 from ..functional.precision import position_dtype
-from ..inputs import QueryBatch, check_embed_heads, check_position_dim, check_query, prepare_inputs
+from ..inputs import QueryBatch, check_dropout, check_embed_heads, check_position_dim, check_query, prepare_inputs
 
 __all__ = ["SparseMSDeformableAttention", "SparseMSDeformableAttentionBlock", "sampling_direction_init"]
 
@@ -251,6 +251,7 @@ class SparseMSDeformableAttentionBlock(nn.Module):
         backend: Optional[str] = None,
     ) -> None:
         super().__init__()
+        check_dropout(dropout)
         self.embed_dim = embed_dim
         self.norm_first = norm_first
         self.norm = nn.LayerNorm(embed_dim)
@@ -290,6 +291,11 @@ class SparseMSDeformableAttentionBlock(nn.Module):
             query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes,
             query_level_indices, background_embedding, coordinate_index,
         )
+        return self._forward_checked(qb, query, query_spatial_positions, background_embedding)
+
+    def _forward_checked(self, qb: QueryBatch, query: Tensor, query_spatial_positions: Tensor, background_embedding) -> Tensor:
+        """The block on inputs checked by :meth:`SparseMSDeformableAttention.prepare` (the encoder
+        calls it directly with the inputs it checked once per forward)."""
         residual = query
         x = self.norm(query) if self.norm_first else query
         x = self.q_in_proj(x)

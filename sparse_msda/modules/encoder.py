@@ -36,7 +36,7 @@ built by the first layer, passed as ``plan=`` to the others).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
@@ -47,12 +47,12 @@ from adapters import SparseCoordinateIndex, multilevel_features
 from adapters.conversion import check_spconv_levels
 
 from ..backends import check_backend_name
+from ..functional.neighborhood import full_scale_positions
 from ..functional.neighborhood_plan import NeighborhoodPlan
 from ..functional.precision import position_dtype
-from ..inputs import check_embed_heads, check_position_dim
+from ..inputs import QueryBatch, check_dropout, check_embed_heads, check_position_dim, check_query
 from .deformable_attention import SparseMSDeformableAttentionBlock
-from ..functional.neighborhood import full_scale_positions
-from .neighborhood_attention import SparseNeighborhoodAttentionBlock
+from .neighborhood_attention import SparseNeighborhoodAttentionBlock, _ActiveQueries
 
 __all__ = ["FeedForwardBlock", "SparseMSDAEncoder", "SparseMSDAEncoderLayer", "VoxelQueries"]
 
@@ -97,8 +97,7 @@ class FeedForwardBlock(nn.Module):
         _check_positive_int("dim_feedforward", dim_feedforward)
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation=}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout=}")
+        check_dropout(dropout)
         self.embed_dim, self.dim_feedforward = embed_dim, dim_feedforward
         self.activation_name, self.norm_first = activation, norm_first
         self.linear1 = nn.Linear(embed_dim, dim_feedforward, bias=bias)
@@ -152,7 +151,9 @@ class VoxelQueries:
             ``batch_offsets[b]:batch_offsets[b + 1]``.
 
     The neighborhood plans of these queries are built on first use and cached here
-    (:meth:`neighborhood_plan`), so all layers of one forward share them.
+    (:meth:`neighborhood_plan`), so all layers of one forward share them; so is the attention
+    blocks' checked input (:meth:`query_batch`): the levels are validated once per forward
+    (:meth:`from_levels`), and the blocks inside the encoder skip their own validation.
     """
 
     levels: list
@@ -163,6 +164,8 @@ class VoxelQueries:
     level_indices: Tensor
     batch_offsets: Tensor
     _plans: dict = field(default_factory=dict, repr=False)
+    _batch: Optional[QueryBatch] = field(default=None, repr=False)
+    _full_positions: Optional[Tensor] = field(default=None, repr=False)
 
     @classmethod
     def from_levels(
@@ -206,12 +209,37 @@ class VoxelQueries:
         once per (neighborhood sizes, chunk size) and then shared by every block with the same
         settings (the block checks that the plan fits its call)."""
         key = (tuple(block.neighborhood_sizes), block.chunk_size)
-        if key not in self._plans:
-            self._plans[key] = block.build_plan(
-                positions, self.batch_offsets, self.levels, self.index.level_spatial_shapes,
-                query_level_indices=self.level_indices, coordinate_index=self.index,
-            )
+        if key not in self._plans:  # the block's own planning, on the inputs checked by from_levels
+            qb = self._query_batch(positions.device)
+            aq = _ActiveQueries(qb, None, None, positions, qb.batch_indices, qb.query_level_indices, qb.query_level_shapes)
+            self._plans[key] = block._plan(aq, False)
         return self._plans[key]
+
+    def full_scale_positions(self) -> Tensor:
+        """``[N, D]`` query positions at full scale (the neighborhood blocks' frame), computed once."""
+        if self._full_positions is None:
+            self._full_positions = full_scale_positions(self.positions, self.level_indices, self.index.level_spatial_shapes)
+        return self._full_positions
+
+    def query_batch(self, x: Tensor) -> QueryBatch:
+        """The attention blocks' checked inputs (:class:`~sparse_msda.inputs.QueryBatch`, what
+        :func:`~sparse_msda.inputs.prepare_inputs` returns) for these queries with features ``x``
+        (``[N, C]``, query order) as the map: what depends on coordinates only (level shapes, batch
+        and level of each query) is built on first use, without the data-dependent checks that
+        :meth:`from_levels` already did; only the features are new per call."""
+        return replace(self._query_batch(x.device), features=self.queries_to_rows(x))
+
+    def _query_batch(self, device) -> QueryBatch:
+        if self._batch is None:
+            shapes = self.index.level_spatial_shapes.to(device)
+            counts = self.batch_offsets.diff()
+            batch = torch.repeat_interleave(torch.arange(counts.shape[0], device=device), counts.to(device))
+            levels = self.level_indices.to(device)
+            self._batch = QueryBatch(
+                features=None, index=self.index, level_spatial_shapes=shapes, batch_indices=batch,
+                query_level_indices=levels, query_level_shapes=shapes[levels].to(self.positions.dtype),
+            )
+        return self._batch
 
     @property
     def n_queries(self) -> int:
@@ -305,25 +333,23 @@ class SparseMSDAEncoderLayer(nn.Module):
         )
 
     def _attend(self, block: nn.Module, x: Tensor, queries: VoxelQueries, query_pos: Optional[Tensor]) -> Tensor:
-        """One attention block, keys/values = the current features ``x`` of every voxel."""
-        maps = queries.to_levels(x)
+        """One attention block, keys/values = the current features ``x`` of every voxel.
+
+        The block's checked-input path: the inputs were validated once for the whole forward
+        (:meth:`VoxelQueries.from_levels`, :func:`_check_levels`, the dtype in
+        :meth:`forward_queries`), so no data-dependent check runs again here."""
         q = x if query_pos is None else x + query_pos
-        positions = queries.positions
-        shared = {}
+        qb = queries.query_batch(x)
         if isinstance(block, SparseNeighborhoodAttentionBlock):
             # full-scale positions (as the reference); the plan is the same for all layers
-            positions = full_scale_positions(positions, queries.level_indices, queries.index.level_spatial_shapes)
-            shared["plan"] = queries.neighborhood_plan(block, positions)
-        out = block(
-            q,
-            positions,
-            queries.batch_offsets,
-            maps,
-            queries.index.level_spatial_shapes,
-            query_level_indices=queries.level_indices,
-            coordinate_index=queries.index,
-            **shared,
-        )
+            positions = queries.full_scale_positions()
+            plan = queries.neighborhood_plan(block, positions)
+            aq = _ActiveQueries(qb, None, q, positions, qb.batch_indices, qb.query_level_indices, qb.query_level_shapes)
+            if plan is None:  # not shared: the block's own plan
+                plan = block._plan(aq, False)
+            out = block._forward_checked(q, aq, plan, None)
+        else:
+            out = block._forward_checked(qb, q, queries.positions, None)
         # With a query embedding the residual stream stays free of it (Deformable DETR's
         # ``src + attn(with_pos_embed(src, pos), value=src)``): add only the block's update.
         return out if query_pos is None else x + (out - q)
@@ -339,7 +365,14 @@ class SparseMSDAEncoderLayer(nn.Module):
 
         Returns:
             ``[N, C]`` new features, query order.
+
+        Raises:
+            TypeError / ValueError: ``x`` of another dtype than the layer's parameters or of the
+                wrong shape (metadata only: the map was checked when ``queries`` was built).
         """
+        check_query(x, self.embed_dim, self.deformable.q_in_proj.weight.dtype)
+        if x.shape[0] != queries.n_queries:
+            raise ValueError(f"x must have one row per query, [{queries.n_queries}, {self.embed_dim}], got x.shape={tuple(x.shape)}")
         x = self._attend(self.deformable, x, queries, query_pos)
         x = self._attend(self.neighborhood, x, queries, query_pos)
         return self.feedforward(x)

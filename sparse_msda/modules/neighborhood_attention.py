@@ -18,7 +18,7 @@ from ..functional.norm_linear import layer_norm_linear
 from ..functional.precision import position_dtype
 from ..functional.rope import apply_rope, check_freqs_in_groups, init_rope_frequencies, pattern_name
 from ..functional.windows import check_neighborhood_sizes, window_centres
-from ..inputs import QueryBatch, check_embed_heads, check_position_dim, largest_level, prepare_inputs
+from ..inputs import QueryBatch, check_dropout, check_embed_heads, check_position_dim, largest_level, prepare_inputs
 
 __all__ = ["MultilevelRotaryEncoding", "RotaryAttentionBlock", "SparseNeighborhoodAttentionBlock"]
 
@@ -131,8 +131,7 @@ class RotaryAttentionBlock(nn.Module):
         check_position_dim(position_dim)
         if not isinstance(n_levels, int) or isinstance(n_levels, bool) or n_levels <= 0:
             raise ValueError(f"n_levels must be a positive int, got {n_levels=}")
-        if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout <= 1.0):
-            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout=}")
+        check_dropout(dropout)
         self.embed_dim, self.n_heads, self.n_levels, self.position_dim = embed_dim, n_heads, n_levels, position_dim
         self.head_dim = embed_dim // n_heads
         self.norm_first, self.bias = norm_first, bias
@@ -398,14 +397,21 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
             query, query_spatial_positions, query_batch_offsets, stacked_feature_maps, level_spatial_shapes,
             query_level_indices, query_mask, coordinate_index, background_embedding,
         )
-        qb, active, x, pos, batch, levels = aq.inputs, aq.active, aq.x, aq.positions, aq.batch, aq.levels
-        pos_shapes = self._position_frames(aq)
         with_bg = background_embedding is not None
-
         if plan is None:
             plan = self._plan(aq, with_bg)
         else:
             self._check_plan(plan, aq, with_bg)
+        return self._forward_checked(query, aq, plan, background_embedding)
+
+    def _forward_checked(
+        self, query: Tensor, aq: _ActiveQueries, plan: NeighborhoodPlan, background_embedding: Optional[Tensor]
+    ) -> Tensor:
+        """The block on inputs checked by :meth:`_prepare_queries` and a plan that fits them (the
+        encoder calls it directly with the inputs it checked once per forward)."""
+        qb, active, x, pos, levels = aq.inputs, aq.active, aq.x, aq.positions, aq.levels
+        pos_shapes = self._position_frames(aq)
+        with_bg = background_embedding is not None
         freqs = self.rope.frequencies()
         H, d = self.n_heads, self.head_dim
         q = self._rotated_queries(x, pos, pos_shapes, levels, plan.full_shape)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..functional.rope import pattern_name
 from ..functional.token_self_attention import multilevel_token_positions, token_self_attention
-from ..inputs import check_embed_heads
+from ..inputs import check_dropout, check_embed_heads
 from .neighborhood_attention import MultilevelRotaryEncoding
 
 __all__ = ["MultilevelSelfAttentionBlockWithRoPE"]
@@ -72,8 +72,7 @@ class MultilevelSelfAttentionBlockWithRoPE(nn.Module):
         check_embed_heads(embed_dim, n_heads)
         if not isinstance(position_dim, int) or isinstance(position_dim, bool) or position_dim <= 0:
             raise ValueError(f"position_dim must be a positive int, got {position_dim=}")
-        if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout <= 1.0):
-            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout=}")
+        check_dropout(dropout)
         self.embed_dim, self.n_heads, self.position_dim = embed_dim, n_heads, position_dim
         self.head_dim = embed_dim // n_heads
         self.norm_first, self.bias = norm_first, bias
