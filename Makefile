@@ -27,7 +27,7 @@ TORCH_WITHOUT_TRITON := import importlib.metadata as m, re, sys; \
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q
 
-.PHONY: demo demo-adapters train test bench venv clean
+.PHONY: demo demo-adapters train test bench venv clean gpu-check gpu-bundle
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,18 @@ bench: $(VENV)/.installed-$(SPCONV)-test
 	@set -e; for m in $(BENCHMARKS); do \
 	  if [ -f benchmarks/$$m.py ]; then echo "== benchmarks.$$m"; $(LOCK) $(PY) -m benchmarks.$$m $(BENCH_ARGS); fi; \
 	done
+
+# the one-call GPU check (benchmarks/gpu_check.sh): on a CUDA machine without internet, with its own
+# python3/torch (no .venv), the spconv bundle made beforehand by `make gpu-bundle` (needs the
+# package index), the CUDA tests and the README's benchmark cases on the GPU in 8 minutes;
+# logs under LOGDIR. Rehearsal without a GPU: make gpu-check GPU_CHECK_DEVICE=cpu PYTHON=.venv/bin/python
+LOGDIR ?= gpu-check-log
+GPU_CHECK_DEVICE ?= cuda
+gpu-check:
+	GPU_CHECK_DEVICE=$(GPU_CHECK_DEVICE) PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh $(LOGDIR)
+
+gpu-bundle:
+	PYTHON=$(PYTHON) bash benchmarks/make_gpu_bundle.sh .gpu_bundle
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

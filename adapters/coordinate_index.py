@@ -97,9 +97,11 @@ class SparseCoordinateIndex:
         self.batch_indices = batch_indices.to(torch.int64)
         self.level_indices = level_indices.to(torch.int64)
         self.spatial_indices = spatial_indices.to(torch.int64)
-        self._axis_extent = shapes.max(0).values  # [dim]
+        # per-axis extent of the key space as Python ints, read once here (one device sync on
+        # CUDA) so that key computations never read them back from the device per call
+        self._axis_extent: tuple[int, ...] = tuple(int(e) for e in shapes.max(0).values.tolist())
         # Python ints: no wrap-around; +1 per axis for the base-cell keys of lookup_corners
-        key_space = batch_size * n_levels * math.prod(e + 1 for e in self._axis_extent.tolist())
+        key_space = batch_size * n_levels * math.prod(e + 1 for e in self._axis_extent)
         if key_space >= _MAX_KEY:
             raise ValueError(
                 f"key space batch_size * n_levels * prod(max spatial shape + 1) = {key_space} overflows int64 keys"
@@ -207,19 +209,16 @@ class SparseCoordinateIndex:
             ) from err
         b, l = b.expand(shape), l.expand(shape)
         c = c.expand(*shape, self.position_dim)
-        keys, valid = self._query_keys(b.reshape(-1), l.reshape(-1), c.reshape(-1, self.position_dim))
+        keys, _ = self._query_keys(b.reshape(-1), l.reshape(-1), c.reshape(-1, self.position_dim))
         if not self.n_voxels or not keys.numel():
             rows = torch.full(shape, -1, dtype=torch.int64, device=c.device)
             return rows, rows >= 0
-        if self._table.is_cpu:
-            # out-of-bounds entries carry the key -1, which no voxel has (keys are >= 0)
-            rows, found = hash_query(self._table, keys)
-            rows.masked_fill_(~found, -1)
-        else:  # CUDA tables reserve a sentinel key of their own: query only the valid keys
-            rows = torch.full_like(keys, -1)
-            values, found = hash_query(self._table, keys[valid])
-            rows[valid] = torch.where(found, values, -1)
-        rows = rows.reshape(shape)
+        # every key is queried as it is, out-of-bounds ones too: they carry the key -1, which no
+        # voxel has (keys are >= 0) and which is not the table's empty-slot marker either (CPU:
+        # a hash map; CUDA int64 tables: INT64_MAX), so it is a plain miss -- no compaction
+        # (`keys[valid]`, `rows[valid] = ...`), hence no host sync on CUDA
+        rows, found = hash_query(self._table, keys)
+        rows = rows.masked_fill_(~found, -1).reshape(shape)
         return rows, rows >= 0
 
     def _query_keys(
@@ -239,7 +238,7 @@ class SparseCoordinateIndex:
         offset = 0
         for axis in range(self.position_dim):
             ca = c[..., axis]
-            extent = int(self._axis_extent[axis]) + extra
+            extent = self._axis_extent[axis] + extra
             inside = (ca >= -shift) & (ca < bounds[..., axis])
             if axis == 0:  # broadcast to the cells' shape once, then in place
                 valid, key = valid & inside, key * extent + ca
@@ -308,17 +307,11 @@ class SparseCoordinateIndex:
         absent = corner_rows.shape[0] - 1  # the last row of the table is all -1
         if table is None or not base_cells.numel():
             return torch.full(lead, absent, dtype=torch.int64, device=base_cells.device)
-        keys, valid = self._query_keys(
+        keys, _ = self._query_keys(
             batch_indices.to(torch.int64), level_indices.to(torch.int64), base_cells.to(torch.int64), extra=1, shift=1
         )
-        keys, valid = keys.expand(lead).reshape(-1), valid.expand(lead).reshape(-1)
-        if table.is_cpu:
-            ids, found = hash_query(table, keys)
-        else:
-            ids = torch.full_like(keys, -1)
-            values, hit = hash_query(table, keys[valid])
-            ids[valid] = torch.where(hit, values, -1)
-            found = ids >= 0
+        # out-of-bounds cells carry the key -1: a plain miss, queried like the others (see lookup)
+        ids, found = hash_query(table, keys.expand(lead).reshape(-1))
         return ids.masked_fill_(~found, absent).view(lead)
 
     def corner_rows(self, ids: torch.Tensor) -> torch.Tensor:

@@ -50,12 +50,25 @@ def _is_no_cuda_error(err: RuntimeError) -> bool:
     return _NO_CUDA_MESSAGE in str(err)
 
 
+def _on_device(device: torch.device):
+    """``torch.cuda.device(device)`` for a CUDA device, else nothing.
+
+    spconv launches its CUDA hash-table kernels on ``torch.cuda.current_stream()`` of the
+    *current* device, so a table or keys on ``cuda:1`` while ``cuda:0`` is current would run on
+    the wrong device's stream; the guard makes the tensors' device current for the call.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def new_hash_table(device: torch.device, capacity: int) -> HashTable:
     """An int64 -> int64 spconv ``HashTable`` on ``device`` for ``capacity`` keys."""
     device = torch.device(device)
     if device.type == "cpu":
         return HashTable(device, torch.int64, torch.int64)
-    return HashTable(device, torch.int64, torch.int64, max_size=max(2 * capacity, 16))
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with _on_device(device):
+        return HashTable(device, torch.int64, torch.int64, max_size=max(2 * capacity, 16))
 
 
 def table_size(table: HashTable) -> Optional[int]:
@@ -73,7 +86,8 @@ def hash_insert(table: HashTable, keys: torch.Tensor, values: torch.Tensor) -> N
     if keys.numel() == 0:
         return
     if not table.is_cpu:
-        table.insert(keys, values)
+        with _on_device(keys.device):
+            table.insert(keys, values)
         return
     before = table_size(table)
     try:
@@ -102,7 +116,8 @@ def hash_query(table: HashTable, keys: torch.Tensor) -> tuple[torch.Tensor, torc
     if n == 0:
         return values, torch.zeros(0, dtype=torch.bool, device=keys.device)
     if not table.is_cpu:
-        values, is_empty = table.query(keys, values)
+        with _on_device(keys.device):
+            values, is_empty = table.query(keys, values)
         return values, ~is_empty
     is_empty = torch.full((n,), 2, dtype=torch.uint8, device=keys.device)
     try:

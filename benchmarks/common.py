@@ -26,7 +26,9 @@ allocator and the high-water mark of one case never leak into another):
    high-water mark behind ``resource.getrusage(RUSAGE_SELF).ru_maxrss``), and the current RSS
    is read from ``/proc/self/statm``.
 4. ``repeats`` timed calls (default 5), each ``time.perf_counter`` around ``fn()`` (with
-   ``torch.cuda.synchronize()`` before and after on CUDA); the result is dropped after each call.
+   ``torch.cuda.synchronize()`` before and after on CUDA, so host syncs and launch overhead are
+   counted; CUDA events around the call are recorded too, ``Result.cuda_times_s``); the result
+   is dropped after each call.
 5. ``peak RSS`` = the high-water mark after the calls minus the RSS before them: the extra resident
    memory the operation needed at its peak (inputs built by ``setup`` are not counted; outputs
    are, while alive). The mark is read as ``VmHWM`` from ``/proc/self/status``, not
@@ -68,6 +70,7 @@ __all__ = [
     "add_common_args",
     "format_table",
     "kernel_vs_pytorch_table",
+    "levels_to",
     "run_case",
     "run_cases",
     "scan_frames",
@@ -112,6 +115,7 @@ class Result:
     peak_cuda_bytes: Optional[int] = None
     device: str = "cpu"
     error: Optional[str] = None
+    cuda_times_s: list = field(default_factory=list)  # CUDA-event time of each timed call (CUDA only)
 
     @property
     def median_ms(self) -> Optional[float]:
@@ -193,10 +197,17 @@ def _measure(case: Case, warmup: int, repeats: int) -> Result:
     rss_before = _current_rss_bytes()
     for _ in range(repeats):
         sync()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
         out = fn()
+        if cuda:
+            end.record()
         sync()
         result.times_s.append(time.perf_counter() - t0)
+        if cuda:
+            result.cuda_times_s.append(start.elapsed_time(end) / 1e3)
         del out
     result.peak_rss_bytes = max(_maxrss_bytes() - rss_before, 0)
     if cuda:
@@ -449,6 +460,25 @@ def without_dtype(name: str) -> str:
     return rest if sep and head in DTYPES else name
 
 
+def with_device(cases: Sequence[Case], device: str, parser: Optional[argparse.ArgumentParser] = None) -> list:
+    """The cases with ``device`` passed to their setups (``--device``); ``"cpu"`` leaves them as they are.
+
+    Every setup must take a ``device`` argument; one that does not is an error (through
+    ``parser.error`` when a parser is given) rather than a CPU run labelled as another device.
+    """
+    if device == "cpu":
+        return list(cases)
+    out = []
+    for c in cases:
+        if "device" not in inspect.signature(c.setup).parameters:
+            msg = f"--device {device}: setup {c.setup.__name__} of case {c.name!r} takes no device argument"
+            if parser is not None:
+                parser.error(msg)
+            raise ValueError(msg)
+        out.append(Case(c.name, c.setup, {**c.kwargs, "device": device}, c.columns, device))
+    return out
+
+
 def run_main(
     description: str,
     build_cases: Callable[[bool], list],
@@ -474,6 +504,7 @@ def run_main(
         cases = build_cases(args.quick)
     if args.only:
         cases = [c for c in cases if any(part in c.name for part in args.only.split(","))]
+    cases = with_device(cases, args.device, parser)
     run_cases(
         cases, repeats=args.repeats, warmup=args.warmup, timeout=args.timeout, out=args.out, title=title, summarize=summarize
     )
@@ -536,11 +567,21 @@ def block_runner(block, query, run: Callable, inputs, backward: bool) -> Callabl
         if not backward:
             return None
         if w is None or w.shape != out.shape:
-            w = torch.randn(out.shape)
+            w = torch.randn(out.shape).to(out.device)
         (out * w).sum().backward()
         return None
 
     return fn
+
+
+def levels_to(levels, device):
+    """The spconv levels (``SparseConvTensor`` list) with features and indices on ``device``."""
+    from spconv.pytorch import SparseConvTensor
+
+    return [
+        SparseConvTensor(lvl.features.to(device), lvl.indices.to(device), lvl.spatial_shape, lvl.batch_size)
+        for lvl in levels
+    ]
 
 
 # --- real-scan inputs -----------------------------------------------------------------------

@@ -3,6 +3,7 @@
 Run from the repository root::
 
     flock /tmp/bench.lock .venv/bin/python -m benchmarks.msda [--quick] [--only synthetic|scan|scan_bev|scan_3d|sweep]
+    python -m benchmarks.msda --device cuda     # inputs and modules on the GPU (the dense maps too)
 
 Settings: embed 256, 8 heads, 4 levels, 4 points, ``torch.set_num_threads(2)``; each case in a
 fresh subprocess (:mod:`benchmarks.common`). Implementations, on the same inputs:
@@ -42,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
-    Case, add_common_args, dtype_label, dtype_list, without_dtype, kernel_vs_pytorch_table, precision, run_cases, scan_levels, under_autocast,
+    Case, add_common_args, dtype_label, dtype_list, without_dtype, kernel_vs_pytorch_table, levels_to, precision, run_cases,
+    scan_levels, under_autocast,
 )
 
 EMBED, HEADS, LEVELS, POINTS = 256, 8, 4, 4
@@ -126,16 +128,17 @@ def _runner(fn, backward: bool, inputs):
 
 
 # --- the three implementations ---------------------------------------------------------------
-def _cast(levels, query, module, dtype: str):
-    """Levels' features, the query and the module in ``dtype``'s tensor dtype (:func:`benchmarks.common.precision`);
-    positions stay float32."""
+def _cast(levels, query, module, dtype: str, device: str = "cpu"):
+    """Levels' features, the query and the module in ``dtype``'s tensor dtype (:func:`benchmarks.common.precision`)
+    and on ``device``; positions stay float32."""
     tensor_dtype = precision(dtype)[0]
-    levels = [lvl.replace_feature(lvl.features.to(tensor_dtype)) for lvl in levels]
-    return levels, query.to(tensor_dtype), module.to(tensor_dtype)
+    levels = [lvl.replace_feature(lvl.features.to(tensor_dtype)) for lvl in levels_to(levels, device)]
+    return levels, query.to(device, tensor_dtype), module.to(device, tensor_dtype)
 
 
 def setup_sparse(
-    source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0, dtype: str = "float32"
+    source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0,
+    dtype: str = "float32", device: str = "cpu",
 ):
     _threads(threads)
     from adapters import SparseCoordinateIndex
@@ -143,30 +146,33 @@ def setup_sparse(
     levels = _levels(source, occupancy, batch_size)
     dim = len(levels[0].spatial_shape)
     query, pos, offsets, lev = _queries(levels, mode)
-    levels, query, module = _cast(levels, query, _module(dim), dtype)
+    pos, offsets, lev = pos.to(device), offsets.to(device), lev.to(device)
+    levels, query, module = _cast(levels, query, _module(dim), dtype, device)
     index = SparseCoordinateIndex.from_spconv(levels)
     feats = [lvl.features.requires_grad_(backward) for lvl in levels]
     query.requires_grad_(backward)
     fn = lambda: module(query, pos, offsets, levels, None, query_level_indices=lev, coordinate_index=index)  # noqa: E731
-    return _runner(under_autocast(fn, dtype), backward, [query, *feats])
+    return _runner(under_autocast(fn, dtype, torch.device(device).type), backward, [query, *feats])
 
 
 def setup_pytorch(
-    source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0, dtype: str = "float32"
+    source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0,
+    dtype: str = "float32", device: str = "cpu",
 ):
     """``setup_sparse`` without the fused CPU kernel (this case's own subprocess)."""
     os.environ["SPARSE_MSDA_CPU_KERNELS"] = "0"
-    return setup_sparse(source, mode, backward, occupancy, batch_size, threads, dtype)
+    return setup_sparse(source, mode, backward, occupancy, batch_size, threads, dtype, device)
 
 
 def setup_floor(
-    source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0, dtype: str = "float32"
+    source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0,
+    dtype: str = "float32", device: str = "cpu",
 ):
     _threads(threads)
     levels = _levels(source, occupancy, batch_size)
     dim = len(levels[0].spatial_shape)
     query, _, _, _ = _queries(levels, mode)
-    levels, query, module = _cast(levels, query, _module(dim), dtype)
+    levels, query, module = _cast(levels, query, _module(dim), dtype, device)
     feats = torch.cat([lvl.features for lvl in levels]).requires_grad_(backward)
     query.requires_grad_(backward)
 
@@ -176,7 +182,7 @@ def setup_floor(
         a = module.attention_weights(query)
         y = module.output_proj(query)
         return y + (v.sum() + o.sum() + a.sum()) * 0  # keep every product alive in the graph
-    return _runner(under_autocast(fn, dtype), backward, [query, feats])
+    return _runner(under_autocast(fn, dtype, torch.device(device).type), backward, [query, feats])
 
 
 def _dense_core(value_list, sampling_locations, attention_weights):
@@ -194,27 +200,30 @@ def _dense_core(value_list, sampling_locations, attention_weights):
     return out.view(b, h * dh, q).transpose(1, 2)
 
 
-def setup_dense(source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0):
+def setup_dense(
+    source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0, device: str = "cpu"
+):
     _threads(threads)
     levels = _levels(source, occupancy, batch_size)
     dim = len(levels[0].spatial_shape)
     query, pos, offsets, lev = _queries(levels, mode)
-    module = _module(dim)
+    module = _module(dim).to(device)
     shapes = torch.tensor([list(lvl.spatial_shape) for lvl in levels])
     dense_inputs = []
     for lvl in levels:  # densified input maps [B, *shape, C] (setup, not timed)
         d = torch.zeros(batch_size, *lvl.spatial_shape, EMBED)
         d[tuple(lvl.indices.long().T)] = lvl.features
-        dense_inputs.append(d.requires_grad_(backward))
+        dense_inputs.append(d.to(device).requires_grad_(backward))
     counts = offsets.diff()
     q_max = int(counts.max())
     # pad queries to [B, q_max] as Deformable DETR batches them
-    slot = torch.arange(len(lev)) - offsets[:-1].repeat_interleave(counts)
-    bidx = torch.arange(batch_size).repeat_interleave(counts)
-    ref = torch.zeros(batch_size, q_max, dim)
-    ref[bidx, slot] = (pos / shapes[lev].float()).flip(-1)
-    query_b = torch.zeros(batch_size, q_max, EMBED)
-    query.requires_grad_(backward)
+    slot = (torch.arange(len(lev)) - offsets[:-1].repeat_interleave(counts)).to(device)
+    bidx = torch.arange(batch_size).repeat_interleave(counts).to(device)
+    ref = torch.zeros(batch_size, q_max, dim, device=device)
+    ref[bidx, slot] = (pos / shapes[lev].float()).flip(-1).to(device)
+    query_b = torch.zeros(batch_size, q_max, EMBED, device=device)
+    query = query.to(device).requires_grad_(backward)
+    shapes = shapes.to(device)
     h, l, p = HEADS, LEVELS, POINTS
     normalizer = shapes.flip(-1).float()
 
@@ -230,7 +239,7 @@ def setup_dense(source: str, mode: str, backward: bool, occupancy: float = 0.05,
 
 
 # --- case list ------------------------------------------------------------------------------
-def cases(quick: bool, only: str | None, threads: int = 0, dtype: str = "float32"):
+def cases(quick: bool, only: str | None, threads: int = 0, dtype: str = "float32", device: str = "cpu"):
     out = []
     impls = (("sparse", setup_sparse), ("pytorch", setup_pytorch), ("dense", setup_dense), ("floor", setup_floor))
 
@@ -244,8 +253,10 @@ def cases(quick: bool, only: str | None, threads: int = 0, dtype: str = "float32
                     kw["threads"] = threads
                 if dtype != "float32":
                     kw["dtype"] = dtype
+                if device != "cpu":
+                    kw["device"] = device
                 label = f"{dtype_label(dtype)}{tag}{source}/{mode}/{'fwd+bwd' if backward else 'fwd'}/{name}"
-                out.append(Case(label, setup, kw))
+                out.append(Case(label, setup, kw, device=None if device == "cpu" else device))
 
     if only in (None, "synthetic"):
         for mode in ("encoder", "decoder"):
@@ -283,7 +294,7 @@ if __name__ == "__main__":
         help="module and input dtype(s), comma-separated: float32, bfloat16, float16, autocast-bfloat16 (dense: float32 only)",
     )
     args = parser.parse_args()
-    selected = [c for d in args.dtype for c in cases(args.quick, args.only, args.threads, d)]
+    selected = [c for d in args.dtype for c in cases(args.quick, args.only, args.threads, d, args.device)]
     if len(args.dtype) > 1:  # each case's dtypes next to each other
         order = {c.name: i for i, c in enumerate(cases(args.quick, args.only, args.threads))}
         selected.sort(key=lambda c: order.get(without_dtype(c.name), len(order)))

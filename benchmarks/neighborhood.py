@@ -3,6 +3,7 @@
 Run from the repository root (one benchmark at a time on the machine)::
 
     flock /tmp/bench.lock .venv/bin/python -m benchmarks.neighborhood [--quick] [--out FILE]
+    python -m benchmarks.neighborhood --device cuda     # inputs and block on the GPU
 
 Implementations, side by side for each setting (embed 256, 8 heads, windows [3, 5, 7, 9]):
 
@@ -46,7 +47,8 @@ import os
 import torch
 
 from benchmarks.common import (
-    Case, block_queries, block_runner, dtype_label, kernel_vs_pytorch_table, precision, run_main, scan_levels, under_autocast,
+    Case, block_queries, block_runner, dtype_label, kernel_vs_pytorch_table, levels_to, precision, run_main, scan_levels,
+    under_autocast,
 )
 
 EMBED, HEADS, SIZES = 256, 8, [3, 5, 7, 9]
@@ -68,7 +70,7 @@ def _levels(setting: str):
     return scan_levels(batch_size=2, channels=EMBED, bev=setting == "scan-bev")
 
 
-def _inputs(setting: str, role: str, n_queries: int, background: bool, seed: int = 0):
+def _inputs(setting: str, role: str, n_queries: int, background: bool, seed: int = 0, device: str = "cpu"):
     from adapters import multilevel_features
 
     levels = _levels(setting)
@@ -77,7 +79,12 @@ def _inputs(setting: str, role: str, n_queries: int, background: bool, seed: int
     g = torch.Generator().manual_seed(seed)
     query, pos, qlev, offsets = block_queries(features, index, role, n_queries, g, EMBED, uniform=setting.startswith("syn"))
     bg = torch.randn(index.batch_size, shapes.shape[0], EMBED, generator=g) if background else None
-    return dict(query=query, pos=pos, offsets=offsets, levels=levels, features=features, index=index, qlev=qlev, bg=bg)
+    x = dict(query=query, pos=pos, offsets=offsets, levels=levels, features=features, index=index, qlev=qlev, bg=bg)
+    if torch.device(device).type == "cpu":
+        return x
+    x = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    x["levels"], x["index"] = levels_to(levels, device), index.to(device)  # the index is rebuilt there
+    return x
 
 
 def _block(dim: int):
@@ -166,19 +173,20 @@ IMPLS["shared-plan"] = _run_shared_plan
 
 
 def setup(
-    impl: str, mode: str, setting: str, role: str, n_queries: int = 900, background: bool = False, dtype: str = "float32"
+    impl: str, mode: str, setting: str, role: str, n_queries: int = 900, background: bool = False,
+    dtype: str = "float32", device: str = "cpu",
 ):
     if impl == "pytorch":  # this case's own subprocess: the block without the fused CPU kernel
         os.environ["SPARSE_MSDA_CPU_KERNELS"] = "0"
-    x = _inputs(setting, role, n_queries, background)
-    block = _block(x["index"].position_dim)
+    x = _inputs(setting, role, n_queries, background, device=device)
+    block = _block(x["index"].position_dim).to(device)
     tensor_dtype = precision(dtype)[0]  # --dtype: block, query, features, background (positions stay float32)
     block = block.to(tensor_dtype)
     x["levels"] = [lvl.replace_feature(lvl.features.to(tensor_dtype)) for lvl in x["levels"]]
     for key in ("query", "features", "bg"):
         if x[key] is not None:
             x[key] = x[key].to(tensor_dtype)
-    run = under_autocast(IMPLS[impl], dtype)
+    run = under_autocast(IMPLS[impl], dtype, torch.device(device).type)
     query = x["query"].requires_grad_(True)
     return block_runner(block, query, run, x, backward=mode == "fwd+bwd")
 

@@ -371,6 +371,7 @@ def test_index_attributes_and_to():
     assert "n_voxels=2" in repr(index)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (spconv CUDA HashTable)")
 def test_index_on_cuda_matches_cpu():
     gen = torch.Generator().manual_seed(3)
@@ -389,6 +390,91 @@ def test_index_on_cuda_matches_cpu():
     dup[0] = SparseConvTensor(dup[0].features.cuda(), dup[0].indices.cuda(), [2, 2, 2], 1)
     with pytest.raises(ValueError, match="duplicate coordinates"):
         SparseCoordinateIndex.from_spconv(dup)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (spconv CUDA HashTable)")])]
+
+
+def _small_index(device):
+    gen = torch.Generator().manual_seed(5)
+    shapes = [[9, 40, 35], [5, 20, 18]]
+    voxels = [_unravel(torch.randperm(2 * math.prod(s), generator=gen)[:700].tolist(), [2, *s]) for s in shapes]
+    index = SparseCoordinateIndex.from_spconv(make_levels(voxels, shapes, 2, 1))
+    return (index if device == "cpu" else index.to(device)), gen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_range_lookups_equal_compacted_queries(device):
+    """Out-of-range queries go to the hash table with the key -1 (no compaction): the rows equal
+    those of querying only the in-range keys and scattering them back (the former CUDA path)."""
+    from adapters.spconv_compat import hash_query
+
+    index, gen = _small_index(device)
+    b, l, c = (t.to(device) for t in _random_queries(index, 6000, gen, margin=3))
+    keys, valid = index._query_keys(b, l, c)
+    assert 0 < int(valid.sum()) < valid.numel() and bool((keys[~valid] == -1).all())
+    expected = torch.full_like(keys, -1)
+    values, found = hash_query(index._table, keys[valid])
+    expected[valid] = torch.where(found, values, -1)
+    rows, found = index.lookup(b, l, c)
+    assert torch.equal(rows, expected) and torch.equal(found, expected >= 0)
+    assert bool(found.any())
+    # base cells: the same for the corner table (ids of out-of-range cells are the all-absent row)
+    table, corner_rows = index._corner_table()
+    absent = corner_rows.shape[0] - 1
+    keys, valid = index._query_keys(b, l, c, extra=1, shift=1)
+    expected = torch.full_like(keys, absent)
+    values, hit = hash_query(table, keys[valid])
+    expected[valid] = torch.where(hit, values, absent)
+    ids = index.base_cell_ids(b, l, c)
+    assert torch.equal(ids, expected) and bool((ids != absent).any()) and bool((ids[~valid] == absent).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_minus_one_key_is_a_miss(device):
+    """The key -1 (what out-of-range cells carry) is no stored key and not the table's empty marker."""
+    from adapters.spconv_compat import hash_insert, hash_query, new_hash_table
+
+    table = new_hash_table(device, 4)
+    hash_insert(table, torch.tensor([0, 5, 2**40], device=device), torch.tensor([7, 8, 9], device=device))
+    values, found = hash_query(table, torch.tensor([-1, 5, -1, 0, 3, 2**40, -1], device=device))
+    assert found.tolist() == [False, True, False, True, False, True, False]
+    assert values[found].tolist() == [8, 7, 9]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_lookups_do_not_synchronize():
+    """index.lookup / base_cell_ids / lookup_corners issue no host-device synchronisation on CUDA."""
+    index, gen = _small_index("cuda")
+    b, l, c = (t.cuda() for t in _random_queries(index, 4000, gen, margin=3))
+    index._corner_table()  # built once per index (it does synchronise)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rows, _ = index.lookup(b, l, c)
+        ids = index.base_cell_ids(b, l, c)
+        corners = index.lookup_corners(b, l, c)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    cpu = index.to("cpu")
+    assert torch.equal(rows.cpu(), cpu.lookup(b.cpu(), l.cpu(), c.cpu())[0])
+    assert torch.equal(corners.cpu(), cpu.lookup_corners(b.cpu(), l.cpu(), c.cpu()))
+    assert ids.shape == b.shape
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (the index on cuda:1, cuda:0 current)")
+def test_index_on_second_cuda_device():
+    index, gen = _small_index("cpu")
+    b, l, c = _random_queries(index, 3000, gen)
+    torch.cuda.set_device(0)
+    on_1 = index.to("cuda:1")
+    rows, found = on_1.lookup(b.to("cuda:1"), l.to("cuda:1"), c.to("cuda:1"))
+    assert rows.device == torch.device("cuda:1")
+    assert torch.equal(rows.cpu(), index.lookup(b, l, c)[0])
+    assert torch.equal(on_1.lookup_corners(b.to("cuda:1"), l.to("cuda:1"), c.to("cuda:1")).cpu(), index.lookup_corners(b, l, c))
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -464,6 +464,7 @@ def test_gradcheck_fused_gather_with_repeated_corners(dim, backend):
     assert torch.autograd.gradcheck(f, (table, pos, w, bg), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     gen = torch.Generator().manual_seed(91)

@@ -133,6 +133,100 @@ def test_parity_with_naive_reference(dim, background, variant, backend):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("background", [False, True])
+def test_cuda_matches_naive_reference_and_cpu(dim, background):
+    """The block on CUDA (plan built on the device) equals the naive reference, and its
+    gradients (query, features, background, parameters) equal the CPU run's."""
+    case = CASES_2D if dim == 2 else CASES_3D
+    shapes, sizes = case["shapes"], case["sizes"]
+    L, E, H = len(shapes), 16, 2
+    block = make_block(E, H, L, sizes, dim)
+    stacked, voxels, feats = make_map(shapes, 2, 0.3, E, seed=dim)
+    pos, offsets = random_queries([7, 5], shapes[0], seed=3)
+    query = torch.randn(pos.shape[0], E, dtype=torch.float64)
+    bg = torch.randn(2, L, E, dtype=torch.float64) if background else None
+    ref = naive_block(block, query, pos, offsets, voxels, feats, shapes, bg)
+    runs = {}
+    for dev in ("cpu", "cuda"):
+        b = make_block(E, H, L, sizes, dim).to(dev)
+        inputs = [query.to(dev).requires_grad_(True), stacked.to(dev).coalesce().requires_grad_(True)]
+        if background:
+            inputs.append(bg.to(dev).requires_grad_(True))
+        out = b(inputs[0], pos.to(dev), offsets.to(dev), inputs[1], shapes, background_embedding=inputs[2] if background else None)
+        out.square().sum().backward()
+        grads = [t.grad.to_dense() if t.grad.is_sparse else t.grad for t in inputs] + [p.grad for p in b.parameters()]
+        runs[dev] = (out, grads)
+    torch.testing.assert_close(runs["cuda"][0].cpu(), ref, rtol=1e-10, atol=1e-10)
+    for g_cuda, g_cpu in zip(runs["cuda"][1], runs["cpu"][1]):
+        torch.testing.assert_close(g_cuda.cpu(), g_cpu, rtol=1e-9, atol=1e-10)
+
+
+def _chunk_pairs(chunks, n_queries):
+    """{(query, key)} voxel pairs, {(query, slot)} background slots and the queries of each chunk."""
+    pairs, slots, queries = set(), set(), []
+    for c in chunks:
+        t, g, u = (~c.masked).nonzero().T.tolist()
+        pairs |= set(zip(c.query[t, g].tolist(), c.key[t, u].tolist()))
+        queries.append(c.query_rows.tolist())
+        assert c.query_pos.tolist() == (c.query.view(-1) < n_queries).nonzero().squeeze(1).tolist()  # padding = n_queries
+        assert c.query.view(-1)[c.query_pos].tolist() == c.query_rows.tolist()
+        if c.bg_masked is not None:
+            i, k = (~c.bg_masked[0]).nonzero().T.tolist()
+            slots |= set(zip(c.query_rows[i].tolist(), k))
+    return pairs, slots, queries
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("background", [False, True])
+def test_device_chunk_grouping_equals_greedy(dim, background, monkeypatch):
+    """The CUDA packing (no Python loop over pieces) holds the same pairs and background slots as
+    the CPU greedy packing, every query with keys in exactly one chunk, chunks within the size
+    bound, and the PyTorch path gives the same output and gradients with either."""
+    import dataclasses
+
+    case = CASES_2D if dim == 2 else CASES_3D
+    shapes, sizes = case["shapes"], case["sizes"]
+    L, E, H = len(shapes), 16, 2
+    block = make_block(E, H, L, sizes, dim)
+    stacked, _, _ = make_map(shapes, 2, 0.3, E, seed=dim)
+    pos, offsets = random_queries([40, 30], shapes[0], seed=4)
+    plan = block.build_plan(pos, offsets, stacked, shapes, background=background)
+    plan = dataclasses.replace(plan, chunk_size=300, _chunks=None, _counts=None)
+    from sparse_msda.functional.neighborhood_plan import _pack_chunks
+
+    greedy, counts_g = _pack_chunks(plan, "greedy")
+    device, counts_d = _pack_chunks(plan, "device")
+    assert len(device) > 3 and len(greedy) > 3  # the small chunk size forces several chunks
+    assert torch.equal(counts_g[0], counts_d[0])
+    assert (counts_g[1] is None) == (not background) and (not background or torch.equal(counts_g[1], counts_d[1]))
+    pairs_g, slots_g, _ = _chunk_pairs(greedy, plan.n_queries)
+    pairs_d, slots_d, queries_d = _chunk_pairs(device, plan.n_queries)
+    assert pairs_g == pairs_d and slots_g == slots_d and len(pairs_d) == int(counts_d[0].sum())
+    flat = [q for qs in queries_d for q in qs]
+    has_keys = plan.has_keys()
+    assert sorted(flat) == has_keys.nonzero().squeeze(1).tolist()  # each query with keys once
+    for c in device:
+        assert c.masked.numel() <= plan.chunk_size or c.masked.shape[0] == 1
+        if background:
+            assert len(set(plan.query_batch[c.query_rows].tolist())) == 1 and c.batch == int(plan.query_batch[c.query_rows[0]])
+    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", "0")
+    query = torch.randn(pos.shape[0], E, dtype=torch.float64)
+    bg = torch.randn(2, L, E, dtype=torch.float64) if background else None
+    results = []
+    for chunks, counts in ((greedy, counts_g), (device, counts_d)):
+        p = dataclasses.replace(plan, _chunks=chunks, _counts=counts)
+        q = query.clone().requires_grad_(True)
+        block.zero_grad(set_to_none=True)
+        out = block(q, pos, offsets, stacked, shapes, background_embedding=bg, plan=p)
+        out.square().sum().backward()
+        results.append([out, q.grad, *(w.grad for w in block.parameters())])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_spconv_levels_input_and_prebuilt_index_match_coo_stack(backend):
     shapes, sizes = CASES_2D["shapes"], CASES_2D["sizes"]
     block = make_block(16, 2, 3, sizes, 2)

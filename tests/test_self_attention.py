@@ -420,6 +420,7 @@ def test_extra_repr():
     assert "n_levels=2" in r and "position_dim=3" in r and "dropout=0.1" in r and "freq_group_pattern='single'" in r
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     shapes = SHAPES[3]

@@ -138,6 +138,7 @@ def test_swallowed_error_without_the_work_is_detected():
     assert found.tolist() == [True, False, True] and values[found].tolist() == [10, 20]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (spconv CUDA HashTable)")
 def test_cuda_table_matches_dict():
     keys, values, gen = _random_keys(5000, 10**6, 5)

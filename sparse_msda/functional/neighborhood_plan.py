@@ -17,6 +17,7 @@ here too.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -392,31 +393,15 @@ def build_neighborhood_plan(
     )
 
 
-def _pack_chunks(plan: NeighborhoodPlan) -> tuple[list, tuple]:
-    """Pad the plan's tiles and pack them into chunks for the PyTorch path: tiles sorted by
-    (padded size class, keys), at most ``plan.chunk_size`` padded (query, key) entries per
-    chunk, each with its ``[T, G, U]`` mask of the pairs inside each query's own windows.
-    Returns ``(chunks, (pair_counts, background_counts or None))``."""
-    t = plan.tiles
-    device = plan.centres.device
-    shapes, centres, offsets, slot_level = plan.level_spatial_shapes, plan.centres, plan.slot_offset, plan.slot_level
-    n_levels, dim = shapes.shape
-    sizes, with_background, chunk_size = plan.neighborhood_sizes, plan.with_background, plan.chunk_size
-    radius = torch.tensor([(s - 1) // 2 for s in sizes], dtype=torch.int64, device=device)
-    n_q, n_keys = plan.n_queries, plan.n_keys
-    order, piece_qstart, piece_size, piece_batch = t.query_order, t.query_start, t.query_count, t.batch
-    piece_kstart, piece_nkeys, k_row, k_level, k_cell = t.key_start, t.key_count, t.key_row, t.key_level, t.key_cell
-    # --- pack pieces into chunks: sorted by (padded size class, keys) -----------------------
-    classes = _size_classes(plan.tile_queries).to(device)
-    g_cls = classes[torch.searchsorted(classes, piece_size)]
-    # with background, a chunk holds one batch item (its background keys are one table)
-    sort_batch = piece_batch if with_background else torch.zeros_like(piece_batch)
+def _group_pieces_greedy(piece_size, piece_nkeys, g_cls, sort_batch, with_background, chunk_size, bg_slots):
+    """The CPU grouping of pieces into chunks: sorted by (batch, padded size class, keys), then
+    one greedy pass that closes a chunk when it would exceed ``chunk_size`` padded entries (or
+    ``4 * chunk_size`` background entries), change batch item (with background), or waste more
+    than ``tuning.PAD_SLACK`` once it holds a sixteenth of a chunk. Returns ``(pieces, chunks)``:
+    int64 pieces in chunk order and ``[(start, end, G, U, batch, real queries)]`` ranges into it."""
     p_keys = (piece_nkeys.cpu().numpy(), g_cls.cpu().numpy(), sort_batch.cpu().numpy())
     p_order = np.lexsort(p_keys).tolist()
     g_list, u_list, gc_list, b_list = piece_size.tolist(), piece_nkeys.tolist(), g_cls.tolist(), sort_batch.tolist()
-    # background work (real queries x window slots, no padding) counts towards the waste
-    # check and has its own bound (4 chunk sizes)
-    bg_slots = offsets.shape[0] if with_background else 0
     groups, cur, cur_g, cur_u, real, bgw, cur_b = [], [], 0, 0, 0, 0, -1
     for p in p_order:
         if u_list[p] == 0 and not with_background:
@@ -438,6 +423,82 @@ def _pack_chunks(plan: NeighborhoodPlan) -> tuple[list, tuple]:
         cur_g, cur_u, real, bgw, cur_b = new_g, new_u, work, new_bgw, b_list[p]
     if cur:
         groups.append((cur, cur_g, cur_u, cur_b))
+    pieces = torch.tensor([p for g in groups for p in g[0]], dtype=torch.int64, device=piece_size.device)
+    chunks, start = [], 0
+    for cur, g, u, b in groups:
+        chunks.append((start, start + len(cur), g, u, b, sum(g_list[p] for p in cur)))
+        start += len(cur)
+    return pieces, chunks
+
+
+def _group_pieces_on_device(piece_size, piece_nkeys, g_cls, sort_batch, with_background, chunk_size, bg_slots):
+    """:func:`_group_pieces_greedy` without its Python loop over pieces, for CUDA: the same sort
+    (one stable device sort of a composite key), then each run of one batch item, size class and
+    key-count band (keys within a factor ``tuning.PAD_SLACK``) is cut into chunks of as many pieces as
+    the ``chunk_size`` (and ``4 * chunk_size`` background) bounds allow for the run's largest
+    piece. Same output; three host syncs in all (the kept pieces, the chunk starts, the ranges)."""
+    device = piece_size.device
+    keep = (piece_nkeys >= 0) if with_background else (piece_nkeys > 0)
+    idx = keep.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return idx, []
+    classes = torch.unique(g_cls)  # sorted; the class rank orders like the class
+    n_cls = classes.numel()
+    cls = torch.searchsorted(classes, g_cls[idx])
+    u = piece_nkeys[idx].clamp_min(1)
+    batch_cls = sort_batch[idx] * n_cls + cls
+    _, perm = torch.sort((batch_cls << 32) + u, stable=True)  # (batch, class, keys), ties in piece order
+    pieces, u, g, batch_cls = idx[perm], u[perm], g_cls[idx][perm], batch_cls[perm]
+    n = pieces.numel()
+    band = torch.floor(torch.log(u.to(torch.float64)) / math.log(tuning.PAD_SLACK)).to(torch.int64)
+    seg_key = (batch_cls << 12) + band
+    new_seg = torch.ones(n, dtype=torch.bool, device=device)
+    new_seg[1:] = seg_key[1:] != seg_key[:-1]
+    pos = torch.arange(n, device=device)
+    seg_start = torch.cummax(torch.where(new_seg, pos, 0), 0).values
+    seg_id = torch.cumsum(new_seg, 0) - 1
+    u_max = torch.zeros(n, dtype=torch.int64, device=device).scatter_reduce_(0, seg_id, u, "amax", include_self=False)[seg_id]
+    cap = (chunk_size // (g * u_max)).clamp_min(1)
+    if bg_slots:
+        cap = torch.minimum(cap, (4 * chunk_size // (g * bg_slots)).clamp_min(1))
+    new_chunk = new_seg | ((pos - seg_start) % cap == 0)
+    starts = new_chunk.nonzero().squeeze(1)
+    ends = torch.cat([starts[1:], torch.tensor([n], device=device)])
+    real = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, torch.cumsum(new_chunk, 0) - 1, piece_size[pieces])
+    meta = torch.stack([starts, ends, g[starts], u[ends - 1], sort_batch[pieces[starts]], real[: starts.numel()]], 1).tolist()
+    return pieces, [tuple(m) for m in meta]
+
+
+def _pack_chunks(plan: NeighborhoodPlan, grouping: Optional[str] = None) -> tuple[list, tuple]:
+    """Pad the plan's tiles and pack them into chunks for the PyTorch path: tiles sorted by
+    (padded size class, keys), at most ``plan.chunk_size`` padded (query, key) entries per
+    chunk, each with its ``[T, G, U]`` mask of the pairs inside each query's own windows.
+    ``grouping``: ``"greedy"`` (:func:`_group_pieces_greedy`, the CPU default) or ``"device"``
+    (:func:`_group_pieces_on_device`, the CUDA default: no per-piece Python loop, no numpy).
+    Returns ``(chunks, (pair_counts, background_counts or None))``."""
+    t = plan.tiles
+    device = plan.centres.device
+    shapes, centres, offsets, slot_level = plan.level_spatial_shapes, plan.centres, plan.slot_offset, plan.slot_level
+    n_levels, dim = shapes.shape
+    sizes, with_background, chunk_size = plan.neighborhood_sizes, plan.with_background, plan.chunk_size
+    radius = torch.tensor([(s - 1) // 2 for s in sizes], dtype=torch.int64, device=device)
+    n_q, n_keys = plan.n_queries, plan.n_keys
+    order, piece_qstart, piece_size, piece_batch = t.query_order, t.query_start, t.query_count, t.batch
+    piece_kstart, piece_nkeys, k_row, k_level, k_cell = t.key_start, t.key_count, t.key_row, t.key_level, t.key_cell
+    # --- pack pieces into chunks: sorted by (padded size class, keys) -----------------------
+    classes = _size_classes(plan.tile_queries).to(device)
+    g_cls = classes[torch.searchsorted(classes, piece_size)]
+    # with background, a chunk holds one batch item (its background keys are one table)
+    sort_batch = piece_batch if with_background else torch.zeros_like(piece_batch)
+    # background work (real queries x window slots, no padding) counts towards the waste
+    # check and has its own bound (4 chunk sizes)
+    bg_slots = offsets.shape[0] if with_background else 0
+    if grouping is None:
+        grouping = "greedy" if device.type == "cpu" else "device"
+    if grouping not in ("greedy", "device"):
+        raise ValueError(f"grouping must be 'greedy' or 'device', got {grouping=}")
+    group = _group_pieces_greedy if grouping == "greedy" else _group_pieces_on_device
+    grouped_pieces, groups = group(piece_size, piece_nkeys, g_cls, sort_batch, with_background, chunk_size, bg_slots)
 
     size_l = torch.tensor(sizes, dtype=torch.int64, device=device)
     slot_start = torch.cumsum(size_l**dim, 0) - size_l**dim
@@ -453,11 +514,15 @@ def _pack_chunks(plan: NeighborhoodPlan) -> tuple[list, tuple]:
     bg_counts = torch.zeros(n_q + 1, dtype=torch.int64, device=device) if with_background else None
     chunks = []
     n_entries = k_row.shape[0]
-    for pieces, G, U, chunk_batch in groups:
-        pcs = torch.tensor(pieces, dtype=torch.int64, device=device)
-        T = pcs.shape[0]
+    for start, end, G, U, chunk_batch, n_real_queries in groups:
+        pcs = grouped_pieces[start:end]
+        T = end - start
         gi = torch.arange(G, device=device)
         q_valid = gi[None] < piece_size[pcs][:, None]  # [T, G]
+        # positions t * G + g of the real queries (row-major, as q_valid.nonzero() without its sync)
+        n_real = piece_size[pcs]
+        t_of = torch.repeat_interleave(torch.arange(T, device=device), n_real, output_size=n_real_queries)
+        query_pos = t_of * G + (torch.arange(t_of.shape[0], device=device) - (torch.cumsum(n_real, 0) - n_real)[t_of])
         query = order_pad[torch.where(q_valid, piece_qstart[pcs][:, None] + gi[None], n_q)]
         ui = torch.arange(U, device=device)
         k_valid = ui[None] < piece_nkeys[pcs][:, None]  # [T, U]
@@ -496,11 +561,11 @@ def _pack_chunks(plan: NeighborhoodPlan) -> tuple[list, tuple]:
                 query=query,
                 key=key,
                 query_gather=q_gather.reshape(-1),
-                query_pos=q_valid.view(-1).nonzero().squeeze(1),
-                query_rows=query.view(-1)[q_valid.view(-1)],
+                query_pos=query_pos,
+                query_rows=query.view(-1).index_select(0, query_pos),
                 key_gather=key.clamp_max(max(n_keys - 1, 0)).reshape(-1),
                 masked=~allowed,
-                bg_masked=None if bg_valid is None else ~bg_valid.view(T * G, -1)[q_valid.view(-1)][None],
+                bg_masked=None if bg_valid is None else ~bg_valid.view(T * G, -1).index_select(0, query_pos)[None],
                 batch=chunk_batch if with_background else -1,
             )
         )
