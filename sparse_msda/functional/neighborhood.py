@@ -6,20 +6,8 @@ The parts live by concern: windows (which cells a query attends to) in
 (:mod:`sparse_msda.backends`); this module holds the RoPE position vectors and
 :func:`sparse_neighborhood_attention`, and re-exports the public names of the other two.
 
-Conventions (shared with the deformable attention):
-
-* Axis order of positions and coordinates is spconv's: (y, x) in 2D, (z, y, x) in 3D.
-* Cell ``i`` of a level covers ``[i, i + 1)``; its centre is ``i + 0.5``. A position ``p`` in
-  the frame of level ``q`` maps to level ``l`` as ``p / shape_q * shape_l``.
-* "Full scale" is the frame of the largest level (largest area/volume, first on ties).
-
-Windows: at level ``l`` a query attends to the ``s_l ** D`` cells (``s_l`` odd) of the window
-centred on the cell containing its position mapped to level ``l``,
-``centre = floor(p / shape_q * shape_l)`` (evaluated in float64), offsets ``-(s_l-1)/2 ..
-(s_l-1)/2`` per axis. Window slots are numbered level by level, and within a level in
-row-major order of the offsets (last axis fastest). Cells outside the level's grid are
-never attended to (with or without a background embedding). The union of all levels'
-windows forms one softmax.
+Conventions (axis order, cell centres, full scale) and the window definition are stated once, in
+:mod:`sparse_msda.functional.windows`.
 
 Kernels and memory: keys and values are projected and rotated once per voxel. Queries are
 grouped into tiles (same batch item and same window centre at the coarsest level, at most
