@@ -26,7 +26,9 @@ idempotently, for programs that run spconv without ever calling our attention;
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import os
 from typing import Iterator, Optional
 
 import torch
@@ -103,6 +105,20 @@ def hash_insert(table: HashTable, keys: torch.Tensor, values: torch.Tensor) -> N
         )
 
 
+#: a CPU query of at least twice this many keys is split over up to ``torch.get_num_threads()``
+#: threads (spconv's CPU query runs on one thread and releases the GIL)
+QUERY_KEYS_PER_THREAD = 1 << 15
+
+_POOL: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+
+def _query_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="adapters-query")
+    return _POOL
+
+
 def hash_query(table: HashTable, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``table.query(keys)`` that survives defect (1) on CPU tables.
 
@@ -120,13 +136,27 @@ def hash_query(table: HashTable, keys: torch.Tensor) -> tuple[torch.Tensor, torc
             values, is_empty = table.query(keys, values)
         return values, ~is_empty
     is_empty = torch.full((n,), 2, dtype=torch.uint8, device=keys.device)
-    try:
-        table._table.query(
-            torch_tensor_to_tv(keys), torch_tensor_to_tv(values), torch_tensor_to_tv(is_empty), 0
-        )
-    except RuntimeError as err:
-        if not _is_no_cuda_error(err):
-            raise
+    keys = keys.contiguous()
+
+    def query(start: int, stop: int) -> None:
+        try:
+            table._table.query(
+                torch_tensor_to_tv(keys[start:stop]), torch_tensor_to_tv(values[start:stop]),
+                torch_tensor_to_tv(is_empty[start:stop]), 0,
+            )
+        except RuntimeError as err:
+            if not _is_no_cuda_error(err):
+                raise
+
+    parts = min(torch.get_num_threads(), n // QUERY_KEYS_PER_THREAD)
+    if parts > 1:  # the CPU query is serial and releases the GIL: split the keys over threads
+        step = -(-n // parts)
+        futures = [_query_pool().submit(query, start, min(n, start + step)) for start in range(step, n, step)]
+        query(0, step)
+        for future in futures:
+            future.result()
+    else:
+        query(0, n)
     if bool((is_empty > 1).any()):
         raise RuntimeError("spconv HashTable.query did not write every result")
     return values, is_empty == 0

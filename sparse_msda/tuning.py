@@ -9,7 +9,9 @@ signature (``TILE_QUERIES``, ``LOOKUP_CELLS_PER_CHUNK``) are bound when the modu
 Where each is used:
 
 * sampling (:mod:`sparse_msda.backends.reference`, :mod:`sparse_msda.backends.cpu`):
-  :data:`CHUNK_CORNERS`, :data:`TABLE_COPY_BYTES`;
+  :data:`CHUNK_CORNERS`, :data:`TABLE_COPY_BYTES`; the deformable attention on the C++ kernels
+  (:mod:`sparse_msda.functional.deformable_fused`): :data:`CHUNK_CORNERS` (samples per chunk),
+  :data:`DEFORMABLE_KEEP_BYTES`;
 * neighborhood attention plans (:mod:`sparse_msda.functional.neighborhood_plan`):
   :data:`TILE_QUERIES`, :data:`LOOKUP_CELLS_PER_CHUNK`, :data:`CHUNK_SCORE_ENTRIES`,
   :data:`PAD_SLACK`;
@@ -23,6 +25,7 @@ from __future__ import annotations
 __all__ = [
     "CHUNK_CORNERS",
     "CHUNK_SCORE_ENTRIES",
+    "DEFORMABLE_KEEP_BYTES",
     "LOOKUP_CELLS_PER_CHUNK",
     "PAD_SLACK",
     "ROPE_CHUNK_ROWS",
@@ -37,6 +40,11 @@ CHUNK_CORNERS = 1 << 19
 base-cell lookups). Bounds the ``[corners, head_dim]`` scratch buffer of the backward and the
 ``[samples, J, 2**D]`` corner rows/weights of one chunk; ``sparse_weighted_gather(chunk_corners=)``
 overrides it per call."""
+
+DEFORMABLE_KEEP_BYTES = 64 << 20
+"""Deformable attention on the C++ kernels (:mod:`sparse_msda.functional.deformable_fused`): the
+offsets and attention logits (``Q * H * L * P * (D + 1)`` floats) are kept for the backward up to
+this size; above it the backward recomputes them chunk by chunk (two small matrix products)."""
 
 TABLE_COPY_BYTES = 512 << 20
 """Sampling, C++ kernel backward: memory it may spend on per-thread copies of the table gradient

@@ -125,6 +125,9 @@ def _spy(monkeypatch, name):
                 return _original(*args)
 
             monkeypatch.setattr(module, op, wrapped)
+    # the cpu backend's fused deformable attention (offsets, softmax and sampling) is its weighted gather
+    original = cpu.deformable_attention
+    monkeypatch.setattr(cpu, "deformable_attention", lambda *a: (calls.append(("cpu", "weighted_gather")), original(*a))[1])
     return calls
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "SUPPORTS",
     "attention_backward",
     "attention_forward",
+    "deformable_attention",
     "gather_backward",
     "gather_forward",
     "available",
@@ -78,6 +79,9 @@ def supports(op: str, *tensors: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 # sampling
 # ---------------------------------------------------------------------------------------------
+_NONE = torch.empty(0)  # an absent optional tensor argument of the kernels
+
+
 def _kernel_args(ctx: _Sampling, positions: Tensor) -> tuple:
     """(corner_rows, batch, level, head, shapes, n_heads, bg_offset) for the CPU kernels."""
     n_samples, n_per, _ = positions.shape
@@ -95,7 +99,7 @@ def gather_forward(table: Tensor, positions: Tensor, weights: Tensor, ids: Tenso
     kernel (``csrc/sparse_sample_cpu.cpp``), one pass per sample."""
     positions, weights = positions.contiguous(), weights.contiguous()
     return sampling_kernels(auto=False).sample_forward(
-        table, positions, weights, ids, *_kernel_args(ctx, positions), torch.get_num_threads()
+        table, positions, weights, ids, *_kernel_args(ctx, positions), torch.get_num_threads(), _NONE, 1, False
     )
 
 
@@ -109,8 +113,17 @@ def gather_backward(grad_out: Tensor, table: Tensor, positions: Tensor, weights:
     return sampling_kernels(auto=False).sample_backward(
         table, positions, weights, ids, *_kernel_args(ctx, positions), grad_out,
         need_table, need_pos, need_w, kernel_threads(ctx.n_heads, need_table),  # thread-count invariant if deterministic
-        max(0, tuning.TABLE_COPY_BYTES // max(1, table.numel() * table.element_size())),
+        max(0, tuning.TABLE_COPY_BYTES // max(1, table.numel() * table.element_size())), _NONE, 1, False, _NONE,
     )
+
+
+def deformable_attention(*args) -> Tensor:
+    """The deformable attention's offsets, softmax and sampling fused on the C++ kernel, per chunk
+    of queries: :func:`sparse_msda.functional.deformable_fused.fused_deformable_attention` (same
+    arguments), what the attention module runs on this backend for an encoder."""
+    from ..functional.deformable_fused import _fused
+
+    return _fused(*args)
 
 
 # ---------------------------------------------------------------------------------------------

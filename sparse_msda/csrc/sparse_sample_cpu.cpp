@@ -12,6 +12,13 @@
 // batch / level / head are int64 [S, J] tensors read through their strides (broadcast views welcome);
 // the caller (sparse_weighted_gather) has checked them against the batch size, level and head counts.
 //
+// Deformable mode (the attention module's sampling, sparse_msda.functional.deformable_fused): the
+// positions are not given but formed from the raw sampling offsets and the queries' reference points,
+// loc[s, j, d] = fma(ref[s / ref_group, d], shape[level(s, j), d], offsets[s, j, d]) (ref_group: the
+// heads, one reference point per query), and the weights are given as logits, one softmax per row s
+// (over j) taken inside the kernels; the backward then returns the logits' gradient. The same loc
+// formula feeds sample_base_cells (the base cells hashed before the kernel runs), so both agree exactly.
+//
 // Non-finite positions follow F.grid_sample: a sample with a NaN or infinite coordinate contributes
 // NaN to its output row, touches no table row (no table gradient), and gets NaN position and weight
 // gradients. Base cells are clamped to [-2, 2**40] before the integer conversion (outside every level).
@@ -63,8 +70,35 @@ void parallel_range(int64_t n, int n_threads, const F& f) {
   for (auto& t : threads) t.join();
 }
 
+// sum_e a[e] * b[e] over a row of DH (> 0: known at compile time) or dh entries. With DH a multiple
+// of the vector width: lane-wise products in one register, then a tree sum of the lanes (GCC keeps
+// a plain loop's floating-point sum in order, i.e. scalar and latency-bound).
+template <typename scalar_t, int DH>
+inline scalar_t dot_row(const scalar_t* a, const scalar_t* b, int64_t dh) {
+  using V = sparse_msda_simd::Vec<scalar_t>;
+  if constexpr (DH > 0 && DH % V::N == 0) {
+    typename V::type acc = V::load(a) * V::load(b);
+    for (int e = V::N; e < DH; e += V::N) acc += V::load(a + e) * V::load(b + e);
+    alignas(64) scalar_t lanes[V::N];
+    V::store(lanes, acc);
+    for (int w = V::N / 2; w >= 1; w /= 2)
+      for (int i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+    return lanes[0];
+  } else {
+    scalar_t acc = 0;
+    for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) acc += a[e] * b[e];
+    return acc;
+  }
+}
+
 // Corners of sample (s, j): rows (-1: holds nothing), weights c_k and per-axis fractions. Returns
 // false for a non-finite sample (then every row is -1 and every weight 0).
+// Base cell floor(p - 0.5) clamped to [-2, 2**40] (NaN: -2), as functional.sampling._base_cells.
+template <typename scalar_t>
+inline int64_t base_cell(scalar_t b) {
+  return static_cast<int64_t>(std::isnan(b) ? scalar_t(-2) : std::min(std::max(b, scalar_t(-2)), scalar_t(1LL << 40)));
+}
+
 template <typename scalar_t, int DIM>
 inline bool corners(const Layout& L, const scalar_t* pos, const int32_t* crow, int64_t s, int64_t j,
                     int64_t* rows, scalar_t* w, scalar_t* frac) {
@@ -75,7 +109,7 @@ inline bool corners(const Layout& L, const scalar_t* pos, const int32_t* crow, i
     scalar_t shifted = pos[d] - scalar_t(0.5);
     scalar_t b = std::floor(shifted);
     finite = finite && std::isfinite(pos[d]);
-    base[d] = static_cast<int64_t>(std::isnan(b) ? scalar_t(-2) : std::min(std::max(b, scalar_t(-2)), scalar_t(1LL << 40)));
+    base[d] = base_cell(b);
     frac[d] = shifted - b;
   }
   if (!finite) {
@@ -110,29 +144,78 @@ inline bool corners(const Layout& L, const scalar_t* pos, const int32_t* crow, i
   return true;
 }
 
-// The per-sample inputs of both passes: positions [S, J, D], attention weights [S, J], base-cell
-// ids [S, J] and the corner table, read through the layout.
+// Deformable mode: the sample's location from its offset and its query's reference point (see the top).
+// shape: the level's [DIM] shape in scalar_t (Layout::shapes converted once per call).
+template <typename scalar_t, int DIM>
+inline void location(const scalar_t* off, const scalar_t* ref, const scalar_t* shape, scalar_t* loc) {
+  for (int d = 0; d < DIM; ++d) loc[d] = std::fma(ref[d], shape[d], off[d]);
+}
+
+// Layout::shapes [L, DIM] as scalar_t.
+template <typename scalar_t>
+std::vector<scalar_t> float_shapes(const Layout& L) {
+  std::vector<scalar_t> out(L.n_levels * L.dim);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<scalar_t>(L.shapes[i]);
+  return out;
+}
+
+// The per-sample inputs of both passes: positions [S, J, D] (or offsets and reference points),
+// attention weights (or logits) [S, J], base-cell ids [S, J] and the corner table, read through the layout.
 template <typename scalar_t, int DIM>
 struct SampleInputs {
   const Layout& L;
   const scalar_t* pos;
+  const scalar_t* ref;  // deformable mode: [S / ref_group, D] reference points (pos holds offsets); else null
+  int64_t ref_group;
   const scalar_t* att;
   const int32_t* id;
   const int32_t* cr;
   int64_t S, J;
+  bool logits;  // att holds logits: one softmax per row s
+  std::vector<scalar_t> shape_f;  // deformable mode: the level shapes as scalar_t
 
   SampleInputs(const at::Tensor& positions, const at::Tensor& weights, const at::Tensor& ids,
-               const at::Tensor& corner_rows, const Layout& layout)
-      : L(layout), pos(positions.data_ptr<scalar_t>()), att(weights.data_ptr<scalar_t>()),
+               const at::Tensor& corner_rows, const Layout& layout, const at::Tensor& ref_points, int64_t group,
+               bool att_logits)
+      : L(layout), pos(positions.data_ptr<scalar_t>()),
+        ref(ref_points.defined() && ref_points.numel() ? ref_points.data_ptr<scalar_t>() : nullptr),
+        ref_group(std::max<int64_t>(1, group)), att(weights.data_ptr<scalar_t>()),
         id(ids.data_ptr<int32_t>()), cr(corner_rows.data_ptr<int32_t>()), S(positions.size(0)),
-        J(positions.size(1)) {}
+        J(positions.size(1)), logits(att_logits), shape_f(float_shapes<scalar_t>(layout)) {}
 
-  // Corners of (s, j) into rows / w / frac (see corners()); returns its attention weight, and in
-  // finite whether the position is finite.
-  scalar_t at(int64_t s, int64_t j, int64_t* rows, scalar_t* w, scalar_t* frac, bool& finite) const {
+  // Deformable mode: the reference point of row s (null otherwise); pass it to at().
+  const scalar_t* ref_row(int64_t s) const { return ref != nullptr ? ref + (s / ref_group) * DIM : nullptr; }
+
+  // Corners of (s, j) into rows / w / frac (see corners()); in finite whether the position is
+  // finite. rp: ref_row(s).
+  void at(int64_t s, int64_t j, const scalar_t* rp, int64_t* rows, scalar_t* w, scalar_t* frac, bool& finite) const {
     const int64_t sj = s * J + j;
-    finite = corners<scalar_t, DIM>(L, pos + sj * DIM, cr + static_cast<int64_t>(id[sj]) * (1 << DIM), s, j, rows, w, frac);
-    return att[sj];
+    const int32_t* crow = cr + static_cast<int64_t>(id[sj]) * (1 << DIM);
+    if (rp != nullptr) {
+      scalar_t loc[DIM];
+      location<scalar_t, DIM>(pos + sj * DIM, rp, shape_f.data() + L.level[s * L.ls0 + j * L.ls1] * DIM, loc);
+      finite = corners<scalar_t, DIM>(L, loc, crow, s, j, rows, w, frac);
+    } else {
+      finite = corners<scalar_t, DIM>(L, pos + sj * DIM, crow, s, j, rows, w, frac);
+    }
+  }
+
+  // The attention weights of row s into a[0, J): as given, or the softmax of the row's logits.
+  void weights(int64_t s, scalar_t* a) const {
+    const scalar_t* x = att + s * J;
+    if (!logits) {
+      std::copy(x, x + J, a);
+      return;
+    }
+    scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+    for (int64_t j = 0; j < J; ++j) m = std::max(m, x[j]);
+    scalar_t sum = 0;
+    for (int64_t j = 0; j < J; ++j) {
+      a[j] = std::exp(x[j] - m);
+      sum += a[j];
+    }
+    const scalar_t inv = scalar_t(1) / sum;
+    for (int64_t j = 0; j < J; ++j) a[j] *= inv;
   }
 };
 
@@ -140,9 +223,9 @@ struct SampleInputs {
 template <typename scalar_t, int DIM, int DH>
 void forward_impl(const at::Tensor& table, const at::Tensor& positions, const at::Tensor& weights,
                   const at::Tensor& ids, const at::Tensor& corner_rows, const Layout& L, at::Tensor& out,
-                  int n_threads) {
+                  int n_threads, const at::Tensor& ref, int64_t ref_group, bool logits) {
   constexpr int K = 1 << DIM;
-  const SampleInputs<scalar_t, DIM> in(positions, weights, ids, corner_rows, L);
+  const SampleInputs<scalar_t, DIM> in(positions, weights, ids, corner_rows, L, ref, ref_group, logits);
   const int64_t S = in.S, J = in.J;
   const int64_t dh = DH > 0 ? DH : table.size(1);
   const scalar_t* tab = table.data_ptr<scalar_t>();
@@ -150,20 +233,28 @@ void forward_impl(const at::Tensor& table, const at::Tensor& positions, const at
   parallel_range(S, n_threads, [&](int64_t s0, int64_t s1, int) {
     int64_t rows[K];
     scalar_t w[K], frac[DIM];
+    std::vector<scalar_t> a(J);
+    // the row's sum in a local array (registers when DH is known), stored once per row
+    std::vector<scalar_t> heap(DH > 0 ? 0 : dh);
+    alignas(64) scalar_t fixed[DH > 0 ? DH : 1];
+    scalar_t* acc = DH > 0 ? fixed : heap.data();
     for (int64_t s = s0; s < s1; ++s) {
-      scalar_t* os = o + s * dh;
-      std::fill(os, os + dh, scalar_t(0));
+      for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) acc[e] = 0;
+      in.weights(s, a.data());
+      const scalar_t* rp = in.ref_row(s);
       for (int64_t j = 0; j < J; ++j) {
         bool finite;
-        const scalar_t a = in.at(s, j, rows, w, frac, finite);
-        if (!finite) std::fill(os, os + dh, std::numeric_limits<scalar_t>::quiet_NaN());  // F.grid_sample
+        in.at(s, j, rp, rows, w, frac, finite);
+        if (!finite)  // F.grid_sample
+          for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) acc[e] = std::numeric_limits<scalar_t>::quiet_NaN();
         for (int k = 0; k < K; ++k) {
           if (rows[k] < 0) continue;
-          const scalar_t c = a * w[k];
+          const scalar_t c = a[j] * w[k];
           const scalar_t* t = tab + rows[k] * dh;
-          for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) os[e] += c * t[e];
+          for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) acc[e] += c * t[e];
         }
       }
+      std::copy(acc, acc + dh, o + s * dh);
     }
   });
 }
@@ -172,9 +263,10 @@ template <typename scalar_t, int DIM, int DH>
 void backward_impl(const at::Tensor& table, const at::Tensor& positions, const at::Tensor& weights,
                    const at::Tensor& ids, const at::Tensor& corner_rows, const Layout& L, const at::Tensor& grad_out,
                    at::Tensor& g_table, at::Tensor& g_pos, at::Tensor& g_w, bool need_table, bool need_pos,
-                   bool need_w, int n_threads, int64_t max_table_copies) {
+                   bool need_w, int n_threads, int64_t max_table_copies, const at::Tensor& ref, int64_t ref_group,
+                   bool logits) {
   constexpr int K = 1 << DIM;
-  const SampleInputs<scalar_t, DIM> in(positions, weights, ids, corner_rows, L);
+  const SampleInputs<scalar_t, DIM> in(positions, weights, ids, corner_rows, L, ref, ref_group, logits);
   const int64_t S = in.S, J = in.J;
   const int64_t dh = DH > 0 ? DH : table.size(1);
   const scalar_t* tab = table.data_ptr<scalar_t>();
@@ -182,23 +274,21 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
   scalar_t* gp = need_pos ? g_pos.data_ptr<scalar_t>() : nullptr;
   scalar_t* gw = need_w ? g_w.data_ptr<scalar_t>() : nullptr;
   const bool need_dots = need_pos || need_w;
-  // One (s, j): corners, value/gradient dots, the gradients of a and of the position, and (gt not
-  // null) the scatter of a * c_k * grad_out[s] into the table-gradient rows gt.
-  auto process = [&](int64_t s, int64_t j, scalar_t* gt) {
+  // One (s, j) of attention weight a: corners, value/gradient dots, the gradients of a and of the
+  // position, and (gt not null) the scatter of a * c_k * grad_out[s] into the table-gradient rows gt.
+  // g: the row's output gradient (a local copy: no reload after each table-gradient store)
+  auto process = [&](int64_t s, int64_t j, scalar_t a, scalar_t* gt, const scalar_t* g, const scalar_t* rp) {
     int64_t rows[K];
     scalar_t w[K], frac[DIM], dots[K];
-    const scalar_t* g = go + s * dh;
     const int64_t sj = s * J + j;
     bool finite;
-    const scalar_t a = in.at(s, j, rows, w, frac, finite);
+    in.at(s, j, rp, rows, w, frac, finite);
     scalar_t gwj = finite ? scalar_t(0) : std::numeric_limits<scalar_t>::quiet_NaN();
     for (int k = 0; k < K; ++k) {
       dots[k] = 0;
       if (rows[k] < 0) continue;
       if (need_dots) {
-        const scalar_t* t = tab + rows[k] * dh;
-        scalar_t acc = 0;
-        for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) acc += t[e] * g[e];
+        const scalar_t acc = dot_row<scalar_t, DH>(tab + rows[k] * dh, g, dh);
         dots[k] = acc;
         gwj += w[k] * acc;
       }
@@ -222,6 +312,24 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
       }
     }
   };
+  // Row s (its (s, j) whose head passes keep), then, with logits, the softmax's backward over the
+  // row: g_logit[j] = a[j] * (g_a[j] - sum_i a[i] g_a[i]) (logits mode has one head per row).
+  auto process_row = [&](int64_t s, scalar_t* gt, scalar_t* a, int parts, int t) {
+    alignas(64) scalar_t fixed[DH > 0 ? DH : 1];
+    std::vector<scalar_t> heap(DH > 0 ? 0 : dh);
+    scalar_t* g = DH > 0 ? fixed : heap.data();
+    std::copy(go + s * dh, go + (s + 1) * dh, g);
+    in.weights(s, a);
+    const scalar_t* rp = in.ref_row(s);
+    for (int64_t j = 0; j < J; ++j)
+      if (parts <= 1 || L.head[s * L.hs0 + j * L.hs1] % parts == t) process(s, j, a[j], gt, g, rp);
+    if (logits && need_w) {
+      scalar_t* row = gw + s * J;
+      scalar_t dot = 0;
+      for (int64_t j = 0; j < J; ++j) dot += a[j] * row[j];
+      for (int64_t j = 0; j < J; ++j) row[j] = a[j] * (row[j] - dot);
+    }
+  };
   int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, S / 256)));
   scalar_t* g_table_ptr = need_table ? g_table.data_ptr<scalar_t>() : nullptr;
   if (need_table && parts > 1 && L.n_heads >= parts) {
@@ -230,10 +338,10 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
     // h % parts == t and no two threads ever write the same row.
     std::vector<std::thread> threads;
     auto by_head = [&](int t) {
+      std::vector<scalar_t> a(J);
       for (int64_t s = 0; s < S; ++s) {
         if (L.hs1 == 0 && L.head[s * L.hs0] % parts != t) continue;  // one head per sample
-        for (int64_t j = 0; j < J; ++j)
-          if (L.head[s * L.hs0 + j * L.hs1] % parts == t) process(s, j, g_table_ptr);
+        process_row(s, g_table_ptr, a.data(), parts, t);
       }
     };
     for (int t = 1; t < parts; ++t) threads.emplace_back(by_head, t);
@@ -249,10 +357,35 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
     for (int p = 1; p < parts; ++p) partial.push_back(at::zeros_like(g_table));
   parallel_range(S, parts, [&](int64_t s0, int64_t s1, int p) {
     scalar_t* gt = need_table ? (p == 0 ? g_table_ptr : partial[p - 1].data_ptr<scalar_t>()) : nullptr;
-    for (int64_t s = s0; s < s1; ++s)
-      for (int64_t j = 0; j < J; ++j) process(s, j, gt);
+    std::vector<scalar_t> a(J);
+    for (int64_t s = s0; s < s1; ++s) process_row(s, gt, a.data(), 1, 0);
   });
   for (auto& t : partial) g_table.add_(t);
+}
+
+// Base cells of every sample (deformable mode when ref is given), int64 [S, J, D]: what the
+// coordinate index hashes (adapters.SparseCoordinateIndex.base_cell_ids) before the kernels run.
+template <typename scalar_t, int DIM>
+void base_cells_impl(const at::Tensor& positions, const Layout& L, const at::Tensor& ref, int64_t ref_group,
+                     at::Tensor& out, int n_threads) {
+  const int64_t S = positions.size(0), J = positions.size(1);
+  const scalar_t* pos = positions.data_ptr<scalar_t>();
+  const scalar_t* rp = ref.defined() && ref.numel() ? ref.data_ptr<scalar_t>() : nullptr;
+  const int64_t group = std::max<int64_t>(1, ref_group);
+  const std::vector<scalar_t> shape_f = float_shapes<scalar_t>(L);
+  int64_t* o = out.data_ptr<int64_t>();
+  parallel_range(S, n_threads, [&](int64_t s0, int64_t s1, int) {
+    for (int64_t s = s0; s < s1; ++s)
+      for (int64_t j = 0; j < J; ++j) {
+        const int64_t sj = s * J + j;
+        scalar_t loc[DIM];
+        if (rp != nullptr)
+          location<scalar_t, DIM>(pos + sj * DIM, rp + (s / group) * DIM, shape_f.data() + L.level[s * L.ls0 + j * L.ls1] * DIM, loc);
+        else
+          for (int d = 0; d < DIM; ++d) loc[d] = pos[sj * DIM + d];
+        for (int d = 0; d < DIM; ++d) o[sj * DIM + d] = base_cell(std::floor(loc[d] - scalar_t(0.5)));
+      }
+  });
 }
 
 // CALL(D, DH) for the runtime position dim (1..3) and head dim (16, 32, 64 unrolled, else 0: run time).
@@ -286,17 +419,32 @@ void check_inputs(const at::Tensor& table, const at::Tensor& positions, const at
 
 }  // namespace
 
-#define SPARSE_SAMPLE_FORWARD(D, DH) \
-  forward_impl<scalar_t, D, DH>(table, positions, weights, ids, corner_rows, L, out, static_cast<int>(n_threads))
+#define SPARSE_SAMPLE_FORWARD(D, DH)                                                                          \
+  forward_impl<scalar_t, D, DH>(table, positions, weights, ids, corner_rows, L, out, static_cast<int>(n_threads), \
+                                ref, ref_group, logits)
 #define SPARSE_SAMPLE_BACKWARD(D, DH)                                                                         \
   backward_impl<scalar_t, D, DH>(table, positions, weights, ids, corner_rows, L, grad_out, g_table, g_pos, g_w, \
-                                 need_table, need_pos, need_w, static_cast<int>(n_threads), max_table_copies)
+                                 need_table, need_pos, need_w, static_cast<int>(n_threads), max_table_copies,  \
+                                 ref, ref_group, logits)
+
+// ref: empty (positions given) or [S / ref_group, D] reference points (positions holds offsets);
+// logits: weights holds logits, one softmax per row.
+void check_deformable(const at::Tensor& positions, const at::Tensor& ref, int64_t ref_group, bool logits,
+                      const at::Tensor& head) {
+  if (ref.defined() && ref.numel()) {
+    TORCH_CHECK(ref.scalar_type() == positions.scalar_type() && ref.is_contiguous() && ref.dim() == 2 &&
+                    ref.size(1) == positions.size(2) && ref_group >= 1 && ref.size(0) * ref_group == positions.size(0),
+                "ref must be contiguous [S / ref_group, D] of the positions' dtype");
+  }
+  TORCH_CHECK(!logits || head.stride(1) == 0 || head.size(1) == 1, "logits need one head per row");
+}
 
 at::Tensor sample_forward(const at::Tensor& table, const at::Tensor& positions, const at::Tensor& weights,
                           const at::Tensor& ids, const at::Tensor& corner_rows, const at::Tensor& batch,
                           const at::Tensor& level, const at::Tensor& head, const at::Tensor& shapes, int64_t n_heads,
-                          int64_t bg_offset, int64_t n_threads) {
+                          int64_t bg_offset, int64_t n_threads, const at::Tensor& ref, int64_t ref_group, bool logits) {
   check_inputs(table, positions, weights, ids, corner_rows);
+  check_deformable(positions, ref, ref_group, logits, head);
   auto out = at::empty({positions.size(0), table.size(1)}, table.options());
   const Layout L = make_layout(batch, level, head, shapes, n_heads, shapes.size(0), bg_offset);
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "sample_forward", [&] {
@@ -305,16 +453,26 @@ at::Tensor sample_forward(const at::Tensor& table, const at::Tensor& positions, 
   return out;
 }
 
+// g_table_into: empty, or the table gradient to add into (e.g. across chunks of samples).
 std::vector<at::Tensor> sample_backward(const at::Tensor& table, const at::Tensor& positions,
                                         const at::Tensor& weights, const at::Tensor& ids,
                                         const at::Tensor& corner_rows, const at::Tensor& batch,
                                         const at::Tensor& level, const at::Tensor& head, const at::Tensor& shapes,
                                         int64_t n_heads, int64_t bg_offset, const at::Tensor& grad_out,
                                         bool need_table, bool need_pos, bool need_w, int64_t n_threads,
-                                        int64_t max_table_copies) {
+                                        int64_t max_table_copies, const at::Tensor& ref, int64_t ref_group,
+                                        bool logits, const at::Tensor& g_table_into) {
   check_inputs(table, positions, weights, ids, corner_rows);
+  check_deformable(positions, ref, ref_group, logits, head);
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == table.scalar_type(), "grad_out: contiguous, table dtype");
-  auto g_table = need_table ? at::zeros_like(table) : at::Tensor();
+  at::Tensor g_table;
+  if (need_table && g_table_into.defined() && g_table_into.numel()) {
+    TORCH_CHECK(g_table_into.sizes() == table.sizes() && g_table_into.scalar_type() == table.scalar_type() &&
+                    g_table_into.is_contiguous(), "g_table_into must be a contiguous tensor like table");
+    g_table = g_table_into;
+  } else if (need_table) {
+    g_table = at::zeros_like(table);
+  }
   auto g_pos = need_pos ? at::empty_like(positions) : at::Tensor();
   auto g_w = need_w ? at::empty_like(weights) : at::Tensor();
   const Layout L = make_layout(batch, level, head, shapes, n_heads, shapes.size(0), bg_offset);
@@ -324,8 +482,27 @@ std::vector<at::Tensor> sample_backward(const at::Tensor& table, const at::Tenso
   return {g_table, g_pos, g_w};
 }
 
+at::Tensor sample_base_cells(const at::Tensor& positions, const at::Tensor& level, const at::Tensor& shapes,
+                             const at::Tensor& ref, int64_t ref_group, int64_t n_threads) {
+  TORCH_CHECK(positions.is_contiguous() && positions.dim() == 3 && positions.size(2) >= 1 && positions.size(2) <= 3,
+              "positions must be contiguous [S, J, D], D in 1..3");
+  TORCH_CHECK(level.scalar_type() == at::kLong && shapes.scalar_type() == at::kLong, "level, shapes: int64");
+  const at::Tensor no_head = at::zeros({1, 1}, level.options()).expand({positions.size(0), positions.size(1)});
+  check_deformable(positions, ref, ref_group, false, no_head);
+  auto out = at::empty(positions.sizes(), positions.options().dtype(at::kLong));
+  const Layout L = make_layout(level, level, no_head, shapes, 1, shapes.size(0), -1);
+  AT_DISPATCH_FLOATING_TYPES(positions.scalar_type(), "sample_base_cells", [&] {
+    const int dim = static_cast<int>(positions.size(2));
+    if (dim == 1) base_cells_impl<scalar_t, 1>(positions, L, ref, ref_group, out, static_cast<int>(n_threads));
+    else if (dim == 2) base_cells_impl<scalar_t, 2>(positions, L, ref, ref_group, out, static_cast<int>(n_threads));
+    else base_cells_impl<scalar_t, 3>(positions, L, ref, ref_group, out, static_cast<int>(n_threads));
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd_isa", [] { return std::string(sparse_msda_simd::kIsa); }, "the vector ISA this build targets (simd.h)");
   m.def("sample_forward", &sample_forward, "fused sparse bilinear/trilinear weighted gather (CPU)");
   m.def("sample_backward", &sample_backward, "its backward (CPU)");
+  m.def("sample_base_cells", &sample_base_cells, "int64 base cells of the samples (positions, or offsets + reference points)");
 }

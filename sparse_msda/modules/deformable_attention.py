@@ -38,6 +38,7 @@ from adapters import SparseCoordinateIndex
 
 from ..backends import check_backend_name
 from ..functional.deformable import plan_deformable_sampling, sparse_deformable_attention
+from ..functional.deformable_fused import fusable, fused_deformable_attention
 from ..functional.neighborhood import NORMALISED_POSITION_LIMIT
 from ..functional.precision import position_dtype
 from ..inputs import QueryBatch, check_dropout, check_embed_heads, check_position_dim, check_query, prepare_inputs
@@ -189,7 +190,6 @@ class SparseMSDeformableAttention(nn.Module):
         background_value = None
         if background_embedding is not None:
             background_value = self.value_proj(background_embedding.to(query.dtype)).view(-1, l, h, self.head_dim)
-        attn = self.attention_weights(query).view(n_q, h, l * p).softmax(-1).view(n_q, h, l, p)
         query_spatial_positions = query_spatial_positions.to(position_dtype(query_spatial_positions.dtype))
         shapes = qb.level_spatial_shapes.to(query_spatial_positions.dtype)  # [L, D]
         lim = NORMALISED_POSITION_LIMIT  # a huge position stays outside the map without overflowing
@@ -200,12 +200,26 @@ class SparseMSDeformableAttention(nn.Module):
         # copy the gradient back in backward)
         weight = self.sampling_offsets.weight.view(h, l, p, d, -1).flip(3).reshape(h * l * p * d, -1)
         bias = self.sampling_offsets.bias.view(h, l, p, d).flip(3).reshape(-1)
+        features, plan = qb.features, None
+        if n_q * h * l * p * 2**d >= self.plan_below * qb.index.n_voxels and fusable(
+            self.backend, query, ref, qb.features, self.value_proj.weight
+        ):  # an encoder on the C++ kernels: offsets, softmax and sampling in one pass per chunk
+            table = self.value_proj(features).view(-1, self.head_dim)
+            bg_offset = None
+            if background_value is not None:
+                bg_offset = table.shape[0]
+                table = torch.cat([table, background_value.reshape(-1, self.head_dim)])
+            out = fused_deformable_attention(
+                query, weight, bias, self.attention_weights.weight, self.attention_weights.bias, ref, table,
+                qb.index, qb.batch_indices, h, l, p, bg_offset,
+            )
+            return self.output_proj(out)
+        attn = self.attention_weights(query).view(n_q, h, l * p).softmax(-1).view(n_q, h, l, p)
         offsets = F.linear(query, weight, bias).view(n_q, h, l, p, d).to(ref.dtype)
         if torch.is_grad_enabled() and (offsets.requires_grad or ref.requires_grad):
             locations = torch.addcmul(offsets, ref[:, None, None, None, :], shapes[None, None, :, None, :])
         else:  # inference: in place, one [Q, H, L, P, D] tensor
             locations = offsets.addcmul_(ref[:, None, None, None, :], shapes[None, None, :, None, :])
-        features, plan = qb.features, None
         if n_q * h * l * p * 2**d < self.plan_below * qb.index.n_voxels:
             # few samples (a decoder): hash them first, project only the voxels they touch
             plan = plan_deformable_sampling(qb.index, qb.batch_indices, locations)

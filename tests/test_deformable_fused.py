@@ -1,0 +1,156 @@
+"""The deformable attention's fused sampling head on the C++ kernels (functional/deformable_fused.py).
+
+The module takes it on the ``cpu`` backend for an encoder (no sampling plan): offsets, softmax and
+sampling per chunk of queries, the locations formed in the kernel from offsets and reference
+points, the softmax and its backward in the kernel, offsets and logits kept or recomputed in the
+backward. Held equal to the unfused PyTorch path (``reference`` backend: ``addcmul`` locations,
+``softmax``, ``sparse_deformable_attention``), outputs and every gradient, in both memory modes
+and with several chunks; gradchecked in float64; its base cells equal ``_base_cells``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters import SparseCoordinateIndex
+from adapters import spconv_compat
+from sparse_msda import SparseMSDeformableAttention, tuning
+from sparse_msda.backends import available_backends
+from sparse_msda.functional import deformable_fused
+from sparse_msda.functional.sampling import _base_cells
+from tests.test_deformable import SHAPES, random_map, random_queries, randomize
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif("cpu" not in available_backends(), reason="the C++ kernels are not built here (no compiler)"),
+]
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of the fused Function (so a test knows the module took the fused path)."""
+    calls = []
+    apply = deformable_fused._FusedDeformable.apply
+    monkeypatch.setattr(deformable_fused._FusedDeformable, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    return calls
+
+
+def _module_run(backend, dim, dtype, background, seed=0):
+    """Output and gradients (query, positions, values, background, every parameter) of one module call."""
+    shapes = SHAPES[dim]
+    stack, shapes_t = random_map(shapes, 2, 16, 0.5, dtype, torch.Generator().manual_seed(seed))
+    st = stack.coalesce()
+    torch.manual_seed(seed)
+    module = randomize(SparseMSDeformableAttention(16, 4, len(shapes), 3, dim, backend=backend),
+                       torch.Generator().manual_seed(seed + 1)).to(dtype)
+    module.plan_below = 0.0  # never a decoder plan: the encoder path
+    query, pos, offsets, levels = random_queries([7, 5], shapes, 16, dtype, torch.Generator().manual_seed(seed + 2))
+    values = st.values().clone().requires_grad_()
+    bg = torch.randn(2, len(shapes), 16, dtype=dtype, generator=torch.Generator().manual_seed(seed + 3)) if background else None
+    inputs = [query.requires_grad_(), pos.requires_grad_(), values] + ([bg.requires_grad_()] if background else [])
+    sparse = torch.sparse_coo_tensor(st.indices(), values, st.shape, is_coalesced=True)
+    out = module(query, pos, offsets, sparse, shapes_t, query_level_indices=levels, background_embedding=bg)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
+    return [out, *torch.autograd.grad((out * weight).sum(), inputs + list(module.parameters()))]
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("mode", ["keep", "recompute-chunked"])
+def test_fused_module_matches_the_pytorch_path(dim, background, mode, fused_calls, monkeypatch):
+    """Every output and gradient equal to the unfused reference path, float64; ``recompute-chunked``:
+    nothing kept (offsets and logits recomputed in the backward) and chunks of 2 queries."""
+    if mode != "keep":
+        monkeypatch.setattr(tuning, "DEFORMABLE_KEEP_BYTES", 0)
+        monkeypatch.setattr(tuning, "CHUNK_CORNERS", 2 * 4 * 3 * 3)  # 2 queries x heads x levels x points
+    fused = _module_run("cpu", dim, torch.float64, background)
+    assert fused_calls, "the module did not take the fused path"
+    reference = _module_run("reference", dim, torch.float64, background)
+    for i, (a, b) in enumerate(zip(fused, reference)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"item {i}: {m}")
+
+
+def test_fused_module_float32_matches(fused_calls):
+    fused = _module_run("cpu", 2, torch.float32, True, seed=5)
+    assert fused_calls
+    reference = _module_run("reference", 2, torch.float32, True, seed=5)
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_path_not_taken_for_a_plan_or_the_reference_backend(fused_calls):
+    """A decoder (few samples: the sampling plan) and the reference backend take the unfused path."""
+    _module_run("reference", 2, torch.float64, False)
+    assert not fused_calls
+    shapes = SHAPES[2]
+    stack, shapes_t = random_map(shapes, 2, 16, 0.5, torch.float64, torch.Generator().manual_seed(0))
+    module = SparseMSDeformableAttention(16, 4, len(shapes), 3, backend="cpu").double()
+    module.plan_below = 1e9  # every call a "decoder"
+    query, pos, offsets, levels = random_queries([3, 2], shapes, 16, torch.float64, torch.Generator().manual_seed(1))
+    module(query, pos, offsets, stack, shapes_t, query_level_indices=levels)
+    assert not fused_calls
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("keep", [True, False])
+def test_fused_gradcheck(dim, keep, monkeypatch):
+    """float64 gradcheck of the Function w.r.t. the query, both linear layers, the reference
+    points and the table (with background rows), over two chunks."""
+    monkeypatch.setattr(tuning, "DEFORMABLE_KEEP_BYTES", 1 << 30 if keep else 0)
+    monkeypatch.setattr(tuning, "CHUNK_CORNERS", 2 * 2 * 2 * 2)  # chunks of 2 queries
+    gen = torch.Generator().manual_seed(40 + dim)
+    shapes = [[4, 5], [2, 3]] if dim == 2 else [[3, 4, 3], [2, 2, 2]]
+    stack, shapes_t = random_map(shapes, 2, 4, 0.6, torch.float64, gen)
+    index = SparseCoordinateIndex.from_coo_stack(stack, shapes_t)
+    h, l, p, c, dh = 2, 2, 2, 3, 2
+    n_q = 4
+    x = torch.randn(n_q, c, dtype=torch.float64, generator=gen)
+    w_off = torch.randn(h * l * p * dim, c, dtype=torch.float64, generator=gen) * 0.5
+    b_off = torch.randn(h * l * p * dim, dtype=torch.float64, generator=gen) * 0.5
+    w_att = torch.randn(h * l * p, c, dtype=torch.float64, generator=gen)
+    b_att = torch.randn(h * l * p, dtype=torch.float64, generator=gen)
+    ref = torch.rand(n_q, dim, dtype=torch.float64, generator=gen)
+    n_rows = index.n_voxels * h
+    table = torch.randn(n_rows + 2 * l * h, dh, dtype=torch.float64, generator=gen)
+    batch = torch.tensor([0, 0, 1, 1])
+
+    def f(x, w_off, b_off, w_att, b_att, ref, table):
+        return deformable_fused.fused_deformable_attention(
+            x, w_off, b_off, w_att, b_att, ref, table, index, batch, h, l, p, background_offset=n_rows
+        )
+
+    inputs = tuple(t.requires_grad_() for t in (x, w_off, b_off, w_att, b_att, ref, table))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_kernel_base_cells_equal_base_cells():
+    """The kernel's base cells of given positions equal ``_base_cells`` (NaN, infinities, huge
+    and negative coordinates included)."""
+    from sparse_msda.functional.cpu_kernels import sampling_kernels
+
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        pos = (torch.rand(50, 6, 3, generator=gen, dtype=dtype) * 40 - 10)
+        pos[0, 0] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+        pos[1, 1] = torch.tensor([1e30, -1e30, 0.5], dtype=dtype)
+        level = torch.zeros(50, 6, dtype=torch.int64)
+        shapes = torch.tensor([[8, 8, 8]])
+        got = sampling_kernels(auto=False).sample_base_cells(pos, level, shapes, torch.empty(0, dtype=dtype), 1, 1)
+        assert torch.equal(got, _base_cells(pos))
+
+
+def test_threaded_hash_query_equals_one_query(monkeypatch):
+    """A large CPU query split over threads (adapters.spconv_compat) answers as one query."""
+    monkeypatch.setattr(spconv_compat, "QUERY_KEYS_PER_THREAD", 64)
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.unique(torch.randint(0, 10_000, (2000,), generator=gen))
+    table = spconv_compat.new_hash_table(torch.device("cpu"), keys.numel())
+    spconv_compat.hash_insert(table, keys, torch.arange(keys.numel()))
+    query = torch.randint(0, 20_000, (5000,), generator=gen)
+    expect_found = torch.isin(query, keys)
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        values, found = spconv_compat.hash_query(table, query)
+        assert torch.equal(found, expect_found)
+        assert torch.equal(keys[values[found]], query[found])
