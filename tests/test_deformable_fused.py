@@ -95,32 +95,31 @@ def test_fused_path_not_taken_for_a_plan_or_the_reference_backend(fused_calls):
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("keep", [True, False])
 def test_fused_gradcheck(dim, keep, monkeypatch):
-    """float64 gradcheck of the Function w.r.t. the query, both linear layers, the reference
-    points and the table (with background rows), over two chunks."""
+    """float64 gradcheck of the Function w.r.t. the query, the three linear layers, the reference
+    points, the features and the background rows, over two chunks; ``keep=False``: the value
+    table, offsets and logits recomputed in the backward."""
     monkeypatch.setattr(tuning, "DEFORMABLE_KEEP_BYTES", 1 << 30 if keep else 0)
     monkeypatch.setattr(tuning, "CHUNK_CORNERS", 2 * 2 * 2 * 2)  # chunks of 2 queries
     gen = torch.Generator().manual_seed(40 + dim)
     shapes = [[4, 5], [2, 3]] if dim == 2 else [[3, 4, 3], [2, 2, 2]]
     stack, shapes_t = random_map(shapes, 2, 4, 0.6, torch.float64, gen)
     index = SparseCoordinateIndex.from_coo_stack(stack, shapes_t)
-    h, l, p, c, dh = 2, 2, 2, 3, 2
+    h, l, p, c, dh, c_in = 2, 2, 2, 3, 2, 3
     n_q = 4
-    x = torch.randn(n_q, c, dtype=torch.float64, generator=gen)
-    w_off = torch.randn(h * l * p * dim, c, dtype=torch.float64, generator=gen) * 0.5
-    b_off = torch.randn(h * l * p * dim, dtype=torch.float64, generator=gen) * 0.5
-    w_att = torch.randn(h * l * p, c, dtype=torch.float64, generator=gen)
-    b_att = torch.randn(h * l * p, dtype=torch.float64, generator=gen)
-    ref = torch.rand(n_q, dim, dtype=torch.float64, generator=gen)
-    n_rows = index.n_voxels * h
-    table = torch.randn(n_rows + 2 * l * h, dh, dtype=torch.float64, generator=gen)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=torch.float64, generator=gen) * scale).requires_grad_()
+
+    inputs = (
+        rand(n_q, c), rand(h * l * p * dim, c, scale=0.5), rand(h * l * p * dim, scale=0.5), rand(h * l * p, c),
+        rand(h * l * p), torch.rand(n_q, dim, dtype=torch.float64, generator=gen).requires_grad_(),
+        rand(index.n_voxels, c_in), rand(h * dh, c_in), rand(h * dh), rand(2 * l * h, dh),
+    )
     batch = torch.tensor([0, 0, 1, 1])
 
-    def f(x, w_off, b_off, w_att, b_att, ref, table):
-        return deformable_fused.fused_deformable_attention(
-            x, w_off, b_off, w_att, b_att, ref, table, index, batch, h, l, p, background_offset=n_rows
-        )
+    def f(*args):
+        return deformable_fused.fused_deformable_attention(*args, index, batch, h, l, p)
 
-    inputs = tuple(t.requires_grad_() for t in (x, w_off, b_off, w_att, b_att, ref, table))
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
 
 

@@ -20,10 +20,14 @@ each location from the offset and the reference point and takes each row's softm
 backward returns the offsets' and the logits' gradients directly (the softmax's backward runs in
 the kernel) and forms the gradients of ``x`` and of the two linear layers chunk by chunk.
 
+The value projection runs inside too (``table = linear(features, value_weight, value_bias)``,
+then the background rows), so that the table need not stay alive between forward and backward.
+
 Memory: kept for the backward are the inputs, the ``[Q * H, L * P]`` int32 base-cell ids and, when
-they fit in :data:`~sparse_msda.tuning.DEFORMABLE_KEEP_BYTES`, the offsets and logits; larger
-problems (e.g. a 3D encoder with 10^5 queries) recompute them per chunk in the backward (two
-small matrix products) instead of keeping ``Q * H * L * P * (D + 1)`` floats alive.
+each fits in :data:`~sparse_msda.tuning.DEFORMABLE_KEEP_BYTES`, the value table and the offsets
+and logits; larger problems (e.g. a 3D encoder with 10^5 queries) recompute them in the backward
+(the table by one matrix product, offsets and logits per chunk by two small ones) instead of
+keeping ``N * C + Q * H * L * P * (D + 1)`` floats alive from the forward to the backward.
 
 Runs on the ``cpu`` backend only (CPU tensors of one dtype, float32 or float64, kernels built and
 chosen); :func:`fusable` says when. Everything else (other backends and dtypes, a precomputed
@@ -82,6 +86,8 @@ class _Spec:
     background_offset: int  # first background row of the table, -1: none
     chunk: int  # queries per chunk
     keep: bool  # keep the offsets and logits for the backward (else recompute per chunk)
+    keep_table: bool  # keep the projected value table for the backward (else recompute it)
+    head_dim: int
 
 
 class _Chunks:
@@ -122,11 +128,23 @@ class _Chunks:
         return batch.expand(s, self.j), self.level.expand(s, self.j), self.head[:s].expand(s, self.j)
 
 
+def _value_table(features: Tensor, w_v: Tensor, b_v: Optional[Tensor], bg: Optional[Tensor], head_dim: int) -> Tensor:
+    """``[N * H (+ background rows), Dh]``: the projected values (rows ``r * H + h``), then the
+    background rows; one zero row when both are empty (no corner holds a value)."""
+    table = F.linear(features, w_v, b_v).view(-1, head_dim)
+    if bg is not None:
+        table = torch.cat([table, bg.to(table.dtype)])
+    if table.shape[0] == 0:
+        table = table.new_zeros(1, head_dim)
+    return table
+
+
 class _FusedDeformable(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_off, b_off, w_att, b_att, ref, table, spec: _Spec):
+    def forward(ctx, x, w_off, b_off, w_att, b_att, ref, features, w_v, b_v, bg, spec: _Spec):
         ext = sampling_kernels(auto=False)
         h = spec.n_heads
+        table = _value_table(features, w_v, b_v, bg, spec.head_dim)
         off_all = logit_all = None
         if spec.keep:
             off_all, logit_all = F.linear(x, w_off, b_off), F.linear(x, w_att, b_att)
@@ -145,19 +163,27 @@ class _FusedDeformable(torch.autograd.Function):
                 table, off, logit, ids_c, ch.corners, batch, level, head, ch.shapes, h, spec.background_offset,
                 threads, ref_c, h, True,
             )
-        ctx.save_for_backward(x, w_off, b_off, w_att, b_att, ref, table, ids, off_all, logit_all)
+        ctx.save_for_backward(
+            x, w_off, b_off, w_att, b_att, ref, features, w_v, b_v, bg, ids, off_all, logit_all,
+            table if spec.keep_table else None,
+        )
         ctx.spec = spec
         return out.view(n_q, h * table.shape[1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_off, b_off, w_att, b_att, ref, table, ids, off_all, logit_all = ctx.saved_tensors
+        x, w_off, b_off, w_att, b_att, ref, features, w_v, b_v, bg, ids, off_all, logit_all, table = ctx.saved_tensors
         spec = ctx.spec
-        need_x, need_w_off, need_b_off, need_w_att, need_b_att, need_ref, need_table = ctx.needs_input_grad[:7]
+        need_x, need_w_off, need_b_off, need_w_att, need_b_att, need_ref = ctx.needs_input_grad[:6]
+        need_features, need_w_v, need_b_v, need_bg = ctx.needs_input_grad[6:10]
+        need_table = need_features or need_w_v or need_b_v or need_bg
         need_pos = need_x or need_w_off or need_b_off or need_ref
         need_w = need_x or need_w_att or need_b_att
         ext = sampling_kernels(auto=False)
-        h, dh = spec.n_heads, table.shape[1]
+        h = spec.n_heads
+        if table is None:  # recompute the value projection instead of keeping it since the forward
+            table = _value_table(features, w_v, b_v, bg, spec.head_dim)
+        dh = table.shape[1]
         ch = _Chunks(spec, x, w_off, b_off, w_att, b_att, ref, off_all, logit_all)
         g = grad_out.contiguous().view(-1, dh)
         g_table = torch.zeros_like(table) if need_table else None
@@ -197,7 +223,20 @@ class _FusedDeformable(torch.autograd.Function):
             if need_ref:  # d location / d ref = the level's shape
                 g5 = g_off.view(c, h, spec.n_levels, spec.n_points, -1)
                 g_ref[q0:q1] = (g5 * shapes_f[None, None, :, None, :]).sum((1, 2, 3))
-        return g_x, g_w_off, g_b_off, g_w_att, g_b_att, g_ref, g_table, None
+        del table
+        g_features = g_w_v = g_b_v = g_bg = None
+        if need_table:  # through the value projection: rows r * H + h of voxel r are its [C] row
+            n_value = features.shape[0] * w_v.shape[0] // dh
+            g_value = g_table[:n_value].view(features.shape[0], w_v.shape[0])
+            if need_features:
+                g_features = g_value @ w_v
+            if need_w_v:
+                g_w_v = g_value.t() @ features
+            if need_b_v:
+                g_b_v = g_value.sum(0)
+            if need_bg:
+                g_bg = g_table[n_value : n_value + bg.shape[0]].to(bg.dtype)
+        return g_x, g_w_off, g_b_off, g_w_att, g_b_att, g_ref, g_features, g_w_v, g_b_v, g_bg, None
 
 
 def fused_deformable_attention(
@@ -207,15 +246,17 @@ def fused_deformable_attention(
     attn_weight: Tensor,
     attn_bias: Optional[Tensor],
     reference_points: Tensor,
-    table: Tensor,
+    features: Tensor,
+    value_weight: Tensor,
+    value_bias: Optional[Tensor],
+    background_table: Optional[Tensor],
     index: SparseCoordinateIndex,
     batch_indices: Tensor,
     n_heads: int,
     n_levels: int,
     n_points: int,
-    background_offset: Optional[int] = None,
 ) -> Tensor:
-    """The deformable attention's offsets, softmax and sampling from the (projected) query.
+    """The deformable attention's value projection, offsets, softmax and sampling from the query.
 
     Args:
         x: ``[Q, C]`` the query after its input projection.
@@ -225,37 +266,45 @@ def fused_deformable_attention(
         attn_weight, attn_bias: ``[H * L * P, C]``, ``[H * L * P]``: the attention logits.
         reference_points: ``[Q, D]`` normalised (position / the query level's shape); a sample's
             location at level ``l`` is ``reference_points * shape_l + offset`` in level cells.
-        table: ``[N * H (+ background rows), Dh]`` projected values, row ``r * H + h`` (as
+        features: ``[N, C_in]`` voxel features in ``index`` row order; value_weight,
+            value_bias: ``[H * Dh, C_in]``, ``[H * Dh]``, the value projection (row ``r * H + h``
+            of the value table is head ``h`` of voxel ``r``, as
             :func:`~sparse_msda.functional.sampling.sparse_weighted_gather`).
+        background_table: ``[batch * L * H, Dh]`` projected background values, row
+            ``(b * L + l) * H + h``, or None.
         index: the map's coordinate index; batch_indices: int64 ``[Q]`` (checked by the caller).
-        background_offset: first background row of ``table`` (rows ``(b * L + l) * H + h``), or None.
 
     Returns:
         ``[Q, H * Dh]``; differentiable w.r.t. every tensor argument but the index and batch.
 
     Internal entry of the module (arguments are checked by its ``prepare``); see :func:`fusable`.
+    The value table is kept for the backward when it fits in
+    :data:`~sparse_msda.tuning.DEFORMABLE_KEEP_BYTES`, else recomputed there (one matrix product).
     """
     from ..backends import cpu  # the cpu backend's entry (what a backend spy sees); it calls _fused below
 
     return cpu.deformable_attention(
-        x, offset_weight, offset_bias, attn_weight, attn_bias, reference_points, table, index, batch_indices,
-        n_heads, n_levels, n_points, background_offset,
+        x, offset_weight, offset_bias, attn_weight, attn_bias, reference_points, features, value_weight, value_bias,
+        background_table, index, batch_indices, n_heads, n_levels, n_points,
     )
 
 
-def _fused(x, offset_weight, offset_bias, attn_weight, attn_bias, reference_points, table, index, batch_indices,
-           n_heads, n_levels, n_points, background_offset) -> Tensor:
+def _fused(x, offset_weight, offset_bias, attn_weight, attn_bias, reference_points, features, value_weight,
+           value_bias, background_table, index, batch_indices, n_heads, n_levels, n_points) -> Tensor:
     """:func:`fused_deformable_attention` (called by ``backends.cpu.deformable_attention``)."""
     n_q, h, j, d = x.shape[0], n_heads, n_levels * n_points, index.position_dim
-    if table.shape[0] == 0:  # no voxel and no background: no corner holds a value
-        table = table.new_zeros(1, table.shape[1]) + 0 * table.sum()
+    head_dim = value_weight.shape[0] // n_heads
+    n_value = features.shape[0] * n_heads
     per_query = h * j * (d + 1) * x.element_size()
+    table_bytes = (n_value + (0 if background_table is None else background_table.shape[0])) * head_dim * x.element_size()
     spec = _Spec(
         index, batch_indices.to(torch.int64), h, n_levels, n_points,
-        -1 if background_offset is None else background_offset,
+        -1 if background_table is None else n_value,
         max(1, tuning.CHUNK_CORNERS // max(1, h * j)), n_q * per_query <= tuning.DEFORMABLE_KEEP_BYTES,
+        table_bytes <= tuning.DEFORMABLE_KEEP_BYTES, head_dim,
     )
     return _FusedDeformable.apply(
         x.contiguous(), offset_weight.contiguous(), offset_bias, attn_weight.contiguous(), attn_bias,
-        reference_points.contiguous(), table.contiguous(), spec,
+        reference_points.contiguous(), features.contiguous(), value_weight.contiguous(), value_bias,
+        None if background_table is None else background_table.contiguous(), spec,
     )

@@ -203,15 +203,12 @@ class SparseMSDeformableAttention(nn.Module):
         features, plan = qb.features, None
         if n_q * h * l * p * 2**d >= self.plan_below * qb.index.n_voxels and fusable(
             self.backend, query, ref, qb.features, self.value_proj.weight
-        ):  # an encoder on the C++ kernels: offsets, softmax and sampling in one pass per chunk
-            table = self.value_proj(features).view(-1, self.head_dim)
-            bg_offset = None
-            if background_value is not None:
-                bg_offset = table.shape[0]
-                table = torch.cat([table, background_value.reshape(-1, self.head_dim)])
+        ):  # an encoder on the C++ kernels: values, offsets, softmax and sampling fused, per chunk of queries
             out = fused_deformable_attention(
-                query, weight, bias, self.attention_weights.weight, self.attention_weights.bias, ref, table,
-                qb.index, qb.batch_indices, h, l, p, bg_offset,
+                query, weight, bias, self.attention_weights.weight, self.attention_weights.bias, ref, features,
+                self.value_proj.weight, self.value_proj.bias,
+                None if background_value is None else background_value.reshape(-1, self.head_dim),
+                qb.index, qb.batch_indices, h, l, p,
             )
             return self.output_proj(out)
         attn = self.attention_weights(query).view(n_q, h, l * p).softmax(-1).view(n_q, h, l, p)
