@@ -27,7 +27,7 @@ import math
 import torch
 
 from .spconv_compat import hash_insert, hash_query, new_hash_table, table_size
-from .validation import as_level_spatial_shapes, broadcast_shapes, check_integer_tensor, check_voxel_bounds
+from .validation import as_level_spatial_shapes, broadcast_shapes, check_index_range, check_integer_tensor, check_voxel_bounds
 
 __all__ = ["SparseCoordinateIndex", "corner_offsets"]
 
@@ -220,6 +220,108 @@ class SparseCoordinateIndex:
         rows, found = hash_query(self._table, keys)
         rows = rows.masked_fill_(~found, -1).reshape(shape)
         return rows, rows >= 0
+
+    def lookup_boxes(
+        self,
+        batch_indices: torch.Tensor,
+        level_indices: torch.Tensor,
+        box_lo: torch.Tensor,
+        box_extent: torch.Tensor,
+        cells_per_chunk: int = 1 << 19,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The voxels present in boxes of cells, one hash query per cell of every box.
+
+        Equivalent to :meth:`lookup` of every cell of every box (boxes in order, each box's
+        cells in row-major order, last axis fastest), keeping the cells found; but the keys
+        of a box's cells are generated from the key of its first cell and the key strides,
+        without materialising the cells' coordinates (a few passes per cell instead of ~30).
+
+        Args:
+            batch_indices, level_indices: integer ``[P]`` batch item and level of each box.
+            box_lo: integer ``[P, position_dim]`` first cell of each box (spconv axis order).
+            box_extent: integer ``[P, position_dim]`` cells per axis, ``>= 0`` (a zero extent is
+                an empty box). A non-empty box must lie inside its level's grid.
+            cells_per_chunk: bound on the cells queried at once (memory); a larger box is
+                queried alone.
+
+        Returns:
+            ``(box, rows)``: int64 ``[M]`` the box of each voxel found and its row, in box order
+            and within a box in row-major order of the cells. The voxel's cell is
+            ``spatial_indices[rows]``.
+
+        Raises:
+            TypeError: a non-integer input. ValueError: shapes, an out-of-range batch or level, a
+                negative extent or a non-empty box outside its level's grid.
+        """
+        dim, device = self.position_dim, self.device
+        for name, t in (("batch_indices", batch_indices), ("level_indices", level_indices), ("box_lo", box_lo), ("box_extent", box_extent)):
+            check_integer_tensor(name, t)
+        n_boxes = box_lo.shape[0] if box_lo.ndim == 2 else -1
+        if box_lo.ndim != 2 or box_lo.shape[1] != dim or box_extent.shape != box_lo.shape:
+            raise ValueError(
+                f"box_lo and box_extent must have shape [P, {dim}], got box_lo.shape={tuple(box_lo.shape)}, "
+                f"box_extent.shape={tuple(box_extent.shape)}"
+            )
+        for name, t in (("batch_indices", batch_indices), ("level_indices", level_indices)):
+            if t.shape != (n_boxes,):
+                raise ValueError(f"{name} must have shape [{n_boxes}] (one per box), got {name}.shape={tuple(t.shape)}")
+        if not isinstance(cells_per_chunk, int) or cells_per_chunk < 1:
+            raise ValueError(f"cells_per_chunk must be a positive int, got {cells_per_chunk=}")
+        b, l = batch_indices.to(device=device, dtype=torch.int64), level_indices.to(device=device, dtype=torch.int64)
+        lo, ext = box_lo.to(device=device, dtype=torch.int64), box_extent.to(device=device, dtype=torch.int64)
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        if n_boxes == 0:
+            return empty, empty
+        check_index_range("batch_indices", b, self.batch_size)
+        check_index_range("level_indices", l, self.n_levels)
+        nonempty = (ext > 0).all(-1)
+        bad = (ext < 0).any(-1) | (nonempty & ((lo < 0) | (lo + ext > self.level_spatial_shapes[l])).any(-1))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"box {i} (box_lo={lo[i].tolist()}, box_extent={ext[i].tolist()}) must have extents >= 0 and lie "
+                f"inside level {int(l[i])}'s grid {self.level_spatial_shapes[int(l[i])].tolist()}"
+            )
+        n_cells = torch.where(nonempty, ext.prod(-1), 0)
+        if not self.n_voxels or not bool(nonempty.any()):
+            return empty, empty
+        # key of a cell = key(box_lo) + sum_a local_a * stride_a (the key layout of _query_keys)
+        strides = [math.prod(self._axis_extent[a + 1 :]) for a in range(dim)]
+        key_lo, _ = self._query_keys(b, l, torch.where(nonempty[:, None], lo, 0))  # empty boxes: any in-grid key
+        row_len = ext[:, -1]  # a box is enumerated as rows along its last axis
+        n_rows = torch.where(nonempty, ext[:, :-1].prod(-1), 0)  # prod of nothing (1D) is 1
+        cum = torch.cumsum(n_cells, 0)
+        cum_cpu = cum.cpu()
+        boxes, rows = [], []
+        p0 = 0
+        while p0 < n_boxes:
+            base = int(cum_cpu[p0 - 1]) if p0 else 0
+            p1 = int(torch.searchsorted(cum_cpu, torch.tensor(base + cells_per_chunk), right=True))
+            p1 = min(max(p1, p0 + 1), n_boxes)
+            total = int(cum_cpu[p1 - 1]) - base
+            if total:
+                nr = n_rows[p0:p1]
+                n_r = int(nr.sum())
+                row_box = torch.repeat_interleave(torch.arange(p0, p1, device=device), nr, output_size=n_r)
+                j = torch.arange(n_r, device=device) - (torch.cumsum(nr, 0) - nr)[row_box - p0]
+                row_key = key_lo[row_box]
+                for axis in range(dim - 2, -1, -1):  # the row's cell on the leading axes
+                    e = ext[row_box, axis]
+                    row_key += (j % e) * strides[axis]
+                    j = j // e
+                rl = row_len[row_box]
+                # keys of the cells: the row's first key + the cell's position along the row
+                start = torch.cumsum(rl, 0) - rl
+                keys = torch.repeat_interleave(row_key - start, rl, output_size=total)
+                keys += torch.arange(total, device=device)
+                values, found = hash_query(self._table, keys)
+                hit = found.nonzero().squeeze(1)
+                # the box of each hit: the first box whose cells end after it (bookkeeping of
+                # this call's own enumeration, not a voxel search)
+                boxes.append(torch.searchsorted(cum[p0:p1] - base, hit, right=True) + p0)
+                rows.append(values.index_select(0, hit))
+            p0 = p1
+        return (torch.cat(boxes), torch.cat(rows)) if boxes else (empty, empty)
 
     def _query_keys(
         self, b: torch.Tensor, l: torch.Tensor, c: torch.Tensor, extra: int = 0, shift: int = 0

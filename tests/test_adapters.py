@@ -244,6 +244,56 @@ def test_lookup_large_random_against_dict():
     _check_against_dict(index, table, b, l, c)
 
 
+def _check_boxes_against_dict(index, table, b, l, lo, ext, cells_per_chunk):
+    """lookup_boxes against a Python enumeration of every box's cells (row-major) and the dict."""
+    box, rows = index.lookup_boxes(b, l, lo, ext, cells_per_chunk=cells_per_chunk)
+    assert box.dtype == torch.int64 and rows.dtype == torch.int64
+    expected = []
+    for p, (bi, li, lo_p, ext_p) in enumerate(zip(b.tolist(), l.tolist(), lo.tolist(), ext.tolist())):
+        for cell in _unravel(range(math.prod(ext_p)), ext_p):  # row-major, last axis fastest
+            row = table.get((bi, li, *(c + o for c, o in zip(cell, lo_p))), -1)
+            if row >= 0:
+                expected.append((p, row))
+    assert list(zip(box.tolist(), rows.tolist())) == expected
+
+
+@SETTINGS
+@given(multilevel_maps(max_voxels=40), st.integers(0, 2**31 - 1), st.sampled_from([1, 5, 64, 1 << 19]))
+def test_lookup_boxes_matches_dict(data, seed, cells_per_chunk):
+    levels, _ = data
+    index = SparseCoordinateIndex.from_spconv(levels)
+    table = reference_rows(levels)
+    gen = torch.Generator().manual_seed(seed)
+    n, shapes = 12, index.level_spatial_shapes
+    b = torch.randint(index.batch_size, (n,), generator=gen)
+    l = torch.randint(index.n_levels, (n,), generator=gen)
+    lo = (torch.rand(n, index.position_dim, generator=gen) * shapes[l]).long()
+    ext = (torch.rand(n, index.position_dim, generator=gen) * (shapes[l] - lo + 1)).long()  # may be 0: empty box
+    _check_boxes_against_dict(index, table, b, l, lo, ext, cells_per_chunk)
+    # an empty box anywhere (even outside the grid) is allowed and finds nothing
+    far = torch.full((1, index.position_dim), 10**6)
+    assert index.lookup_boxes(b[:1], l[:1], far, torch.zeros_like(far))[0].numel() == 0
+
+
+def test_lookup_boxes_errors():
+    index = SparseCoordinateIndex(torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([[1, 2], [0, 0]]), [[3, 4]], 2)
+    one, zero = torch.tensor([1]), torch.tensor([0])
+    with pytest.raises(ValueError, match=r"box 0 \(box_lo=\[2, 2\], box_extent=\[2, 1\]\) must have extents >= 0 and lie inside level 0's grid \[3, 4\]"):
+        index.lookup_boxes(zero, zero, torch.tensor([[2, 2]]), torch.tensor([[2, 1]]))
+    with pytest.raises(ValueError, match="must have extents >= 0"):
+        index.lookup_boxes(zero, zero, torch.tensor([[0, 0]]), torch.tensor([[1, -1]]))
+    with pytest.raises(ValueError, match=r"box_lo and box_extent must have shape \[P, 2\]"):
+        index.lookup_boxes(zero, zero, torch.tensor([[0, 0, 0]]), torch.tensor([[1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"level_indices must have shape \[1\] \(one per box\)"):
+        index.lookup_boxes(zero, torch.tensor([0, 0]), torch.tensor([[0, 0]]), torch.tensor([[1, 1]]))
+    with pytest.raises(ValueError, match=r"batch_indices must lie in \[0, 2\)"):
+        index.lookup_boxes(torch.tensor([2]), zero, torch.tensor([[0, 0]]), torch.tensor([[1, 1]]))
+    with pytest.raises(TypeError, match="box_extent must have an integer dtype"):
+        index.lookup_boxes(one, zero, torch.tensor([[0, 0]]), torch.tensor([[1.0, 1.0]]))
+    box, rows = index.lookup_boxes(torch.tensor([1, 0]), torch.tensor([0, 0]), torch.tensor([[0, 0], [0, 0]]), torch.tensor([[3, 4], [3, 4]]))
+    assert box.tolist() == [0, 1] and rows.tolist() == [1, 0]
+
+
 def _check_corners_against_dict(index, table, b, l, base):
     rows = index.lookup_corners(b, l, base)
     offsets = adapters.corner_offsets(index.position_dim)

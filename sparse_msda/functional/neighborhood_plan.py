@@ -318,41 +318,13 @@ def build_neighborhood_plan(
     box_hi = torch.minimum(hi.view(-1, n_levels, dim) + r, shapes[None] - 1)
     ext = (box_hi - box_lo + 1).clamp_min(0).view(-1, dim)  # [P * L, D]
     box_lo = box_lo.reshape(-1, dim)
-    n_cells = ext.prod(-1)  # [P * L] piece-major, then level
-    cum = torch.cumsum(n_cells, 0)
-
-    # --- look the boxes up (bounded number of cells at a time) ------------------------------
-    k_piece, k_row, k_level, k_cell = [], [], [], []
-    cum_cpu = cum.cpu()
-    o0, n_owner = 0, n_cells.shape[0]
-    while o0 < n_owner:
-        base = int(cum_cpu[o0 - 1]) if o0 else 0
-        o1 = int(torch.searchsorted(cum_cpu, torch.tensor(base + cells_per_chunk), right=True))
-        o1 = min(max(o1, o0 + 1), n_owner)
-        cnt = n_cells[o0:o1]
-        total = int(cum_cpu[o1 - 1]) - base
-        if total:
-            owner = torch.repeat_interleave(torch.arange(o0, o1, device=device), cnt, output_size=total)
-            local = torch.arange(total, device=device) - (cum[owner] - n_cells[owner] - base)
-            e = ext[owner]
-            cells = torch.empty(total, dim, dtype=torch.int64, device=device)
-            for axis in range(dim - 1, -1, -1):
-                cells[:, axis] = local % e[:, axis]
-                local = local // e[:, axis]
-            cells += box_lo[owner]
-            lvl, pc = owner % n_levels, owner // n_levels
-            rows, found = index.lookup(piece_batch[pc], lvl, cells)
-            hit = found.nonzero().squeeze(1)
-            k_piece.append(pc.index_select(0, hit))
-            k_row.append(rows.index_select(0, hit))
-            k_level.append(lvl.index_select(0, hit))
-            k_cell.append(cells.index_select(0, hit))
-        o0 = o1
-    empty = torch.zeros(0, dtype=torch.int64, device=device)
-    k_piece = torch.cat(k_piece) if k_piece else empty
-    k_row = torch.cat(k_row) if k_row else empty
-    k_level = torch.cat(k_level) if k_level else empty
-    k_cell = torch.cat(k_cell) if k_cell else empty.view(0, dim)
+    # --- look the boxes up through the index (bounded number of cells at a time) -----------
+    # owner o = piece * n_levels + level; the index enumerates each box's cells in row-major order
+    owner_piece = torch.arange(n_pieces, device=device).repeat_interleave(n_levels)
+    owner_level = torch.arange(n_levels, device=device).repeat(n_pieces)
+    owner, k_row = index.lookup_boxes(piece_batch[owner_piece], owner_level, box_lo, ext, cells_per_chunk=cells_per_chunk)
+    k_piece, k_level = owner // n_levels, owner % n_levels
+    k_cell = index.spatial_indices.to(device).index_select(0, k_row)
 
     n_keys, voxel_rows = index.n_voxels, None
     if compact_rows:
