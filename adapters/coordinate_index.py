@@ -292,7 +292,14 @@ class SparseCoordinateIndex:
         n_rows = torch.where(nonempty, ext[:, :-1].prod(-1), 0)  # prod of nothing (1D) is 1
         cum = torch.cumsum(n_cells, 0)
         cum_cpu = cum.cpu()
-        boxes, rows = [], []
+        # CPU: the hits go straight into two buffers sized for every cell (virtual memory: only the
+        # pages written become resident), then one copy of the filled part; no per-chunk result
+        # tensors that would leave the heap fragmented. CUDA: per-chunk results, concatenated.
+        direct = self.device.type == "cpu"
+        if direct:
+            box_out = torch.empty(int(cum_cpu[-1]), dtype=torch.int64)
+            row_out = torch.empty(int(cum_cpu[-1]), dtype=torch.int64)
+        boxes, rows, n_found = [], [], 0
         p0 = 0
         while p0 < n_boxes:
             base = int(cum_cpu[p0 - 1]) if p0 else 0
@@ -316,11 +323,21 @@ class SparseCoordinateIndex:
                 keys += torch.arange(total, device=device)
                 values, found = hash_query(self._table, keys)
                 hit = found.nonzero().squeeze(1)
+                del keys, found
                 # the box of each hit: the first box whose cells end after it (bookkeeping of
                 # this call's own enumeration, not a voxel search)
-                boxes.append(torch.searchsorted(cum[p0:p1] - base, hit, right=True) + p0)
-                rows.append(values.index_select(0, hit))
+                box = torch.searchsorted(cum[p0:p1] - base, hit, right=True).add_(p0)
+                if direct:
+                    m = hit.shape[0]
+                    box_out[n_found : n_found + m] = box
+                    torch.index_select(values, 0, hit, out=row_out[n_found : n_found + m])
+                    n_found += m
+                else:
+                    boxes.append(box)
+                    rows.append(values.index_select(0, hit))
             p0 = p1
+        if direct:
+            return box_out[:n_found].clone(), row_out[:n_found].clone()
         return (torch.cat(boxes), torch.cat(rows)) if boxes else (empty, empty)
 
     def _query_keys(

@@ -2,10 +2,11 @@
 //
 // The plan is a list of tiles (queries of one batch item sharing their coarsest-level window
 // centre). Tile t owns queries qids[qptr[t] .. qptr[t+1]) and the voxels present in the union of
-// their windows: key entries e in [kptr[t], kptr[t+1]) with key row krow[e] (rows of k and v), level
-// klev[e] and cell kcell[e] (int64 [E, D], the level's grid). This file does no coordinate lookup:
-// the entries come from the coordinate index. Query i sees entry e iff the cell lies in its window
-// at that level, |kcell[e] - centre[i, l]| <= radius[l] on every axis (axis order (y, x) / (z, y, x)).
+// their windows: key entries e in [kptr[t], kptr[t+1]) with key row krow[e] (rows of k and v); the
+// level klev[r] and cell kcell[r] (int64 [n_keys, D], the level's grid) are per key row r = krow[e]
+// (one table per key, not per entry). This file does no coordinate lookup: the entries come from
+// the coordinate index. Query i sees entry e iff the cell lies in its window at that level,
+// |kcell[r] - centre[i, l]| <= radius[l] on every axis (axis order (y, x) / (z, y, x)).
 //
 // Background (optional): the in-bounds window slots of query i that hold no voxel. Slot k (levels
 // in order, row-major offsets within a level) is scored as <ql[i, level(k)], tables[b, k]> where ql
@@ -41,6 +42,7 @@ struct Tiles {
 };
 
 // tiles = [qptr, qids, kptr, krow, klev, kcell, tbatch, centres, shapes, radius, slot_start, offsets, slot_level]
+// (klev [n_keys] and kcell [n_keys, D] per key row)
 Tiles make_tiles(const std::vector<at::Tensor>& t) {
   TORCH_CHECK(t.size() == 13, "tiles: 13 int64 tensors expected");
   for (const auto& x : t)
@@ -73,8 +75,8 @@ struct TileWindows {
       const int64_t* c = T.centres + T.qids[qi] * T.n_levels * D;
       if (background) present.assign(T.n_slots, 0);
       for (int64_t e = e0; e < e1; ++e) {
-        const int64_t l = T.klev[e], r = T.radius[l];
-        const int64_t* kc = T.kcell + e * D;
+        const int64_t row = T.krow[e], l = T.klev[row], r = T.radius[l];
+        const int64_t* kc = T.kcell + row * D;
         const int64_t* cl = c + l * D;
         bool inside = true;
         int64_t slot = 0;

@@ -75,8 +75,10 @@ class NeighborhoodTiles:
     ``query_order[query_start[p] : query_start[p] + query_count[p]]`` (one batch item,
     ``batch[p]``) and the key entries ``key_start[p] : key_start[p] + key_count[p]``: the
     voxels present in the union of its queries' windows, with their key row (as in
-    ``NeighborhoodPlan.voxel_rows``), level and cell in that level's grid. A query sees an entry
-    iff the cell lies in its own window at the entry's level."""
+    ``NeighborhoodPlan.voxel_rows``). The level and cell (in that level's grid) of a key are
+    held once per key row (``row_level``, ``row_cell``; views of the index's own tensors when
+    the rows are not compacted), not per entry: an entry's are ``key_level`` / ``key_cell``.
+    A query sees an entry iff the cell lies in its own window at the entry's level."""
 
     query_order: Tensor  # int64 [Q] query ids, grouped by tile
     query_start: Tensor  # int64 [P]
@@ -85,12 +87,22 @@ class NeighborhoodTiles:
     key_start: Tensor  # int64 [P]
     key_count: Tensor  # int64 [P]
     key_row: Tensor  # int64 [E]
-    key_level: Tensor  # int64 [E]
-    key_cell: Tensor  # int64 [E, D]
+    row_level: Tensor  # int64 [n_keys] level of each key row
+    row_cell: Tensor  # int64 [n_keys, D] cell of each key row in its level's grid
 
     @property
     def n_tiles(self) -> int:
         return self.query_count.shape[0]
+
+    @property
+    def key_level(self) -> Tensor:
+        """int64 ``[E]`` level of each entry (gathered on each call)."""
+        return self.row_level.index_select(0, self.key_row)
+
+    @property
+    def key_cell(self) -> Tensor:
+        """int64 ``[E, D]`` cell of each entry (gathered on each call)."""
+        return self.row_cell.index_select(0, self.key_row)
 
 
 @dataclass
@@ -193,7 +205,7 @@ class NeighborhoodPlan:
                 x.contiguous()
                 for x in (
                     torch.cat([t.query_start, end(self.n_queries)]), t.query_order,
-                    torch.cat([t.key_start, end(t.key_row.shape[0])]), t.key_row, t.key_level, t.key_cell, t.batch,
+                    torch.cat([t.key_start, end(t.key_row.shape[0])]), t.key_row, t.row_level, t.row_cell, t.batch,
                     self.centres, self.level_spatial_shapes, radius, slot_start, self.slot_offset, self.slot_level,
                 )
             ]
@@ -323,10 +335,11 @@ def build_neighborhood_plan(
     owner_piece = torch.arange(n_pieces, device=device).repeat_interleave(n_levels)
     owner_level = torch.arange(n_levels, device=device).repeat(n_pieces)
     owner, k_row = index.lookup_boxes(piece_batch[owner_piece], owner_level, box_lo, ext, cells_per_chunk=cells_per_chunk)
-    k_piece, k_level = owner // n_levels, owner % n_levels
-    k_cell = index.spatial_indices.to(device).index_select(0, k_row)
+    k_piece = owner // n_levels
+    del owner
 
     n_keys, voxel_rows = index.n_voxels, None
+    row_level, row_cell = index.level_indices.to(device), index.spatial_indices.to(device)
     if compact_rows:
         used = torch.zeros(index.n_voxels, dtype=torch.bool, device=device)
         used[k_row] = True
@@ -335,6 +348,7 @@ def build_neighborhood_plan(
             voxel_rows = used.nonzero().squeeze(1)
             k_row = (torch.cumsum(used, 0) - 1)[k_row]
             n_keys = n_used
+            row_level, row_cell = row_level.index_select(0, voxel_rows), row_cell.index_select(0, voxel_rows)
     piece_nkeys = torch.bincount(k_piece, minlength=n_pieces)
     piece_kstart = torch.cumsum(piece_nkeys, 0) - piece_nkeys
 
@@ -357,7 +371,7 @@ def build_neighborhood_plan(
         voxel_rows=voxel_rows,
         tiles=NeighborhoodTiles(
             query_order=order, query_start=piece_qstart, query_count=piece_size, batch=piece_batch,
-            key_start=piece_kstart, key_count=piece_nkeys, key_row=k_row, key_level=k_level, key_cell=k_cell,
+            key_start=piece_kstart, key_count=piece_nkeys, key_row=k_row, row_level=row_level, row_cell=row_cell,
         ),
         chunk_size=chunk_size,
         tile_queries=tile_queries,
@@ -456,7 +470,7 @@ def _pack_chunks(plan: NeighborhoodPlan, grouping: Optional[str] = None) -> tupl
     radius = torch.tensor([(s - 1) // 2 for s in sizes], dtype=torch.int64, device=device)
     n_q, n_keys = plan.n_queries, plan.n_keys
     order, piece_qstart, piece_size, piece_batch = t.query_order, t.query_start, t.query_count, t.batch
-    piece_kstart, piece_nkeys, k_row, k_level, k_cell = t.key_start, t.key_count, t.key_row, t.key_level, t.key_cell
+    piece_kstart, piece_nkeys, k_row, row_level = t.key_start, t.key_count, t.key_row, t.row_level
     # --- pack pieces into chunks: sorted by (padded size class, keys) -----------------------
     classes = _size_classes(plan.tile_queries).to(device)
     g_cls = classes[torch.searchsorted(classes, piece_size)]
@@ -478,7 +492,7 @@ def _pack_chunks(plan: NeighborhoodPlan, grouping: Optional[str] = None) -> tupl
     # overlap with the grid, coordinates bounded)
     lim_lo, lim_hi = -radius[None, :, None] - 1, shapes[None] + radius[None, :, None]
     centres32 = torch.minimum(torch.maximum(centres, lim_lo), lim_hi).to(torch.int32)
-    kcell32_all = k_cell.to(torch.int32)
+    row_cell32 = t.row_cell.to(torch.int32)  # per key row; an entry's is row_cell32[k_row[e]]
     radius32, size32, slot_start32 = radius.to(torch.int32), size_l.to(torch.int32), slot_start.to(torch.int32)
     offsets32, shapes32 = offsets.to(torch.int32), shapes.to(torch.int32)
     order_pad = torch.cat([order, torch.tensor([n_q], device=device)])
@@ -500,8 +514,9 @@ def _pack_chunks(plan: NeighborhoodPlan, grouping: Optional[str] = None) -> tupl
         k_valid = ui[None] < piece_nkeys[pcs][:, None]  # [T, U]
         kp = (piece_kstart[pcs][:, None] + ui[None]).clamp_max(max(n_entries - 1, 0))
         if n_entries:
-            key = torch.where(k_valid, k_row[kp], n_keys)
-            klev, kcell32 = k_level[kp], kcell32_all[kp]  # [T, U], [T, U, D]
+            rk = k_row[kp]
+            key = torch.where(k_valid, rk, n_keys)
+            klev, kcell32 = row_level[rk], row_cell32[rk]  # [T, U], [T, U, D]
         else:
             key = torch.full((T, U), n_keys, dtype=torch.int64, device=device)
             klev, kcell32 = torch.zeros_like(key), torch.zeros(T, U, dim, dtype=torch.int32, device=device)

@@ -46,7 +46,8 @@ def _plan_tensors(plan: NeighborhoodPlan, device) -> dict:
         sizes = torch.tensor(plan.neighborhood_sizes, dtype=torch.int64)
         slot_start = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes**dim, 0)])
         c = lambda x: x.to(device=device, dtype=torch.int64).contiguous()  # noqa: E731
-        key_cell = t.key_cell if t.key_cell.shape[0] else torch.zeros(1, dim, dtype=torch.int64)
+        key_cell = t.key_cell  # per entry (the plan holds it per key row)
+        key_cell = key_cell if key_cell.shape[0] else torch.zeros(1, dim, dtype=torch.int64)
         one = lambda x: x if x.shape[0] else torch.zeros(1, dtype=torch.int64)  # noqa: E731  (no empty pointers)
         cache[key] = dict(
             qorder=c(one(t.query_order)), qstart=c(t.query_start), qcount=c(t.query_count), tbatch=c(t.batch),
