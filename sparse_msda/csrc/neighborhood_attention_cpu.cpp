@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -153,25 +154,36 @@ inline void axpy(scalar_t* y, scalar_t a, const scalar_t* x, int64_t dh) {
   }
 }
 
-// x[j] <- exp(x[j] - shift) for j < n, with x[j] - shift <= 0 (softmax weights). float: Cephes'
-// expf polynomial after reduction by ln 2 (within 2 ulp of expf; inputs below -87 give ~1e-38
-// instead of 0), written so that the loop vectorises (no branch, no libm call; the int -> float
-// bit cast builds 2^k); double: std::exp (the gradcheck dtype).
+// exp(v) for v <= 0 (softmax weights): Cephes' expf polynomial after reduction by ln 2 (within
+// 2 ulp of expf; inputs below -87 give ~1e-38 instead of 0), written so that loops calling it
+// vectorise (no branch, no libm call; the int -> float bit cast builds 2^k).
+__attribute__((always_inline)) inline float exp_nonpositive(float v) {
+  v = v > -87.0f ? v : -87.0f;
+  const int32_t k = static_cast<int32_t>(v * 1.44269504088896341f - 0.5f);  // round(v / ln 2) (v <= 0)
+  const float kf = static_cast<float>(k);
+  v = v - kf * 0.693359375f - kf * -2.12194440e-4f;  // |v| <= ln(2) / 2
+  float p = 1.9875691500e-4f;
+  p = p * v + 1.3981999507e-3f;
+  p = p * v + 8.3334519073e-3f;
+  p = p * v + 4.1665795894e-2f;
+  p = p * v + 1.6666665459e-1f;
+  p = p * v + 5.0000001201e-1f;
+  p = p * v * v + v + 1.0f;
+  return p * std::bit_cast<float>((k + 127) << 23);
+}
+
+// x[j] <- exp(x[j] - shift) for j < n, with x[j] - shift <= 0. float: exp_nonpositive; double:
+// std::exp (the gradcheck dtype).
 inline void exp_shifted(float* __restrict__ x, int64_t n, float shift) {
+  for (int64_t j = 0; j < n; ++j) x[j] = exp_nonpositive(x[j] - shift);
+}
+
+// x[j] <- mask[j] * exp(scale * x[j] - shift) for j < n, mask[j] in {0, 1}: a masked entry gives
+// exactly 0 whatever x[j] holds (it is never exponentiated); scale * x[j] - shift <= 0 where unmasked.
+inline void exp_masked(float* __restrict__ x, const float* __restrict__ mask, int64_t n, float scale, float shift) {
   for (int64_t j = 0; j < n; ++j) {
-    float v = x[j] - shift;
-    v = v > -87.0f ? v : -87.0f;
-    const int32_t k = static_cast<int32_t>(v * 1.44269504088896341f - 0.5f);  // round(v / ln 2) (v <= 0)
-    const float kf = static_cast<float>(k);
-    v = v - kf * 0.693359375f - kf * -2.12194440e-4f;  // |v| <= ln(2) / 2
-    float p = 1.9875691500e-4f;
-    p = p * v + 1.3981999507e-3f;
-    p = p * v + 8.3334519073e-3f;
-    p = p * v + 4.1665795894e-2f;
-    p = p * v + 1.6666665459e-1f;
-    p = p * v + 5.0000001201e-1f;
-    p = p * v * v + v + 1.0f;
-    x[j] = p * std::bit_cast<float>((k + 127) << 23);
+    const float v = mask[j] != 0.0f ? x[j] * scale - shift : -87.0f;
+    x[j] = exp_nonpositive(v) * mask[j];
   }
 }
 
@@ -203,6 +215,30 @@ inline scalar_t max8(const scalar_t* x, int64_t n) {  // n >= 1
 
 inline void exp_shifted(double* x, int64_t n, double shift) {
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - shift);
+}
+
+inline void exp_masked(double* x, const double* mask, int64_t n, double scale, double shift) {
+  for (int64_t j = 0; j < n; ++j) x[j] = mask[j] != 0.0 ? std::exp(x[j] * scale - shift) : 0.0;
+}
+
+// Maximum of x[j] over the unmasked j < n (mask[j] != 0), at least `init`; 8 independent partials.
+template <typename scalar_t>
+inline scalar_t max_masked(const scalar_t* x, const scalar_t* mask, int64_t n, scalar_t init) {
+  scalar_t acc[8];
+  for (int l = 0; l < 8; ++l) acc[l] = init;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) {
+      const scalar_t y = mask[j + l] != 0 ? x[j + l] : init;  // select, then max: vectorises
+      acc[l] = acc[l] > y ? acc[l] : y;
+    }
+  scalar_t m = init;
+  for (; j < n; ++j) {
+    const scalar_t y = mask[j] != 0 ? x[j] : init;
+    m = m > y ? m : y;
+  }
+  for (int l = 0; l < 8; ++l) m = m > acc[l] ? m : acc[l];
+  return m;
 }
 
 // The tensors of one call. Layouts: q [Q, H, dh]; k, v [N, H, dh]; tables [B, K, H, dh];
@@ -374,9 +410,9 @@ constexpr int64_t chunk() {
   return c;
 }
 
-// C[rows, dh] = A[rows, inner] x B[inner, dh], A read as A[r * rs + j * js] (so a transposed A is
-// a stride swap); rows a multiple of kRows.
-template <typename scalar_t, int DH>
+// C[rows, dh] = A[rows, inner] x B[inner, dh] (ACC: C += A x B), A read as A[r * rs + j * js] (so a
+// transposed A is a stride swap); rows a multiple of kRows.
+template <typename scalar_t, int DH, bool ACC = false>
 void gemm_nn(const scalar_t* __restrict__ A, int64_t rs, int64_t js, const scalar_t* __restrict__ B, int64_t rows,
              int64_t inner, int64_t dh, scalar_t* __restrict__ C) {
   using V = Vec<scalar_t>;
@@ -388,6 +424,9 @@ void gemm_nn(const scalar_t* __restrict__ A, int64_t rs, int64_t js, const scala
     for (int64_t g0 = 0; g0 < rows; g0 += kRows)
       for (int64_t w0 = 0; w0 < W; w0 += CW) {
         v_t acc[kRows][CW] = {};
+        if constexpr (ACC)
+          for (int64_t r = 0; r < kRows; ++r)
+            for (int64_t w = 0; w < CW; ++w) acc[r][w] = V::load(C + (g0 + r) * DH + (w0 + w) * N);
         for (int64_t j = 0; j < inner; ++j) {
           v_t b[CW];
           for (int64_t w = 0; w < CW; ++w) b[w] = V::load(B + j * DH + (w0 + w) * N);
@@ -400,7 +439,7 @@ void gemm_nn(const scalar_t* __restrict__ A, int64_t rs, int64_t js, const scala
           for (int64_t w = 0; w < CW; ++w) V::store(C + (g0 + r) * DH + (w0 + w) * N, acc[r][w]);
       }
   } else {
-    std::fill(C, C + rows * dh, scalar_t(0));
+    if constexpr (!ACC) std::fill(C, C + rows * dh, scalar_t(0));
     for (int64_t g = 0; g < rows; ++g)
       for (int64_t j = 0; j < inner; ++j) {
         const scalar_t x = A[g * rs + j * js];
@@ -525,20 +564,30 @@ inline void levels_with_slots(const Tiles& T, const TileWindows& w, std::vector<
   for (int32_t k : w.slots) level_any[T.slot_level[k]] = 1;
 }
 
-// Scaled scores of the g-th query of a tile: its voxel keys (row g of the tile's score block th.s)
-// then its background slots (from s_bg). Returns the number of voxel keys.
+// Scaled scores of the g-th query of a tile with its voxel keys (row g of the tile's score block
+// th.s, at the query's own key columns). Returns their number.
 template <typename scalar_t>
-inline int64_t window_scores(const Tiles& T, const Operands<scalar_t>& op, const TileWindows& w, const TileHead<scalar_t>& th,
-                             const BackgroundBlocks<scalar_t>* bb, const std::vector<scalar_t>& s_bg, int64_t g, scalar_t* s) {
+inline int64_t window_scores(const Operands<scalar_t>& op, const TileWindows& w, const TileHead<scalar_t>& th, int64_t g,
+                             scalar_t* s) {
   const int64_t k0 = w.key_ptr[g], nk = w.key_ptr[g + 1] - k0;
-  const int64_t b0 = w.slot_ptr[g], nb = w.slot_ptr[g + 1] - b0;
   const scalar_t* row = th.s.data() + g * th.up;
   for (int64_t j = 0; j < nk; ++j) s[j] = op.scale * row[w.keys[k0 + j]];
-  for (int64_t j = 0; j < nb; ++j) {
-    const int64_t slot = w.slots[b0 + j], l = T.slot_level[slot];
-    s[nk + j] = op.scale * s_bg[bb->off[l] * th.gp + g * bb->kp[l] + (slot - bb->k0[l])];
-  }
   return nk;
+}
+
+// The background slots of a tile's queries as a 0/1 mask in the layout of the background score
+// blocks (mask[off_l * gp + g * kp_l + kk] = 1 iff slot k0_l + kk is a background slot of query g),
+// so that each query's softmax runs over whole padded rows of s_bg (vector loops, no per-slot
+// indexing); built once per tile, shared by its heads.
+template <typename scalar_t>
+void background_mask(const Tiles& T, const TileWindows& w, const BackgroundBlocks<scalar_t>& bb, int64_t G, int64_t gp,
+                     std::vector<scalar_t>& mask) {
+  mask.assign(bb.total * gp, scalar_t(0));
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = w.slot_ptr[g]; j < w.slot_ptr[g + 1]; ++j) {
+      const int64_t k = w.slots[j], l = T.slot_level[k];
+      mask[bb.off[l] * gp + g * bb.kp[l] + (k - bb.k0[l])] = scalar_t(1);
+    }
 }
 
 // Tiles of at most kSmallTile queries (decoder queries are mostly alone in their tile) skip the
@@ -574,7 +623,7 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scala
     TileWindows w;
     TileHead<scalar_t> th;
     TileRotation<scalar_t> rot;
-    std::vector<scalar_t> s, s_bg, level_sum(L), z;
+    std::vector<scalar_t> s, s_bg, mask, level_sum(L), z;
     std::vector<uint8_t> level_any(L);
     for (int64_t t = 0; t < T.n_tiles; ++t) {
       const int64_t b = T.tbatch[t], q0 = T.qptr[t];
@@ -616,6 +665,7 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scala
         }
         continue;
       }
+      if (tile_bg) background_mask(T, w, *bb, G, round_up(std::max<int64_t>(G, 1), kRows), mask);
       for (int64_t h = h0; h < h1; ++h) {
         th.gather_queries(T, t, op.q, H, h, dh, th.qg);
         th.gather_keys(T, t, op.k, H, h, dh, &th.kt, nullptr);
@@ -638,19 +688,32 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scala
             lse[i * H + h] = 0;
             continue;
           }
-          s.resize(n);
-          const int64_t nk = window_scores(T, op, w, th, bb.get(), s_bg, g, s.data());
-          const scalar_t m = max8(s.data(), n);
-          exp_shifted(s.data(), n, m);
-          z[g] = sum8(s.data(), n);
-          lse[i * H + h] = m + std::log(z[g]);
+          // softmax over the query's voxel keys (s) and its background slots (whole masked rows of s_bg)
+          const int64_t nk = w.key_ptr[g + 1] - w.key_ptr[g], gp = th.gp;
+          s.resize(nk);
+          window_scores(op, w, th, g, s.data());
+          scalar_t m = nk ? max8(s.data(), nk) : -std::numeric_limits<scalar_t>::infinity();
+          if (n > nk)
+            for (int64_t l = 0; l < L; ++l)
+              if (level_any[l]) {
+                const int64_t x = bb->off[l] * gp + g * bb->kp[l];
+                m = std::max(m, op.scale * max_masked(s_bg.data() + x, mask.data() + x, bb->kp[l], -std::numeric_limits<scalar_t>::infinity()));
+              }
+          exp_shifted(s.data(), nk, m);
+          scalar_t zg = sum8(s.data(), nk);
           scalar_t* prow = th.p.data() + g * th.up;
           for (int64_t j = 0; j < nk; ++j) prow[w.keys[w.key_ptr[g] + j]] = s[j];
-          if (n > nk) {  // background values, weighted per level, straight into the output row
-            level_sums(T, w.slots.data() + w.slot_ptr[g], s.data() + nk, n - nk, level_sum);
+          if (n > nk)  // background values, weighted per level, straight into the output row
             for (int64_t l = 0; l < L; ++l)
-              if (level_sum[l] != 0) axpy<scalar_t, DH>(o, level_sum[l], op.bg_value(b, l, h), dh);
-          }
+              if (level_any[l]) {
+                const int64_t x = bb->off[l] * gp + g * bb->kp[l];
+                exp_masked(s_bg.data() + x, mask.data() + x, bb->kp[l], op.scale, m);
+                const scalar_t ls = sum8(s_bg.data() + x, bb->kp[l]);
+                zg += ls;
+                if (ls != 0) axpy<scalar_t, DH>(o, ls, op.bg_value(b, l, h), dh);
+              }
+          z[g] = zg;
+          lse[i * H + h] = m + std::log(zg);
         }
         gemm_nn<scalar_t, DH>(th.p.data(), th.up, 1, th.vr.data(), th.gp, th.up, dh, th.og.data());
         for (int64_t g = 0; g < th.G; ++g) {
@@ -692,7 +755,10 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
     TileWindows w;
     TileHead<scalar_t> th;
     TileRotation<scalar_t> rot;
-    std::vector<scalar_t> a, gv, s_bg, ds_bg, block, level_sum(L), level_gv(L);
+    std::vector<scalar_t> a, gv, s_bg, mask, level_sum(L), level_gv(L);
+    // the tables' gradient of this thread's heads, [B, h1 - h0, padded slots, dh] (the layout of
+    // the background blocks): accumulated by the products, added into dtab once at the end
+    std::vector<scalar_t> dtab_local(dtab && bb ? B * (h1 - h0) * bb->total * dh : 0, scalar_t(0));
     std::vector<uint8_t> level_any(L);
     double* dfreqs = nullptr;
     if (n_freq) {
@@ -748,6 +814,7 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
         }
         continue;
       }
+      if (tile_bg) background_mask(T, w, *bb, G, round_up(std::max<int64_t>(G, 1), kRows), mask);
       for (int64_t h = h0; h < h1; ++h) {
         th.gather_queries(T, t, op.q, H, h, dh, th.qg);
         th.gather_queries(T, t, grad, H, h, dh, th.gg);
@@ -762,49 +829,52 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
         th.ds.assign(gp * up, scalar_t(0));
         if (tile_bg) {
           rot.compute(T, op, w, t, h, gp);
-          background_scores<scalar_t, DH>(*bb, rot, level_any, b, h, s_bg);
-          ds_bg.assign(bb->total * gp, scalar_t(0));
+          background_scores<scalar_t, DH>(*bb, rot, level_any, b, h, s_bg);  // turned into dS_bg in place below
         }
+        // row g of every background block: dS_bg of query g, zero where it has no background slot
+        auto zero_bg_rows = [&](int64_t g) {
+          for (int64_t l = 0; l < L; ++l)
+            if (level_any[l]) std::fill_n(s_bg.data() + bb->off[l] * gp + g * bb->kp[l], bb->kp[l], scalar_t(0));
+        };
         for (int64_t g = 0; g < th.G; ++g) {
           const int64_t i = T.qids[q0 + g];
-          const int64_t k0 = w.key_ptr[g], b0 = w.slot_ptr[g];
-          const int64_t nk = w.key_ptr[g + 1] - k0, n = nk + (w.slot_ptr[g + 1] - b0);
-          if (n == 0) continue;
-          a.resize(n);
+          const int64_t k0 = w.key_ptr[g], nk = w.key_ptr[g + 1] - k0, nb = w.slot_ptr[g + 1] - w.slot_ptr[g];
+          if (nb == 0 && tile_bg) zero_bg_rows(g);
+          if (nk + nb == 0) continue;
+          a.resize(nk);
           const scalar_t* gr = th.gg.data() + g * dh;
           const scalar_t delta = delta_qh[i * H + h];  // <grad, out> = sum over keys of a <grad, v>
-          window_scores(T, op, w, th, bb.get(), s_bg, g, a.data());
-          exp_shifted(a.data(), n, lse[i * H + h]);  // the attention weights
+          window_scores(op, w, th, g, a.data());
+          exp_shifted(a.data(), nk, lse[i * H + h]);  // the attention weights
           for (int64_t j = 0; j < nk; ++j) {
             const int64_t x = g * up + w.keys[k0 + j];
             th.p[x] = a[j];
             th.ds[x] = a[j] * (gv[x] - delta) * op.scale;
           }
-          if (n == nk) continue;
-          for (int64_t l = 0; l < L; ++l) level_gv[l] = dot<scalar_t, DH>(gr, op.bg_value(b, l, h), dh);
-          level_sums(T, w.slots.data() + b0, a.data() + nk, n - nk, level_sum);
-          for (int64_t j = nk; j < n; ++j) {
-            const int64_t slot = w.slots[b0 + j - nk], l = T.slot_level[slot];
-            ds_bg[bb->off[l] * gp + g * bb->kp[l] + (slot - bb->k0[l])] = a[j] * (level_gv[l] - delta) * op.scale;
+          if (nb == 0) continue;
+          for (int64_t l = 0; l < L; ++l) {
+            level_sum[l] = 0;
+            if (!level_any[l]) continue;
+            scalar_t* row = s_bg.data() + bb->off[l] * gp + g * bb->kp[l];
+            exp_masked(row, mask.data() + bb->off[l] * gp + g * bb->kp[l], bb->kp[l], op.scale, lse[i * H + h]);
+            level_sum[l] = sum8(row, bb->kp[l]);
+            const scalar_t f = (dot<scalar_t, DH>(gr, op.bg_value(b, l, h), dh) - delta) * op.scale;
+            for (int64_t kk = 0; kk < bb->kp[l]; ++kk) row[kk] *= f;
           }
           if (dbv)
             for (int64_t l = 0; l < L; ++l)
               if (level_sum[l] != 0) axpy<scalar_t, DH>(dbv + ((b * L + l) * H + h) * dh, level_sum[l], gr, dh);
         }
         if (tile_bg) {
+          for (int64_t g = th.G; g < gp; ++g) zero_bg_rows(g);
           if (rotation_grads) rot.dql.assign(L * gp * dh, scalar_t(0));
           for (int64_t l = 0; l < L; ++l) {
             if (!level_any[l]) continue;
             const int64_t kp = bb->kp[l], nl = (l + 1 < L ? bb->k0[l + 1] : K) - bb->k0[l];
-            const scalar_t* dsl = ds_bg.data() + bb->off[l] * gp;  // [gp, kp]
-            if (dtab) {  // dtables_l = dS_bg^T QL: rows are slots, A read transposed
-              block.resize(kp * dh);
-              gemm_nn<scalar_t, DH>(dsl, 1, kp, rot.ql.data() + l * gp * dh, kp, gp, dh, block.data());
-              for (int64_t kk = 0; kk < nl; ++kk) {
-                scalar_t* d = dtab + ((b * K + bb->k0[l] + kk) * H + h) * dh;
-                for (int64_t e = 0; e < dh; ++e) d[e] += block[kk * dh + e];
-              }
-            }
+            const scalar_t* dsl = s_bg.data() + bb->off[l] * gp;  // dS_bg of level l, [gp, kp]
+            if (dtab)  // dtables_l += dS_bg^T QL (rows are slots, A read transposed), into this thread's padded copy
+              gemm_nn<scalar_t, DH, true>(dsl, 1, kp, rot.ql.data() + l * gp * dh, kp, gp, dh,
+                                          dtab_local.data() + (b * (h1 - h0) + h - h0) * bb->total * dh + bb->off[l] * dh);
             if (rotation_grads)  // dQL_l = dS_bg T_l
               gemm_nn<scalar_t, DH>(dsl, kp, 1, bb->tr.data() + bb->base(b, h, l), gp, kp, dh, rot.dql.data() + l * gp * dh);
           }
@@ -835,6 +905,17 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
         }
       }
     }
+    if (!dtab_local.empty())  // rows (b, slot, h) of this thread's heads: no other thread writes them
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t l = 0; l < L; ++l) {
+            const scalar_t* src = dtab_local.data() + ((b * (h1 - h0) + h - h0) * bb->total + bb->off[l]) * dh;
+            const int64_t nl = (l + 1 < L ? bb->k0[l + 1] : K) - bb->k0[l];
+            for (int64_t kk = 0; kk < nl; ++kk) {
+              scalar_t* d = dtab + ((b * K + bb->k0[l] + kk) * H + h) * dh;
+              for (int64_t e = 0; e < dh; ++e) d[e] += src[kk * dh + e];
+            }
+          }
   });
   for (const auto& part : dfreq_parts)
     for (int64_t x = 0; x < static_cast<int64_t>(part.size()); ++x) G.dfreqs[x] += part[x];
