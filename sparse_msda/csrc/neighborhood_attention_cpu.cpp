@@ -325,7 +325,7 @@ struct TileRotation {
   }
 
   // Query g (with background slots; dql filled): dq += sum_l R(theta_l) dql[l, g] and
-  // dfreqs[hf, j, :] += dtheta_l[j] * u(centre_l).
+  // dfreqs[hf, :, j] += dtheta_l[j] * u(centre_l) (dfreqs: [Hf, D + 1, dh/2], transposed by the caller).
   void backward(const Tiles& T, const Operands<scalar_t>& op, int64_t g, int64_t h, scalar_t* dq, double* dfreqs) const {
     const int64_t L = op.L, D = T.dim, half = op.half, dh = op.dh, hf = op.Hf == 1 ? 0 : h;
     for (int64_t l = 0; l < L; ++l) {
@@ -344,10 +344,10 @@ struct TileRotation {
           u[a] = (static_cast<double>(centre[(g * L + l) * D + a]) + 0.5) / static_cast<double>(T.shapes[l * D + a]) *
                  static_cast<double>(op.full[a]);
         u[D] = static_cast<double>(l);
-        for (int64_t j = 0; j < half; ++j) {
-          const double dth = static_cast<double>(gr[j] * y[half + j] - gr[half + j] * y[j]);
-          double* f = dfreqs + (hf * half + j) * (D + 1);
-          for (int64_t a = 0; a <= D; ++a) f[a] += dth * u[a];
+        for (int64_t a = 0; a <= D; ++a) {  // the caller's layout [Hf, D + 1, half]: vector loops over j
+          double* f = dfreqs + (hf * (D + 1) + a) * half;
+          const double ua = u[a];
+          for (int64_t j = 0; j < half; ++j) f[j] += static_cast<double>(gr[j] * y[half + j] - gr[half + j] * y[j]) * ua;
         }
       }
     }
@@ -748,7 +748,8 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
   const bool rotation_grads = dq || G.dfreqs;
   std::unique_ptr<BackgroundBlocks<scalar_t>> bb;
   if (op.background) bb = std::make_unique<BackgroundBlocks<scalar_t>>(T, op, B, rotation_grads);
-  // frequency gradients: one partial sum per thread (keyed by its first head), added at the end
+  // frequency gradients: one partial sum per thread (keyed by its first head; layout [Hf, D + 1, dh/2]),
+  // added at the end
   const int64_t n_freq = G.dfreqs ? op.Hf * op.half * (T.dim + 1) : 0;
   std::vector<std::vector<double>> dfreq_parts(H);
   split_heads(H, n_threads, [&](int64_t h0, int64_t h1) {
@@ -917,8 +918,12 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
             }
           }
   });
-  for (const auto& part : dfreq_parts)
-    for (int64_t x = 0; x < static_cast<int64_t>(part.size()); ++x) G.dfreqs[x] += part[x];
+  const int64_t half = op.half, D1 = T.dim + 1;
+  for (const auto& part : dfreq_parts)  // [Hf, D + 1, half] -> [Hf, half, D + 1]
+    if (!part.empty())
+      for (int64_t hf = 0; hf < op.Hf; ++hf)
+        for (int64_t a = 0; a < D1; ++a)
+          for (int64_t j = 0; j < half; ++j) G.dfreqs[(hf * half + j) * D1 + a] += part[(hf * D1 + a) * half + j];
 }
 
 #define NBHD_BY_DH(dh, CALL) \
