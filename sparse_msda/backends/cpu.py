@@ -79,7 +79,8 @@ def supports(op: str, *tensors: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 # sampling
 # ---------------------------------------------------------------------------------------------
-_NONE = torch.empty(0)  # an absent optional tensor argument of the kernels
+#: an absent optional tensor argument of the C++ kernels (also passed by functional.deformable_fused)
+ABSENT = torch.empty(0)
 
 
 def _kernel_args(ctx: _Sampling, positions: Tensor) -> tuple:
@@ -99,7 +100,7 @@ def gather_forward(table: Tensor, positions: Tensor, weights: Tensor, ids: Tenso
     kernel (``csrc/sparse_sample_cpu.cpp``), one pass per sample."""
     positions, weights = positions.contiguous(), weights.contiguous()
     return sampling_kernels(auto=False).sample_forward(
-        table, positions, weights, ids, *_kernel_args(ctx, positions), torch.get_num_threads(), _NONE, 1, False
+        table, positions, weights, ids, *_kernel_args(ctx, positions), torch.get_num_threads(), ABSENT, 1, False
     )
 
 
@@ -113,7 +114,7 @@ def gather_backward(grad_out: Tensor, table: Tensor, positions: Tensor, weights:
     return sampling_kernels(auto=False).sample_backward(
         table, positions, weights, ids, *_kernel_args(ctx, positions), grad_out,
         need_table, need_pos, need_w, kernel_threads(ctx.n_heads, need_table),  # thread-count invariant if deterministic
-        max(0, tuning.TABLE_COPY_BYTES // max(1, table.numel() * table.element_size())), _NONE, 1, False, _NONE,
+        max(0, tuning.TABLE_COPY_BYTES // max(1, table.numel() * table.element_size())), ABSENT, 1, False, ABSENT,
     )
 
 

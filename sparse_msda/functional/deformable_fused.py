@@ -52,9 +52,6 @@ from .determinism import kernel_threads
 
 __all__ = ["fusable", "fused_deformable_attention"]
 
-_NONE = torch.empty(0)  # an absent optional tensor argument of the kernels
-
-
 def fusable(backend: Optional[str], *tensors: Tensor) -> bool:
     """Whether :func:`fused_deformable_attention` serves these tensors: the automatic backend
     choice (or ``backend``) is the C++ ``cpu`` backend, all floating tensors are CPU tensors of
@@ -179,6 +176,8 @@ class _FusedDeformable(torch.autograd.Function):
         need_table = need_features or need_w_v or need_b_v or need_bg
         need_pos = need_x or need_w_off or need_b_off or need_ref
         need_w = need_x or need_w_att or need_b_att
+        from ..backends import cpu  # ABSENT: the kernels' absent-tensor argument (lazy: backends import functional)
+
         ext = sampling_kernels(auto=False)
         h = spec.n_heads
         if table is None:  # recompute the value projection instead of keeping it since the forward
@@ -202,7 +201,7 @@ class _FusedDeformable(torch.autograd.Function):
             _, g_off, g_logit = ext.sample_backward(
                 table, off, logit, ids[q0 * h : q1 * h], ch.corners, batch, level, head, ch.shapes, h,
                 spec.background_offset, g[q0 * h : q1 * h], bool(need_table), bool(need_pos), bool(need_w), threads,
-                copies, ref[q0:q1], h, True, g_table if need_table else _NONE,
+                copies, ref[q0:q1], h, True, g_table if need_table else cpu.ABSENT,
             )
             c, xc = q1 - q0, x[q0:q1]
             if need_pos:
