@@ -79,6 +79,16 @@ def test_build_directory_changes_with_source(fake_macros, monkeypatch, tmp_path)
     assert cpu_kernels.build_directory("sparse_msda_sample_cpu") != other
 
 
+def test_build_directory_changes_with_source_path(fake_macros, monkeypatch, tmp_path):
+    """The same source in another checkout gets its own directory: torch's ninja build records the
+    absolute source path and would otherwise recompile the shared binary, silently, on each switch."""
+    here = cpu_kernels.build_directory(NAME)
+    csrc = tmp_path / "csrc"
+    shutil.copytree(cpu_kernels._CSRC, csrc)
+    monkeypatch.setattr(cpu_kernels, "_CSRC", csrc)
+    assert cpu_kernels.build_directory(NAME) != here
+
+
 def test_bad_march_and_name_raise(fake_macros, monkeypatch):
     monkeypatch.setenv("SPARSE_MSDA_CPU_MARCH", "native -O0")
     with pytest.raises(ValueError, match="SPARSE_MSDA_CPU_MARCH"):

@@ -170,6 +170,10 @@ def _build_key(name: str) -> dict:
         "cflags": _cflags(march),
         "target_macros": hashlib.sha256("\n".join(_predefined_macros(compiler, march)).encode()).hexdigest(),
         "source": digest.hexdigest(),
+        # torch's JIT build (ninja) records the absolute source path: the same source loaded from
+        # another checkout would silently recompile in place (measured: 44 s, no message), and two
+        # checkouts sharing one cache would rebuild each other's binary in turn
+        "source_path": str(source.resolve()),
     }
 
 
@@ -180,7 +184,7 @@ def build_directory(name: str) -> Path:
     ``~/.cache/torch_extensions``), the hash over torch version/git revision/C++ ABI, Python,
     compiler, compiler flags, the compiler's predefined macros for the target ``-march`` on this
     host (the exact ISA: ``-march=native`` on an AVX2 CPU and on an AVX-512 CPU give different
-    directories) and the source (and any header in ``csrc``)."""
+    directories), the source (and any header in ``csrc``) and its path (one build per checkout)."""
     if name not in _KERNELS:
         raise ValueError(f"name must be one of {sorted(_KERNELS)}, got {name!r}")
     from torch.utils.cpp_extension import get_default_build_root
