@@ -10,7 +10,7 @@ Where each is used:
 
 * sampling (:mod:`sparse_msda.backends.reference`, :mod:`sparse_msda.backends.cpu`):
   :data:`CHUNK_CORNERS`, :data:`TABLE_COPY_BYTES`; the deformable attention on the C++ kernels
-  (:mod:`sparse_msda.functional.deformable_fused`): :data:`CHUNK_CORNERS` (samples per chunk),
+  (:mod:`sparse_msda.backends.cpu_deformable`): :data:`CHUNK_CORNERS` (samples per chunk),
   :data:`DEFORMABLE_KEEP_BYTES`;
 * neighborhood attention plans (:mod:`sparse_msda.functional.neighborhood_plan`):
   :data:`TILE_QUERIES`, :data:`LOOKUP_CELLS_PER_CHUNK`, :data:`CHUNK_SCORE_ENTRIES`,
@@ -42,7 +42,7 @@ base-cell lookups). Bounds the ``[corners, head_dim]`` scratch buffer of the bac
 overrides it per call."""
 
 DEFORMABLE_KEEP_BYTES = 64 << 20
-"""Deformable attention on the C++ kernels (:mod:`sparse_msda.functional.deformable_fused`): the
+"""Deformable attention on the C++ kernels (:mod:`sparse_msda.backends.cpu_deformable`): the
 offsets and attention logits (``Q * H * L * P * (D + 1)`` floats) are kept for the backward up to
 this size; above it the backward recomputes them chunk by chunk (two small matrix products)."""
 

@@ -1,4 +1,5 @@
-"""The deformable attention's fused sampling head on the C++ kernels (functional/deformable_fused.py).
+"""The deformable attention's fused sampling head on the C++ kernels (functional/deformable_fused.py
+over backends/cpu_deformable.py).
 
 The module takes it on the ``cpu`` backend for an encoder (no sampling plan): offsets, softmax and
 sampling per chunk of queries, the locations formed in the kernel from offsets and reference
@@ -17,6 +18,7 @@ from adapters import SparseCoordinateIndex
 from adapters import spconv_compat
 from sparse_msda import SparseMSDeformableAttention, tuning
 from sparse_msda.backends import available_backends
+from sparse_msda.backends import cpu_deformable
 from sparse_msda.functional import deformable_fused
 from sparse_msda.functional.sampling import _base_cells
 from tests.test_deformable import SHAPES, random_map, random_queries, randomize
@@ -31,8 +33,8 @@ pytestmark = [
 def fused_calls(monkeypatch):
     """Counts the calls of the fused Function (so a test knows the module took the fused path)."""
     calls = []
-    apply = deformable_fused._FusedDeformable.apply
-    monkeypatch.setattr(deformable_fused._FusedDeformable, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    apply = cpu_deformable._FusedDeformable.apply
+    monkeypatch.setattr(cpu_deformable._FusedDeformable, "apply", lambda *a: (calls.append(1), apply(*a))[1])
     return calls
 
 
@@ -118,9 +120,37 @@ def test_fused_gradcheck(dim, keep, monkeypatch):
     batch = torch.tensor([0, 0, 1, 1])
 
     def f(*args):
-        return deformable_fused.fused_deformable_attention(*args, index, batch, h, l, p)
+        return deformable_fused.fused_deformable_attention(*args, index, batch, h, l, p, backend="cpu")
 
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_functional_chooses_the_fused_head_through_the_backends(monkeypatch):
+    """fused_deformable_attention runs the chosen backend's ``deformable_attention`` (looked up on
+    the backend module at call time, so a backend spy sees it); a backend without one (reference)
+    is not fusable and an explicit call with it raises ValueError naming it."""
+    from sparse_msda.backends import cpu
+
+    gen = torch.Generator().manual_seed(7)
+    stack, shapes_t = random_map([[4, 5]], 1, 4, 0.6, torch.float64, gen)
+    index = SparseCoordinateIndex.from_coo_stack(stack, shapes_t)
+    h, l, p, c, dh = 2, 1, 2, 3, 2
+    args = (
+        torch.randn(3, c, dtype=torch.float64), torch.randn(h * l * p * 2, c, dtype=torch.float64), None,
+        torch.randn(h * l * p, c, dtype=torch.float64), None, torch.rand(3, 2, dtype=torch.float64),
+        torch.randn(index.n_voxels, c, dtype=torch.float64), torch.randn(h * dh, c, dtype=torch.float64), None, None,
+        index, torch.zeros(3, dtype=torch.int64), h, l, p,
+    )
+    expected = cpu_deformable.deformable_attention(*args)
+    calls = []
+    original = cpu.deformable_attention
+    monkeypatch.setattr(cpu, "deformable_attention", lambda *a: (calls.append(len(a)), original(*a))[1])
+    torch.testing.assert_close(deformable_fused.fused_deformable_attention(*args, backend="cpu"), expected, rtol=0, atol=0)
+    assert calls == [15]
+    assert deformable_fused.fusable("cpu", args[0], args[6])
+    assert not deformable_fused.fusable("reference", args[0], args[6])
+    with pytest.raises(ValueError, match="the reference backend, which has no fused deformable attention"):
+        deformable_fused.fused_deformable_attention(*args, backend="reference")
 
 
 def test_kernel_base_cells_equal_base_cells():

@@ -11,7 +11,11 @@ The two operations every attention module reduces to:
   (:func:`sparse_msda.functional.neighborhood.sparse_neighborhood_attention` checks and calls it).
 
 One module per implementation, each exposing ``available() -> bool``, ``supports(op, *tensors)
--> bool`` and the two operations with the signatures above:
+-> bool`` and the two operations with the signatures above; a backend may also implement the
+deformable attention's whole sampling head in one pass, ``deformable_attention(...)`` (the
+arguments of :func:`sparse_msda.functional.deformable_fused.fused_deformable_attention`, which
+chooses the backend by ``choose_backend("weighted_gather", ...)`` and uses it when it has one;
+today the ``cpu`` backend, :mod:`sparse_msda.backends.cpu_deformable`):
 
 * :mod:`sparse_msda.backends.reference` — pure PyTorch, the readable specification; runs on any
   device and floating dtype (chunked ``embedding_bag`` sampling; padded tiles and batched

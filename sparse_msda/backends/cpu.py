@@ -2,6 +2,9 @@
 
 * ``weighted_gather``: :func:`gather_forward` / :func:`gather_backward` (``csrc/sparse_sample_cpu.cpp``):
   interpolation and attention-weighted sum in one pass per sample, forward and backward;
+* the deformable attention's whole sampling head (value projection, offsets, softmax, sampling)
+  fused per chunk of queries: :func:`deformable_attention`, in :mod:`sparse_msda.backends.cpu_deformable`
+  (what :func:`sparse_msda.functional.deformable_fused.fused_deformable_attention` runs here);
 * ``neighborhood_attention``: :func:`attention_forward` / :func:`attention_backward`
   (``csrc/neighborhood_attention_cpu.cpp``): scores, softmax and weighted sum per tile and head
   over the plan's tiles, with a recomputing backward.
@@ -28,6 +31,7 @@ from ..functional.neighborhood_plan import NeighborhoodPlan, background_tables
 from ..functional.rope import rope_cos_sin
 from ..functional.sampling import _base_cell_ids, _Sampling
 from . import ops, same_float_dtype
+from .cpu_deformable import ABSENT, deformable_attention
 
 __all__ = [
     "SUPPORTS",
@@ -79,8 +83,6 @@ def supports(op: str, *tensors: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 # sampling
 # ---------------------------------------------------------------------------------------------
-#: an absent optional tensor argument of the C++ kernels (also passed by functional.deformable_fused)
-ABSENT = torch.empty(0)
 
 
 def _kernel_args(ctx: _Sampling, positions: Tensor) -> tuple:
@@ -116,15 +118,6 @@ def gather_backward(grad_out: Tensor, table: Tensor, positions: Tensor, weights:
         need_table, need_pos, need_w, kernel_threads(ctx.n_heads, need_table),  # thread-count invariant if deterministic
         max(0, tuning.TABLE_COPY_BYTES // max(1, table.numel() * table.element_size())), ABSENT, 1, False, ABSENT,
     )
-
-
-def deformable_attention(*args) -> Tensor:
-    """The deformable attention's offsets, softmax and sampling fused on the C++ kernel, per chunk
-    of queries: :func:`sparse_msda.functional.deformable_fused.fused_deformable_attention` (same
-    arguments), what the attention module runs on this backend for an encoder."""
-    from ..functional.deformable_fused import _fused
-
-    return _fused(*args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ class SparseMSDeformableAttention(nn.Module):
                 query, weight, bias, self.attention_weights.weight, self.attention_weights.bias, ref, features,
                 self.value_proj.weight, self.value_proj.bias,
                 None if background_value is None else background_value.reshape(-1, self.head_dim),
-                qb.index, qb.batch_indices, h, l, p,
+                qb.index, qb.batch_indices, h, l, p, backend=self.backend,
             )
             return self.output_proj(out)
         attn = self.attention_weights(query).view(n_q, h, l * p).softmax(-1).view(n_q, h, l, p)
