@@ -177,17 +177,21 @@ def nbhd_kernels(monkeypatch):
     return _built(neighborhood_kernels, monkeypatch)
 
 
-def _nbhd_problem(dim, background, head_dim, n_heads, share_heads, dtype, seed, tile_queries=3):
+def _nbhd_problem(dim, background, head_dim, n_heads, share_heads, dtype, seed, tile_queries=3, shapes=None, voxels_out=None,
+                  query_counts=(48, 32)):
     """A plan over a random two-item map (queries partly outside it, one empty region) and random
-    inputs of the attention function; returns (plan, [q, k, v, bg_k, bg_v, freqs])."""
-    shapes = [[12, 10], [6, 5], [3, 3]] if dim == 2 else [[8, 8, 8], [4, 4, 4], [2, 2, 2]]
+    inputs of the attention function; returns (plan, [q, k, v, bg_k, bg_v, freqs]).
+    ``voxels_out``: a list that receives the map's voxels ``(b, level, cell)``."""
+    shapes = shapes or ([[12, 10], [6, 5], [3, 3]] if dim == 2 else [[8, 8, 8], [4, 4, 4], [2, 2, 2]])
     sizes = [3, 5, 3] if dim == 2 else [3, 3, 3]
     _, voxels, _ = make_map(shapes, 2, 0.3, 1, seed=seed)
+    if voxels_out is not None:
+        voxels_out.extend(voxels)
     idx = SparseCoordinateIndex(
         torch.tensor([v[0] for v in voxels]), torch.tensor([v[1] for v in voxels]),
         torch.tensor([v[2] for v in voxels]), shapes, dim,
     )
-    pos, offsets = random_queries([48, 32], shapes[0], seed=seed + 1, lo=[-3] * dim, hi=[s + 3 for s in shapes[0]])
+    pos, offsets = random_queries(list(query_counts), shapes[0], seed=seed + 1, lo=[-3] * dim, hi=[s + 3 for s in shapes[0]])
     batch = torch.repeat_interleave(torch.arange(2), offsets.diff())
     full = torch.tensor(shapes[0], dtype=torch.float64)
     plan = neighborhood.build_neighborhood_plan(idx, batch, pos, full, sizes, background, chunk_size=40, tile_queries=tile_queries)
@@ -275,6 +279,55 @@ def test_neighborhood_kernel_no_key_rows_are_zero(nbhd_kernels, monkeypatch):
     out, grads = _nbhd_run(plan, inputs, monkeypatch, "1")
     assert torch.isfinite(out).all() and (out[none] == 0).all()
     assert (grads[0][none] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "dim, tile_queries, shapes, query_counts",
+    [(2, 3, None, (48, 32)), (3, 3, None, (48, 32)), (2, 64, [[12, 10], [6, 5], [1, 1]], (160, 32))],
+)
+def test_neighborhood_windows_match_naive_membership(nbhd_kernels, monkeypatch, dim, tile_queries, shapes, query_counts):
+    """The plan's windows (kernel_tiles()[13:], enumerated once by the kernel and reused by every
+    forward and backward): key bit g of entry e is set iff the cell of the entry's key lies within
+    the radius of query g's window centre at the key's level on every axis; slot bit k of query i
+    iff the slot's cell is in bounds and holds no voxel; counts are the bits' popcounts. With a
+    1x1 coarsest level (one tile per item, up to 64 queries) the key bits take two words per entry,
+    and the kernel still equals the PyTorch path."""
+    voxels = []
+    plan, inputs = _nbhd_problem(dim, True, 4, 2, False, torch.float64, seed=71, tile_queries=tile_queries, shapes=shapes,
+                                 voxels_out=voxels, query_counts=query_counts)
+    tiles = plan.kernel_tiles()
+    key_bits, slot_bits, counts = (x.numpy().astype("int64") & 0xFFFFFFFF for x in tiles[13:16])
+    most = int(plan.tiles.query_count.max())
+    assert key_bits.shape == (plan.tiles.key_row.shape[0], (most + 31) // 32)
+    assert (most > 32) == (tile_queries == 64)
+    present = {(b, lv, c) for b, lv, c in voxels}
+    radius = [(s - 1) // 2 for s in plan.neighborhood_sizes]
+    shapes_l = plan.level_spatial_shapes.tolist()
+    t = plan.tiles
+    pairs, slots = [0] * plan.n_queries, [0] * plan.n_queries
+    qs, ks = t.query_start.tolist() + [plan.n_queries], t.key_start.tolist() + [t.key_row.shape[0]]
+    for tile in range(len(qs) - 1):
+        b = int(t.batch[tile])
+        for g, i in enumerate(t.query_order[qs[tile]:qs[tile + 1]].tolist()):
+            centre = plan.centres[i].tolist()
+            for e in range(ks[tile], ks[tile + 1]):
+                r = int(t.key_row[e])
+                lv, cell = int(t.row_level[r]), t.row_cell[r].tolist()
+                inside = all(abs(c - m) <= radius[lv] for c, m in zip(cell, centre[lv]))
+                assert bool((key_bits[e, g // 32] >> (g % 32)) & 1) == inside, (tile, g, e)
+                pairs[i] += inside
+            for k in range(plan.slot_level.shape[0]):
+                lv = int(plan.slot_level[k])
+                cell = tuple(c + o for c, o in zip(centre[lv], plan.slot_offset[k].tolist()))
+                absent = all(0 <= c < n for c, n in zip(cell, shapes_l[lv])) and (b, lv, cell) not in present
+                assert bool((slot_bits[i, k // 32] >> (k % 32)) & 1) == absent, (i, k)
+                slots[i] += absent
+    assert counts[0].tolist() == pairs and counts[1].tolist() == slots and sum(pairs) > 0 and sum(slots) > 0
+    out_k, grads_k = _nbhd_run(plan, inputs, monkeypatch, "1")
+    out_t, grads_t = _nbhd_run(plan, inputs, monkeypatch, "0")
+    torch.testing.assert_close(out_k, out_t, rtol=1e-10, atol=1e-10)
+    for gk, gt in zip(grads_k, grads_t):
+        torch.testing.assert_close(gk, gt, rtol=1e-9, atol=1e-10)
 
 
 def test_neighborhood_attention_rejects_inputs_that_do_not_fit_the_plan():

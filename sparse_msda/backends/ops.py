@@ -147,7 +147,7 @@ def neighborhood_attention(
     ``freqs`` (the RoPE frequencies, background only) enters for its gradient: the window-centre
     rotations it defines come precomputed in ``rotation`` (``[cos, sin, rows, full]``, empty without
     background); ``tables`` are the background keys rotated at the slot offsets; ``tiles`` the
-    plan's 13 tile tensors (:meth:`~sparse_msda.functional.neighborhood_plan.NeighborhoodPlan.kernel_tiles`).
+    plan's 16 tile tensors (:meth:`~sparse_msda.functional.neighborhood_plan.NeighborhoodPlan.kernel_tiles`: the tiles and their windows).
     """
     out, lse, counts = backend_module(backend).attention_forward(q, k, v, tables, bg_v, rotation, tiles, scale)
     return out, lse, counts

@@ -6,7 +6,10 @@
 // level klev[r] and cell kcell[r] (int64 [n_keys, D], the level's grid) are per key row r = krow[e]
 // (one table per key, not per entry). This file does no coordinate lookup: the entries come from
 // the coordinate index. Query i sees entry e iff the cell lies in its window at that level,
-// |kcell[r] - centre[i, l]| <= radius[l] on every axis (axis order (y, x) / (z, y, x)).
+// |kcell[r] - centre[i, l]| <= radius[l] on every axis (axis order (y, x) / (z, y, x)). These windows
+// are enumerated once per plan (neighborhood_windows: per entry one bit per query of its tile, per
+// query one bit per background slot, and the counts) and read back by every forward and backward:
+// the plan is shared by all layers of an encoder, so no call re-tests a cell.
 //
 // Background (optional): the in-bounds window slots of query i that hold no voxel. Slot k (levels
 // in order, row-major offsets within a level) is scored as <ql[i, level(k)], tables[b, k]> where ql
@@ -17,7 +20,7 @@
 // Work is per tile and head: the tile's queries and keys are gathered into small blocks, scores and
 // weighted sums are blocked products (register-blocked micro-kernels below), and each query's
 // softmax runs over its own window keys and background slots only (the tile's other keys get weight
-// 0). One softmax per (query, head). Forward writes the output and the log-sum-exp; backward
+// 0: a 0/1 mask over the whole padded score row, expanded from the key bits once per tile). One softmax per (query, head). Forward writes the output and the log-sum-exp; backward
 // recomputes the scores from them (nothing per pair is ever stored). Threads split the heads: every
 // gradient row written for head h is (row, h), so no two threads ever write the same memory (no
 // atomics, no copies); only the (small) frequency gradient has one partial sum per thread.
@@ -40,14 +43,24 @@ struct Tiles {
   const int64_t *shapes, *radius, *slot_start, *offsets, *slot_level;
   int64_t n_tiles, n_queries, n_levels, n_slots;
   int dim;
+  // the windows (neighborhood_windows, once per plan): bit g % 32 of key_bits[e * key_words + g / 32]
+  // is set iff the tile's g-th query sees entry e; bit k % 32 of slot_bits[i * slot_words + k / 32]
+  // iff slot k is a background slot of query i; counts [2, Q]: voxel keys and background slots per query
+  const uint32_t *key_bits = nullptr, *slot_bits = nullptr;
+  const int64_t* counts = nullptr;
+  int64_t key_words = 0, slot_words = 0;
+
+  bool sees(int64_t e, int64_t g) const { return (key_bits[e * key_words + (g >> 5)] >> (g & 31)) & 1u; }
 };
 
 // tiles = [qptr, qids, kptr, krow, klev, kcell, tbatch, centres, shapes, radius, slot_start, offsets, slot_level]
-// (klev [n_keys] and kcell [n_keys, D] per key row)
-Tiles make_tiles(const std::vector<at::Tensor>& t) {
-  TORCH_CHECK(t.size() == 13, "tiles: 13 int64 tensors expected");
-  for (const auto& x : t)
-    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kLong && x.is_contiguous(), "tiles: contiguous CPU int64");
+// (klev [n_keys] and kcell [n_keys, D] per key row), with_windows: followed by neighborhood_windows'
+// [key_bits int32 [E, W], slot_bits int32 [Q, SW], counts int64 [2, Q]].
+Tiles make_tiles(const std::vector<at::Tensor>& t, bool with_windows = true) {
+  const size_t n = with_windows ? 16 : 13;
+  TORCH_CHECK(t.size() == n, "tiles: ", n, " tensors expected (the plan's kernel_tiles()), got ", t.size());
+  for (size_t j = 0; j < 13; ++j)
+    TORCH_CHECK(t[j].device().is_cpu() && t[j].scalar_type() == at::kLong && t[j].is_contiguous(), "tiles: contiguous CPU int64");
   Tiles T{t[0].data_ptr<int64_t>(), t[1].data_ptr<int64_t>(), t[2].data_ptr<int64_t>(), t[3].data_ptr<int64_t>(),
           t[4].data_ptr<int64_t>(), t[5].data_ptr<int64_t>(), t[6].data_ptr<int64_t>(), t[7].data_ptr<int64_t>(),
           t[8].data_ptr<int64_t>(), t[9].data_ptr<int64_t>(), t[10].data_ptr<int64_t>(), t[11].data_ptr<int64_t>(),
@@ -55,15 +68,54 @@ Tiles make_tiles(const std::vector<at::Tensor>& t) {
           static_cast<int>(t[8].size(1))};
   TORCH_CHECK(T.dim >= 1 && T.dim <= 3, "position_dim must be 1..3");
   TORCH_CHECK(t[7].dim() == 3 && t[7].size(1) == T.n_levels && t[7].size(2) == T.dim, "centres must be [Q, L, D]");
+  if (with_windows) {
+    const at::Tensor &kb = t[13], &sb = t[14], &c = t[15];
+    TORCH_CHECK(kb.device().is_cpu() && kb.scalar_type() == at::kInt && kb.is_contiguous() && kb.dim() == 2 &&
+                    kb.size(0) == t[3].size(0), "tiles: key bits must be contiguous int32 [E, W]");
+    TORCH_CHECK(sb.device().is_cpu() && sb.scalar_type() == at::kInt && sb.is_contiguous() && sb.dim() == 2 &&
+                    sb.size(0) == T.n_queries, "tiles: slot bits must be contiguous int32 [Q, SW]");
+    TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == at::kLong && c.is_contiguous() &&
+                    c.sizes() == at::IntArrayRef({2, T.n_queries}), "tiles: counts must be int64 [2, Q]");
+    T.key_bits = reinterpret_cast<const uint32_t*>(kb.data_ptr<int32_t>());
+    T.slot_bits = reinterpret_cast<const uint32_t*>(sb.data_ptr<int32_t>());
+    T.counts = c.data_ptr<int64_t>();
+    T.key_words = kb.size(1);
+    T.slot_words = sb.size(1);
+    int64_t most = 0;
+    for (int64_t x = 0; x < T.n_tiles; ++x) most = std::max(most, T.qptr[x + 1] - T.qptr[x]);
+    TORCH_CHECK(most <= 32 * T.key_words, "tiles: key bits have too few words for the largest tile");
+  }
   return T;
 }
 
 // The keys of every query of one tile: the tile's entries u (0-based within the tile) inside the
 // query's windows, and (with background) its absent in-bounds slots; CSR over the tile's queries.
+// find() enumerates them from the cells (once per plan, neighborhood_windows); load() reads them
+// back from the plan's bits (the keys only where asked: small tiles, whose queries are scored row by row).
 struct TileWindows {
   std::vector<int32_t> keys, slots;
   std::vector<int64_t> key_ptr, slot_ptr;
   std::vector<uint8_t> present;
+
+  void load(const Tiles& T, int64_t tile, bool with_keys, bool background) {
+    const int64_t e0 = T.kptr[tile], U = T.kptr[tile + 1] - e0, q0 = T.qptr[tile], G = T.qptr[tile + 1] - q0;
+    keys.clear();
+    slots.clear();
+    key_ptr.assign(1, 0);
+    slot_ptr.assign(1, 0);
+    for (int64_t g = 0; g < G; ++g) {
+      if (with_keys)
+        for (int64_t u = 0; u < U; ++u)
+          if (T.sees(e0 + u, g)) keys.push_back(static_cast<int32_t>(u));
+      key_ptr.push_back(static_cast<int64_t>(keys.size()));
+      if (background) {
+        const uint32_t* bits = T.slot_bits + T.qids[q0 + g] * T.slot_words;
+        for (int64_t j = 0; j < T.slot_words; ++j)
+          for (uint32_t x = bits[j]; x; x &= x - 1) slots.push_back(static_cast<int32_t>(j * 32 + __builtin_ctz(x)));
+      }
+      slot_ptr.push_back(static_cast<int64_t>(slots.size()));
+    }
+  }
 
   void find(const Tiles& T, int64_t tile, bool background) {
     const int64_t e0 = T.kptr[tile], e1 = T.kptr[tile + 1];
@@ -185,6 +237,19 @@ inline void exp_masked(float* __restrict__ x, const float* __restrict__ mask, in
     const float v = mask[j] != 0.0f ? x[j] * scale - shift : -87.0f;
     x[j] = exp_nonpositive(v) * mask[j];
   }
+}
+
+// y[j] <- mask[j] * exp(scale * x[j] - shift) for j < n, mask[j] in {0, 1} (as exp_masked, into y).
+inline void exp_masked_to(const float* __restrict__ x, const float* __restrict__ mask, float* __restrict__ y, int64_t n,
+                          float scale, float shift) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = mask[j] != 0.0f ? x[j] * scale - shift : -87.0f;
+    y[j] = exp_nonpositive(v) * mask[j];
+  }
+}
+
+inline void exp_masked_to(const double* x, const double* mask, double* y, int64_t n, double scale, double shift) {
+  for (int64_t j = 0; j < n; ++j) y[j] = mask[j] != 0.0 ? std::exp(x[j] * scale - shift) : 0.0;
 }
 
 // Sum and maximum of x[0 .. n) with 8 independent partial results (vectorised, no add-latency chain).
@@ -564,17 +629,6 @@ inline void levels_with_slots(const Tiles& T, const TileWindows& w, std::vector<
   for (int32_t k : w.slots) level_any[T.slot_level[k]] = 1;
 }
 
-// Scaled scores of the g-th query of a tile with its voxel keys (row g of the tile's score block
-// th.s, at the query's own key columns). Returns their number.
-template <typename scalar_t>
-inline int64_t window_scores(const Operands<scalar_t>& op, const TileWindows& w, const TileHead<scalar_t>& th, int64_t g,
-                             scalar_t* s) {
-  const int64_t k0 = w.key_ptr[g], nk = w.key_ptr[g + 1] - k0;
-  const scalar_t* row = th.s.data() + g * th.up;
-  for (int64_t j = 0; j < nk; ++j) s[j] = op.scale * row[w.keys[k0 + j]];
-  return nk;
-}
-
 // The background slots of a tile's queries as a 0/1 mask in the layout of the background score
 // blocks (mask[off_l * gp + g * kp_l + kk] = 1 iff slot k0_l + kk is a background slot of query g),
 // so that each query's softmax runs over whole padded rows of s_bg (vector loops, no per-slot
@@ -588,6 +642,25 @@ void background_mask(const Tiles& T, const TileWindows& w, const BackgroundBlock
       const int64_t k = w.slots[j], l = T.slot_level[k];
       mask[bb.off[l] * gp + g * bb.kp[l] + (k - bb.k0[l])] = scalar_t(1);
     }
+}
+
+// The voxel keys of a tile's queries as a 0/1 mask in the layout of the score block
+// (mask[g * up + u] = 1 iff query g sees the tile's entry u; zero padding), from the plan's key bits,
+// so that each query's softmax runs over its whole padded score row (vector loops, no per-key
+// indexing); built once per tile, shared by its heads.
+template <typename scalar_t>
+void key_mask(const Tiles& T, int64_t tile, int64_t gp, int64_t up, std::vector<scalar_t>& mask) {
+  const int64_t e0 = T.kptr[tile], U = T.kptr[tile + 1] - e0, G = T.qptr[tile + 1] - T.qptr[tile];
+  mask.assign(gp * up, scalar_t(0));
+  for (int64_t g = 0; g < G; ++g) {
+    scalar_t* row = mask.data() + g * up;
+    const uint32_t* bits = T.key_bits + e0 * T.key_words + (g >> 5);
+    const int sh = static_cast<int>(g & 31);
+    if (T.key_words == 1)
+      for (int64_t u = 0; u < U; ++u) row[u] = static_cast<scalar_t>(static_cast<int32_t>((bits[u] >> sh) & 1u));
+    else
+      for (int64_t u = 0; u < U; ++u) row[u] = static_cast<scalar_t>(static_cast<int32_t>((bits[u * T.key_words] >> sh) & 1u));
+  }
 }
 
 // Tiles of at most kSmallTile queries (decoder queries are mostly alone in their tile) skip the
@@ -614,8 +687,7 @@ inline int64_t row_scores(const Tiles& T, const Operands<scalar_t>& op, const Ti
 // per level), per query the softmax over its own keys (the tile's other keys get weight 0) and
 // background slots, then O = P V by another product.
 template <typename scalar_t, int DH>
-void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scalar_t* out, scalar_t* lse, int64_t* counts,
-                  int n_threads) {
+void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scalar_t* out, scalar_t* lse, int n_threads) {
   const int64_t H = op.H, dh = op.dh, L = op.L;
   std::unique_ptr<BackgroundBlocks<scalar_t>> bb;
   if (op.background) bb = std::make_unique<BackgroundBlocks<scalar_t>>(T, op, B, false);
@@ -623,20 +695,14 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scala
     TileWindows w;
     TileHead<scalar_t> th;
     TileRotation<scalar_t> rot;
-    std::vector<scalar_t> s, s_bg, mask, level_sum(L), z;
+    std::vector<scalar_t> s, s_bg, mask, kmask, level_sum(L), z;
     std::vector<uint8_t> level_any(L);
     for (int64_t t = 0; t < T.n_tiles; ++t) {
       const int64_t b = T.tbatch[t], q0 = T.qptr[t];
-      w.find(T, t, op.background);
+      const int64_t G = T.qptr[t + 1] - q0;
+      w.load(T, t, G <= kSmallTile, op.background);
       const bool tile_bg = !w.slots.empty();
       if (tile_bg) levels_with_slots(T, w, level_any);
-      if (h0 == 0)  // the thread of head 0 records each query's voxel keys and background slots
-        for (int64_t g = 0; g + q0 < T.qptr[t + 1]; ++g) {
-          const int64_t i = T.qids[q0 + g];
-          counts[i] = w.key_ptr[g + 1] - w.key_ptr[g];
-          counts[T.n_queries + i] = w.slot_ptr[g + 1] - w.slot_ptr[g];
-        }
-      const int64_t G = T.qptr[t + 1] - q0;
       if (G <= kSmallTile) {
         for (int64_t h = h0; h < h1; ++h) {
           if (tile_bg) rot.compute(T, op, w, t, h, round_up(G, kRows));
@@ -666,6 +732,7 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scala
         continue;
       }
       if (tile_bg) background_mask(T, w, *bb, G, round_up(std::max<int64_t>(G, 1), kRows), mask);
+      key_mask(T, t, round_up(std::max<int64_t>(G, 1), kRows), round_up(std::max<int64_t>(T.kptr[t + 1] - T.kptr[t], 1), kLanes), kmask);
       for (int64_t h = h0; h < h1; ++h) {
         th.gather_queries(T, t, op.q, H, h, dh, th.qg);
         th.gather_keys(T, t, op.k, H, h, dh, &th.kt, nullptr);
@@ -681,28 +748,28 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scala
         z.assign(th.gp, scalar_t(0));
         for (int64_t g = 0; g < th.G; ++g) {
           const int64_t i = T.qids[q0 + g];
-          const int64_t n = (w.key_ptr[g + 1] - w.key_ptr[g]) + (w.slot_ptr[g + 1] - w.slot_ptr[g]);
+          const int64_t nk = T.counts[i], n = nk + T.counts[T.n_queries + i], gp = th.gp, up = th.up;
           scalar_t* o = out + (i * H + h) * dh;
           std::fill(o, o + dh, scalar_t(0));
           if (n == 0) {  // no key: zero output (z[g] = 0 below)
             lse[i * H + h] = 0;
             continue;
           }
-          // softmax over the query's voxel keys (s) and its background slots (whole masked rows of s_bg)
-          const int64_t nk = w.key_ptr[g + 1] - w.key_ptr[g], gp = th.gp;
-          s.resize(nk);
-          window_scores(op, w, th, g, s.data());
-          scalar_t m = nk ? max8(s.data(), nk) : -std::numeric_limits<scalar_t>::infinity();
+          // softmax over the query's voxel keys (whole masked score row) and its background slots
+          // (whole masked rows of s_bg)
+          const scalar_t* srow = th.s.data() + g * up;
+          const scalar_t* krow_mask = kmask.data() + g * up;
+          scalar_t m = nk ? op.scale * max_masked(srow, krow_mask, up, -std::numeric_limits<scalar_t>::infinity())
+                          : -std::numeric_limits<scalar_t>::infinity();
           if (n > nk)
             for (int64_t l = 0; l < L; ++l)
               if (level_any[l]) {
                 const int64_t x = bb->off[l] * gp + g * bb->kp[l];
                 m = std::max(m, op.scale * max_masked(s_bg.data() + x, mask.data() + x, bb->kp[l], -std::numeric_limits<scalar_t>::infinity()));
               }
-          exp_shifted(s.data(), nk, m);
-          scalar_t zg = sum8(s.data(), nk);
-          scalar_t* prow = th.p.data() + g * th.up;
-          for (int64_t j = 0; j < nk; ++j) prow[w.keys[w.key_ptr[g] + j]] = s[j];
+          scalar_t* prow = th.p.data() + g * up;
+          exp_masked_to(srow, krow_mask, prow, up, op.scale, m);
+          scalar_t zg = sum8(prow, up);
           if (n > nk)  // background values, weighted per level, straight into the output row
             for (int64_t l = 0; l < L; ++l)
               if (level_any[l]) {
@@ -756,7 +823,7 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
     TileWindows w;
     TileHead<scalar_t> th;
     TileRotation<scalar_t> rot;
-    std::vector<scalar_t> a, gv, s_bg, mask, level_sum(L), level_gv(L);
+    std::vector<scalar_t> a, gv, s_bg, mask, kmask, level_sum(L), level_gv(L);
     // the tables' gradient of this thread's heads, [B, h1 - h0, padded slots, dh] (the layout of
     // the background blocks): accumulated by the products, added into dtab once at the end
     std::vector<scalar_t> dtab_local(dtab && bb ? B * (h1 - h0) * bb->total * dh : 0, scalar_t(0));
@@ -768,11 +835,11 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
     }
     for (int64_t t = 0; t < T.n_tiles; ++t) {
       const int64_t b = T.tbatch[t], q0 = T.qptr[t];
-      w.find(T, t, op.background);
+      const int64_t G = T.qptr[t + 1] - q0;
+      w.load(T, t, G <= kSmallTile, op.background);
       const bool tile_bg = !w.slots.empty();
       if (tile_bg) levels_with_slots(T, w, level_any);
-      const bool tile_keys = !w.keys.empty();
-      const int64_t G = T.qptr[t + 1] - q0;
+      const bool tile_keys = T.kptr[t + 1] > T.kptr[t];
       if (G <= kSmallTile) {
         for (int64_t h = h0; h < h1; ++h) {
           if (tile_bg) {
@@ -816,6 +883,7 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
         continue;
       }
       if (tile_bg) background_mask(T, w, *bb, G, round_up(std::max<int64_t>(G, 1), kRows), mask);
+      key_mask(T, t, round_up(std::max<int64_t>(G, 1), kRows), round_up(std::max<int64_t>(T.kptr[t + 1] - T.kptr[t], 1), kLanes), kmask);
       for (int64_t h = h0; h < h1; ++h) {
         th.gather_queries(T, t, op.q, H, h, dh, th.qg);
         th.gather_queries(T, t, grad, H, h, dh, th.gg);
@@ -839,18 +907,17 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
         };
         for (int64_t g = 0; g < th.G; ++g) {
           const int64_t i = T.qids[q0 + g];
-          const int64_t k0 = w.key_ptr[g], nk = w.key_ptr[g + 1] - k0, nb = w.slot_ptr[g + 1] - w.slot_ptr[g];
+          const int64_t nk = T.counts[i], nb = w.slot_ptr[g + 1] - w.slot_ptr[g];
           if (nb == 0 && tile_bg) zero_bg_rows(g);
           if (nk + nb == 0) continue;
-          a.resize(nk);
           const scalar_t* gr = th.gg.data() + g * dh;
           const scalar_t delta = delta_qh[i * H + h];  // <grad, out> = sum over keys of a <grad, v>
-          window_scores(op, w, th, g, a.data());
-          exp_shifted(a.data(), nk, lse[i * H + h]);  // the attention weights
-          for (int64_t j = 0; j < nk; ++j) {
-            const int64_t x = g * up + w.keys[k0 + j];
-            th.p[x] = a[j];
-            th.ds[x] = a[j] * (gv[x] - delta) * op.scale;
+          if (nk) {  // the attention weights (zero off the query's windows) and dS, whole padded rows
+            scalar_t* prow = th.p.data() + g * up;
+            scalar_t* dsrow = th.ds.data() + g * up;
+            const scalar_t* gvrow = gv.data() + g * up;
+            exp_masked_to(th.s.data() + g * up, kmask.data() + g * up, prow, up, op.scale, lse[i * H + h]);
+            for (int64_t u = 0; u < up; ++u) dsrow[u] = prow[u] * (gvrow[u] - delta) * op.scale;
           }
           if (nb == 0) continue;
           for (int64_t l = 0; l < L; ++l) {
@@ -965,29 +1032,48 @@ void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }  // namespace
 
 #define NBHD_FORWARD(DH) \
-  forward_impl<scalar_t, DH>(T, op, n_items, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), \
-                             static_cast<int>(n_threads))
+  forward_impl<scalar_t, DH>(T, op, n_items, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), static_cast<int>(n_threads))
 #define NBHD_BACKWARD(DH)                                                                                    \
   backward_impl<scalar_t, DH>(T, op, n_items, delta.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), \
                               G, static_cast<int>(n_threads))
 
-// Per query: the number of voxel keys in its windows and (background) of absent in-bounds slots.
-std::vector<at::Tensor> neighborhood_counts(const std::vector<at::Tensor>& tiles, bool background) {
-  const Tiles T = make_tiles(tiles);
-  auto pairs = at::zeros({T.n_queries}, at::kLong);
-  auto bg = at::zeros({T.n_queries}, at::kLong);
-  int64_t* p = pairs.data_ptr<int64_t>();
-  int64_t* s = bg.data_ptr<int64_t>();
-  TileWindows w;
-  for (int64_t t = 0; t < T.n_tiles; ++t) {
-    w.find(T, t, background);
-    for (int64_t g = 0; g + T.qptr[t] < T.qptr[t + 1]; ++g) {
-      const int64_t i = T.qids[T.qptr[t] + g];
-      p[i] = w.key_ptr[g + 1] - w.key_ptr[g];
-      s[i] = w.slot_ptr[g + 1] - w.slot_ptr[g];
+// The plan's windows, enumerated once from the cells (TileWindows::find) and reused by every forward
+// and backward on the plan: key bits int32 [E, W] (W = ceil(largest tile / 32); bit g % 32 of word
+// g / 32 of entry e: the tile's g-th query sees entry e), slot bits int32 [Q, SW] (SW = ceil(K / 32)
+// with background, else 0; bit k: slot k is a background slot of the query), counts int64 [2, Q]
+// (voxel keys and background slots of each query). Threads take contiguous runs of tiles (every
+// tile writes only its own entries and queries).
+std::vector<at::Tensor> neighborhood_windows(const std::vector<at::Tensor>& tiles, bool background, int64_t n_threads) {
+  const Tiles T = make_tiles(tiles, false);
+  int64_t most = 1;
+  for (int64_t t = 0; t < T.n_tiles; ++t) most = std::max(most, T.qptr[t + 1] - T.qptr[t]);
+  const int64_t W = (most + 31) / 32, SW = background ? (T.n_slots + 31) / 32 : 0;
+  auto key_bits = at::zeros({tiles[3].size(0), W}, at::kInt);
+  auto slot_bits = at::zeros({T.n_queries, SW}, at::kInt);
+  auto counts = at::zeros({2, T.n_queries}, at::kLong);
+  uint32_t* kb = reinterpret_cast<uint32_t*>(key_bits.data_ptr<int32_t>());
+  uint32_t* sb = reinterpret_cast<uint32_t*>(slot_bits.data_ptr<int32_t>());
+  int64_t* c = counts.data_ptr<int64_t>();
+  auto run = [&](int64_t t0, int64_t t1) {
+    TileWindows w;
+    for (int64_t t = t0; t < t1; ++t) {
+      w.find(T, t, background);
+      const int64_t e0 = T.kptr[t];
+      for (int64_t g = 0; g + T.qptr[t] < T.qptr[t + 1]; ++g) {
+        const int64_t i = T.qids[T.qptr[t] + g];
+        c[i] = w.key_ptr[g + 1] - w.key_ptr[g];
+        c[T.n_queries + i] = w.slot_ptr[g + 1] - w.slot_ptr[g];
+        for (int64_t j = w.key_ptr[g]; j < w.key_ptr[g + 1]; ++j) kb[(e0 + w.keys[j]) * W + (g >> 5)] |= 1u << (g & 31);
+        for (int64_t j = w.slot_ptr[g]; j < w.slot_ptr[g + 1]; ++j) sb[i * SW + (w.slots[j] >> 5)] |= 1u << (w.slots[j] & 31);
+      }
     }
-  }
-  return {pairs, bg};
+  };
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, T.n_tiles / 64)));
+  std::vector<std::thread> threads;
+  for (int p = 1; p < parts; ++p) threads.emplace_back(run, p * T.n_tiles / parts, (p + 1) * T.n_tiles / parts);
+  run(0, T.n_tiles / parts);
+  for (auto& t : threads) t.join();
+  return {key_bits, slot_bits, counts};
 }
 
 // rotation: [cos, sin, rows, full] of the window-centre rotations (see Operands), empty without
@@ -1002,7 +1088,7 @@ std::vector<at::Tensor> neighborhood_forward(const at::Tensor& q, const at::Tens
   check_operands(q, k, v, rotation, tabt, bvt, T);
   auto out = at::empty_like(q);
   auto lse = at::empty({q.size(0), q.size(1)}, q.options());
-  auto counts = at::empty({2, q.size(0)}, q.options().dtype(at::kLong));
+  const at::Tensor counts = tiles[15].clone();  // the plan's (neighborhood_windows)
   const int64_t n_items = tabt.defined() ? tabt.size(0) : 0;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "neighborhood_forward", [&] {
     const Operands<scalar_t> op(q, k, v, rotation, tabt, bvt, T, scale);
@@ -1045,7 +1131,7 @@ std::vector<at::Tensor> neighborhood_backward(const at::Tensor& q, const at::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd_isa", [] { return std::string(sparse_msda_simd::kIsa); }, "the vector ISA this build targets (simd.h)");
-  m.def("neighborhood_counts", &neighborhood_counts, "voxel keys and background slots of each query (CPU)");
+  m.def("neighborhood_windows", &neighborhood_windows, "the plan's windows: key bits, background slot bits, counts (CPU)");
   m.def("neighborhood_forward", &neighborhood_forward, "fused multi-level sparse neighborhood attention (CPU)");
   m.def("neighborhood_backward", &neighborhood_backward, "its backward (CPU)");
 }

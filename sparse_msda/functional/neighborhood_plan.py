@@ -158,8 +158,8 @@ class NeighborhoodPlan:
     def _window_counts(self) -> tuple:
         if self._counts is None:
             kernels = neighborhood_kernels() if self.centres.device.type == "cpu" else None
-            if kernels is not None:
-                pairs, bg = kernels.neighborhood_counts(self.kernel_tiles(), self.with_background)
+            if kernels is not None:  # the kernel's window enumeration (kernel_tiles) counts them
+                pairs, bg = self.kernel_tiles()[15]
                 self._counts = (pairs, bg if self.with_background else None)
             else:
                 self._chunks, self._counts = _pack_chunks(self)
@@ -194,8 +194,11 @@ class NeighborhoodPlan:
         return has
 
     def kernel_tiles(self) -> list:
-        """The 13 contiguous int64 tensors the CPU kernel reads (see
-        ``csrc/neighborhood_attention_cpu.cpp``); built once."""
+        """The 16 contiguous tensors the CPU kernel reads (see
+        ``csrc/neighborhood_attention_cpu.cpp``): 13 int64 of the tiles, then the windows the
+        kernel enumerates from them once per plan (``neighborhood_windows``: int32 key bits
+        ``[E, W]``, background slot bits ``[Q, SW]``, int64 counts ``[2, Q]``), which every
+        forward and backward on the plan reuses; built once (needs the compiled kernel)."""
         if self._kernel_tiles is None:
             t, dev = self.tiles, self.centres.device
             end = lambda n: torch.tensor([n], dtype=torch.int64, device=dev)  # noqa: E731
@@ -209,6 +212,10 @@ class NeighborhoodPlan:
                     self.centres, self.level_spatial_shapes, radius, slot_start, self.slot_offset, self.slot_level,
                 )
             ]
+            windows = neighborhood_kernels(auto=False).neighborhood_windows(
+                self._kernel_tiles, self.with_background, torch.get_num_threads()
+            )
+            self._kernel_tiles += list(windows)
         return self._kernel_tiles
 
 
