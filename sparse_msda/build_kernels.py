@@ -1,6 +1,6 @@
 """Prebuild the fused CPU kernels: ``python -m sparse_msda.build_kernels [--march MARCH]``.
 
-Builds (or finds already built) both C++ CPU kernels of :mod:`sparse_msda.functional.cpu_kernels`
+Builds (or finds already built) the C++ CPU kernels of :mod:`sparse_msda.functional.cpu_kernels`
 for the target ISA (``--march``, else ``$SPARSE_MSDA_CPU_MARCH``, else ``native``) and prints
 their build directories; exit status 1 if a build failed. For a container image that runs on
 other CPUs than the one it is built on, prebuild a portable target and run with the same
@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     for name, getter in (
         ("sparse_msda_sample_cpu", cpu_kernels.sampling_kernels),
         ("sparse_msda_neighborhood_cpu", cpu_kernels.neighborhood_kernels),
+        ("sparse_msda_rope_cpu", cpu_kernels.rope_kernels),
     ):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # reported below instead

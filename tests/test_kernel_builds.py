@@ -166,7 +166,7 @@ def test_prebuild_command_builds_what_the_library_loads():
     first = run()
     assert first.returncode == 0, first.stderr
     printed = dict(line.split(": ", 1) for line in first.stdout.splitlines())
-    assert set(printed) == {"sparse_msda_sample_cpu", "sparse_msda_neighborhood_cpu"}
+    assert set(printed) == set(cpu_kernels._KERNELS) == {"sparse_msda_sample_cpu", "sparse_msda_neighborhood_cpu", "sparse_msda_rope_cpu"}
     for name, directory in printed.items():
         assert Path(directory) == cpu_kernels.build_directory(name)
         assert (Path(directory) / f"{name}.so").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -14,6 +15,14 @@ from sparse_msda.functional.rope import (
     rope_group_sizes,
 )
 from sparse_msda.modules.neighborhood_attention import MultilevelRotaryEncoding
+from tests.test_cpu_kernels import _built
+
+
+def _rope_kernel(monkeypatch):
+    """The C++ rotary-encoding kernels, enabled (skip without a compiler, fail if the build fails)."""
+    from sparse_msda.functional.cpu_kernels import rope_kernels
+
+    return _built(rope_kernels, monkeypatch)
 
 PATTERNS = ["single", "partition", "closure", "axial", "spatial_level"]
 
@@ -100,8 +109,13 @@ def test_errors():
         init_rope_frequencies(2, 8, 2, level_base_theta=0.0)
 
 
+@pytest.mark.parametrize("path", ["kernel", "pytorch"])
 @pytest.mark.parametrize("share_heads", [False, True])
-def test_gradcheck_custom_backward_through_x_positions_and_frequencies(share_heads):
+def test_gradcheck_custom_backward_through_x_positions_and_frequencies(share_heads, path, monkeypatch):
+    if path == "kernel":
+        _rope_kernel(monkeypatch)
+    else:
+        monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", "0")
     rope = MultilevelRotaryEncoding(2, 8, 3, share_heads=share_heads).double()
     x = torch.randn(3, 2, 8, dtype=torch.float64, requires_grad=True)
     u = (torch.rand(3, 4, dtype=torch.float64) * 5).requires_grad_(True)
@@ -128,3 +142,80 @@ def test_all_pattern_share_combinations_construct_in_block():
     for pattern, share in itertools.product(PATTERNS, [False, True]):
         block = SparseNeighborhoodAttentionBlock(48, 2, rope_freq_group_pattern=pattern, rope_share_heads=share)
         assert block.rope.freqs.shape == (1 if share else 2, 12, 3)
+
+
+def _rope_problem(n, n_heads, head_dim, share_heads, dtype, seed=0):
+    """Positions up to ~1600 cells (the 3D scans' full scale; angles up to ~1e3 rad), all three
+    inputs requiring gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    freqs, _ = init_rope_frequencies(n_heads, head_dim, 3, share_heads=share_heads, generator=gen)
+    x = torch.randn(n, n_heads, head_dim, generator=gen, dtype=dtype)
+    scale = torch.tensor([41.0, 1600.0, 1408.0, 3.0], dtype=torch.float64)
+    u = (torch.rand(n, 4, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    return [t.to(dtype).requires_grad_() for t in (x, u, freqs)]
+
+
+def _rope_run(inputs, monkeypatch, flag, seed=1):
+    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", flag)
+    y = apply_rope(*inputs)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    return [y.detach(), *torch.autograd.grad((y * w).sum(), inputs)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("share_heads", [False, True])
+def test_kernel_matches_pytorch_path(dtype, share_heads, monkeypatch):
+    """The C++ kernel (csrc/rope_cpu.cpp: angles reduced to [-pi/4, pi/4] in float64, Taylor
+    cos/sin in x's dtype, float64 frequency gradient) against the PyTorch path (reduced to
+    [0, 2 pi), torch cos/sin): output and the gradients w.r.t. x, positions and frequencies.
+    Both are also held to the float64 rotation (the PyTorch path on float64 inputs)."""
+    _rope_kernel(monkeypatch)
+    inputs = _rope_problem(3000, 4, 16, share_heads, dtype)  # > 1024 rows: several dfreqs blocks
+    kernel = _rope_run(inputs, monkeypatch, "1")
+    pytorch = _rope_run(inputs, monkeypatch, "0")
+    exact = _rope_run([t.detach().double().requires_grad_() for t in inputs], monkeypatch, "0")
+    names = ("y", "dx", "dpositions", "dfreqs")
+    for name, a, b, e in zip(names, kernel, pytorch, exact):
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+        else:  # float32 trigonometry of angles ~1e3 rad: the two paths round differently
+            scale = e.abs().max().item()
+            err_k, err_p = (a.double() - e).abs().max().item(), (b.double() - e).abs().max().item()
+            # the kernel is no less accurate than the PyTorch path (up to round-off of the error itself)
+            assert err_k <= 2 * err_p + 1e-6 * scale, (name, err_k, err_p, scale)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * scale, msg=name)
+
+
+def test_kernel_frequency_gradient_independent_of_threads(monkeypatch):
+    """The frequencies' gradient is summed per block of rows, then over blocks in order: the same
+    bits with 1 and 2 threads."""
+    _rope_kernel(monkeypatch)
+    inputs = _rope_problem(5000, 2, 8, False, torch.float32)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _rope_run(inputs, monkeypatch, "1")
+        torch.set_num_threads(2)
+        two = _rope_run(inputs, monkeypatch, "1")
+    finally:
+        torch.set_num_threads(n)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_kernel_large_angles_match_float64(monkeypatch):
+    """Angles of ~1e4 rad (positions far out times frequencies near 1) and exact multiples of
+    pi/2 (position 0, quadrant boundaries): the float32 kernel within float32 round-off of the
+    float64 rotation."""
+    _rope_kernel(monkeypatch)
+    freqs = torch.zeros(1, 4, 2, dtype=torch.float64)
+    freqs[0, :, 0] = torch.tensor([1.0, 0.5, 1e-3, 0.0])
+    freqs[0, :, 1] = torch.tensor([0.0, 0.25, 1.0, 1.0])
+    u = torch.tensor([[0.0, 0.0], [1e4, -3e3], [math.pi / 2, 0.0], [math.pi, -math.pi], [-2.5e3, 7.77]], dtype=torch.float64)
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", "0")
+    exact = apply_rope(x, u, freqs)  # the PyTorch path in float64
+    monkeypatch.setenv("SPARSE_MSDA_CPU_KERNELS", "1")
+    out = apply_rope(x.float(), u, freqs.float())
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
+    torch.testing.assert_close(apply_rope(x, u, freqs), exact, rtol=0, atol=1e-12)  # float64 kernel

@@ -10,7 +10,9 @@ and its backward:
   corner table;
 * ``csrc/neighborhood_attention_cpu.cpp``: scores, softmax and weighted sum of the
   neighborhood attention over a tiled plan (:func:`neighborhood_kernels`); the tiles' key
-  voxels come from the coordinate index.
+  voxels come from the coordinate index;
+* ``csrc/rope_cpu.cpp``: the rotary position encoding and its backward in one pass over the
+  rows (:func:`rope_kernels`, used by :mod:`sparse_msda.functional.rope`).
 
 Neither does a coordinate lookup of its own. Each is built with
 ``torch.utils.cpp_extension.load`` (g++ and ninja) the first time it is needed, for the target
@@ -57,6 +59,7 @@ __all__ = [
     "kernels_enabled",
     "kernels_forced",
     "neighborhood_kernels",
+    "rope_kernels",
     "sampling_kernels",
     "target_march",
 ]
@@ -71,6 +74,7 @@ _STATE: dict = {}
 _KERNELS = {
     "sparse_msda_sample_cpu": ("sparse_sample_cpu.cpp", "sampling"),
     "sparse_msda_neighborhood_cpu": ("neighborhood_attention_cpu.cpp", "neighborhood-attention"),
+    "sparse_msda_rope_cpu": ("rope_cpu.cpp", "rotary-encoding"),
 }
 # ISA feature macros a compiler predefines for a -march (__AVX2__, __FMA__, __AVX512F__, ...)
 _ISA_MACRO = re.compile(r"#define (__[A-Z][A-Z0-9_]*__) 1$")
@@ -178,8 +182,8 @@ def _build_key(name: str) -> dict:
 
 
 def build_directory(name: str) -> Path:
-    """Build directory of extension ``name`` (``"sparse_msda_sample_cpu"`` or
-    ``"sparse_msda_neighborhood_cpu"``):
+    """Build directory of extension ``name`` (``"sparse_msda_sample_cpu"``,
+    ``"sparse_msda_neighborhood_cpu"`` or ``"sparse_msda_rope_cpu"``):
     ``$TORCH_EXTENSIONS_DIR/sparse_msda/<name>-<isa>-<key hash>`` (default root
     ``~/.cache/torch_extensions``), the hash over torch version/git revision/C++ ABI, Python,
     compiler, compiler flags, the compiler's predefined macros for the target ``-march`` on this
@@ -260,6 +264,12 @@ def neighborhood_kernels(auto: bool = True):
     """The compiled neighborhood-attention kernels, or None (disabled, the build failed: warned
     once, or ``auto`` and built for an ISA not in :data:`KERNEL_WINS`)."""
     return _dispatch(_load("sparse_msda_neighborhood_cpu"), auto)
+
+
+def rope_kernels(auto: bool = True):
+    """The compiled rotary-encoding kernels, or None (disabled, the build failed: warned once,
+    or ``auto`` and built for an ISA not in :data:`KERNEL_WINS`)."""
+    return _dispatch(_load("sparse_msda_rope_cpu"), auto)
 
 
 def build_error():

@@ -250,18 +250,47 @@ def rotate_pairs_back(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return y
 
 
+def _rope_kernel(x: Tensor, positions: Tensor, freqs: Tensor):
+    """The C++ rotary-encoding kernels (``csrc/rope_cpu.cpp``) if they serve these tensors (CPU,
+    float32/float64 ``x``, not under ``torch.compile``), else None (the PyTorch path)."""
+    if (
+        x.device.type != "cpu"
+        or positions.device.type != "cpu"
+        or freqs.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    from .cpu_kernels import rope_kernels
+
+    return rope_kernels()
+
+
 class _RopeFunction(torch.autograd.Function):
     """``rotate_pairs(x, cos(theta), sin(theta))`` with ``theta = rope_angles(positions, freqs)``
-    for ``x [N, H, d]`` and ``positions [N, D + 1]``, in chunks of :data:`sparse_msda.tuning.ROPE_CHUNK_ROWS` rows,
-    with a closed-form backward that recomputes ``cos``/``sin`` per chunk (saves ``positions``,
-    ``freqs`` and the output only)::
+    for ``x [N, H, d]`` and ``positions [N, D + 1]``, with a closed-form backward that recomputes
+    ``cos``/``sin`` (saves ``positions``, ``freqs`` and the output only)::
 
         dx = R(-theta) dy,   dtheta_j = y1_j dy2_j - y2_j dy1_j,
         dfreqs[h, j, k] = sum dtheta[..., h, j] u[..., k],   du[..., k] = sum dtheta[..., h, j] freqs[h, j, k].
+
+    On CPU (float32/float64) both run in the C++ kernel ``csrc/rope_cpu.cpp`` (one pass over the
+    rows: angles and their reduction in float64, cos/sin in ``x``'s dtype, the frequencies'
+    gradient summed in float64 per block of rows); elsewhere, or with ``SPARSE_MSDA_CPU_KERNELS=0``,
+    in PyTorch in chunks of :data:`sparse_msda.tuning.ROPE_CHUNK_ROWS` rows (angles float64,
+    reduced to ``[0, 2 pi)``, :func:`rope_cos_sin`).
     """
 
     @staticmethod
     def forward(ctx, x, positions, freqs):
+        ext = _rope_kernel(x, positions, freqs)
+        ctx.ext = ext
+        if ext is not None:
+            y = ext.rope_forward(
+                x.contiguous(), positions.to(torch.float64).contiguous(), freqs.to(torch.float64).contiguous()
+            )
+            ctx.save_for_backward(positions, freqs, y)
+            return y
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         half = x.shape[-1] // 2
         for r0 in range(0, x.shape[0], tuning.ROPE_CHUNK_ROWS):
@@ -280,32 +309,50 @@ class _RopeFunction(torch.autograd.Function):
     def backward(ctx, gy):
         positions, freqs, y = ctx.saved_tensors
         need_x, need_pos, need_freqs = ctx.needs_input_grad
-        n, half = y.shape[0], y.shape[-1] // 2
-        dx = torch.empty_like(y) if need_x else None
-        dpos = torch.empty(positions.shape, dtype=torch.float64, device=y.device) if need_pos else None
-        dfreqs = torch.zeros(freqs.shape, dtype=torch.float64, device=y.device) if need_freqs else None
-        f64 = freqs.to(torch.float64)
-        for r0 in range(0, n, tuning.ROPE_CHUNK_ROWS):
-            r1 = min(r0 + tuning.ROPE_CHUNK_ROWS, n)
-            g = gy[r0:r1]
-            if need_x:
-                cos, sin = rope_cos_sin(rope_angles(positions[r0:r1], freqs), y.dtype)
-                dx[r0:r1] = rotate_pairs_back(g, cos, sin)
-            if need_pos or need_freqs:
-                yc = y[r0:r1]
-                dth = yc[..., :half] * g[..., half:] - yc[..., half:] * g[..., :half]  # [n, H, d/2]
-                if freqs.shape[0] == 1 and dth.shape[-2] != 1:
-                    dth = dth.sum(-2, keepdim=True)
-                dth = dth.to(torch.float64)
-                if need_pos:
-                    dpos[r0:r1] = torch.einsum("nhj,hjk->nk", dth, f64)
-                if need_freqs:
-                    dfreqs += torch.einsum("nhj,nk->hjk", dth, positions[r0:r1].to(torch.float64))
+        if ctx.ext is not None:
+            dx, dpos, dfreqs = ctx.ext.rope_backward(
+                gy.to(y.dtype).contiguous(),
+                y,
+                positions.to(torch.float64).contiguous(),
+                freqs.to(torch.float64).contiguous(),
+                need_x,
+                need_pos,
+                need_freqs,
+            )
+        else:
+            dx, dpos, dfreqs = _rope_backward_pytorch(gy, positions, freqs, y, need_x, need_pos, need_freqs)
         return (
             dx,
             None if dpos is None else dpos.to(positions.dtype),
             None if dfreqs is None else dfreqs.to(freqs.dtype),
         )
+
+
+def _rope_backward_pytorch(gy, positions, freqs, y, need_x, need_pos, need_freqs):
+    """:class:`_RopeFunction`'s backward in PyTorch, chunk by chunk: ``(dx, dpositions,
+    dfreqs)`` (None where not needed; the last two float64)."""
+    n, half = y.shape[0], y.shape[-1] // 2
+    dx = torch.empty_like(y) if need_x else None
+    dpos = torch.empty(positions.shape, dtype=torch.float64, device=y.device) if need_pos else None
+    dfreqs = torch.zeros(freqs.shape, dtype=torch.float64, device=y.device) if need_freqs else None
+    f64 = freqs.to(torch.float64)
+    for r0 in range(0, n, tuning.ROPE_CHUNK_ROWS):
+        r1 = min(r0 + tuning.ROPE_CHUNK_ROWS, n)
+        g = gy[r0:r1]
+        if need_x:
+            cos, sin = rope_cos_sin(rope_angles(positions[r0:r1], freqs), y.dtype)
+            dx[r0:r1] = rotate_pairs_back(g, cos, sin)
+        if need_pos or need_freqs:
+            yc = y[r0:r1]
+            dth = yc[..., :half] * g[..., half:] - yc[..., half:] * g[..., :half]  # [n, H, d/2]
+            if freqs.shape[0] == 1 and dth.shape[-2] != 1:
+                dth = dth.sum(-2, keepdim=True)
+            dth = dth.to(torch.float64)
+            if need_pos:
+                dpos[r0:r1] = torch.einsum("nhj,hjk->nk", dth, f64)
+            if need_freqs:
+                dfreqs += torch.einsum("nhj,nk->hjk", dth, positions[r0:r1].to(torch.float64))
+    return dx, dpos, dfreqs
 
 
 def apply_rope(x: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:
