@@ -23,7 +23,7 @@ compiler actually targets (its predefined ISA macros, e.g. ``__AVX512F__``, for 
 on this host), and a hash of the source. So a home directory shared by machines with different
 CPUs never loads a binary with instructions the CPU lacks, and two environments (e.g. two torch
 versions) never rebuild each other's kernel. A build prints one line on stderr when it starts;
-``python -m sparse_msda.build_kernels`` prebuilds both (e.g. for a container image).
+``python -m sparse_msda.build_kernels`` prebuilds them all (e.g. for a container image).
 
 ``SPARSE_MSDA_CPU_KERNELS=0`` disables them. A failed build (or a ``-march`` whose ISA this CPU
 lacks) warns once and falls back to the PyTorch path.
