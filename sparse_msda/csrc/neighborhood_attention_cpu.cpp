@@ -34,6 +34,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -513,6 +514,40 @@ void gemm_nn(const scalar_t* __restrict__ A, int64_t rs, int64_t js, const scala
   }
 }
 
+// r[j][i] <-> r[i][j]: an N x N block (N = lanes of one vector) transposed in registers by log2(N)
+// rounds of two-vector shuffles (round s swaps the off-diagonal s x s blocks of every 2s x 2s block).
+template <typename scalar_t, int64_t S>
+inline void transpose_round(typename Vec<scalar_t>::type* r) {
+  using V = Vec<scalar_t>;
+  using v_t = typename V::type;
+  constexpr int64_t N = V::N;
+  using m_t = typename std::conditional<sizeof(scalar_t) == 4, int32_t, int64_t>::type;
+  typedef m_t mask_t __attribute__((vector_size(sizeof(v_t))));
+  mask_t lo, hi;
+  for (int64_t l = 0; l < N; ++l) {
+    lo[l] = static_cast<m_t>((l & S) ? N + l - S : l);
+    hi[l] = static_cast<m_t>((l & S) ? N + l : l + S);
+  }
+  for (int64_t i = 0; i < N; ++i)
+    if ((i & S) == 0) {
+      const v_t a = r[i], b = r[i + S];
+      r[i] = __builtin_shuffle(a, b, lo);
+      r[i + S] = __builtin_shuffle(a, b, hi);
+    }
+  if constexpr (S > 1) transpose_round<scalar_t, S / 2>(r);
+}
+
+template <typename scalar_t>
+inline void transpose_in_registers(typename Vec<scalar_t>::type* r) {
+  transpose_round<scalar_t, Vec<scalar_t>::N / 2>(r);
+}
+
+#if defined(__clang__)
+constexpr bool kRegisterTranspose = false;  // __builtin_shuffle with a vector mask is GCC's
+#else
+constexpr bool kRegisterTranspose = true;
+#endif
+
 // One head of one tile in the layouts of the micro-kernels: the tile's G queries padded to
 // gp = G rounded up to kRows, its U keys padded to up = U rounded up to kLanes (zero rows/columns).
 template <typename scalar_t>
@@ -530,12 +565,38 @@ struct TileHead {
     for (int64_t g = 0; g < G; ++g) std::copy_n(src + (T.qids[q0 + g] * H + h) * dh, dh, rows.data() + g * dh);
   }
 
-  // The tile's keys of x [N, H, dh] at head h: transposed [dh, up] and/or as rows [up, dh].
+  // The tile's keys of x [N, H, dh] at head h: transposed [dh, up] and/or as rows [up, dh]. With
+  // a head dim that is a whole number of vectors, the transposed block is built from N x N blocks
+  // transposed in registers (one vector store per N values instead of N scalar stores).
+  template <int DH>
   void gather_keys(const Tiles& T, int64_t tile, const scalar_t* x, int64_t H, int64_t h, int64_t dh,
                    std::vector<scalar_t>* transposed, std::vector<scalar_t>* rows) {
+    using V = Vec<scalar_t>;
+    using v_t = typename V::type;
+    constexpr int64_t N = V::N;
     const int64_t e0 = T.kptr[tile];
     U = T.kptr[tile + 1] - e0;
     up = round_up(std::max<int64_t>(U, 1), kLanes);
+    if constexpr (kRegisterTranspose && DH > 0 && DH % N == 0 && kLanes % N == 0) {
+      if (transposed) {
+        transposed->resize(DH * up);
+        if (rows) rows->resize(up * DH);
+        scalar_t* kt = transposed->data();
+        for (int64_t u0 = 0; u0 < up; u0 += N) {
+          const scalar_t* src[N];
+          for (int64_t j = 0; j < N; ++j) src[j] = u0 + j < U ? x + (T.krow[e0 + u0 + j] * H + h) * DH : nullptr;
+          for (int64_t c = 0; c < DH; c += N) {
+            v_t r[N];
+            for (int64_t j = 0; j < N; ++j) r[j] = src[j] ? V::load(src[j] + c) : v_t{};
+            if (rows)
+              for (int64_t j = 0; j < N; ++j) V::store(rows->data() + (u0 + j) * DH + c, r[j]);
+            transpose_in_registers<scalar_t>(r);
+            for (int64_t j = 0; j < N; ++j) V::store(kt + (c + j) * up + u0, r[j]);
+          }
+        }
+        return;
+      }
+    }
     if (transposed) transposed->assign(dh * up, scalar_t(0));
     if (rows) rows->assign(up * dh, scalar_t(0));
     for (int64_t u = 0; u < U; ++u) {
@@ -735,8 +796,8 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scala
       key_mask(T, t, round_up(std::max<int64_t>(G, 1), kRows), round_up(std::max<int64_t>(T.kptr[t + 1] - T.kptr[t], 1), kLanes), kmask);
       for (int64_t h = h0; h < h1; ++h) {
         th.gather_queries(T, t, op.q, H, h, dh, th.qg);
-        th.gather_keys(T, t, op.k, H, h, dh, &th.kt, nullptr);
-        th.gather_keys(T, t, op.v, H, h, dh, nullptr, &th.vr);
+        th.template gather_keys<DH>(T, t, op.k, H, h, dh, &th.kt, nullptr);
+        th.template gather_keys<DH>(T, t, op.v, H, h, dh, nullptr, &th.vr);
         th.s.resize(th.gp * th.up);
         gemm_nt<scalar_t, DH>(th.qg.data(), th.kt.data(), th.gp, th.up, dh, th.s.data());
         if (tile_bg) {
@@ -887,8 +948,8 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
       for (int64_t h = h0; h < h1; ++h) {
         th.gather_queries(T, t, op.q, H, h, dh, th.qg);
         th.gather_queries(T, t, grad, H, h, dh, th.gg);
-        th.gather_keys(T, t, op.k, H, h, dh, &th.kt, dq ? &th.kr : nullptr);
-        th.gather_keys(T, t, op.v, H, h, dh, &th.vt, nullptr);
+        th.template gather_keys<DH>(T, t, op.k, H, h, dh, &th.kt, dq ? &th.kr : nullptr);
+        th.template gather_keys<DH>(T, t, op.v, H, h, dh, &th.vt, nullptr);
         const int64_t gp = th.gp, up = th.up;
         th.s.resize(gp * up);
         gemm_nt<scalar_t, DH>(th.qg.data(), th.kt.data(), gp, up, dh, th.s.data());
