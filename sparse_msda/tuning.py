@@ -29,6 +29,7 @@ __all__ = [
     "LOOKUP_CELLS_PER_CHUNK",
     "PAD_SLACK",
     "ROPE_CHUNK_ROWS",
+    "ROPE_GRAD_IN_PLACE",
     "SAVED_PROBABILITIES_BYTES",
     "SOFTMAX_NO_SHIFT_BOUND",
     "TABLE_COPY_BYTES",
@@ -79,6 +80,11 @@ SOFTMAX_NO_SHIFT_BOUND = 60.0
 is at most this skips the softmax's max shift (``exp(+-60)`` is far from float32
 overflow/underflow), saving two passes over the scores. float16 / bfloat16 scores always shift
 (``exp`` overflows float16 above ~11)."""
+
+ROPE_GRAD_IN_PLACE = True
+"""Rotary encoding of the blocks' own ``q`` / ``k`` projections on the C++ kernel
+(:func:`~sparse_msda.functional.rope.apply_rope_to_projection`): the backward writes the input's
+gradient over the incoming one instead of a new tensor."""
 
 ROPE_CHUNK_ROWS = 8192
 """Rotary encoding: rows rotated at a time by ``_RopeFunction``: the float64 angles and the

@@ -219,3 +219,33 @@ def test_kernel_large_angles_match_float64(monkeypatch):
     out = apply_rope(x.float(), u, freqs.float())
     torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
     torch.testing.assert_close(apply_rope(x, u, freqs), exact, rtol=0, atol=1e-12)  # float64 kernel
+
+
+@pytest.mark.parametrize("grad_in_place", [True, False])
+@pytest.mark.parametrize("share_heads", [False, True])
+def test_in_place_projection_rotation_matches_apply_rope(grad_in_place, share_heads, monkeypatch):
+    """apply_rope_to_projection (the blocks' q / k: rotated in place on the kernel, the backward
+    writing dx over the incoming gradient) gives apply_rope's output and gradients bit for bit,
+    rotates the projection's own storage, and passes gradcheck."""
+    from sparse_msda import tuning
+    from sparse_msda.functional.rope import apply_rope_to_projection
+
+    _rope_kernel(monkeypatch)
+    monkeypatch.setattr(tuning, "ROPE_GRAD_IN_PLACE", grad_in_place)
+    x, u, f = _rope_problem(1500, 4, 16, share_heads, torch.float32)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    ref = apply_rope(x * 1, u, f)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (x, u, f))
+    proj = x.reshape(x.shape[0], -1) * 1  # a fresh non-leaf (not a view), as a projection's output
+    storage = proj.data_ptr()
+    out = apply_rope_to_projection(proj, u, f, x.shape[1])
+    assert out.shape == x.shape and out.data_ptr() == storage
+    grads = torch.autograd.grad((out * w).sum(), (x, u, f))
+    assert torch.equal(out, ref)
+    for a, b in zip(grads, ref_grads):
+        assert torch.equal(a, b)
+    x64, u64, f64 = (t.detach()[:7].double().requires_grad_() for t in (x, u, f))
+    u64 = (u64.detach() / 100).requires_grad_()  # moderate angles for the finite differences
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: apply_rope_to_projection(a.reshape(7, -1) * 1, b, c, 4), (x64, u64, f64)
+    )

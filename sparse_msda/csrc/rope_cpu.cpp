@@ -121,6 +121,27 @@ inline void row_cos_sin(const double* __restrict ft, const double* __restrict u,
   }
 }
 
+// (o1, o2) = (a1 c - s2 a2 s, s1 a1 s + a2 c) over j < half with s2 = -s1 = sign (sign = 1: the
+// rotation R(theta); -1: R(-theta)). Each vector of a1 and a2 is loaded before the outputs are
+// stored, so o1 == a1 and o2 == a2 (in place) is allowed (no __restrict on them).
+template <typename T>
+inline void rotate_row(const T* a1, const T* a2, T* o1, T* o2, const T* __restrict cs, const T* __restrict sn,
+                       int64_t half, T sign) {
+  using V = sparse_msda_simd::Vec<T>;
+  int64_t j = 0;
+  const typename V::type sg = V::broadcast(sign);
+  for (; j + V::N <= half; j += V::N) {
+    const typename V::type x1 = V::load(a1 + j), x2 = V::load(a2 + j), c = V::load(cs + j), s = V::load(sn + j) * sg;
+    V::store(o1 + j, x1 * c - x2 * s);
+    V::store(o2 + j, x1 * s + x2 * c);
+  }
+  for (; j < half; ++j) {
+    const T x1 = a1[j], x2 = a2[j], c = cs[j], s = sn[j] * sign;
+    o1[j] = x1 * c - x2 * s;
+    o2[j] = x1 * s + x2 * c;
+  }
+}
+
 // ft [P][A] (double) of freqs [A, P]
 std::vector<double> transpose_freqs(const torch::Tensor& freqs, int64_t A, int64_t P) {
   const double* f = freqs.data_ptr<double>();
@@ -142,11 +163,12 @@ void check_inputs(const torch::Tensor& x, const torch::Tensor& u, const torch::T
               "rope: freqs must be [H or 1, d/2, P]");
 }
 
-torch::Tensor rope_forward(const torch::Tensor& x, const torch::Tensor& u, const torch::Tensor& freqs) {
+// y = R(theta) x; in place (y is x) with inplace.
+torch::Tensor rope_forward(const torch::Tensor& x, const torch::Tensor& u, const torch::Tensor& freqs, bool inplace) {
   check_inputs(x, u, freqs);
   const int64_t N = x.size(0), H = x.size(1), d = x.size(2), half = d / 2, Hf = freqs.size(0), P = u.size(1);
   const int64_t A = Hf * half;
-  auto y = torch::empty_like(x);
+  auto y = inplace ? x : torch::empty_like(x);
   const std::vector<double> ft = transpose_freqs(freqs, A, P);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rope_forward", [&] {
     using T = scalar_t;
@@ -158,16 +180,8 @@ torch::Tensor rope_forward(const torch::Tensor& x, const torch::Tensor& u, const
       for (int64_t n = n0; n < n1; ++n) {
         row_cos_sin<T>(ft.data(), up + n * P, A, P, s);
         for (int64_t h = 0; h < H; ++h) {
-          const T* __restrict cs = s.cs.data() + (Hf == 1 ? 0 : h * half);
-          const T* __restrict sn = s.sn.data() + (Hf == 1 ? 0 : h * half);
-          const T* __restrict x1 = xp + (n * H + h) * d;
-          const T* __restrict x2 = x1 + half;
-          T* __restrict y1 = yp + (n * H + h) * d;
-          T* __restrict y2 = y1 + half;
-          for (int64_t j = 0; j < half; ++j) {
-            y1[j] = x1[j] * cs[j] - x2[j] * sn[j];
-            y2[j] = x1[j] * sn[j] + x2[j] * cs[j];
-          }
+          const int64_t a0 = Hf == 1 ? 0 : h * half, o = (n * H + h) * d;
+          rotate_row<T>(xp + o, xp + o + half, yp + o, yp + o + half, s.cs.data() + a0, s.sn.data() + a0, half, T(1));
         }
       }
     });
@@ -175,16 +189,18 @@ torch::Tensor rope_forward(const torch::Tensor& x, const torch::Tensor& u, const
   return y;
 }
 
-// Returns (dx or empty, du [N, P] double or empty, dfreqs [H', d/2, P] double or empty).
+// Returns (dx or empty, du [N, P] double or empty, dfreqs [H', d/2, P] double or empty). With
+// dx_into_gy, dx is written over gy (each row's dtheta is taken from gy before).
 std::vector<torch::Tensor> rope_backward(const torch::Tensor& gy, const torch::Tensor& y, const torch::Tensor& u,
-                                         const torch::Tensor& freqs, bool need_x, bool need_u, bool need_freqs) {
+                                         const torch::Tensor& freqs, bool need_x, bool need_u, bool need_freqs,
+                                         bool dx_into_gy) {
   check_inputs(y, u, freqs);
   TORCH_CHECK(gy.sizes() == y.sizes() && gy.scalar_type() == y.scalar_type() && gy.is_contiguous(),
               "rope: gy must be contiguous, shaped and typed as y");
   const int64_t N = y.size(0), H = y.size(1), d = y.size(2), half = d / 2, Hf = freqs.size(0), P = u.size(1);
   const int64_t A = Hf * half;
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
-  torch::Tensor dx = need_x ? torch::empty_like(y) : torch::Tensor();
+  torch::Tensor dx = need_x ? (dx_into_gy ? gy : torch::empty_like(y)) : torch::Tensor();
   torch::Tensor du = need_u ? torch::empty({N, P}, f64) : torch::Tensor();
   torch::Tensor dfreqs = need_freqs ? torch::zeros({Hf, half, P}, f64) : torch::Tensor();
   if (N == 0 || !(need_x || need_u || need_freqs)) return {dx, du, dfreqs};
@@ -209,35 +225,30 @@ std::vector<torch::Tensor> rope_backward(const torch::Tensor& gy, const torch::T
         const int64_t n_end = std::min(N, (b + 1) * block_rows);
         for (int64_t n = b * block_rows; n < n_end; ++n) {
           const double* un = up + n * P;
-          if (need_x) {
-            row_cos_sin<T>(ft.data(), un, A, P, s);
+          if (need_theta) {  // before dx, which may overwrite gy
+            T* __restrict dt = s.dth.data();
             for (int64_t h = 0; h < H; ++h) {
-              const T* __restrict cs = s.cs.data() + (Hf == 1 ? 0 : h * half);
-              const T* __restrict sn = s.sn.data() + (Hf == 1 ? 0 : h * half);
               const T* __restrict g1 = gp + (n * H + h) * d;
               const T* __restrict g2 = g1 + half;
-              T* __restrict d1 = dxp + (n * H + h) * d;
-              T* __restrict d2 = d1 + half;
-              for (int64_t j = 0; j < half; ++j) {
-                d1[j] = g1[j] * cs[j] + g2[j] * sn[j];
-                d2[j] = g2[j] * cs[j] - g1[j] * sn[j];
+              const T* __restrict y1 = yp + (n * H + h) * d;
+              const T* __restrict y2 = y1 + half;
+              T* __restrict o = dt + (Hf == 1 ? 0 : h * half);
+              if (Hf == 1 && h > 0) {
+                for (int64_t j = 0; j < half; ++j) o[j] += y1[j] * g2[j] - y2[j] * g1[j];
+              } else {
+                for (int64_t j = 0; j < half; ++j) o[j] = y1[j] * g2[j] - y2[j] * g1[j];
               }
             }
           }
-          if (!need_theta) continue;
-          T* __restrict dt = s.dth.data();
-          for (int64_t h = 0; h < H; ++h) {
-            const T* __restrict g1 = gp + (n * H + h) * d;
-            const T* __restrict g2 = g1 + half;
-            const T* __restrict y1 = yp + (n * H + h) * d;
-            const T* __restrict y2 = y1 + half;
-            T* __restrict o = dt + (Hf == 1 ? 0 : h * half);
-            if (Hf == 1 && h > 0) {
-              for (int64_t j = 0; j < half; ++j) o[j] += y1[j] * g2[j] - y2[j] * g1[j];
-            } else {
-              for (int64_t j = 0; j < half; ++j) o[j] = y1[j] * g2[j] - y2[j] * g1[j];
+          if (need_x) {
+            row_cos_sin<T>(ft.data(), un, A, P, s);
+            for (int64_t h = 0; h < H; ++h) {
+              const int64_t a0 = Hf == 1 ? 0 : h * half, o = (n * H + h) * d;
+              rotate_row<T>(gp + o, gp + o + half, dxp + o, dxp + o + half, s.cs.data() + a0, s.sn.data() + a0, half, T(-1));
             }
           }
+          if (!need_theta) continue;
+          const T* __restrict dt = s.dth.data();
           double* __restrict dd = dth.data();
           for (int64_t a = 0; a < A; ++a) dd[a] = static_cast<double>(dt[a]);
           if (need_u) {
@@ -274,6 +285,6 @@ std::vector<torch::Tensor> rope_backward(const torch::Tensor& gy, const torch::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd_isa", [] { return std::string(sparse_msda_simd::kIsa); }, "the vector ISA this build targets (simd.h)");
-  m.def("rope_forward", &rope_forward, "rotary position encoding of x [N, H, d] at positions [N, P] (CPU)");
-  m.def("rope_backward", &rope_backward, "its backward: (dx, dpositions, dfreqs) (CPU)");
+  m.def("rope_forward", &rope_forward, "rotary position encoding of x [N, H, d] at positions [N, P], in place with inplace (CPU)");
+  m.def("rope_backward", &rope_backward, "its backward: (dx, dpositions, dfreqs), dx over gy with dx_into_gy (CPU)");
 }

@@ -78,4 +78,4 @@ def layer_norm_linear(
         return F.linear(F.layer_norm(x, [x.shape[-1]], norm_weight, norm_bias, eps), weight, bias)
     lead = x.shape[:-1]
     out = _LayerNormLinear.apply(x.reshape(-1, x.shape[-1]), norm_weight, norm_bias, eps, weight, bias)
-    return out.view(*lead, weight.shape[0])
+    return out if x.ndim == 2 else out.view(*lead, weight.shape[0])  # 2-D: the Function's own output, not a view

@@ -57,6 +57,7 @@ from .. import tuning
 __all__ = [
     "FREQ_GROUP_PATTERNS",
     "apply_rope",
+    "apply_rope_to_projection",
     "check_freqs_in_groups",
     "init_rope_frequencies",
     "rope_angles",
@@ -287,7 +288,7 @@ class _RopeFunction(torch.autograd.Function):
         ctx.ext = ext
         if ext is not None:
             y = ext.rope_forward(
-                x.contiguous(), positions.to(torch.float64).contiguous(), freqs.to(torch.float64).contiguous()
+                x.contiguous(), positions.to(torch.float64).contiguous(), freqs.to(torch.float64).contiguous(), False
             )
             ctx.save_for_backward(positions, freqs, y)
             return y
@@ -318,6 +319,7 @@ class _RopeFunction(torch.autograd.Function):
                 need_x,
                 need_pos,
                 need_freqs,
+                False,
             )
         else:
             dx, dpos, dfreqs = _rope_backward_pytorch(gy, positions, freqs, y, need_x, need_pos, need_freqs)
@@ -326,6 +328,63 @@ class _RopeFunction(torch.autograd.Function):
             None if dpos is None else dpos.to(positions.dtype),
             None if dfreqs is None else dfreqs.to(freqs.dtype),
         )
+
+
+class _RopeInplaceFunction(torch.autograd.Function):
+    """:class:`_RopeFunction` on the C++ kernel for a fresh ``x [N, H * d]`` that nothing else
+    uses (a projection's output inside a block), rotated in place: no ``[N, H * d]`` output is
+    allocated in the forward (``mark_dirty``), and with ``grad_in_place`` the backward writes
+    ``dx`` over the incoming gradient (each row's angle gradient is taken from it first) instead
+    of a new tensor. Only for outputs whose gradient reaches this Function alone (as the blocks'
+    rotated ``q`` and ``k``, consumed by the attention only)."""
+
+    @staticmethod
+    def forward(ctx, x, positions, freqs, n_heads, ext, grad_in_place):
+        shape3 = (x.shape[0], n_heads, x.shape[1] // n_heads)
+        ctx.ext, ctx.shape3, ctx.grad_in_place = ext, shape3, grad_in_place
+        ext.rope_forward(
+            x.view(shape3), positions.to(torch.float64).contiguous(), freqs.to(torch.float64).contiguous(), True
+        )
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(positions, freqs, x)
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        positions, freqs, y = ctx.saved_tensors
+        need_x, need_pos, need_freqs = ctx.needs_input_grad[:3]
+        g = gy.to(y.dtype).contiguous()
+        dx, dpos, dfreqs = ctx.ext.rope_backward(
+            g.view(ctx.shape3),
+            y.view(ctx.shape3),
+            positions.to(torch.float64).contiguous(),
+            freqs.to(torch.float64).contiguous(),
+            need_x,
+            need_pos,
+            need_freqs,
+            ctx.grad_in_place,
+        )
+        return (
+            None if dx is None else dx.view(y.shape),
+            None if dpos is None else dpos.to(positions.dtype),
+            None if dfreqs is None else dfreqs.to(freqs.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def apply_rope_to_projection(x: Tensor, positions: Tensor, freqs: Tensor, n_heads: int) -> Tensor:
+    """:func:`apply_rope` of ``x [N, n_heads * head_dim]`` (viewed as ``[N, n_heads, head_dim]``)
+    for a projection's fresh output that nothing else uses: on the C++ kernel it is rotated in
+    place (:class:`_RopeInplaceFunction`), elsewhere as :func:`apply_rope` does. Returns
+    ``[N, n_heads, head_dim]`` (a view of ``x`` on the kernel)."""
+    shape3 = (x.shape[0], n_heads, x.shape[-1] // n_heads)
+    ext = _rope_kernel(x, positions, freqs) if x.ndim == 2 and x.is_contiguous() and x._base is None else None
+    if ext is None or positions.shape != (x.shape[0], freqs.shape[-1]):
+        return apply_rope(x.view(shape3), positions, freqs)
+    return _RopeInplaceFunction.apply(x, positions, freqs, n_heads, ext, tuning.ROPE_GRAD_IN_PLACE).view(shape3)
 
 
 def _rope_backward_pytorch(gy, positions, freqs, y, need_x, need_pos, need_freqs):

@@ -16,7 +16,7 @@ from ..functional.neighborhood import query_rope_positions, sparse_neighborhood_
 from ..functional.neighborhood_plan import NeighborhoodPlan, build_neighborhood_plan, default_chunk_size
 from ..functional.norm_linear import layer_norm_linear
 from ..functional.precision import position_dtype
-from ..functional.rope import apply_rope, check_freqs_in_groups, init_rope_frequencies, pattern_name
+from ..functional.rope import apply_rope, apply_rope_to_projection, check_freqs_in_groups, init_rope_frequencies, pattern_name
 from ..functional.windows import check_neighborhood_sizes, window_centres
 from ..inputs import QueryBatch, check_dropout, check_embed_heads, check_position_dim, largest_level, prepare_inputs
 
@@ -81,6 +81,13 @@ class MultilevelRotaryEncoding(nn.Module):
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``x [..., H, head_dim]`` at position vectors ``[..., D + 1]``."""
         return apply_rope(x, positions, self.frequencies())
+
+    def rotate_projection(self, x: Tensor, positions: Tensor) -> Tensor:
+        """``forward(x.view(N, H, head_dim), positions)`` for a projection's fresh output ``x [N,
+        H * head_dim]`` that feeds one op alone (its gradient reaches the rotation only): rotated
+        in place on the C++ kernel (:func:`~sparse_msda.functional.rope.apply_rope_to_projection`:
+        no new ``[N, H * head_dim]`` tensor in the forward or the backward)."""
+        return apply_rope_to_projection(x, positions, self.frequencies(), self.n_heads)
 
     def extra_repr(self) -> str:
         return (
@@ -217,18 +224,24 @@ class RotaryAttentionBlock(nn.Module):
         """The rows ``active`` of a per-query tensor (all rows for None)."""
         return t if active is None else t.index_select(0, active)
 
-    def _rotated_queries(self, x: Tensor, pos: Tensor, pos_shapes: Tensor, levels: Tensor, full_shape: Tensor) -> Tensor:
-        """``[n, H, head_dim]`` queries: (pre-)norm, ``q_proj``, RoPE at their (full-scale position, level)."""
+    def _rotated_queries(
+        self, x: Tensor, pos: Tensor, pos_shapes: Tensor, levels: Tensor, full_shape: Tensor, in_place: bool = False
+    ) -> Tensor:
+        """``[n, H, head_dim]`` queries: (pre-)norm, ``q_proj``, RoPE at their (full-scale position, level).
+        ``in_place``: the projection is rotated in place (:meth:`MultilevelRotaryEncoding.rotate_projection`;
+        only when the queries feed one op alone, as the neighborhood attention)."""
         if self.norm_first:  # LayerNorm + q_proj; the normalised x is recomputed in the backward, not kept
             norm, proj = self.norm, self.q_proj
             q = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, proj.weight, proj.bias)
         else:
             q = self.q_proj(x)
-        q = q.view(x.shape[0], self.n_heads, self.head_dim)
-        return self.rope(q, query_rope_positions(pos, pos_shapes, levels, full_shape))
+        u = query_rope_positions(pos, pos_shapes, levels, full_shape)
+        if in_place:
+            return self.rope.rotate_projection(q, u)
+        return self.rope(q.view(x.shape[0], self.n_heads, self.head_dim), u)
 
     def _rotated_keys_values(
-        self, features: Tensor, index: SparseCoordinateIndex, rows: Optional[Tensor], like: Tensor
+        self, features: Tensor, index: SparseCoordinateIndex, rows: Optional[Tensor], like: Tensor, in_place: bool = False
     ) -> tuple[Tensor, Tensor]:
         """Keys (rotated at their voxel's full-scale position and level) and values ``[n, H,
         head_dim]`` of the index's voxels ``rows`` (None: all), projected once per voxel; on
@@ -237,13 +250,15 @@ class RotaryAttentionBlock(nn.Module):
         feats = features if rows is None else features.index_select(0, rows.to(features.device))
         feats = feats.to(device=like.device, dtype=like.dtype)
         w_kv, b_kv, e = self.kv_proj.weight, self.kv_proj.bias, self.embed_dim
-        k = F.linear(feats, w_kv[:e], None if b_kv is None else b_kv[:e]).view(-1, self.n_heads, self.head_dim)
+        k = F.linear(feats, w_kv[:e], None if b_kv is None else b_kv[:e])
         v = F.linear(feats, w_kv[e:], None if b_kv is None else b_kv[e:]).view(-1, self.n_heads, self.head_dim)
         shapes = index.level_spatial_shapes
         vox_l = index.level_indices if rows is None else index.level_indices[rows.to(index.level_indices.device)]
         vox_c = index.spatial_indices if rows is None else index.spatial_indices[rows.to(index.spatial_indices.device)]
         u = voxel_rope_positions(vox_c, vox_l, shapes, shapes[largest_level(shapes)]).to(like.device)
-        return self.rope(k, u), v
+        if in_place:  # the keys feed the attention alone
+            return self.rope.rotate_projection(k, u), v
+        return self.rope(k.view(-1, self.n_heads, self.head_dim), u), v
 
     def _finish(self, query: Tensor, x: Tensor, attn: Tensor, has_key: Tensor, active: Optional[Tensor]) -> Tensor:
         """Output projection, zero branch for queries without keys, dropout, residual, (post-)norm,
@@ -414,8 +429,8 @@ class SparseNeighborhoodAttentionBlock(RotaryAttentionBlock):
         with_bg = background_embedding is not None
         freqs = self.rope.frequencies()
         H, d = self.n_heads, self.head_dim
-        q = self._rotated_queries(x, pos, pos_shapes, levels, plan.full_shape)
-        k, v = self._rotated_keys_values(qb.features, qb.index, plan.voxel_rows, query)
+        q = self._rotated_queries(x, pos, pos_shapes, levels, plan.full_shape, in_place=True)
+        k, v = self._rotated_keys_values(qb.features, qb.index, plan.voxel_rows, query, in_place=True)
         bg_k = bg_v = None
         if with_bg:
             bkv = self.kv_proj(background_embedding.to(query.dtype)).view(-1, self.n_levels, 2, H, d)  # any strides
