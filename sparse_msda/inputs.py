@@ -86,6 +86,10 @@ class QueryBatch:
         batch_indices: int64 ``[n_queries]`` batch item of each query.
         query_level_indices: int64 ``[n_queries]`` level whose frame the positions are in.
         query_level_shapes: float ``[n_queries, position_dim]`` shape of that level.
+        feature_parts: when the map came as a list of ``SparseConvTensor``, each level's
+            features (cast like ``features``), whose row concatenation is ``features``; else
+            None. A consumer that works block by block (the fused deformable attention) takes
+            these, so that the concatenation need not outlive the call (e.g. kept for a backward).
     """
 
     features: Tensor
@@ -94,6 +98,7 @@ class QueryBatch:
     batch_indices: Tensor
     query_level_indices: Tensor
     query_level_shapes: Tensor
+    feature_parts: Optional[tuple] = None
 
 
 def prepare_inputs(
@@ -156,6 +161,9 @@ def prepare_inputs(
     if not features.is_floating_point():
         raise TypeError(f"the feature maps must be floating-point, got {features.dtype}")
     features = features.to(query.dtype)
+    parts = None
+    if not isinstance(stacked_feature_maps, Tensor):  # spconv levels: features is their concatenation
+        parts = tuple(lvl.features.to(query.dtype) for lvl in stacked_feature_maps)
     batch_size = index.batch_size
 
     if not isinstance(query_batch_offsets, Tensor) or query_batch_offsets.is_floating_point():
@@ -202,4 +210,5 @@ def prepare_inputs(
         batch_indices=batch_indices,
         query_level_indices=levels,
         query_level_shapes=shapes[levels].to(position_dtype(query_spatial_positions.dtype)),
+        feature_parts=parts,
     )

@@ -73,6 +73,33 @@ def test_fused_module_matches_the_pytorch_path(dim, background, mode, fused_call
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"item {i}: {m}")
 
 
+@pytest.mark.parametrize("dim", [2, 3])
+def test_fused_module_on_spconv_levels_matches(dim, fused_calls, monkeypatch):
+    """On a list of spconv levels the fused path takes the levels' feature blocks (projected into
+    one table, one gradient per level, no concatenation kept): outputs and every gradient (each
+    level's features included) equal to the reference path, float64, nothing kept (recomputed)."""
+    import adapters
+
+    monkeypatch.setattr(tuning, "DEFORMABLE_KEEP_BYTES", 0)
+    shapes = SHAPES[dim]
+    stack, shapes_t = random_map(shapes, 2, 16, 0.5, torch.float64, torch.Generator().manual_seed(11))
+    results = []
+    for backend in ("cpu", "reference"):
+        levels = adapters.coo_stack_to_spconv(stack.coalesce(), shapes_t)
+        feats = [lvl.features.requires_grad_() for lvl in levels]
+        torch.manual_seed(0)
+        module = randomize(SparseMSDeformableAttention(16, 4, len(shapes), 3, dim, backend=backend),
+                           torch.Generator().manual_seed(12)).double()
+        module.plan_below = 0.0
+        query, pos, offsets, lev = random_queries([6, 4], shapes, 16, torch.float64, torch.Generator().manual_seed(13))
+        out = module(query.requires_grad_(), pos, offsets, levels, None, query_level_indices=lev)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        results.append([out, *torch.autograd.grad((out * weight).sum(), [query, *feats, *module.parameters()])])
+    assert len(fused_calls) == 1
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"item {i}: {m}")
+
+
 def test_fused_module_float32_matches(fused_calls):
     fused = _module_run("cpu", 2, torch.float32, True, seed=5)
     assert fused_calls
@@ -123,6 +150,15 @@ def test_fused_gradcheck(dim, keep, monkeypatch):
         return deformable_fused.fused_deformable_attention(*args, index, batch, h, l, p, backend="cpu")
 
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+    def blocks(*args):  # the features as three row blocks (one empty): per-block projection and gradients
+        *head, features, w_v, b_v, bg = args[:10]
+        cut = index.n_voxels // 2
+        parts = (features[:cut], features[cut:cut], features[cut:])
+        return deformable_fused.fused_deformable_attention(*head, parts, w_v, b_v, bg, index, batch, h, l, p, backend="cpu")
+
+    torch.testing.assert_close(blocks(*inputs), f(*inputs), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(blocks, inputs, eps=1e-6, atol=1e-7)
 
 
 def test_functional_chooses_the_fused_head_through_the_backends(monkeypatch):

@@ -103,20 +103,32 @@ class _Chunks:
         return batch.expand(s, self.j), self.level.expand(s, self.j), self.head[:s].expand(s, self.j)
 
 
-def _value_table(features: Tensor, w_v: Tensor, b_v: Optional[Tensor], bg: Optional[Tensor], head_dim: int) -> Tensor:
-    """``[N * H (+ background rows), Dh]``: the projected values (rows ``r * H + h``), then the
-    background rows; one zero row when both are empty (no corner holds a value)."""
-    table = F.linear(features, w_v, b_v).view(-1, head_dim)
-    if bg is not None:
-        table = torch.cat([table, bg.to(table.dtype)])
-    if table.shape[0] == 0:
-        table = table.new_zeros(1, head_dim)
+def _value_table(parts, w_v: Tensor, b_v: Optional[Tensor], bg: Optional[Tensor], head_dim: int) -> Tensor:
+    """``[N * H (+ background rows), Dh]``: the projected values of the feature row blocks
+    ``parts`` (in order; rows ``r * H + h``), written block by block into one table (no
+    concatenated ``[N, C_in]`` copy of the features), then the background rows; one zero row when
+    both are empty (no corner holds a value)."""
+    n, c = sum(p.shape[0] for p in parts), w_v.shape[0]
+    n_bg = 0 if bg is None else bg.shape[0] * bg.shape[1] // head_dim
+    table = w_v.new_empty(max(1, n * c // head_dim + n_bg), head_dim)
+    value = table[: n * c // head_dim].view(n, c)
+    r = 0
+    for p in parts:
+        if b_v is not None:
+            torch.addmm(b_v, p, w_v.t(), out=value[r : r + p.shape[0]])
+        else:
+            torch.mm(p, w_v.t(), out=value[r : r + p.shape[0]])
+        r += p.shape[0]
+    if n_bg:
+        table[n * c // head_dim :] = bg.reshape(-1, head_dim)
+    elif n == 0:
+        table.zero_()
     return table
 
 
 class _FusedDeformable(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_off, b_off, w_att, b_att, ref, features, w_v, b_v, bg, spec: _Spec):
+    def forward(ctx, x, w_off, b_off, w_att, b_att, ref, w_v, b_v, bg, spec: _Spec, *features):
         ext = sampling_kernels(auto=False)
         h = spec.n_heads
         table = _value_table(features, w_v, b_v, bg, spec.head_dim)
@@ -139,18 +151,20 @@ class _FusedDeformable(torch.autograd.Function):
                 threads, ref_c, h, True,
             )
         ctx.save_for_backward(
-            x, w_off, b_off, w_att, b_att, ref, features, w_v, b_v, bg, ids, off_all, logit_all,
-            table if spec.keep_table else None,
+            x, w_off, b_off, w_att, b_att, ref, w_v, b_v, bg, ids, off_all, logit_all,
+            table if spec.keep_table else None, *features,
         )
         ctx.spec = spec
         return out.view(n_q, h * table.shape[1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_off, b_off, w_att, b_att, ref, features, w_v, b_v, bg, ids, off_all, logit_all, table = ctx.saved_tensors
+        x, w_off, b_off, w_att, b_att, ref, w_v, b_v, bg, ids, off_all, logit_all, table, *features = ctx.saved_tensors
         spec = ctx.spec
         need_x, need_w_off, need_b_off, need_w_att, need_b_att, need_ref = ctx.needs_input_grad[:6]
-        need_features, need_w_v, need_b_v, need_bg = ctx.needs_input_grad[6:10]
+        need_w_v, need_b_v, need_bg = ctx.needs_input_grad[6:9]
+        need_parts = ctx.needs_input_grad[10:]
+        need_features = any(need_parts)
         need_table = need_features or need_w_v or need_b_v or need_bg
         need_pos = need_x or need_w_off or need_b_off or need_ref
         need_w = need_x or need_w_att or need_b_att
@@ -199,20 +213,27 @@ class _FusedDeformable(torch.autograd.Function):
                 g5 = g_off.view(c, h, spec.n_levels, spec.n_points, -1)
                 g_ref[q0:q1] = (g5 * shapes_f[None, None, :, None, :]).sum((1, 2, 3))
         del table
-        g_features = g_w_v = g_b_v = g_bg = None
+        g_parts = [None] * len(features)
+        g_w_v = g_b_v = g_bg = None
         if need_table:  # through the value projection: rows r * H + h of voxel r are its [C] row
-            n_value = features.shape[0] * w_v.shape[0] // dh
-            g_value = g_table[:n_value].view(features.shape[0], w_v.shape[0])
-            if need_features:
-                g_features = g_value @ w_v
-            if need_w_v:
-                g_w_v = g_value.t() @ features
+            n = sum(p.shape[0] for p in features)
+            n_value = n * w_v.shape[0] // dh
+            g_value = g_table[:n_value].view(n, w_v.shape[0])
+            r = 0
+            for i, p in enumerate(features):  # per feature block: no [N, C_in] concatenation
+                g_block = g_value[r : r + p.shape[0]]
+                if need_parts[i]:
+                    g_parts[i] = g_block @ w_v
+                if need_w_v:
+                    g_w_v = g_block.t() @ p if g_w_v is None else g_w_v.addmm_(g_block.t(), p)
+                r += p.shape[0]
+            if need_w_v and g_w_v is None:
+                g_w_v = torch.zeros_like(w_v)
             if need_b_v:
                 g_b_v = g_value.sum(0)
             if need_bg:
                 g_bg = g_table[n_value : n_value + bg.shape[0]].to(bg.dtype)
-        return g_x, g_w_off, g_b_off, g_w_att, g_b_att, g_ref, g_features, g_w_v, g_b_v, g_bg, None
-
+        return (g_x, g_w_off, g_b_off, g_w_att, g_b_att, g_ref, g_w_v, g_b_v, g_bg, None, *g_parts)
 
 
 def deformable_attention(
@@ -222,7 +243,7 @@ def deformable_attention(
     attn_weight: Tensor,
     attn_bias: Optional[Tensor],
     reference_points: Tensor,
-    features: Tensor,
+    features,
     value_weight: Tensor,
     value_bias: Optional[Tensor],
     background_table: Optional[Tensor],
@@ -236,10 +257,14 @@ def deformable_attention(
     :func:`sparse_msda.functional.deformable_fused.fused_deformable_attention`, which chooses the
     backend and calls this): one :class:`_FusedDeformable` over chunks of queries; the value
     table and the offsets/logits are kept for the backward while each fits in
-    :data:`~sparse_msda.tuning.DEFORMABLE_KEEP_BYTES`, else recomputed there."""
+    :data:`~sparse_msda.tuning.DEFORMABLE_KEEP_BYTES`, else recomputed there. ``features`` may be
+    one ``[N, C_in]`` tensor or a sequence of row blocks of it (e.g. one per spconv level): the
+    blocks are projected into one table and get their own gradients, so no concatenated copy of
+    the features is made or kept for the backward."""
+    parts = [features] if isinstance(features, Tensor) else list(features)
     n_q, h, j, d = x.shape[0], n_heads, n_levels * n_points, index.position_dim
     head_dim = value_weight.shape[0] // n_heads
-    n_value = features.shape[0] * n_heads
+    n_value = sum(p.shape[0] for p in parts) * n_heads
     per_query = h * j * (d + 1) * x.element_size()
     table_bytes = (n_value + (0 if background_table is None else background_table.shape[0])) * head_dim * x.element_size()
     spec = _Spec(
@@ -250,6 +275,6 @@ def deformable_attention(
     )
     return _FusedDeformable.apply(
         x.contiguous(), offset_weight.contiguous(), offset_bias, attn_weight.contiguous(), attn_bias,
-        reference_points.contiguous(), features.contiguous(), value_weight.contiguous(), value_bias,
-        None if background_table is None else background_table.contiguous(), spec,
+        reference_points.contiguous(), value_weight.contiguous(), value_bias,
+        None if background_table is None else background_table.contiguous(), spec, *(p.contiguous() for p in parts),
     )

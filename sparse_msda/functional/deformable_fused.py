@@ -26,7 +26,7 @@ which wants the ``sparse_msda::weighted_gather`` custom op) takes the unfused pa
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -69,7 +69,7 @@ def fused_deformable_attention(
     attn_weight: Tensor,
     attn_bias: Optional[Tensor],
     reference_points: Tensor,
-    features: Tensor,
+    features: Union[Tensor, Sequence[Tensor]],
     value_weight: Tensor,
     value_bias: Optional[Tensor],
     background_table: Optional[Tensor],
@@ -90,7 +90,9 @@ def fused_deformable_attention(
         attn_weight, attn_bias: ``[H * L * P, C]``, ``[H * L * P]``: the attention logits.
         reference_points: ``[Q, D]`` normalised (position / the query level's shape); a sample's
             location at level ``l`` is ``reference_points * shape_l + offset`` in level cells.
-        features: ``[N, C_in]`` voxel features in ``index`` row order; value_weight,
+        features: ``[N, C_in]`` voxel features in ``index`` row order, or a sequence of row
+            blocks of them in order (e.g. the levels of a spconv map: each gets its own gradient
+            and no concatenated copy is made or kept for the backward); value_weight,
             value_bias: ``[H * Dh, C_in]``, ``[H * Dh]``, the value projection (row ``r * H + h``
             of the value table is head ``h`` of voxel ``r``, as
             :func:`~sparse_msda.functional.sampling.sparse_weighted_gather`).
@@ -109,7 +111,8 @@ def fused_deformable_attention(
 
     Internal entry of the module (arguments are checked by its ``prepare``); see :func:`fusable`.
     """
-    tensors = [t for t in (x, offset_weight, attn_weight, reference_points, features, value_weight) if t is not None]
+    parts = [features] if isinstance(features, Tensor) else list(features)
+    tensors = [x, offset_weight, attn_weight, reference_points, value_weight, *parts]
     module = _fused_backend(backend, tensors)
     if module is None:
         from ..backends import choose_backend

@@ -205,7 +205,8 @@ class SparseMSDeformableAttention(nn.Module):
             self.backend, query, ref, qb.features, self.value_proj.weight
         ):  # an encoder on the C++ kernels: values, offsets, softmax and sampling fused, per chunk of queries
             out = fused_deformable_attention(
-                query, weight, bias, self.attention_weights.weight, self.attention_weights.bias, ref, features,
+                query, weight, bias, self.attention_weights.weight, self.attention_weights.bias, ref,
+                features if qb.feature_parts is None else qb.feature_parts,
                 self.value_proj.weight, self.value_proj.bias,
                 None if background_value is None else background_value.reshape(-1, self.head_dim),
                 qb.index, qb.batch_indices, h, l, p, backend=self.backend,
