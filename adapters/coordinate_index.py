@@ -100,12 +100,14 @@ class SparseCoordinateIndex:
         # per-axis extent of the key space as Python ints, read once here (one device sync on
         # CUDA) so that key computations never read them back from the device per call
         self._axis_extent: tuple[int, ...] = tuple(int(e) for e in shapes.max(0).values.tolist())
-        # Python ints: no wrap-around; +1 per axis for the base-cell keys of lookup_corners
-        key_space = batch_size * n_levels * math.prod(e + 1 for e in self._axis_extent)
+        # Python ints: no wrap-around; the base-cell keys of lookup_corners take 3 more slots per
+        # axis and one more (batch, level) slot (_base_cell_keys), the larger of the two key spaces
+        key_space = (batch_size * n_levels + 1) * math.prod(e + 3 for e in self._axis_extent)
         if key_space >= _MAX_KEY:
             raise ValueError(
-                f"key space batch_size * n_levels * prod(max spatial shape + 1) = {key_space} overflows int64 keys"
+                f"key space (batch_size * n_levels + 1) * prod(max spatial shape + 3) = {key_space} overflows int64 keys"
             )
+        self._cell_key_consts: dict = {}  # device -> the constants of _base_cell_keys
 
         check_voxel_bounds("SparseCoordinateIndex", self.batch_indices, self.level_indices, self.spatial_indices, shapes, batch_size)
         keys, _ = self._query_keys(self.batch_indices, self.level_indices, self.spatial_indices)
@@ -370,6 +372,43 @@ class SparseCoordinateIndex:
         key.masked_fill_(~valid, -1)
         return key, valid
 
+    def _base_cell_keys(self, b: torch.Tensor, l: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Keys ``[...]`` of base cells ``cells [..., D]`` in the corner table's key space (the one
+        layout of the table and of its queries); ``b``, ``l`` int64 broadcastable to ``cells.shape[:-1]``.
+
+        Axis ``a`` of a base cell ``c`` takes the slot ``clamp(c_a, -2, E_a) + 2`` out of ``E_a + 3``
+        (``E_a``: the largest level shape on that axis). The table's base cells (``c_a`` in
+        ``[-1, shape_l - 1]``) take slots ``1 .. E_a``; a coordinate below ``-1`` or at or above
+        ``E_a`` lands in slot 0 or ``E_a + 2``, which no stored base cell holds, so it is a plain
+        miss and never aliases another cell. A cell outside its own level but inside ``E`` has a
+        key of its own, which the table does not hold either: no per-level bounds are needed.
+        ``(b, l)`` out of range takes the extra leading slot ``batch_size * n_levels`` (never
+        stored). Cost: one clamp and one product with the strides over the cells (int64, exact:
+        the constructor checks the key space), ``b`` and ``l`` at their own broadcast size.
+        """
+        cache = self.__dict__.setdefault("_cell_key_consts", {})
+        consts = cache.get(cells.device)
+        if consts is None:
+            radix = [e + 3 for e in self._axis_extent]
+            strides = [math.prod(radix[a + 1 :]) for a in range(len(radix))]
+            consts = (
+                torch.full((len(radix),), -2, dtype=torch.int64, device=cells.device),
+                torch.tensor(self._axis_extent, dtype=torch.int64, device=cells.device),
+                torch.tensor(strides, dtype=torch.int64, device=cells.device),
+                math.prod(radix),
+                2 * sum(strides),
+            )
+            cache[cells.device] = consts
+        lower, upper, strides, per_bl, shift = consts
+        n_bl = self.batch_size * self.n_levels
+        ok = (b >= 0) & (b < self.batch_size) & (l >= 0) & (l < self.n_levels)
+        bl = torch.where(ok, b * self.n_levels + l, n_bl)  # at the broadcast size of b and l
+        clamped = torch.clamp(cells, lower, upper)
+        # CPU: an exact int64 matrix-vector product (one pass); CUDA has no integer matmul
+        key = clamped @ strides if cells.device.type == "cpu" else (clamped * strides).sum(-1)
+        key += bl * per_bl + shift
+        return key
+
     def lookup_corners(
         self, batch_indices: torch.Tensor, level_indices: torch.Tensor, base_cells: torch.Tensor
     ) -> torch.Tensor:
@@ -426,10 +465,8 @@ class SparseCoordinateIndex:
         absent = corner_rows.shape[0] - 1  # the last row of the table is all -1
         if table is None or not base_cells.numel():
             return torch.full(lead, absent, dtype=torch.int64, device=base_cells.device)
-        keys, _ = self._query_keys(
-            batch_indices.to(torch.int64), level_indices.to(torch.int64), base_cells.to(torch.int64), extra=1, shift=1
-        )
-        # out-of-bounds cells carry the key -1: a plain miss, queried like the others (see lookup)
+        keys = self._base_cell_keys(batch_indices.to(torch.int64), level_indices.to(torch.int64), base_cells.to(torch.int64))
+        # out-of-range cells carry guard keys that no base cell holds: plain misses (_base_cell_keys)
         ids, found = hash_query(table, keys.expand(lead).reshape(-1))
         return ids.masked_fill_(~found, absent).view(lead)
 
@@ -461,11 +498,10 @@ class SparseCoordinateIndex:
                 self._corners = (None, torch.full((1, k), -1, dtype=row_dtype, device=device))
                 return self._corners
             n_cand = self.n_voxels * k
-            # candidate c = v * K + j: the base cell of which voxel v is corner j
-            cells = (self.spatial_indices[:, None, :] - offsets + 1).reshape(-1, dim)
-            # every voxel lies inside its level, so each shifted base cell is inside [0, shape + 1)
-            keys, _ = self._query_keys(
-                self.batch_indices.repeat_interleave(k), self.level_indices.repeat_interleave(k), cells, extra=1
+            # candidate c = v * K + j: the base cell of which voxel v is corner j, in [-1, shape - 1]
+            cells = (self.spatial_indices[:, None, :] - offsets).reshape(-1, dim)
+            keys = self._base_cell_keys(
+                self.batch_indices.repeat_interleave(k), self.level_indices.repeat_interleave(k), cells
             )
             first = new_hash_table(device, n_cand)  # key -> one representative candidate
             hash_insert(first, keys, torch.arange(n_cand, dtype=torch.int64, device=device))

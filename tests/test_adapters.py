@@ -469,15 +469,46 @@ def test_out_of_range_lookups_equal_compacted_queries(device):
     rows, found = index.lookup(b, l, c)
     assert torch.equal(rows, expected) and torch.equal(found, expected >= 0)
     assert bool(found.any())
-    # base cells: the same for the corner table (ids of out-of-range cells are the all-absent row)
+    # base cells: querying every cell's key (guard keys for cells outside the key space, keys of
+    # their own for cells outside their level) equals querying only the in-level cells; the ids
+    # of out-of-range cells are the all-absent row
     table, corner_rows = index._corner_table()
     absent = corner_rows.shape[0] - 1
-    keys, valid = index._query_keys(b, l, c, extra=1, shift=1)
+    _, valid = index._query_keys(b, l, c, extra=1, shift=1)  # per-level bounds of base cells
+    keys = index._base_cell_keys(b, l, c)
     expected = torch.full_like(keys, absent)
     values, hit = hash_query(table, keys[valid])
     expected[valid] = torch.where(hit, values, absent)
     ids = index.base_cell_ids(b, l, c)
     assert torch.equal(ids, expected) and bool((ids != absent).any()) and bool((ids[~valid] == absent).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_base_cell_ids_equal_corner_enumeration_out_of_range(device):
+    """The corner rows of every base cell (ids by the one-clamp key routine _base_cell_keys) equal
+    the rows of its 2**D corners looked up one by one in the voxel table (per-level bounds),
+    for cells on, past and far beyond every border (-2, the extent, +-2**40), cells outside
+    their own level but inside the extent, and batch / level indices out of range: an
+    out-of-range cell never aliases another voxel."""
+    index, gen = _small_index(device)
+    b, l, c = _random_queries(index, 4000, gen, margin=3)
+    extent = index.level_spatial_shapes.max(0).values.cpu()
+    edges = torch.tensor([-2**40, -3, -2, -1, 0, 1, 2**40])
+    c[:700] = edges[torch.randint(0, edges.numel(), (700, c.shape[1]), generator=gen)]
+    c[700:900] = extent - torch.randint(-1, 3, (200, c.shape[1]), generator=gen)  # around the key-space edge
+    b, l, c = (t.to(device) for t in (b, l, c))
+    rows = index.corner_rows(index.base_cell_ids(b, l, c)).to(torch.int64)
+    offsets = adapters.corner_offsets(index.position_dim, device)
+    expected, _ = index.lookup(b[:, None], l[:, None], c[:, None, :] + offsets)
+    assert torch.equal(rows, expected)
+    assert bool((rows >= 0).any()) and bool((rows < 0).all(-1).any())
+    # the keys of in-range base cells are distinct over (batch, level, cell)
+    cells = torch.cartesian_prod(*[torch.arange(-1, int(e)) for e in extent]).to(device)
+    keys = torch.cat([
+        index._base_cell_keys(torch.tensor(bb, device=device), torch.tensor(ll, device=device), cells)
+        for bb in range(index.batch_size) for ll in range(index.n_levels)
+    ])
+    assert keys.unique().numel() == keys.numel()
 
 
 @pytest.mark.parametrize("device", DEVICES)
