@@ -17,7 +17,9 @@ Where each is used:
   :data:`PAD_SLACK`;
 * the neighborhood attention's PyTorch path (:mod:`sparse_msda.backends.reference`):
   :data:`SAVED_PROBABILITIES_BYTES`, :data:`SOFTMAX_NO_SHIFT_BOUND`;
-* the rotary encoding (:mod:`sparse_msda.functional.rope`): :data:`ROPE_CHUNK_ROWS`.
+* the rotary encoding (:mod:`sparse_msda.functional.rope`): :data:`ROPE_CHUNK_ROWS`,
+  :data:`ROPE_GRAD_IN_PLACE`; LayerNorm + linear (:mod:`sparse_msda.functional.norm_linear`):
+  :data:`NORM_LINEAR_CHUNK_ROWS`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "CHUNK_SCORE_ENTRIES",
     "DEFORMABLE_KEEP_BYTES",
     "LOOKUP_CELLS_PER_CHUNK",
+    "NORM_LINEAR_CHUNK_ROWS",
     "PAD_SLACK",
     "ROPE_CHUNK_ROWS",
     "ROPE_GRAD_IN_PLACE",
@@ -80,6 +83,11 @@ SOFTMAX_NO_SHIFT_BOUND = 60.0
 is at most this skips the softmax's max shift (``exp(+-60)`` is far from float32
 overflow/underflow), saving two passes over the scores. float16 / bfloat16 scores always shift
 (``exp`` overflows float16 above ~11)."""
+
+NORM_LINEAR_CHUNK_ROWS = 4096
+"""LayerNorm + linear (:mod:`sparse_msda.functional.norm_linear`): rows per chunk of its forward
+and backward above this many rows; the normalised chunk and its gradient stay small reused buffers
+instead of fresh ``[N, C]`` tensors."""
 
 ROPE_GRAD_IN_PLACE = True
 """Rotary encoding of the blocks' own ``q`` / ``k`` projections on the C++ kernel

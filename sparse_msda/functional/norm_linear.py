@@ -17,18 +17,42 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .. import tuning
+
 __all__ = ["layer_norm_linear"]
 
 
 class _LayerNormLinear(torch.autograd.Function):
     """``F.linear(F.layer_norm(x, [C], nw, nb, eps), w, b)`` for ``x [N, C]``; saves ``x``,
-    the LayerNorm's ``[N, 1]`` statistics and the parameters, not the normalised tensor."""
+    the LayerNorm's ``[N, 1]`` statistics and the parameters, not the normalised tensor.
+
+    Above :data:`sparse_msda.tuning.NORM_LINEAR_CHUNK_ROWS` rows both passes run chunk by chunk:
+    the normalised chunk (and in the backward its gradient) is a small buffer the allocator reuses,
+    not an ``[N, C]`` tensor per pass (a fresh one of 244 MB costs ~0.1 s of page faults on the 3D
+    scan encoder); the output and ``dx`` are written chunk by chunk into one tensor each, the
+    weight's gradient accumulated per chunk."""
 
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias):
-        h, mean, rstd = torch.native_layer_norm(x, [x.shape[-1]], norm_weight, norm_bias, eps)
-        out = F.linear(h, weight, bias)
+        n, c = x.shape
+        rows = tuning.NORM_LINEAR_CHUNK_ROWS
         ctx.eps = eps
+        if n <= rows:
+            h, mean, rstd = torch.native_layer_norm(x, [c], norm_weight, norm_bias, eps)
+            out = F.linear(h, weight, bias)
+        else:
+            out = x.new_empty(n, weight.shape[0])
+            wt, mean, rstd = weight.t(), None, None
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                h, m, r = torch.native_layer_norm(x[r0:r1], [c], norm_weight, norm_bias, eps)
+                if mean is None:
+                    mean, rstd = m.new_empty(n, *m.shape[1:]), r.new_empty(n, *r.shape[1:])
+                mean[r0:r1], rstd[r0:r1] = m, r
+                if bias is None:
+                    torch.mm(h, wt, out=out[r0:r1])
+                else:
+                    torch.addmm(bias, h, wt, out=out[r0:r1])
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight)
         return out
 
@@ -38,17 +62,40 @@ class _LayerNormLinear(torch.autograd.Function):
         x, mean, rstd, norm_weight, norm_bias, weight = ctx.saved_tensors
         need_x, need_nw, need_nb, _, need_w, need_b = ctx.needs_input_grad
         grad_w = grad_b = grad_x = grad_nw = grad_nb = None
-        if need_w:
-            h = torch.native_layer_norm(x, [x.shape[-1]], norm_weight, norm_bias, ctx.eps)[0]
-            grad_w = grad_out.t().mm(h)
-            del h
+        n, c = x.shape
+        rows = tuning.NORM_LINEAR_CHUNK_ROWS
         if need_b:
             grad_b = grad_out.sum(0)
-        if need_x or need_nw or need_nb:
-            grad_h = grad_out.mm(weight)
-            grad_x, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
-                grad_h, x, [x.shape[-1]], mean, rstd, norm_weight, norm_bias, [need_x, need_nw, need_nb]
-            )
+        if n <= rows:
+            if need_w:
+                h = torch.native_layer_norm(x, [c], norm_weight, norm_bias, ctx.eps)[0]
+                grad_w = grad_out.t().mm(h)
+                del h
+            if need_x or need_nw or need_nb:
+                grad_h = grad_out.mm(weight)
+                grad_x, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
+                    grad_h, x, [c], mean, rstd, norm_weight, norm_bias, [need_x, need_nw, need_nb]
+                )
+            return grad_x, grad_nw, grad_nb, None, grad_w, grad_b
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            xc, go = x[r0:r1], grad_out[r0:r1]
+            if need_w:
+                h = torch.native_layer_norm(xc, [c], norm_weight, norm_bias, ctx.eps)[0]
+                grad_w.addmm_(go.t(), h)
+                del h
+            if need_x or need_nw or need_nb:
+                gx, gnw, gnb = torch.ops.aten.native_layer_norm_backward(
+                    go.mm(weight), xc, [c], mean[r0:r1], rstd[r0:r1], norm_weight, norm_bias, [need_x, need_nw, need_nb]
+                )
+                if need_x:
+                    grad_x[r0:r1] = gx
+                if need_nw:
+                    grad_nw = gnw if grad_nw is None else grad_nw.add_(gnw)
+                if need_nb:
+                    grad_nb = gnb if grad_nb is None else grad_nb.add_(gnb)
         return grad_x, grad_nw, grad_nb, None, grad_w, grad_b
 
 

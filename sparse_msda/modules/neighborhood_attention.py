@@ -266,7 +266,10 @@ class RotaryAttentionBlock(nn.Module):
         branch = self.out_proj(attn.reshape(x.shape[0], self.embed_dim))
         if not bool(has_key.all()):
             branch = torch.where(has_key[:, None], branch, torch.zeros((), dtype=branch.dtype, device=branch.device))
-        y = x + self.dropout(branch)
+        branch = self.dropout(branch)
+        # the residual added into the branch (a fresh tensor no backward saves: out_proj / where /
+        # dropout keep their inputs or masks only) instead of a new [n, embed_dim] tensor
+        y = branch.add_(x) if branch is not x and branch.dtype == x.dtype and branch._base is None else x + branch
         if not self.norm_first:
             y = self.norm(y)
         return y if active is None else query.index_copy(0, active, y)
