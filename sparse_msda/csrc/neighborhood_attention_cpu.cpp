@@ -585,6 +585,9 @@ struct TileHead {
         for (int64_t u0 = 0; u0 < up; u0 += N) {
           const scalar_t* src[N];
           for (int64_t j = 0; j < N; ++j) src[j] = u0 + j < U ? x + (T.krow[e0 + u0 + j] * H + h) * DH : nullptr;
+          for (int64_t j = u0 + N; j < std::min(u0 + 2 * N, U); ++j)  // the next block's rows: random reads
+            for (int64_t c = 0; c < DH; c += 64 / static_cast<int64_t>(sizeof(scalar_t)))
+              __builtin_prefetch(x + (T.krow[e0 + j] * H + h) * DH + c);
           for (int64_t c = 0; c < DH; c += N) {
             v_t r[N];
             for (int64_t j = 0; j < N; ++j) r[j] = src[j] ? V::load(src[j] + c) : v_t{};
@@ -599,7 +602,11 @@ struct TileHead {
     }
     if (transposed) transposed->assign(dh * up, scalar_t(0));
     if (rows) rows->assign(up * dh, scalar_t(0));
+    constexpr int64_t kAhead = 8;  // rows prefetched ahead (random reads)
     for (int64_t u = 0; u < U; ++u) {
+      if (u + kAhead < U)
+        for (int64_t c = 0; c < dh; c += 64 / static_cast<int64_t>(sizeof(scalar_t)))
+          __builtin_prefetch(x + (T.krow[e0 + u + kAhead] * H + h) * dh + c);
       const scalar_t* xr = x + (T.krow[e0 + u] * H + h) * dh;
       if (rows) std::copy_n(xr, dh, rows->data() + u * dh);
       if (transposed)
@@ -611,7 +618,11 @@ struct TileHead {
   void scatter_keys(const Tiles& T, int64_t tile, const std::vector<scalar_t>& rows, int64_t H, int64_t h, int64_t dh,
                     scalar_t* dest) const {
     const int64_t e0 = T.kptr[tile];
+    constexpr int64_t kAhead = 8;  // rows prefetched ahead (random read-modify-writes)
     for (int64_t u = 0; u < U; ++u) {
+      if (u + kAhead < U)
+        for (int64_t c = 0; c < dh; c += 64 / static_cast<int64_t>(sizeof(scalar_t)))
+          __builtin_prefetch(dest + (T.krow[e0 + u + kAhead] * H + h) * dh + c, 1);
       scalar_t* d = dest + (T.krow[e0 + u] * H + h) * dh;
       const scalar_t* r = rows.data() + u * dh;
       for (int64_t e = 0; e < dh; ++e) d[e] += r[e];
