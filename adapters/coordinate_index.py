@@ -342,33 +342,25 @@ class SparseCoordinateIndex:
             return box_out[:n_found].clone(), row_out[:n_found].clone()
         return (torch.cat(boxes), torch.cat(rows)) if boxes else (empty, empty)
 
-    def _query_keys(
-        self, b: torch.Tensor, l: torch.Tensor, c: torch.Tensor, extra: int = 0, shift: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys ``[...]`` of cells ``c + shift`` (``-1`` where out of bounds) and the in-bounds mask.
+    def _query_keys(self, b: torch.Tensor, l: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``[...]`` of cells ``c`` (``-1`` where out of bounds) and the in-bounds mask.
 
         ``b`` and ``l`` broadcast against ``c.shape[:-1]`` (per-level bounds are gathered at their
-        size, not at the cells'); one pass per axis. ``extra`` widens every axis by that many
-        cells (``c + shift < shape + extra``): with ``extra = shift = 1`` the key space of base
-        cells shifted by +1, which is separate from the voxel table's.
+        size, not at the cells'); one pass per axis.
         """
         n_levels = self.n_levels
         valid = (b >= 0) & (b < self.batch_size) & (l >= 0) & (l < n_levels)
-        bounds = self.level_spatial_shapes[l.clamp(0, n_levels - 1)] + (extra - shift)  # [..., D]
+        bounds = self.level_spatial_shapes[l.clamp(0, n_levels - 1)]  # [..., D]
         key = b * n_levels + l
-        offset = 0
         for axis in range(self.position_dim):
             ca = c[..., axis]
-            extent = self._axis_extent[axis] + extra
-            inside = (ca >= -shift) & (ca < bounds[..., axis])
+            extent = self._axis_extent[axis]
+            inside = (ca >= 0) & (ca < bounds[..., axis])
             if axis == 0:  # broadcast to the cells' shape once, then in place
                 valid, key = valid & inside, key * extent + ca
             else:
                 valid &= inside
                 key.mul_(extent).add_(ca)
-            offset = offset * extent + shift
-        if offset:
-            key.add_(offset)
         key.masked_fill_(~valid, -1)
         return key, valid
 

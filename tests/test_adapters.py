@@ -474,7 +474,9 @@ def test_out_of_range_lookups_equal_compacted_queries(device):
     # of out-of-range cells are the all-absent row
     table, corner_rows = index._corner_table()
     absent = corner_rows.shape[0] - 1
-    _, valid = index._query_keys(b, l, c, extra=1, shift=1)  # per-level bounds of base cells
+    # per-level bounds of base cells: batch and level in range, every axis in [-1, shape_l - 1]
+    shape = index.level_spatial_shapes[l.clamp(0, index.n_levels - 1)]
+    valid = (b >= 0) & (b < index.batch_size) & (l >= 0) & (l < index.n_levels) & ((c >= -1) & (c < shape)).all(-1)
     keys = index._base_cell_keys(b, l, c)
     expected = torch.full_like(keys, absent)
     values, hit = hash_query(table, keys[valid])
