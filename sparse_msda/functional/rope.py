@@ -267,6 +267,22 @@ def _rope_kernel(x: Tensor, positions: Tensor, freqs: Tensor):
     return rope_kernels()
 
 
+def _kernel_rope_forward(ext, x: Tensor, positions: Tensor, freqs: Tensor, in_place: bool) -> Tensor:
+    """``ext.rope_forward`` of ``x [N, H, d]`` (float64 positions and frequencies, as the kernel
+    takes them); ``in_place`` rotates ``x`` itself."""
+    return ext.rope_forward(x, positions.to(torch.float64).contiguous(), freqs.to(torch.float64).contiguous(), in_place)
+
+
+def _kernel_rope_backward(ext, gy: Tensor, y: Tensor, positions: Tensor, freqs: Tensor, needs, grad_in_place: bool):
+    """``ext.rope_backward`` for the output ``y [N, H, d]`` and its gradient ``gy`` (same shape,
+    contiguous, ``y``'s dtype): ``(dx, dpositions, dfreqs)`` (None where not in ``needs``), the
+    last two in their inputs' dtypes; ``grad_in_place`` writes ``dx`` over ``gy``."""
+    dx, dpos, dfreqs = ext.rope_backward(
+        gy, y, positions.to(torch.float64).contiguous(), freqs.to(torch.float64).contiguous(), *needs, grad_in_place
+    )
+    return dx, None if dpos is None else dpos.to(positions.dtype), None if dfreqs is None else dfreqs.to(freqs.dtype)
+
+
 class _RopeFunction(torch.autograd.Function):
     """``rotate_pairs(x, cos(theta), sin(theta))`` with ``theta = rope_angles(positions, freqs)``
     for ``x [N, H, d]`` and ``positions [N, D + 1]``, with a closed-form backward that recomputes
@@ -287,9 +303,7 @@ class _RopeFunction(torch.autograd.Function):
         ext = _rope_kernel(x, positions, freqs)
         ctx.ext = ext
         if ext is not None:
-            y = ext.rope_forward(
-                x.contiguous(), positions.to(torch.float64).contiguous(), freqs.to(torch.float64).contiguous(), False
-            )
+            y = _kernel_rope_forward(ext, x.contiguous(), positions, freqs, False)
             ctx.save_for_backward(positions, freqs, y)
             return y
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -311,18 +325,8 @@ class _RopeFunction(torch.autograd.Function):
         positions, freqs, y = ctx.saved_tensors
         need_x, need_pos, need_freqs = ctx.needs_input_grad
         if ctx.ext is not None:
-            dx, dpos, dfreqs = ctx.ext.rope_backward(
-                gy.to(y.dtype).contiguous(),
-                y,
-                positions.to(torch.float64).contiguous(),
-                freqs.to(torch.float64).contiguous(),
-                need_x,
-                need_pos,
-                need_freqs,
-                False,
-            )
-        else:
-            dx, dpos, dfreqs = _rope_backward_pytorch(gy, positions, freqs, y, need_x, need_pos, need_freqs)
+            return _kernel_rope_backward(ctx.ext, gy.to(y.dtype).contiguous(), y, positions, freqs, ctx.needs_input_grad, False)
+        dx, dpos, dfreqs = _rope_backward_pytorch(gy, positions, freqs, y, need_x, need_pos, need_freqs)
         return (
             dx,
             None if dpos is None else dpos.to(positions.dtype),
@@ -342,9 +346,7 @@ class _RopeInplaceFunction(torch.autograd.Function):
     def forward(ctx, x, positions, freqs, n_heads, ext, grad_in_place):
         shape3 = (x.shape[0], n_heads, x.shape[1] // n_heads)
         ctx.ext, ctx.shape3, ctx.grad_in_place = ext, shape3, grad_in_place
-        ext.rope_forward(
-            x.view(shape3), positions.to(torch.float64).contiguous(), freqs.to(torch.float64).contiguous(), True
-        )
+        _kernel_rope_forward(ext, x.view(shape3), positions, freqs, True)
         ctx.mark_dirty(x)
         ctx.save_for_backward(positions, freqs, x)
         return x
@@ -353,26 +355,11 @@ class _RopeInplaceFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy):
         positions, freqs, y = ctx.saved_tensors
-        need_x, need_pos, need_freqs = ctx.needs_input_grad[:3]
         g = gy.to(y.dtype).contiguous()
-        dx, dpos, dfreqs = ctx.ext.rope_backward(
-            g.view(ctx.shape3),
-            y.view(ctx.shape3),
-            positions.to(torch.float64).contiguous(),
-            freqs.to(torch.float64).contiguous(),
-            need_x,
-            need_pos,
-            need_freqs,
-            ctx.grad_in_place,
+        dx, dpos, dfreqs = _kernel_rope_backward(
+            ctx.ext, g.view(ctx.shape3), y.view(ctx.shape3), positions, freqs, ctx.needs_input_grad[:3], ctx.grad_in_place
         )
-        return (
-            None if dx is None else dx.view(y.shape),
-            None if dpos is None else dpos.to(positions.dtype),
-            None if dfreqs is None else dfreqs.to(freqs.dtype),
-            None,
-            None,
-            None,
-        )
+        return None if dx is None else dx.view(y.shape), dpos, dfreqs, None, None, None
 
 
 def apply_rope_to_projection(x: Tensor, positions: Tensor, freqs: Tensor, n_heads: int) -> Tensor:
