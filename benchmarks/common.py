@@ -40,6 +40,22 @@ allocator and the high-water mark of one case never leak into another):
 The table reports the median and the minimum of the repeats. A case that raises, or runs past
 ``timeout`` seconds, appears as a row with the error instead of numbers; the others still run.
 
+**Interleaved rounds** (``run_cases(..., group=...)``; what ``benchmarks.neighborhood`` and
+``benchmarks.msda`` do unless given ``--separate``). The cases that implement one setting (the
+kernel, its PyTorch path, the floor, ...: same ``group(case)``) are set up in *one* fresh
+subprocess on the same inputs (the global RNG re-seeded before each setup, as a fresh process
+has it), each gets its ``warmup`` calls, and then they are timed alternately, ``repeats`` rounds
+of one call each, the order rotated by one every round (``k p f``, ``p f k``, ``f k p``, ...)
+(:func:`interleave`). On a shared VM whose speed drifts 20-40 % between minutes, timings taken
+minutes apart in separate processes give ratios that flip between runs; within a round the
+implementations see the same machine state, so the per-round ratios (:func:`paired_ratios`) are
+what :func:`kernel_vs_pytorch_table` reports. Times only: the peak memory of a process that also
+holds and has run the other implementations is not the operation's own, so the peak comes from
+a separate fresh subprocess per case (the measurement above with ``warmup`` calls and
+``peak_repeats`` timed calls, default 1; ``peak`` selects the cases, e.g. only the 3D encoders),
+and is left blank ("not measured") for the others. An implementation that raises (setup, warm-up
+or a round) is reported with its error; the others keep their rounds.
+
 Real-scan inputs: :func:`scan_levels` builds the VoxelBackBone8x-shaped multi-level spconv map of
 the shipped scan (``examples/data/``; more frames from ``../shared/data/lidar/`` when present) via
 :mod:`sparse_msda.lidar`; :func:`sparse_msda.lidar.random_bev_levels` gives the synthetic
@@ -49,6 +65,7 @@ reference setting (4 BEV levels 256..32, 5 % occupancy, batch 2, 256 channels).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import inspect
@@ -67,12 +84,19 @@ __all__ = [
     "Case",
     "Result",
     "REPO_ROOT",
+    "Timings",
     "add_common_args",
+    "add_interleave_args",
+    "cpu_kernels_off",
     "format_table",
+    "interleave",
     "kernel_vs_pytorch_table",
     "levels_to",
+    "paired_ratios",
+    "round_orders",
     "run_case",
     "run_cases",
+    "run_interleaved",
     "scan_frames",
     "scan_levels",
 ]
@@ -116,6 +140,9 @@ class Result:
     device: str = "cpu"
     error: Optional[str] = None
     cuda_times_s: list = field(default_factory=list)  # CUDA-event time of each timed call (CUDA only)
+    #: "separate" (timed in its own fresh subprocess) or "interleaved" (``times_s[i]`` is round ``i``
+    #: of :func:`interleave`, alongside the other cases of its group)
+    mode: str = "separate"
 
     @property
     def median_ms(self) -> Optional[float]:
@@ -251,6 +278,195 @@ def run_case(case: Case, *, warmup: int = 1, repeats: int = 5, timeout: float = 
     return result
 
 
+# --- interleaved rounds ---------------------------------------------------------------------
+@dataclass
+class Timings:
+    """What :func:`interleave` measured of one implementation: ``times_s[i]`` is its call in round
+    ``i`` (rounds ``0 .. len(times_s) - 1``), ``error`` the first exception it raised (after which
+    it takes no further rounds)."""
+
+    times_s: list = field(default_factory=list)
+    error: Optional[str] = None
+
+
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
+
+
+def round_orders(names: Sequence[str], rounds: int, rotate: bool = True) -> list:
+    """The call order of each round: ``names`` rotated left by the round's number (``rotate``),
+    so that every implementation runs first, second, ... equally often; else always ``names``."""
+    names = list(names)
+    n = len(names)
+    return [names[r % n:] + names[: r % n] if rotate and n else list(names) for r in range(rounds)]
+
+
+def interleave(
+    fns: dict,
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    rotate: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+    sync: Callable[[], None] = lambda: None,
+) -> dict:
+    """Time several zero-argument callables alternately, in rounds.
+
+    Each of ``fns`` (name -> callable, in round order) first gets ``warmup`` untimed calls; then
+    ``repeats`` rounds call each once, in :func:`round_orders` order, ``sync(); t0 = clock();
+    out = fn(); sync()`` timing each call (the result is dropped at once). An implementation that
+    raises (in warm-up or in a round) records the error and leaves the rounds; the others go on.
+
+    Returns:
+        name -> :class:`Timings`, one per entry of ``fns``, in its order.
+    """
+    timings = {name: Timings() for name in fns}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                out = fn()
+                del out
+            sync()
+        except Exception as err:  # reported with the results; the other implementations still run
+            timings[name].error = _error_text(err)
+            traceback.print_exc()
+    for order in round_orders(list(fns), repeats, rotate):
+        for name in order:
+            if timings[name].error is not None:
+                continue
+            try:
+                sync()
+                t0 = clock()
+                out = fns[name]()
+                sync()
+                timings[name].times_s.append(clock() - t0)
+                del out
+            except Exception as err:
+                timings[name].error = _error_text(err)
+                traceback.print_exc()
+    return timings
+
+
+def paired_ratios(num: Sequence[float], den: Sequence[float]) -> tuple:
+    """``(median of the per-round ratios num[i] / den[i], ratio of the medians)`` of two
+    implementations timed in the same rounds of :func:`interleave` (``num[i]``, ``den[i]``: round
+    ``i``; rounds only one of them has are left out of the first); ``(None, None)`` when either
+    has no time (or a zero median)."""
+    pairs = [a / b for a, b in zip(num, den) if b > 0]
+    if not num or not den:
+        return None, None
+    med_num, med_den = statistics.median(num), statistics.median(den)
+    return (statistics.median(pairs) if pairs else None), (med_num / med_den if med_den > 0 else None)
+
+
+def _measure_interleaved(cases: Sequence[Case], warmup: int, repeats: int) -> list:
+    import logging
+
+    import torch
+
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    torch.set_num_threads(NUM_THREADS)
+    cuda = any(c.device_type == "cuda" for c in cases)
+    seed = torch.initial_seed()  # a fresh process's default seed: each setup sees the RNG as it would alone
+    fns, setup_errors = {}, {}
+    for case in cases:
+        try:
+            torch.manual_seed(seed)
+            fns[case.name] = case.setup(**case.kwargs)
+        except Exception as err:
+            setup_errors[case.name] = _error_text(err)
+            traceback.print_exc()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    timings = interleave(fns, warmup=warmup, repeats=repeats, sync=sync)
+    results = []
+    for case in cases:
+        light = Case(case.name, case.setup.__name__, case.kwargs, case.columns, case.device)  # type: ignore[arg-type]
+        r = Result(light, device="cuda" if cuda else "cpu", mode="interleaved")
+        t = timings.get(case.name)
+        r.error = setup_errors.get(case.name) or (t.error if t else None)
+        r.times_s = list(t.times_s) if t else []
+        results.append(r)
+    return results
+
+
+def _child_interleaved(conn, cases: Sequence[Case], warmup: int, repeats: int) -> None:
+    try:
+        results = _measure_interleaved(cases, warmup, repeats)
+    except BaseException as err:
+        results = []
+        for case in cases:
+            light = Case(case.name, getattr(case.setup, "__name__", "?"), case.kwargs, case.columns, case.device)  # type: ignore[arg-type]
+            results.append(Result(light, mode="interleaved", error=_error_text(err)))
+        traceback.print_exc()
+    conn.send(results)
+    conn.close()
+
+
+def run_interleaved(cases: Sequence[Case], *, warmup: int = 1, repeats: int = 5, timeout: float = 600.0) -> list:
+    """Time ``cases`` (the implementations of one setting) in interleaved rounds
+    (:func:`interleave`) in one fresh spawned subprocess; one :class:`Result` per case, in order,
+    ``mode="interleaved"``, times only (no peak). ``timeout`` is for the whole subprocess."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_interleaved, args=(child, list(cases), warmup, repeats))
+    proc.start()
+    child.close()
+    results, timed_out = None, not parent.poll(timeout)
+    if not timed_out:
+        try:
+            results = parent.recv()
+        except EOFError:
+            results = None
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if results is None:
+        why = f"timed out after {timeout:.0f} s" if timed_out else f"subprocess died (exit code {proc.exitcode})"
+        results = [Result(case, mode="interleaved", error=why) for case in cases]
+    for r, case in zip(results, cases):
+        r.case = case
+    return results
+
+
+def _selected(name: str, spec: str) -> bool:
+    """Whether case ``name`` is selected by ``spec``: ``all``, ``none`` or comma-separated substrings."""
+    if spec == "all":
+        return True
+    if spec == "none":
+        return False
+    return any(part and part in name for part in spec.split(","))
+
+
+@contextlib.contextmanager
+def _kernels_env(value: str):
+    old = os.environ.get("SPARSE_MSDA_CPU_KERNELS")
+    os.environ["SPARSE_MSDA_CPU_KERNELS"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SPARSE_MSDA_CPU_KERNELS"]
+        else:
+            os.environ["SPARSE_MSDA_CPU_KERNELS"] = old
+
+
+def cpu_kernels_off(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with ``SPARSE_MSDA_CPU_KERNELS=0`` (the PyTorch path) during each call only.
+
+    The package reads the switch at call time (``sparse_msda.backends.choose_backend``,
+    ``functional.cpu_kernels.kernels_enabled``, checked by every kernel getter), and a benchmark's
+    call holds its whole forward and backward, so one process can alternate the kernel and its
+    PyTorch path; the variable is restored after each call."""
+
+    def run():
+        with _kernels_env("0"):
+            return fn()
+
+    run.__wrapped__ = fn  # type: ignore[attr-defined]
+    return run
+
+
 # --- reporting ------------------------------------------------------------------------------
 def _fmt(v) -> str:
     if isinstance(v, float):
@@ -274,7 +490,7 @@ def format_table(results: Sequence[Result]) -> str:
         if r.error:
             cells += [f"error: {r.error}", "", ""] + ([""] if any_cuda else [])
         else:
-            mem = f"{r.peak_rss_bytes / 2**20:.1f}" + ("" if r.rss_reset else " (no reset)")
+            mem = "not measured" if r.peak_rss_bytes is None else f"{r.peak_rss_bytes / 2**20:.1f}" + ("" if r.rss_reset else " (no reset)")
             cells += [f"{r.median_ms:.3f}", f"{r.min_ms:.3f}", mem]
             if any_cuda:
                 cells.append("" if r.peak_cuda_bytes is None else f"{r.peak_cuda_bytes / 2**20:.1f}")
@@ -292,27 +508,66 @@ def run_cases(
     title: Optional[str] = None,
     verbose: bool = True,
     summarize: Optional[Callable[[Sequence[Result]], str]] = None,
+    group: Optional[Callable[[Case], str]] = None,
+    peak: str = "all",
+    peak_repeats: int = 1,
 ) -> str:
-    """Run every case (each in a fresh subprocess), print and return the markdown table.
+    """Run every case, print and return the markdown table.
 
     Args:
         cases: the cases, run one after the other.
-        warmup / repeats: untimed and timed calls per case.
-        timeout: seconds per case (setup included) before its subprocess is killed.
+        warmup / repeats: untimed and timed calls per case (interleaved: rounds).
+        timeout: seconds per case (setup included) before its subprocess is killed (interleaved:
+            this times the group's number of cases, for the group's subprocess).
         out: also write the table (with a header line naming the machine) to this file.
         title: a heading printed above the table.
         summarize: appends its text (e.g. :func:`kernel_vs_pytorch_table`) below the table.
+        group: None: each case timed in its own fresh subprocess (:func:`run_case`, time and
+            peak from the same calls). Else the cases with the same ``group(case)`` are timed in
+            interleaved rounds in one subprocess (:func:`run_interleaved`), and the peak memory of
+            the cases that ``peak`` selects (``"all"``, ``"none"`` or comma-separated substrings
+            of case names) comes from a fresh subprocess per case with ``warmup`` untimed and
+            ``peak_repeats`` timed calls (their times are not reported).
     """
     results = []
-    for case in cases:
-        if verbose:
-            print(f"[bench] {case.name} {case.kwargs} ...", file=sys.stderr, flush=True)
-        results.append(run_case(case, warmup=warmup, repeats=repeats, timeout=timeout))
+    if group is None:
+        for case in cases:
+            if verbose:
+                print(f"[bench] {case.name} {case.kwargs} ...", file=sys.stderr, flush=True)
+            results.append(run_case(case, warmup=warmup, repeats=repeats, timeout=timeout))
+    else:
+        groups: dict = {}
+        for case in cases:
+            groups.setdefault(group(case), []).append(case)
+        for name, members in groups.items():
+            if verbose:
+                impls = ", ".join(c.name for c in members)
+                print(f"[bench] interleaved {name}: {impls} ...", file=sys.stderr, flush=True)
+            timed = run_interleaved(members, warmup=warmup, repeats=repeats, timeout=timeout * len(members))
+            for r in timed:
+                if peak_repeats > 0 and _selected(r.case.name, peak) and r.error is None:
+                    if verbose:
+                        print(f"[bench] peak memory of {r.case.name} (own subprocess) ...", file=sys.stderr, flush=True)
+                    m = run_case(r.case, warmup=warmup, repeats=peak_repeats, timeout=timeout)
+                    if m.error is None:
+                        r.peak_rss_bytes, r.rss_reset, r.peak_cuda_bytes = m.peak_rss_bytes, m.rss_reset, m.peak_cuda_bytes
+                    else:
+                        print(f"[bench] peak run of {r.case.name} failed: {m.error}", file=sys.stderr, flush=True)
+            results += timed
     table = format_table(results)
+    if group is None:
+        how = f"median/min of {repeats}; each case in a fresh subprocess."
+    else:
+        peaks = {"all": "every case", "none": "no case"}.get(peak, f"the cases matching {peak!r}")
+        how = (
+            f"median/min of {repeats} interleaved rounds: the cases of one setting (kernel, PyTorch path, floor, ...) "
+            f"set up in one fresh subprocess and called alternately, one call each per round, the order rotated "
+            f"every round; peak RSS ({peaks}) from a separate fresh subprocess per case "
+            f"(warm-up {warmup}, {peak_repeats} call{'s' if peak_repeats != 1 else ''})."
+        )
     header = (
         f"{title + chr(10) + chr(10) if title else ''}"
-        f"_{machine_description()}; torch.set_num_threads({NUM_THREADS}); warm-up {warmup}, "
-        f"median/min of {repeats}; each case in a fresh subprocess._\n\n"
+        f"_{machine_description()}; torch.set_num_threads({NUM_THREADS}); warm-up {warmup}, {how}_\n\n"
     )
     text = header + table
     if summarize is not None:
@@ -368,34 +623,79 @@ def kernel_vs_pytorch_table(
     """The guard against a CPU kernel slower than its own PyTorch path: per case group (``key(case)
     -> (group, impl)``), the median ms of the kernel, of the PyTorch path (the same module with
     ``SPARSE_MSDA_CPU_KERNELS=0``) and of the floor, their ratios, and a closing line naming every
-    group where the kernel lost."""
+    group where the kernel lost.
+
+    Results timed in interleaved rounds (``Result.mode == "interleaved"``, :func:`run_cases` with
+    ``group``): each ratio is the median of the per-round ratios (:func:`paired_ratios`), and a
+    last column gives the ratios of the medians (kernel / PyTorch, kernel / floor) for comparison;
+    the guard judges the per-round one. Separately timed results: ratios of the medians, as before.
+    """
     times: dict = {}
     for r in results:
         group, impl = key(r.case)
         if r.median_ms is not None:
-            times.setdefault(group, {})[impl] = r.median_ms
+            times.setdefault(group, {})[impl] = r
+    interleaved = any(r.mode == "interleaved" for g in times.values() for r in g.values())
     head = ["case", "kernel ms", "PyTorch path ms", "floor ms", "kernel / PyTorch", "kernel / floor", "PyTorch / floor"]
+    if interleaved:
+        head += ["rounds", "ratio of medians (k / P, k / f)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     losses = []
 
-    def ratio(a, b):
-        return f"{a / b:.2f}x" if a is not None and b else ""
+    def ratios(a: Optional[Result], b: Optional[Result]) -> tuple:
+        if a is None or b is None:
+            return None, None
+        if a.mode == b.mode == "interleaved":
+            return paired_ratios(a.times_s, b.times_s)
+        of_medians = a.median_ms / b.median_ms if b.median_ms else None
+        return of_medians, of_medians
+
+    def fmt(x) -> str:
+        return f"{x:.2f}x" if x is not None else ""
 
     for group, t in times.items():
         k, p, f = t.get(kernel), t.get(pytorch), t.get(floor)
         if k is None and p is None:
             continue
-        cells = [group] + [f"{x:.0f}" if x is not None else "" for x in (k, p, f)]
-        cells += [ratio(k, p), ratio(k, f), ratio(p, f)]
+        (kp, kp_med), (kf, kf_med), (pf, _) = ratios(k, p), ratios(k, f), ratios(p, f)
+        cells = [group] + [f"{x.median_ms:.0f}" if x is not None else "" for x in (k, p, f)]
+        cells += [fmt(kp), fmt(kf), fmt(pf)]
+        if interleaved:
+            rounds = sorted({len(x.times_s) for x in (k, p, f) if x is not None})
+            cells += ["/".join(str(n) for n in rounds), " / ".join(fmt(x) or "-" for x in (kp_med, kf_med))]
         lines.append("| " + " | ".join(cells) + " |")
-        if k is not None and p is not None and k > p:
-            losses.append(f"{group} ({k / p:.2f}x)")
+        if kp is not None and kp > 1:
+            losses.append(f"{group} ({kp:.2f}x)")
     verdict = (
         f"KERNEL SLOWER THAN ITS PYTORCH PATH: {', '.join(losses)}"
         if losses
         else "kernel <= PyTorch path in every case measured"
     )
-    return "Kernel vs its PyTorch path (same inputs, same run):\n\n" + "\n".join(lines) + "\n\n" + verdict
+    how = (
+        "same inputs, the implementations of a case in one process, timed in interleaved rounds; ms: medians; "
+        "ratios: median of the "
+        "per-round ratios"
+        if interleaved
+        else "same inputs, same run"
+    )
+    return f"Kernel vs its PyTorch path ({how}):\n\n" + "\n".join(lines) + "\n\n" + verdict
+
+
+def add_interleave_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--separate``, ``--peak``, ``--peak-repeats``: how :func:`run_cases` times the cases (see
+    the module docstring, "Interleaved rounds")."""
+    parser.add_argument(
+        "--separate", action="store_true",
+        help="time every case in its own fresh subprocess (the previous method; time and peak from the same calls) "
+        "instead of the implementations of a setting in interleaved rounds in one subprocess",
+    )
+    parser.add_argument(
+        "--peak", default="all",
+        help="interleaved mode: cases whose peak memory is measured in a fresh subprocess of their own: "
+        "all (default), none, or comma-separated substrings of case names",
+    )
+    parser.add_argument("--peak-repeats", type=int, default=1, help="interleaved mode: timed calls of each peak-memory run")
+    return parser
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -484,10 +784,15 @@ def run_main(
     build_cases: Callable[[bool], list],
     title: str,
     summarize: Optional[Callable[[Sequence[Result]], str]] = None,
+    group: Optional[Callable[[Case], str]] = None,
 ) -> None:
     """Command line of a benchmark module: the common arguments plus ``--only`` (comma-separated
-    substrings of case names), then :func:`run_cases` on ``build_cases(quick)``."""
+    substrings of case names), then :func:`run_cases` on ``build_cases(quick)``. With ``group``
+    (the setting of a case), the cases of one setting are timed in interleaved rounds unless
+    ``--separate`` is given (:func:`add_interleave_args`)."""
     parser = add_common_args(argparse.ArgumentParser(description=description))
+    if group is not None:
+        add_interleave_args(parser)
     parser.add_argument("--only", default=None, help="comma-separated substrings: run only cases whose name contains one")
     takes_dtype = "dtype" in inspect.signature(build_cases).parameters
     if takes_dtype:
@@ -505,8 +810,10 @@ def run_main(
     if args.only:
         cases = [c for c in cases if any(part in c.name for part in args.only.split(","))]
     cases = with_device(cases, args.device, parser)
+    interleaved = {} if group is None or args.separate else dict(group=group, peak=args.peak, peak_repeats=args.peak_repeats)
     run_cases(
-        cases, repeats=args.repeats, warmup=args.warmup, timeout=args.timeout, out=args.out, title=title, summarize=summarize
+        cases, repeats=args.repeats, warmup=args.warmup, timeout=args.timeout, out=args.out, title=title, summarize=summarize,
+        **interleaved,
     )
 
 

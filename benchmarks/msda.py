@@ -5,14 +5,21 @@ Run from the repository root::
     flock /tmp/bench.lock .venv/bin/python -m benchmarks.msda [--quick] [--only synthetic|scan|scan_bev|scan_3d|sweep]
     python -m benchmarks.msda --device cuda     # inputs and modules on the GPU (the dense maps too)
 
-Settings: embed 256, 8 heads, 4 levels, 4 points, ``torch.set_num_threads(2)``; each case in a
-fresh subprocess (:mod:`benchmarks.common`). Implementations, on the same inputs:
+Settings: embed 256, 8 heads, 4 levels, 4 points, ``torch.set_num_threads(2)``. The
+implementations of one setting (source, mode, pass) are set up in one fresh subprocess on the same
+inputs and timed in interleaved rounds (``--repeats`` rounds, one call each, order rotated; the
+ratios below the table are medians of per-round ratios); the peak memory of each case (``--peak``:
+all, none or substrings of case names) comes from a fresh subprocess of its own
+(:mod:`benchmarks.common`, "Interleaved rounds"). ``--separate``: every case in its own
+subprocess, time and peak from the same calls (the method before). Implementations, on the same
+inputs:
 
 * ``sparse``: :class:`sparse_msda.SparseMSDeformableAttention` on the spconv levels, with a
   prebuilt coordinate index (built once per map, as an encoder does for all its layers).
-* ``pytorch``: the same sparse module on the same inputs with ``SPARSE_MSDA_CPU_KERNELS=0`` (the
-  PyTorch path the fused sampling kernel replaces); the table below the results gives kernel /
-  PyTorch path per case and names every case where the kernel loses (the guard of issue 11).
+* ``pytorch``: the same sparse module on the same inputs with ``SPARSE_MSDA_CPU_KERNELS=0`` set
+  during its calls (the PyTorch path the fused sampling kernel replaces); the table below the
+  results gives kernel / PyTorch path per case and names every case where the kernel loses (the
+  guard of issue 11).
 * ``dense``: Deformable DETR's ``MSDeformAttn`` formulation (``value_proj`` over every cell of
   the densified maps, ``F.grid_sample`` per level); the densified input maps are built in setup
   (not timed). Skipped where the dense maps would not fit in memory (3D ``[41,1600,1408]`` x 256
@@ -37,14 +44,13 @@ encoder (every voxel a query, at its own level's cell centre) and decoder (900 q
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
-    Case, add_common_args, dtype_label, dtype_list, without_dtype, kernel_vs_pytorch_table, levels_to, precision, run_cases,
-    scan_levels, under_autocast,
+    Case, add_common_args, add_interleave_args, cpu_kernels_off, dtype_label, dtype_list, without_dtype,
+    kernel_vs_pytorch_table, levels_to, precision, run_cases, scan_levels, under_autocast,
 )
 
 EMBED, HEADS, LEVELS, POINTS = 256, 8, 4, 4
@@ -159,9 +165,8 @@ def setup_pytorch(
     source: str, mode: str, backward: bool, occupancy: float = 0.05, batch_size: int = 2, threads: int = 0,
     dtype: str = "float32", device: str = "cpu",
 ):
-    """``setup_sparse`` without the fused CPU kernel (this case's own subprocess)."""
-    os.environ["SPARSE_MSDA_CPU_KERNELS"] = "0"
-    return setup_sparse(source, mode, backward, occupancy, batch_size, threads, dtype, device)
+    """``setup_sparse`` without the fused CPU kernel (``SPARSE_MSDA_CPU_KERNELS=0`` during each call)."""
+    return cpu_kernels_off(setup_sparse(source, mode, backward, occupancy, batch_size, threads, dtype, device))
 
 
 def setup_floor(
@@ -284,8 +289,13 @@ def summarize(results) -> str:
     return kernel_vs_pytorch_table(results, _group, kernel="sparse", pytorch="pytorch", floor="floor")
 
 
+def timing_group(case: Case) -> str:
+    """The cases timed together in interleaved rounds: every implementation of one source, mode and pass."""
+    return _group(case)[0]
+
+
 if __name__ == "__main__":
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser = add_interleave_args(add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])))
     parser.add_argument("--only", choices=["synthetic", "scan", "scan_bev", "scan_3d", "sweep"], default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (default: the harness's 2)")
     parser.add_argument("--match", default=None, help="comma-separated substrings: run only cases whose name contains one")
@@ -308,4 +318,5 @@ if __name__ == "__main__":
         out=args.out,
         title="Sparse MSDA vs dense grid_sample vs four-linear floor (embed 256, 8 heads, 4 levels, 4 points)",
         summarize=summarize,
+        **({} if args.separate else dict(group=timing_group, peak=args.peak, peak_repeats=args.peak_repeats)),
     )

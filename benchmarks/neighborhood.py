@@ -13,9 +13,9 @@ Implementations, side by side for each setting (embed 256, 8 heads, windows [3, 
 * ``shared-plan``: the block with its plan built once before the timed calls and passed as
   ``plan=`` (what every encoder layer after the first pays: :class:`SparseMSDAEncoder` builds
   the plan once per forward); only for the encoder settings;
-* ``pytorch``: the same block on the same inputs with ``SPARSE_MSDA_CPU_KERNELS=0`` (the
-  PyTorch path the kernel replaces); the table below the results gives kernel / PyTorch path
-  per case, and names every case where the kernel loses (the guard of issue 11);
+* ``pytorch``: the same block on the same inputs with ``SPARSE_MSDA_CPU_KERNELS=0`` set during
+  its calls (the PyTorch path the kernel replaces); the table below the results gives kernel /
+  PyTorch path per case, and names every case where the kernel loses (the guard of issue 11);
 * ``floor``: the block's own linear layers alone (q and output projections on the queries,
   the k/v projection on *every* voxel of the map), i.e. what any implementation must pay;
 * ``naive``: gather everything: the same window lookup, then ``[Q, K, H, d]`` keys/values
@@ -25,6 +25,13 @@ Implementations, side by side for each setting (embed 256, 8 heads, windows [3, 
 ``--dtype bfloat16`` / ``float16``: the block, queries, features and background in that dtype
 (positions float32); ``--dtype autocast-bfloat16``: float32 block and inputs, the forward under
 ``torch.autocast("cpu", dtype=torch.bfloat16)``. The naive reference runs in float32 only.
+
+Timing: the implementations of one setting and mode are set up in one subprocess on the same
+inputs and timed in interleaved rounds (``--repeats`` rounds, one call each, order rotated; the
+ratios below the table are medians of per-round ratios), the peak memory of each case (``--peak``:
+all, none or substrings of case names) in a fresh subprocess of its own
+(:mod:`benchmarks.common`, "Interleaved rounds"). ``--separate``: every case in its own
+subprocess, time and peak from the same calls (the method before).
 
 Modes: ``fwd`` (training forward: autograd records, the graph is then dropped) and
 ``fwd+bwd`` (forward + backward of ``(out * w).sum()``). Settings:
@@ -42,13 +49,12 @@ Modes: ``fwd`` (training forward: autograd records, the graph is then dropped) a
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from benchmarks.common import (
-    Case, block_queries, block_runner, dtype_label, kernel_vs_pytorch_table, levels_to, precision, run_main, scan_levels,
-    under_autocast,
+    Case, block_queries, block_runner, cpu_kernels_off, dtype_label, kernel_vs_pytorch_table, levels_to, precision,
+    run_main, scan_levels, under_autocast,
 )
 
 EMBED, HEADS, SIZES = 256, 8, [3, 5, 7, 9]
@@ -176,8 +182,6 @@ def setup(
     impl: str, mode: str, setting: str, role: str, n_queries: int = 900, background: bool = False,
     dtype: str = "float32", device: str = "cpu",
 ):
-    if impl == "pytorch":  # this case's own subprocess: the block without the fused CPU kernel
-        os.environ["SPARSE_MSDA_CPU_KERNELS"] = "0"
     x = _inputs(setting, role, n_queries, background, device=device)
     block = _block(x["index"].position_dim).to(device)
     tensor_dtype = precision(dtype)[0]  # --dtype: block, query, features, background (positions stay float32)
@@ -188,7 +192,9 @@ def setup(
             x[key] = x[key].to(tensor_dtype)
     run = under_autocast(IMPLS[impl], dtype, torch.device(device).type)
     query = x["query"].requires_grad_(True)
-    return block_runner(block, query, run, x, backward=mode == "fwd+bwd")
+    fn = block_runner(block, query, run, x, backward=mode == "fwd+bwd")
+    # pytorch: the block without the fused CPU kernels (SPARSE_MSDA_CPU_KERNELS=0 during each call)
+    return cpu_kernels_off(fn) if impl == "pytorch" else fn
 
 
 def naive_estimate_bytes(setting: str, role: str, n_queries: int) -> int:
@@ -246,10 +252,16 @@ def summarize(results) -> str:
     return kernel_vs_pytorch_table(results, _group, kernel="block", pytorch="pytorch", floor="floor")
 
 
+def timing_group(case: Case) -> str:
+    """The cases timed together in interleaved rounds: every implementation of one setting and mode."""
+    return _group(case)[0]
+
+
 if __name__ == "__main__":
     run_main(
         __doc__.splitlines()[0],
         build_cases,
         "SparseNeighborhoodAttentionBlock: embed 256, 8 heads, windows [3, 5, 7, 9]",
         summarize=summarize,
+        group=timing_group,
     )
