@@ -307,6 +307,25 @@ inline scalar_t max_masked(const scalar_t* x, const scalar_t* mask, int64_t n, s
   return m;
 }
 
+// max_masked for n a whole number of vectors (the padded score rows): vector selects and maxima
+// (GCC left the 8-partial loop above scalar; a maximum is exact, so the result is the same).
+template <typename scalar_t>
+inline scalar_t max_masked_rows(const scalar_t* x, const scalar_t* mask, int64_t n, scalar_t init) {
+  using V = Vec<scalar_t>;
+  using v_t = typename V::type;
+  constexpr int64_t N = V::N;
+  if (n % N != 0) return max_masked(x, mask, n, init);
+  const v_t lo = V::broadcast(init), zero = {};
+  v_t acc = lo;
+  for (int64_t j = 0; j < n; j += N) {
+    const v_t y = V::load(mask + j) != zero ? V::load(x + j) : lo;
+    acc = acc > y ? acc : y;
+  }
+  scalar_t m = init;
+  for (int64_t l = 0; l < N; ++l) m = m > acc[l] ? m : acc[l];
+  return m;
+}
+
 // The tensors of one call. Layouts: q [Q, H, dh]; k, v [N, H, dh]; tables [B, K, H, dh];
 // bg_v [B, L, H, dh]; out [Q, H, dh]; lse [Q, H]. Window-centre rotations (background only):
 // rcos/rsin [R, Hf, dh/2] hold cos/sin of the RoPE angle of query i's window-centre coordinate on
@@ -422,9 +441,16 @@ struct TileRotation {
 
 // ---- tile micro-kernels ----
 // Register blocks of Vec, sized for the target's registers (simd.h; DH = 0: run-time dh, plain
-// loops). gemm_nt holds kRows x 2 accumulators (8: fits AVX2's 16 ymm with its operands).
+// loops): kRows rows of A times kBlockVectors vectors of B per block, i.e. kRows x kBlockVectors
+// accumulators. AVX2 (16 ymm): 4 x 2 = 8 accumulators with the two B vectors and a broadcast.
+// AVX-512: 4 x 1. Measured on a Zen 4 (2026-11-30, one tile's products gp = 20, up = 160, dh = 32,
+// L1-resident, 20k calls): the 4 x 2 block, which GCC compiles with every B load folded into
+// its FMAs (12 zmm loads per 8 FMAs: load-bound), took 2.5 us (scores) and 3.6-3.9 us (the
+// value products), 4 x 1 1.9-2.1 and 1.8-2.2 us; on AVX2 4 x 1 was slower (3.7-5.8 us against
+// 2.0-4.2), so AVX2 keeps 4 x 2.
 constexpr int64_t kRows = 4;    // rows of A per register block
 constexpr int64_t kLanes = 16;  // column padding of the score blocks (a whole number of vectors)
+constexpr int64_t kBlockVectors = sparse_msda_simd::kVecRegisters == 32 ? 1 : 2;
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -434,28 +460,25 @@ void gemm_nt(const scalar_t* __restrict__ A, const scalar_t* __restrict__ BT, in
              scalar_t* __restrict__ C) {
   using V = Vec<scalar_t>;
   using v_t = typename V::type;
-  constexpr int64_t N = V::N;
+  constexpr int64_t N = V::N, CV = kBlockVectors;
   const int64_t D = DH > 0 ? DH : dh;
   for (int64_t g0 = 0; g0 < rows; g0 += kRows) {
     const scalar_t* a = A + g0 * D;
     int64_t u0 = 0;
-    for (; u0 + 2 * N <= up; u0 += 2 * N) {  // 4 rows x 2 vectors: 8 independent accumulators
-      v_t c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+    for (; u0 + CV * N <= up; u0 += CV * N) {  // kRows x CV independent accumulators
+      v_t acc[kRows][CV] = {};
       for (int64_t e = 0; e < D; ++e) {
-        const v_t b0 = V::load(BT + e * up + u0), b1 = V::load(BT + e * up + u0 + N);
-        const scalar_t x0 = a[e], x1 = a[D + e], x2 = a[2 * D + e], x3 = a[3 * D + e];
-        c00 += x0 * b0; c01 += x0 * b1;
-        c10 += x1 * b0; c11 += x1 * b1;
-        c20 += x2 * b0; c21 += x2 * b1;
-        c30 += x3 * b0; c31 += x3 * b1;
+        v_t b[CV];
+        for (int64_t w = 0; w < CV; ++w) b[w] = V::load(BT + e * up + u0 + w * N);
+        for (int64_t r = 0; r < kRows; ++r) {
+          const scalar_t x = a[r * D + e];
+          for (int64_t w = 0; w < CV; ++w) acc[r][w] += x * b[w];
+        }
       }
-      scalar_t* c = C + g0 * up + u0;
-      V::store(c, c00); V::store(c + N, c01);
-      V::store(c + up, c10); V::store(c + up + N, c11);
-      V::store(c + 2 * up, c20); V::store(c + 2 * up + N, c21);
-      V::store(c + 3 * up, c30); V::store(c + 3 * up + N, c31);
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t w = 0; w < CV; ++w) V::store(C + (g0 + r) * up + u0 + w * N, acc[r][w]);
     }
-    for (; u0 < up; u0 += N) {  // tail: 4 rows x 1 vector
+    for (; u0 < up; u0 += N) {  // tail: kRows x 1 vector
       v_t c0 = {}, c1 = {}, c2 = {}, c3 = {};
       for (int64_t e = 0; e < D; ++e) {
         const v_t b0 = V::load(BT + e * up + u0);
@@ -467,13 +490,10 @@ void gemm_nt(const scalar_t* __restrict__ A, const scalar_t* __restrict__ BT, in
   }
 }
 
-// Vectors per register block of gemm_nn: the largest power of two <= W whose kRows x CW
-// accumulators fit the target's accumulator registers (AVX2: 4 x 2 of 16 ymm; AVX-512: 4 x 4 of 32 zmm).
+// Vectors per register block of gemm_nn: kBlockVectors, or W if fewer.
 template <int64_t W>
 constexpr int64_t chunk() {
-  int64_t c = 1;
-  while (c * 2 <= W && kRows * c * 2 <= sparse_msda_simd::kAccRegisters) c *= 2;
-  return c;
+  return W < kBlockVectors ? W : kBlockVectors;
 }
 
 // C[rows, dh] = A[rows, inner] x B[inner, dh] (ACC: C += A x B), A read as A[r * rs + j * js] (so a
@@ -555,14 +575,25 @@ struct TileHead {
   std::vector<scalar_t> qg, gg, kt, vt, kr, vr, s, p, ds, dkr, dvr, og;
   int64_t G = 0, gp = 0, U = 0, up = 0;
 
-  // rows[x][g] = src(row of query g, h) for the tile's queries (zero padded), [gp, dh].
+  // rows[x][g] = src(row of query g, h) for the tile's queries (zero padded), [gp, dh]; with a head
+  // dim that is a whole number of vectors, copied by vector loads and stores (not a memmove call per row).
+  template <int DH>
   void gather_queries(const Tiles& T, int64_t tile, const scalar_t* src, int64_t H, int64_t h, int64_t dh,
                       std::vector<scalar_t>& rows) {
+    using V = Vec<scalar_t>;
     const int64_t q0 = T.qptr[tile];
     G = T.qptr[tile + 1] - q0;
     gp = round_up(std::max<int64_t>(G, 1), kRows);
-    rows.assign(gp * dh, scalar_t(0));
-    for (int64_t g = 0; g < G; ++g) std::copy_n(src + (T.qids[q0 + g] * H + h) * dh, dh, rows.data() + g * dh);
+    rows.resize(gp * dh);
+    for (int64_t g = 0; g < G; ++g) {
+      const scalar_t* x = src + (T.qids[q0 + g] * H + h) * dh;
+      scalar_t* y = rows.data() + g * dh;
+      if constexpr (DH > 0 && DH % V::N == 0)
+        for (int64_t e = 0; e < DH; e += V::N) V::store(y + e, V::load(x + e));
+      else
+        std::copy_n(x, dh, y);
+    }
+    std::fill(rows.begin() + G * dh, rows.end(), scalar_t(0));
   }
 
   // The tile's keys of x [N, H, dh] at head h: transposed [dh, up] and/or as rows [up, dh]. With
@@ -806,7 +837,7 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scala
       if (tile_bg) background_mask(T, w, *bb, G, round_up(std::max<int64_t>(G, 1), kRows), mask);
       key_mask(T, t, round_up(std::max<int64_t>(G, 1), kRows), round_up(std::max<int64_t>(T.kptr[t + 1] - T.kptr[t], 1), kLanes), kmask);
       for (int64_t h = h0; h < h1; ++h) {
-        th.gather_queries(T, t, op.q, H, h, dh, th.qg);
+        th.template gather_queries<DH>(T, t, op.q, H, h, dh, th.qg);
         th.template gather_keys<DH>(T, t, op.k, H, h, dh, &th.kt, nullptr);
         th.template gather_keys<DH>(T, t, op.v, H, h, dh, nullptr, &th.vr);
         th.s.resize(th.gp * th.up);
@@ -815,7 +846,8 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scala
           rot.compute(T, op, w, t, h, th.gp);
           background_scores<scalar_t, DH>(*bb, rot, level_any, b, h, s_bg);
         }
-        th.p.assign(th.gp * th.up, scalar_t(0));
+        th.p.resize(th.gp * th.up);  // rows written below; zero rows for padding and queries without keys
+        std::fill(th.p.begin() + th.G * th.up, th.p.end(), scalar_t(0));
         th.og.resize(th.gp * dh);
         z.assign(th.gp, scalar_t(0));
         for (int64_t g = 0; g < th.G; ++g) {
@@ -825,19 +857,20 @@ void forward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, scala
           std::fill(o, o + dh, scalar_t(0));
           if (n == 0) {  // no key: zero output (z[g] = 0 below)
             lse[i * H + h] = 0;
+            std::fill_n(th.p.data() + g * th.up, th.up, scalar_t(0));
             continue;
           }
           // softmax over the query's voxel keys (whole masked score row) and its background slots
           // (whole masked rows of s_bg)
           const scalar_t* srow = th.s.data() + g * up;
           const scalar_t* krow_mask = kmask.data() + g * up;
-          scalar_t m = nk ? op.scale * max_masked(srow, krow_mask, up, -std::numeric_limits<scalar_t>::infinity())
+          scalar_t m = nk ? op.scale * max_masked_rows(srow, krow_mask, up, -std::numeric_limits<scalar_t>::infinity())
                           : -std::numeric_limits<scalar_t>::infinity();
           if (n > nk)
             for (int64_t l = 0; l < L; ++l)
               if (level_any[l]) {
                 const int64_t x = bb->off[l] * gp + g * bb->kp[l];
-                m = std::max(m, op.scale * max_masked(s_bg.data() + x, mask.data() + x, bb->kp[l], -std::numeric_limits<scalar_t>::infinity()));
+                m = std::max(m, op.scale * max_masked_rows(s_bg.data() + x, mask.data() + x, bb->kp[l], -std::numeric_limits<scalar_t>::infinity()));
               }
           scalar_t* prow = th.p.data() + g * up;
           exp_masked_to(srow, krow_mask, prow, up, op.scale, m);
@@ -872,11 +905,11 @@ struct Grads {
 };
 
 // Per tile and head, from the saved log-sum-exp: S = Q K^T, P (the attention weights, zero off
-// each query's window), GV = G V^T, dS = P (GV - delta) scale; then dQ = dS K, dK += dS^T Q and
+// each query's window), GV = G V^T, dS = P (GV - delta) scale (delta = <grad, out> of the query and head, from the saved output); then dQ = dS K, dK += dS^T Q and
 // dV += P^T G by blocked products. Background slots per level: dtables += dS_bg^T QL and
 // dQL = dS_bg T, rotated back into dq (and the frequencies' gradient) per query.
 template <typename scalar_t, int DH>
-void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, const scalar_t* delta_qh, const scalar_t* lse,
+void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, const scalar_t* out_rows, const scalar_t* lse,
                    const scalar_t* grad, const Grads& G, int n_threads) {
   const int64_t H = op.H, dh = op.dh, L = op.L, K = op.K;
   scalar_t* dq = static_cast<scalar_t*>(G.dq);
@@ -928,7 +961,7 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
             exp_shifted(a.data(), n, lse[i * H + h]);
             const scalar_t* gr = grad + (i * H + h) * dh;
             const scalar_t* x = op.query(i, h);
-            const scalar_t delta = delta_qh[i * H + h];
+            const scalar_t delta = dot<scalar_t, DH>(gr, out_rows + (i * H + h) * dh, dh);  // <grad, out>
             scalar_t* dqi = dq ? dq + (i * H + h) * dh : nullptr;
             for (int64_t j = 0; j < nk; ++j) {
               const int64_t r = T.krow[T.kptr[t] + w.keys[k0 + j]];
@@ -957,8 +990,8 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
       if (tile_bg) background_mask(T, w, *bb, G, round_up(std::max<int64_t>(G, 1), kRows), mask);
       key_mask(T, t, round_up(std::max<int64_t>(G, 1), kRows), round_up(std::max<int64_t>(T.kptr[t + 1] - T.kptr[t], 1), kLanes), kmask);
       for (int64_t h = h0; h < h1; ++h) {
-        th.gather_queries(T, t, op.q, H, h, dh, th.qg);
-        th.gather_queries(T, t, grad, H, h, dh, th.gg);
+        th.template gather_queries<DH>(T, t, op.q, H, h, dh, th.qg);
+        th.template gather_queries<DH>(T, t, grad, H, h, dh, th.gg);
         th.template gather_keys<DH>(T, t, op.k, H, h, dh, &th.kt, dq ? &th.kr : nullptr);
         th.template gather_keys<DH>(T, t, op.v, H, h, dh, &th.vt, nullptr);
         const int64_t gp = th.gp, up = th.up;
@@ -966,8 +999,10 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
         gemm_nt<scalar_t, DH>(th.qg.data(), th.kt.data(), gp, up, dh, th.s.data());
         gv.resize(gp * up);
         gemm_nt<scalar_t, DH>(th.gg.data(), th.vt.data(), gp, up, dh, gv.data());
-        th.p.assign(gp * up, scalar_t(0));
-        th.ds.assign(gp * up, scalar_t(0));
+        th.p.resize(gp * up);  // rows written below; zero rows for padding and queries without voxel keys
+        th.ds.resize(gp * up);
+        std::fill(th.p.begin() + th.G * up, th.p.end(), scalar_t(0));
+        std::fill(th.ds.begin() + th.G * up, th.ds.end(), scalar_t(0));
         if (tile_bg) {
           rot.compute(T, op, w, t, h, gp);
           background_scores<scalar_t, DH>(*bb, rot, level_any, b, h, s_bg);  // turned into dS_bg in place below
@@ -981,9 +1016,14 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
           const int64_t i = T.qids[q0 + g];
           const int64_t nk = T.counts[i], nb = w.slot_ptr[g + 1] - w.slot_ptr[g];
           if (nb == 0 && tile_bg) zero_bg_rows(g);
+          if (nk == 0) {
+            std::fill_n(th.p.data() + g * up, up, scalar_t(0));
+            std::fill_n(th.ds.data() + g * up, up, scalar_t(0));
+          }
           if (nk + nb == 0) continue;
           const scalar_t* gr = th.gg.data() + g * dh;
-          const scalar_t delta = delta_qh[i * H + h];  // <grad, out> = sum over keys of a <grad, v>
+          // <grad, out> = sum over keys of a <grad, v>
+          const scalar_t delta = dot<scalar_t, DH>(gr, out_rows + (i * H + h) * dh, dh);
           if (nk) {  // the attention weights (zero off the query's windows) and dS, whole padded rows
             scalar_t* prow = th.p.data() + g * up;
             scalar_t* dsrow = th.ds.data() + g * up;
@@ -1106,7 +1146,7 @@ void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 #define NBHD_FORWARD(DH) \
   forward_impl<scalar_t, DH>(T, op, n_items, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), static_cast<int>(n_threads))
 #define NBHD_BACKWARD(DH)                                                                                    \
-  backward_impl<scalar_t, DH>(T, op, n_items, delta.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), \
+  backward_impl<scalar_t, DH>(T, op, n_items, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), \
                               G, static_cast<int>(n_threads))
 
 // The plan's windows, enumerated once from the cells (TileWindows::find) and reused by every forward
@@ -1184,7 +1224,6 @@ std::vector<at::Tensor> neighborhood_backward(const at::Tensor& q, const at::Ten
   TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && lse.is_contiguous(), "out/lse must be the forward's");
   const bool bg = tabt.defined();
   const int64_t n_items = bg ? tabt.size(0) : 0;
-  const at::Tensor delta = (grad * out).sum(-1).contiguous();  // [Q, H], one sequential pass
   std::vector<at::Tensor> g(6);
   for (int j = 0; j < 3; ++j)
     if (needs[j]) g[j] = at::zeros_like(j == 0 ? q : (j == 1 ? k : v));
