@@ -596,6 +596,26 @@ struct TileHead {
     std::fill(rows.begin() + G * dh, rows.end(), scalar_t(0));
   }
 
+  // gather_queries of the output gradient, and per query delta[g] = <grad, out> of its row (the
+  // rows' loads independent of each other, so their cache misses overlap); the query gradient's
+  // rows (if any) prefetched for the write at the end of the tile.
+  template <int DH>
+  void gather_gradients(const Tiles& T, int64_t tile, const scalar_t* grad, const scalar_t* out, const scalar_t* dq,
+                        int64_t H, int64_t h, int64_t dh, std::vector<scalar_t>& rows, std::vector<scalar_t>& delta) {
+    const int64_t q0 = T.qptr[tile];
+    const int64_t n = T.qptr[tile + 1] - q0;
+    for (int64_t g = 0; g < n; ++g) {
+      const int64_t r = (T.qids[q0 + g] * H + h) * dh;
+      for (int64_t c = 0; c < dh; c += 64 / static_cast<int64_t>(sizeof(scalar_t))) {
+        __builtin_prefetch(out + r + c);
+        if (dq) __builtin_prefetch(dq + r + c, 1);
+      }
+    }
+    gather_queries<DH>(T, tile, grad, H, h, dh, rows);
+    delta.resize(gp);
+    for (int64_t g = 0; g < G; ++g) delta[g] = dot<scalar_t, DH>(rows.data() + g * dh, out + (T.qids[q0 + g] * H + h) * dh, dh);
+  }
+
   // The tile's keys of x [N, H, dh] at head h: transposed [dh, up] and/or as rows [up, dh]. With
   // a head dim that is a whole number of vectors, the transposed block is built from N x N blocks
   // transposed in registers (one vector store per N values instead of N scalar stores).
@@ -928,7 +948,7 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
     TileWindows w;
     TileHead<scalar_t> th;
     TileRotation<scalar_t> rot;
-    std::vector<scalar_t> a, gv, s_bg, mask, kmask, level_sum(L), level_gv(L);
+    std::vector<scalar_t> a, gv, s_bg, mask, kmask, level_sum(L), level_gv(L), delta_g;
     // the tables' gradient of this thread's heads, [B, h1 - h0, padded slots, dh] (the layout of
     // the background blocks): accumulated by the products, added into dtab once at the end
     std::vector<scalar_t> dtab_local(dtab && bb ? B * (h1 - h0) * bb->total * dh : 0, scalar_t(0));
@@ -991,7 +1011,7 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
       key_mask(T, t, round_up(std::max<int64_t>(G, 1), kRows), round_up(std::max<int64_t>(T.kptr[t + 1] - T.kptr[t], 1), kLanes), kmask);
       for (int64_t h = h0; h < h1; ++h) {
         th.template gather_queries<DH>(T, t, op.q, H, h, dh, th.qg);
-        th.template gather_queries<DH>(T, t, grad, H, h, dh, th.gg);
+        th.template gather_gradients<DH>(T, t, grad, out_rows, dq, H, h, dh, th.gg, delta_g);
         th.template gather_keys<DH>(T, t, op.k, H, h, dh, &th.kt, dq ? &th.kr : nullptr);
         th.template gather_keys<DH>(T, t, op.v, H, h, dh, &th.vt, nullptr);
         const int64_t gp = th.gp, up = th.up;
@@ -1022,8 +1042,7 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
           }
           if (nk + nb == 0) continue;
           const scalar_t* gr = th.gg.data() + g * dh;
-          // <grad, out> = sum over keys of a <grad, v>
-          const scalar_t delta = dot<scalar_t, DH>(gr, out_rows + (i * H + h) * dh, dh);
+          const scalar_t delta = delta_g[g];  // <grad, out> = sum over keys of a <grad, v>
           if (nk) {  // the attention weights (zero off the query's windows) and dS, whole padded rows
             scalar_t* prow = th.p.data() + g * up;
             scalar_t* dsrow = th.ds.data() + g * up;
@@ -1058,21 +1077,26 @@ void backward_impl(const Tiles& T, const Operands<scalar_t>& op, int64_t B, cons
             if (rotation_grads)  // dQL_l = dS_bg T_l
               gemm_nn<scalar_t, DH>(dsl, kp, 1, bb->tr.data() + bb->base(b, h, l), gp, kp, dh, rot.dql.data() + l * gp * dh);
           }
-          if (rotation_grads)
+          if (rotation_grads) {  // the query gradient through the rotations, into the tile's dq rows
+            if (dq) th.og.assign(gp * dh, scalar_t(0));
             for (int64_t g = 0; g < th.G; ++g)
-              if (w.slot_ptr[g + 1] > w.slot_ptr[g])
-                rot.backward(T, op, g, h, dq ? dq + (T.qids[q0 + g] * H + h) * dh : nullptr, dfreqs);
+              if (w.slot_ptr[g + 1] > w.slot_ptr[g]) rot.backward(T, op, g, h, dq ? th.og.data() + g * dh : nullptr, dfreqs);
+          }
         }
-        if (!tile_keys) continue;
-        if (dq) {
+        const bool dq_rot = dq && tile_bg && rotation_grads;  // th.og holds the rotations' part
+        if (dq && (tile_keys || dq_rot)) {  // dQ = dS K (+ that part), added into dq once per row
           th.og.resize(gp * dh);
-          gemm_nn<scalar_t, DH>(th.ds.data(), up, 1, th.kr.data(), gp, up, dh, th.og.data());
+          if (tile_keys && dq_rot)
+            gemm_nn<scalar_t, DH, true>(th.ds.data(), up, 1, th.kr.data(), gp, up, dh, th.og.data());
+          else if (tile_keys)
+            gemm_nn<scalar_t, DH>(th.ds.data(), up, 1, th.kr.data(), gp, up, dh, th.og.data());
           for (int64_t g = 0; g < th.G; ++g) {
             scalar_t* d = dq + (T.qids[q0 + g] * H + h) * dh;
             const scalar_t* og = th.og.data() + g * dh;
             for (int64_t e = 0; e < dh; ++e) d[e] += og[e];
           }
         }
+        if (!tile_keys) continue;
         if (dk) {  // dS^T Q: rows are keys, A read transposed
           th.dkr.resize(up * dh);
           gemm_nn<scalar_t, DH>(th.ds.data(), 1, up, th.qg.data(), up, gp, dh, th.dkr.data());
