@@ -281,19 +281,21 @@ def test_neighborhood_kernel_no_key_rows_are_zero(nbhd_kernels, monkeypatch):
     assert (grads[0][none] == 0).all()
 
 
+@pytest.mark.parametrize("background", [True, False])
 @pytest.mark.parametrize(
     "dim, tile_queries, shapes, query_counts",
     [(2, 3, None, (48, 32)), (3, 3, None, (48, 32)), (2, 64, [[12, 10], [6, 5], [1, 1]], (160, 32))],
 )
-def test_neighborhood_windows_match_naive_membership(nbhd_kernels, monkeypatch, dim, tile_queries, shapes, query_counts):
+def test_neighborhood_windows_match_naive_membership(nbhd_kernels, monkeypatch, dim, tile_queries, shapes, query_counts, background):
     """The plan's windows (kernel_tiles()[13:], enumerated once by the kernel and reused by every
     forward and backward): key bit g of entry e is set iff the cell of the entry's key lies within
     the radius of query g's window centre at the key's level on every axis; slot bit k of query i
     iff the slot's cell is in bounds and holds no voxel; counts are the bits' popcounts. With a
     1x1 coarsest level (one tile per item, up to 64 queries) the key bits take two words per entry,
-    and the kernel still equals the PyTorch path."""
+    and the kernel still equals the PyTorch path. Without background (the kernel's other
+    enumeration: all of a tile's queries per entry at once) there are no slot bits and no slots."""
     voxels = []
-    plan, inputs = _nbhd_problem(dim, True, 4, 2, False, torch.float64, seed=71, tile_queries=tile_queries, shapes=shapes,
+    plan, inputs = _nbhd_problem(dim, background, 4, 2, False, torch.float64, seed=71, tile_queries=tile_queries, shapes=shapes,
                                  voxels_out=voxels, query_counts=query_counts)
     tiles = plan.kernel_tiles()
     key_bits, slot_bits, counts = (x.numpy().astype("int64") & 0xFFFFFFFF for x in tiles[13:16])
@@ -316,13 +318,14 @@ def test_neighborhood_windows_match_naive_membership(nbhd_kernels, monkeypatch, 
                 inside = all(abs(c - m) <= radius[lv] for c, m in zip(cell, centre[lv]))
                 assert bool((key_bits[e, g // 32] >> (g % 32)) & 1) == inside, (tile, g, e)
                 pairs[i] += inside
-            for k in range(plan.slot_level.shape[0]):
+            for k in range(plan.slot_level.shape[0] if background else 0):
                 lv = int(plan.slot_level[k])
                 cell = tuple(c + o for c, o in zip(centre[lv], plan.slot_offset[k].tolist()))
                 absent = all(0 <= c < n for c, n in zip(cell, shapes_l[lv])) and (b, lv, cell) not in present
                 assert bool((slot_bits[i, k // 32] >> (k % 32)) & 1) == absent, (i, k)
                 slots[i] += absent
-    assert counts[0].tolist() == pairs and counts[1].tolist() == slots and sum(pairs) > 0 and sum(slots) > 0
+    assert counts[0].tolist() == pairs and counts[1].tolist() == slots and sum(pairs) > 0 and (sum(slots) > 0) == background
+    assert slot_bits.shape == (plan.n_queries, (plan.slot_level.shape[0] + 31) // 32 if background else 0)
     out_k, grads_k = _nbhd_run(plan, inputs, monkeypatch, "1")
     out_t, grads_t = _nbhd_run(plan, inputs, monkeypatch, "0")
     torch.testing.assert_close(out_k, out_t, rtol=1e-10, atol=1e-10)

@@ -1190,7 +1190,52 @@ std::vector<at::Tensor> neighborhood_windows(const std::vector<at::Tensor>& tile
   uint32_t* kb = reinterpret_cast<uint32_t*>(key_bits.data_ptr<int32_t>());
   uint32_t* sb = reinterpret_cast<uint32_t*>(slot_bits.data_ptr<int32_t>());
   int64_t* c = counts.data_ptr<int64_t>();
+  // Without background: per entry, the bits of all the tile's queries at once, from the queries'
+  // window bounds laid out [level, axis, query] (loops over the queries, no per-query key list).
+  auto run_keys = [&](int64_t t0, int64_t t1) {
+    const int64_t L = T.n_levels, D = T.dim, GW = 32 * W;
+    std::vector<int64_t> lo(L * D * GW), hi(L * D * GW), cnt(GW);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t q0 = T.qptr[t], G = T.qptr[t + 1] - q0;
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t a = 0; a < D; ++a) {
+          int64_t* bl = lo.data() + (l * D + a) * GW;
+          int64_t* bh = hi.data() + (l * D + a) * GW;
+          const int64_t r = T.radius[l];
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t cc = T.centres[(T.qids[q0 + g] * L + l) * D + a];
+            bl[g] = cc - r;
+            bh[g] = cc + r;
+          }
+          for (int64_t g = G; g < GW; ++g) {  // no query: an empty window
+            bl[g] = 1;
+            bh[g] = 0;
+          }
+        }
+      std::fill(cnt.begin(), cnt.end(), 0);
+      for (int64_t e = T.kptr[t]; e < T.kptr[t + 1]; ++e) {
+        const int64_t row = T.krow[e], l = T.klev[row];
+        const int64_t* kc = T.kcell + row * D;
+        const int64_t* bl = lo.data() + l * D * GW;
+        const int64_t* bh = hi.data() + l * D * GW;
+        for (int64_t word = 0; word * 32 < G; ++word) {
+          uint32_t bits = 0;
+          const int64_t j1 = std::min<int64_t>(32, G - word * 32);
+          for (int64_t j = 0; j < j1; ++j) {
+            const int64_t g = word * 32 + j;
+            bool inside = (bl[g] <= kc[0]) & (kc[0] <= bh[g]);
+            for (int64_t a = 1; a < D; ++a) inside = inside & (bl[a * GW + g] <= kc[a]) & (kc[a] <= bh[a * GW + g]);
+            bits |= static_cast<uint32_t>(inside) << j;
+            cnt[g] += inside;
+          }
+          kb[e * W + word] = bits;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) c[T.qids[q0 + g]] = cnt[g];
+    }
+  };
   auto run = [&](int64_t t0, int64_t t1) {
+    if (!background) return run_keys(t0, t1);
     TileWindows w;
     for (int64_t t = t0; t < t1; ++t) {
       w.find(T, t, background);
