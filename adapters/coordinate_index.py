@@ -375,8 +375,10 @@ class SparseCoordinateIndex:
         miss and never aliases another cell. A cell outside its own level but inside ``E`` has a
         key of its own, which the table does not hold either: no per-level bounds are needed.
         ``(b, l)`` out of range takes the extra leading slot ``batch_size * n_levels`` (never
-        stored). Cost: one clamp and one product with the strides over the cells (int64, exact:
-        the constructor checks the key space), ``b`` and ``l`` at their own broadcast size.
+        stored). Cost on CPU with every ``(b, l)`` in range: per axis one clamp and one
+        multiply-add over the cells (int64, exact: the constructor checks the key space), the
+        ``(b, l)`` part at their own sizes; otherwise one clamp of the cells, one product with the
+        strides and a ``(b, l)`` slot per cell.
         """
         cache = self.__dict__.setdefault("_cell_key_consts", {})
         consts = cache.get(cells.device)
@@ -392,8 +394,22 @@ class SparseCoordinateIndex:
             )
             cache[cells.device] = consts
         lower, upper, strides, per_bl, shift = consts
+        b_ok, l_ok = (b >= 0) & (b < self.batch_size), (l >= 0) & (l < self.n_levels)
+        if cells.device.type == "cpu" and bool(b_ok.all()) and bool(l_ok.all()):
+            # every (b, l) in range (the usual case; checked at their own sizes): the key formed
+            # axis by axis, each axis clamped with its own bounds and added with its stride in one
+            # pass, the (b, l) part added at b's and l's broadcast sizes; no [..., D] clamped copy,
+            # no [...] mask or (b, l) tensor
+            key = None
+            for axis, (extent, stride) in enumerate(zip(self._axis_extent, strides.tolist())):
+                clamped = torch.clamp(cells[..., axis], -2, extent)
+                if key is None:
+                    key = torch.add(b * (self.n_levels * per_bl) + shift, clamped, alpha=stride)
+                else:
+                    key.add_(clamped, alpha=stride)
+            return key.add_(l * per_bl)
         n_bl = self.batch_size * self.n_levels
-        ok = (b >= 0) & (b < self.batch_size) & (l >= 0) & (l < self.n_levels)
+        ok = b_ok & l_ok
         bl = torch.where(ok, b * self.n_levels + l, n_bl)  # at the broadcast size of b and l
         clamped = torch.clamp(cells, lower, upper)
         # CPU: an exact int64 matrix-vector product (one pass); CUDA has no integer matmul

@@ -514,6 +514,40 @@ def test_base_cell_ids_equal_corner_enumeration_out_of_range(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_base_cell_keys_in_range_path_equals_general_path(device):
+    """With every batch and level index in range, _base_cell_keys forms the key axis by axis (the
+    CPU fast path of the deformable encoder); its keys equal the general path's (taken when one
+    index is out of range), also for b [S, 1] and l [1, J] broadcast as the sampling passes them,
+    and its ids on cells far beyond every border equal the corners looked up one by one: an
+    out-of-range cell never aliases another voxel on this path either."""
+    index, gen = _small_index(device)
+    n = 3000
+    extent = index.level_spatial_shapes.max(0).values.cpu()
+    b = torch.randint(0, index.batch_size, (n,), generator=gen)
+    l = torch.randint(0, index.n_levels, (n,), generator=gen)
+    c = (torch.rand(n, index.position_dim, generator=gen) * (extent + 6)).long() - 3
+    edges = torch.tensor([-2**40, -3, -2, -1, 0, 1, 2**40])
+    c[:500] = edges[torch.randint(0, edges.numel(), (500, c.shape[1]), generator=gen)]
+    c[500:700] = extent - torch.randint(-1, 3, (200, c.shape[1]), generator=gen)
+    b, l, c = (t.to(device) for t in (b, l, c))
+    fast = index._base_cell_keys(b, l, c)
+    general = index._base_cell_keys(torch.cat([b, b.new_tensor([index.batch_size])]), torch.cat([l, l[:1]]),
+                                    torch.cat([c, c[:1]]))
+    assert torch.equal(fast, general[:-1])
+    # broadcast (b [S, 1], l [1, J], cells [S, J, D]) as in the fused deformable encoder
+    s, j = 50, n // 50
+    fast = index._base_cell_keys(b[:s, None], l[None, :j], c[: s * j].view(s, j, -1))
+    general = index._base_cell_keys(b[:s, None].expand(s, j).reshape(-1), l[None, :j].expand(s, j).reshape(-1),
+                                    c[: s * j])
+    assert fast.shape == (s, j) and torch.equal(fast.reshape(-1), general)
+    rows = index.corner_rows(index.base_cell_ids(b, l, c)).to(torch.int64)
+    offsets = adapters.corner_offsets(index.position_dim, device)
+    expected, _ = index.lookup(b[:, None], l[:, None], c[:, None, :] + offsets)
+    assert torch.equal(rows, expected)
+    assert bool((rows >= 0).any()) and bool((rows < 0).all(-1).any())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_minus_one_key_is_a_miss(device):
     """The key -1 (what out-of-range cells carry) is no stored key and not the table's empty marker."""
     from adapters.spconv_compat import hash_insert, hash_query, new_hash_table

@@ -144,8 +144,8 @@ class _FusedDeformable(torch.autograd.Function):
             batch, level, head = ch.layout(q0, q1)
             ref_c = ref[q0:q1]
             base = ext.sample_base_cells(off, level, ch.shapes, ref_c, h, threads)
-            ids_c = spec.index.base_cell_ids(batch[:, :1], ch.level, base).to(torch.int32)
-            ids[q0 * h : q1 * h] = ids_c
+            ids_c = ids[q0 * h : q1 * h]
+            ids_c.copy_(spec.index.base_cell_ids(batch[:, :1], ch.level, base))  # int64 -> int32 in the copy
             out[q0 * h : q1 * h] = ext.sample_forward(
                 table, off, logit, ids_c, ch.corners, batch, level, head, ch.shapes, h, spec.background_offset,
                 threads, ref_c, h, True,
