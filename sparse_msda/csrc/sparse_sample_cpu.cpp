@@ -24,6 +24,8 @@
 // gradients. Base cells are clamped to [-2, 2**40] before the integer conversion (outside every level).
 #include <torch/extension.h>
 
+// 32-byte vectors on AVX-512 targets too (simd.h): the sampling loops are gather/memory-bound
+#define SPARSE_MSDA_SIMD_256
 #include "simd.h"
 
 #include <algorithm>
