@@ -194,6 +194,16 @@ def _malloc_trim() -> None:
 
 
 # --- the child ------------------------------------------------------------------------------
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
+
+
+def _by_name(case: Case) -> Case:
+    """``case`` with its setup function replaced by its name: what a child sends back (the
+    parent puts its own ``case`` back into the result)."""
+    return Case(case.name, getattr(case.setup, "__name__", "?"), case.kwargs, case.columns, case.device)  # type: ignore[arg-type]
+
+
 def _measure(case: Case, warmup: int, repeats: int) -> Result:
     import logging
 
@@ -239,7 +249,7 @@ def _measure(case: Case, warmup: int, repeats: int) -> Result:
     result.peak_rss_bytes = max(_maxrss_bytes() - rss_before, 0)
     if cuda:
         result.peak_cuda_bytes = torch.cuda.max_memory_allocated() - cuda_before
-    result.case = Case(case.name, case.setup.__name__, case.kwargs, case.columns, case.device)  # type: ignore[arg-type]
+    result.case = _by_name(case)
     return result
 
 
@@ -247,33 +257,41 @@ def _child(conn, case: Case, warmup: int, repeats: int) -> None:
     try:
         result = _measure(case, warmup, repeats)
     except BaseException as err:  # reported as a table row
-        result = Result(Case(case.name, getattr(case.setup, "__name__", "?"), case.kwargs, case.columns, case.device))  # type: ignore[arg-type]
-        result.error = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+        result = Result(_by_name(case), error=_error_text(err))
         traceback.print_exc()
     conn.send(result)
     conn.close()
 
 
-def run_case(case: Case, *, warmup: int = 1, repeats: int = 5, timeout: float = 600.0) -> Result:
-    """Run one case in a fresh spawned subprocess and return its :class:`Result`."""
+def _run_in_subprocess(target: Callable, args: tuple, timeout: float) -> tuple:
+    """Run ``target(conn, *args)`` in a fresh spawned subprocess and receive what it sends on
+    ``conn``: ``(payload, None)``, or ``(None, why)`` when it ran past ``timeout`` seconds or died
+    without sending (the process is killed if still alive)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, case, warmup, repeats))
+    proc = ctx.Process(target=target, args=(child, *args))
     proc.start()
     child.close()
-    result, timed_out = None, not parent.poll(timeout)
+    payload, timed_out = None, not parent.poll(timeout)
     if not timed_out:
         try:
-            result = parent.recv()
+            payload = parent.recv()
         except EOFError:
-            result = None
+            payload = None
     proc.join(5)
     if proc.is_alive():
         proc.kill()
         proc.join()
+    if payload is not None:
+        return payload, None
+    return None, f"timed out after {timeout:.0f} s" if timed_out else f"subprocess died (exit code {proc.exitcode})"
+
+
+def run_case(case: Case, *, warmup: int = 1, repeats: int = 5, timeout: float = 600.0) -> Result:
+    """Run one case in a fresh spawned subprocess and return its :class:`Result`."""
+    result, why = _run_in_subprocess(_child, (case, warmup, repeats), timeout)
     if result is None:
-        result = Result(case)
-        result.error = f"timed out after {timeout:.0f} s" if timed_out else f"subprocess died (exit code {proc.exitcode})"
+        result = Result(case, error=why)
     result.case = case
     return result
 
@@ -287,10 +305,6 @@ class Timings:
 
     times_s: list = field(default_factory=list)
     error: Optional[str] = None
-
-
-def _error_text(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
 
 
 def round_orders(names: Sequence[str], rounds: int, rotate: bool = True) -> list:
@@ -380,8 +394,7 @@ def _measure_interleaved(cases: Sequence[Case], warmup: int, repeats: int) -> li
     timings = interleave(fns, warmup=warmup, repeats=repeats, sync=sync)
     results = []
     for case in cases:
-        light = Case(case.name, case.setup.__name__, case.kwargs, case.columns, case.device)  # type: ignore[arg-type]
-        r = Result(light, device="cuda" if cuda else "cpu", mode="interleaved")
+        r = Result(_by_name(case), device="cuda" if cuda else "cpu", mode="interleaved")
         t = timings.get(case.name)
         r.error = setup_errors.get(case.name) or (t.error if t else None)
         r.times_s = list(t.times_s) if t else []
@@ -393,10 +406,7 @@ def _child_interleaved(conn, cases: Sequence[Case], warmup: int, repeats: int) -
     try:
         results = _measure_interleaved(cases, warmup, repeats)
     except BaseException as err:
-        results = []
-        for case in cases:
-            light = Case(case.name, getattr(case.setup, "__name__", "?"), case.kwargs, case.columns, case.device)  # type: ignore[arg-type]
-            results.append(Result(light, mode="interleaved", error=_error_text(err)))
+        results = [Result(_by_name(case), mode="interleaved", error=_error_text(err)) for case in cases]
         traceback.print_exc()
     conn.send(results)
     conn.close()
@@ -406,23 +416,8 @@ def run_interleaved(cases: Sequence[Case], *, warmup: int = 1, repeats: int = 5,
     """Time ``cases`` (the implementations of one setting) in interleaved rounds
     (:func:`interleave`) in one fresh spawned subprocess; one :class:`Result` per case, in order,
     ``mode="interleaved"``, times only (no peak). ``timeout`` is for the whole subprocess."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_interleaved, args=(child, list(cases), warmup, repeats))
-    proc.start()
-    child.close()
-    results, timed_out = None, not parent.poll(timeout)
-    if not timed_out:
-        try:
-            results = parent.recv()
-        except EOFError:
-            results = None
-    proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
+    results, why = _run_in_subprocess(_child_interleaved, (list(cases), warmup, repeats), timeout)
     if results is None:
-        why = f"timed out after {timeout:.0f} s" if timed_out else f"subprocess died (exit code {proc.exitcode})"
         results = [Result(case, mode="interleaved", error=why) for case in cases]
     for r, case in zip(results, cases):
         r.case = case
