@@ -380,7 +380,7 @@ class SparseCoordinateIndex:
         ``(b, l)`` part at their own sizes; otherwise one clamp of the cells, one product with the
         strides and a ``(b, l)`` slot per cell.
         """
-        cache = self.__dict__.setdefault("_cell_key_consts", {})
+        cache = self._cell_key_consts
         consts = cache.get(cells.device)
         if consts is None:
             radix = [e + 3 for e in self._axis_extent]
