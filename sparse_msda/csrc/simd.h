@@ -59,8 +59,4 @@ struct Vec {
   static type broadcast(scalar_t x) { return type{} + x; }
 };
 
-// Accumulator registers a register-blocked micro-kernel may hold (the rest: its loaded operands
-// and broadcasts): 24 of 32 on AVX-512, 8 of 16 elsewhere.
-constexpr int64_t kAccRegisters = kVecRegisters == 32 ? 24 : 8;
-
 }  // namespace sparse_msda_simd
