@@ -23,10 +23,11 @@ alias another voxel.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
-from .spconv_compat import hash_insert, hash_query, new_hash_table, table_size
+from .spconv_compat import hash_insert, hash_query, new_hash_table, query_cpu, table_size
 from .validation import as_level_spatial_shapes, broadcast_shapes, check_index_range, check_integer_tensor, check_voxel_bounds
 
 __all__ = ["SparseCoordinateIndex", "corner_offsets"]
@@ -441,18 +442,28 @@ class SparseCoordinateIndex:
         return self.corner_rows(self.base_cell_ids(batch_indices, level_indices, base_cells)).to(torch.int64)
 
     def base_cell_ids(
-        self, batch_indices: torch.Tensor, level_indices: torch.Tensor, base_cells: torch.Tensor
+        self,
+        batch_indices: torch.Tensor,
+        level_indices: torch.Tensor,
+        base_cells: torch.Tensor,
+        *,
+        out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Ids of base cells in the corner table (one hash query per cell); see :meth:`corner_rows`.
 
         Args:
             batch_indices, level_indices: integer, broadcastable to ``base_cells.shape[:-1]``.
             base_cells: integer ``[..., position_dim]``, spconv axis order.
+            out: optional int32 or int64 tensor of shape ``base_cells.shape[:-1]`` on the index's
+                device that receives the ids (and is returned), e.g. a slice of a caller's int32
+                id buffer: on CPU the ids are written straight into it, no int64 result and no
+                conversion pass (the corner table of an index with fewer than ``2**31`` base
+                cells holds int32 ids).
 
         Returns:
-            int64 ``base_cells.shape[:-1]`` ids; a base cell none of whose corners holds a voxel (including one
-            outside the level, or with an out-of-range batch or level) gets the id of an
-            all-absent row.
+            int64 ``base_cells.shape[:-1]`` ids (``out`` when given); a base cell none of whose
+            corners holds a voxel (including one outside the level, or with an out-of-range batch
+            or level) gets the id of an all-absent row.
         """
         for name, t in (("batch_indices", batch_indices), ("level_indices", level_indices), ("base_cells", base_cells)):
             check_integer_tensor(name, t)
@@ -469,14 +480,40 @@ class SparseCoordinateIndex:
                 f"base cells take base_cells [..., {dim}] and batch_indices / level_indices broadcastable to its "
                 f"leading shape, got {tuple(batch_indices.shape)}, {tuple(level_indices.shape)}, {tuple(base_cells.shape)}"
             )
+        if out is not None:
+            if not isinstance(out, torch.Tensor) or out.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"out must be an int32 or int64 tensor, got {type(out).__name__} {getattr(out, 'dtype', '')}")
+            if out.shape != lead or out.device != self.device:
+                raise ValueError(
+                    f"out must have shape base_cells.shape[:-1]={tuple(lead)} on {self.device}, "
+                    f"got out.shape={tuple(out.shape)} on {out.device}"
+                )
         table, corner_rows = self._corner_table()
         absent = corner_rows.shape[0] - 1  # the last row of the table is all -1
         if table is None or not base_cells.numel():
-            return torch.full(lead, absent, dtype=torch.int64, device=base_cells.device)
+            if out is None:
+                return torch.full(lead, absent, dtype=torch.int64, device=base_cells.device)
+            return out.fill_(absent)
         keys = self._base_cell_keys(batch_indices.to(torch.int64), level_indices.to(torch.int64), base_cells.to(torch.int64))
         # out-of-range cells carry guard keys that no base cell holds: plain misses (_base_cell_keys)
-        ids, found = hash_query(table, keys.expand(lead).reshape(-1))
-        return ids.masked_fill_(~found, absent).view(lead)
+        keys = keys.expand(lead).reshape(-1)
+        if not table.is_cpu:
+            ids, found = hash_query(table, keys)
+            ids = ids.masked_fill_(~found, absent).view(lead)
+            return ids if out is None else out.copy_(ids)
+        # CPU: the query writes the table's ids into `out` itself where it can (contiguous, the
+        # table's dtype), the misses then take the absent row in place; else into a buffer whose
+        # misses are filled while it is copied out. One pass after the query either way.
+        direct = out is not None and out.dtype == table.value_dtype and out.is_contiguous()
+        values = out.view(-1) if direct else torch.empty(keys.shape[0], dtype=table.value_dtype)
+        empty = query_cpu(table, keys, values).view(torch.bool).view(lead)  # 0/1 flags (checked) as bool
+        values = values.view(lead)
+        if direct:
+            return out.masked_fill_(empty, absent)
+        if out is None:
+            out = torch.empty(lead, dtype=torch.int64)
+        return torch.where(empty, torch.tensor(absent, dtype=values.dtype), values, out=out) if out.dtype == values.dtype \
+            else out.copy_(values.masked_fill_(empty, absent))
 
     def corner_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """``[..., 2**D]`` rows of the corners of base cells given by :meth:`base_cell_ids` ids.
@@ -522,8 +559,11 @@ class SparseCoordinateIndex:
             cand = torch.arange(n_cand, device=device)
             corner_rows = torch.full((unique.numel() + 1, k), -1, dtype=row_dtype, device=device)
             corner_rows[ids[rep], cand % k] = (cand // k).to(row_dtype)
-            table = new_hash_table(device, unique.numel())
-            hash_insert(table, keys[unique], torch.arange(unique.numel(), dtype=torch.int64, device=device))
+            # CPU: int32 ids while they fit (base_cell_ids writes them into the caller's int32
+            # buffer directly); CUDA tables keep int64 values
+            id_dtype = torch.int32 if device.type == "cpu" and unique.numel() < 2**31 - 1 else torch.int64
+            table = new_hash_table(device, unique.numel(), value_dtype=id_dtype)
+            hash_insert(table, keys[unique], torch.arange(unique.numel(), dtype=id_dtype, device=device))
             self._corners = (table, corner_rows)
         return self._corners
 

@@ -26,9 +26,7 @@ idempotently, for programs that run spconv without ever calling our attention;
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import os
 from typing import Iterator, Optional
 
 import torch
@@ -42,6 +40,7 @@ __all__ = [
     "patch_spconv",
     "patch_spconv_cpu_scatter_add",
     "patch_spconv_cpu_stream",
+    "query_cpu",
     "spconv_unpatched",
 ]
 
@@ -62,15 +61,17 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def new_hash_table(device: torch.device, capacity: int) -> HashTable:
-    """An int64 -> int64 spconv ``HashTable`` on ``device`` for ``capacity`` keys."""
+def new_hash_table(device: torch.device, capacity: int, value_dtype: torch.dtype = torch.int64) -> HashTable:
+    """An int64 -> ``value_dtype`` (int64 or int32) spconv ``HashTable`` on ``device`` for ``capacity`` keys."""
+    if value_dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"value_dtype must be torch.int64 or torch.int32, got {value_dtype=}")
     device = torch.device(device)
     if device.type == "cpu":
-        return HashTable(device, torch.int64, torch.int64)
+        return HashTable(device, torch.int64, value_dtype)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     with _on_device(device):
-        return HashTable(device, torch.int64, torch.int64, max_size=max(2 * capacity, 16))
+        return HashTable(device, torch.int64, value_dtype, max_size=max(2 * capacity, 16))
 
 
 def table_size(table: HashTable) -> Optional[int]:
@@ -105,27 +106,46 @@ def hash_insert(table: HashTable, keys: torch.Tensor, values: torch.Tensor) -> N
         )
 
 
-#: a CPU query of at least twice this many keys is split over up to ``torch.get_num_threads()``
-#: threads (spconv's CPU query runs on one thread and releases the GIL)
-QUERY_KEYS_PER_THREAD = 1 << 15
+def query_cpu(table: HashTable, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The CPU part of :func:`hash_query`, writing into a given buffer: ``values[i]`` the value of
+    ``keys[i]`` where found (left as it was elsewhere), and returns the uint8 "is empty" flags
+    (1: not found, 0: found).
 
-_POOL: Optional[concurrent.futures.ThreadPoolExecutor] = None
-
-
-def _query_pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="adapters-query")
-    return _POOL
+    ``keys`` int64 and ``values`` (of the table's value dtype) contiguous ``[n]`` CPU tensors.
+    The flags are pre-filled with a sentinel (2) that spconv's query must overwrite for every key;
+    a query that did not run (or did not finish) is an error, never a silent miss. spconv's CPU
+    query is an OpenMP loop over ``torch.get_num_threads()`` threads (``tv::kernel_1d_cpu``; the
+    OpenMP runtime that torch's thread setting governs in the spconv wheels): no thread split of
+    our own on top of it.
+    """
+    n = keys.shape[0]
+    if values.dtype != table.value_dtype or values.shape != (n,) or not values.is_contiguous():
+        raise ValueError(
+            f"values must be a contiguous [{n}] {table.value_dtype} tensor, got "
+            f"values.shape={tuple(values.shape)}, values.dtype={values.dtype}"
+        )
+    is_empty = torch.full((n,), 2, dtype=torch.uint8)
+    if n == 0:
+        return is_empty
+    try:
+        table._table.query(
+            torch_tensor_to_tv(keys.contiguous()), torch_tensor_to_tv(values), torch_tensor_to_tv(is_empty), 0
+        )
+    except RuntimeError as err:
+        if not _is_no_cuda_error(err):
+            raise
+    if bool((is_empty > 1).any()):
+        raise RuntimeError("spconv HashTable.query did not write every result")
+    return is_empty
 
 
 def hash_query(table: HashTable, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``table.query(keys)`` that survives defect (1) on CPU tables.
 
-    Returns ``(values, found)``: int64 values (undefined where not found) and a
-    bool mask. On CPU the "is empty" buffer is pre-filled with a sentinel (2)
+    Returns ``(values, found)``: values of the table's value dtype (undefined where not found)
+    and a bool mask. On CPU the "is empty" buffer is pre-filled with a sentinel (2)
     that the C++ query must overwrite with 0/1 for every key; a query that did
-    not run is an error, never a silent miss.
+    not run is an error, never a silent miss (:func:`query_cpu`).
     """
     n = keys.shape[0]
     values = torch.empty(n, dtype=table.value_dtype, device=keys.device)
@@ -135,30 +155,7 @@ def hash_query(table: HashTable, keys: torch.Tensor) -> tuple[torch.Tensor, torc
         with _on_device(keys.device):
             values, is_empty = table.query(keys, values)
         return values, ~is_empty
-    is_empty = torch.full((n,), 2, dtype=torch.uint8, device=keys.device)
-    keys = keys.contiguous()
-
-    def query(start: int, stop: int) -> None:
-        try:
-            table._table.query(
-                torch_tensor_to_tv(keys[start:stop]), torch_tensor_to_tv(values[start:stop]),
-                torch_tensor_to_tv(is_empty[start:stop]), 0,
-            )
-        except RuntimeError as err:
-            if not _is_no_cuda_error(err):
-                raise
-
-    parts = min(torch.get_num_threads(), n // QUERY_KEYS_PER_THREAD)
-    if parts > 1:  # the CPU query is serial and releases the GIL: split the keys over threads
-        step = -(-n // parts)
-        futures = [_query_pool().submit(query, start, min(n, start + step)) for start in range(step, n, step)]
-        query(0, step)
-        for future in futures:
-            future.result()
-    else:
-        query(0, n)
-    if bool((is_empty > 1).any()):
-        raise RuntimeError("spconv HashTable.query did not write every result")
+    is_empty = query_cpu(table, keys, values)
     return values, is_empty == 0
 
 

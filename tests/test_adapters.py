@@ -368,6 +368,60 @@ def test_base_cell_ids_broadcast_batch_and_level():
         index.base_cell_ids(torch.zeros(3, dtype=torch.long), l, base)
 
 
+def test_base_cell_ids_out_buffers_equal_the_int64_result():
+    """``out=`` (int32 contiguous: written by the query itself; an int32 strided column slice and
+    int64: through a buffer) holds exactly the ids of the plain call, out-of-range cells and
+    cells far past every border included (never another cell's id), and is what is returned;
+    a bad ``out`` is a clear error."""
+    index, gen = _small_index("cpu")
+    b, l, c = _random_queries(index, 2400, gen, margin=3)
+    edges = torch.tensor([-2**40, -3, -2, -1, 0, 1, 2**40])
+    c[:400] = edges[torch.randint(0, edges.numel(), (400, c.shape[1]), generator=gen)]
+    b, l, c = b.view(200, 12), l.view(200, 12), c.view(200, 12, -1)
+    expected = index.base_cell_ids(b, l, c)
+    absent = index.corner_row_table().shape[0] - 1
+    assert expected.dtype == torch.int64 and 0 < int((expected != absent).sum()) < expected.numel()
+    assert index._corner_table()[0].value_dtype == torch.int32  # CPU corner table: int32 ids
+    wide = torch.full((200, 20), -7, dtype=torch.int32)
+    for out in (torch.empty(200, 12, dtype=torch.int32), torch.empty(200, 12, dtype=torch.int64), wide[:, 3:15]):
+        got = index.base_cell_ids(b, l, c, out=out)
+        assert got is out and torch.equal(got.long(), expected)
+    assert bool((wide[:, :3] == -7).all()) and bool((wide[:, 15:] == -7).all())  # nothing written outside the slice
+    # broadcast batch / level as the fused deformable encoder passes them ([S, 1] and [1, J])
+    out = torch.empty(200, 12, dtype=torch.int32)
+    index.base_cell_ids(b[:, :1], l[:1], c, out=out)
+    assert torch.equal(out.long(), index.base_cell_ids(b[:, :1].expand(200, 12), l[:1].expand(200, 12), c))
+    empty = torch.empty(0, 12, dtype=torch.int32)
+    assert index.base_cell_ids(b[:0], l[:0], c[:0], out=empty) is empty
+    with pytest.raises(ValueError, match=r"out must have shape base_cells.shape\[:-1\]=\(200, 12\)"):
+        index.base_cell_ids(b, l, c, out=torch.empty(200, 11, dtype=torch.int32))
+    with pytest.raises(TypeError, match="out must be an int32 or int64 tensor"):
+        index.base_cell_ids(b, l, c, out=torch.empty(200, 12))
+
+
+def test_base_cell_ids_query_that_did_not_run_is_an_error():
+    """The corner table's CPU query writes the ids into the caller's buffer; a spconv query that
+    raises the no-CUDA message without doing its work is still an error there (never ids left as
+    the buffer held them), with and without ``out=``."""
+    from test_spconv_compat import _FakeCppTable
+
+    index, gen = _small_index("cpu")
+    b, l, c = _random_queries(index, 100, gen)
+    table, _ = index._corner_table()
+    real = table._table
+    msg = "HashTable_query.cc(1)\nspconv not compiled with cuda, don't support cuda"
+    table._table = _FakeCppTable(real, query_error=msg, query_does_work=False)
+    try:
+        for out in (None, torch.zeros(100, dtype=torch.int32)):
+            with pytest.raises(RuntimeError, match="HashTable.query did not write every result"):
+                index.base_cell_ids(b, l, c, out=out)
+        table._table = _FakeCppTable(real, query_error=msg)  # the work done: the message is swallowed
+        assert torch.equal(index.base_cell_ids(b, l, c, out=torch.zeros(100, dtype=torch.int32)).long(),
+                           index.base_cell_ids(b, l, c))
+    finally:
+        table._table = real
+
+
 def test_out_of_level_coords_never_alias():
     # level 1 is smaller than level 0: (l=1, y=3) lies inside the stack extent but outside level 1;
     # a key computed with level 1's own shape would alias (l=1, y=1, x=...) or level 0 voxels.
@@ -480,7 +534,7 @@ def test_out_of_range_lookups_equal_compacted_queries(device):
     keys = index._base_cell_keys(b, l, c)
     expected = torch.full_like(keys, absent)
     values, hit = hash_query(table, keys[valid])
-    expected[valid] = torch.where(hit, values, absent)
+    expected[valid] = torch.where(hit, values.long(), absent)
     ids = index.base_cell_ids(b, l, c)
     assert torch.equal(ids, expected) and bool((ids != absent).any()) and bool((ids[~valid] == absent).all())
 

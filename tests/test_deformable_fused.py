@@ -205,17 +205,24 @@ def test_kernel_base_cells_equal_base_cells():
         assert torch.equal(got, _base_cells(pos))
 
 
-def test_threaded_hash_query_equals_one_query(monkeypatch):
-    """A large CPU query split over threads (adapters.spconv_compat) answers as one query."""
-    monkeypatch.setattr(spconv_compat, "QUERY_KEYS_PER_THREAD", 64)
+def test_hash_query_equal_at_every_thread_count_and_value_dtype():
+    """spconv's CPU query (an OpenMP loop over torch's threads) answers the same at 1 and 3
+    threads, for int64 and int32 value tables (the corner table's ids are int32 on CPU), the
+    returned values of the table's dtype; restores the caller's thread count."""
     gen = torch.Generator().manual_seed(0)
-    keys = torch.unique(torch.randint(0, 10_000, (2000,), generator=gen))
-    table = spconv_compat.new_hash_table(torch.device("cpu"), keys.numel())
-    spconv_compat.hash_insert(table, keys, torch.arange(keys.numel()))
-    query = torch.randint(0, 20_000, (5000,), generator=gen)
+    keys = torch.unique(torch.randint(0, 100_000, (20_000,), generator=gen))
+    query = torch.randint(0, 200_000, (300_000,), generator=gen)
     expect_found = torch.isin(query, keys)
-    for threads in (1, 3):
-        torch.set_num_threads(threads)
-        values, found = spconv_compat.hash_query(table, query)
-        assert torch.equal(found, expect_found)
-        assert torch.equal(keys[values[found]], query[found])
+    before = torch.get_num_threads()
+    try:
+        for value_dtype in (torch.int64, torch.int32):
+            table = spconv_compat.new_hash_table(torch.device("cpu"), keys.numel(), value_dtype=value_dtype)
+            spconv_compat.hash_insert(table, keys, torch.arange(keys.numel(), dtype=value_dtype))
+            for threads in (1, 3):
+                torch.set_num_threads(threads)
+                values, found = spconv_compat.hash_query(table, query)
+                assert values.dtype == value_dtype
+                assert torch.equal(found, expect_found) and 0 < int(found.sum()) < query.numel()
+                assert torch.equal(keys[values[found].long()], query[found])
+    finally:
+        torch.set_num_threads(before)

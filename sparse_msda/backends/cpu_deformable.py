@@ -145,7 +145,7 @@ class _FusedDeformable(torch.autograd.Function):
             ref_c = ref[q0:q1]
             base = ext.sample_base_cells(off, level, ch.shapes, ref_c, h, threads)
             ids_c = ids[q0 * h : q1 * h]
-            ids_c.copy_(spec.index.base_cell_ids(batch[:, :1], ch.level, base))  # int64 -> int32 in the copy
+            spec.index.base_cell_ids(batch[:, :1], ch.level, base, out=ids_c)  # int32 ids written in place
             out[q0 * h : q1 * h] = ext.sample_forward(
                 table, off, logit, ids_c, ch.corners, batch, level, head, ch.shapes, h, spec.background_offset,
                 threads, ref_c, h, True,

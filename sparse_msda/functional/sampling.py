@@ -185,12 +185,12 @@ def _base_cell_ids(sampling: _Sampling, positions: Tensor, only: Optional[slice]
     if only is not None:
         base = _base_cells(positions[only])
         b, l = sampling.rows_of(sampling.batch, only), sampling.rows_of(sampling.level, only)
-        return sampling.index.base_cell_ids(b, l, base).to(torch.int32)
+        return sampling.index.base_cell_ids(b, l, base, out=torch.empty(base.shape[:-1], dtype=torch.int32, device=base.device))
     ids = torch.empty(n_samples, n_per, dtype=torch.int32, device=positions.device)
     for sl in sampling.steps(n_samples, n_per, dim, per_sample=n_per):  # one key per (s, j)
         base = _base_cells(positions[sl])  # [c, J, D]
         b, l = sampling.rows_of(sampling.batch, sl), sampling.rows_of(sampling.level, sl)  # broadcast views
-        ids[sl] = sampling.index.base_cell_ids(b, l, base)
+        sampling.index.base_cell_ids(b, l, base, out=ids[sl])
     return ids
 
 
