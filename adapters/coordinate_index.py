@@ -18,6 +18,12 @@ per-axis maximum over levels; an overflow of int64 is a clear error. Coordinates
 that are negative or outside their own level's shape, and batch/level indices out
 of range, are reported "not found" and never reach the table, so they can never
 alias another voxel.
+
+The interpolation corners of deformable sampling are found per *base cell* through a second
+table (``lookup_corners`` / ``base_cell_ids``): base-cell keys take one block per level laid out
+with the level's own shape (``_base_cell_keys``), so on CPU the blocks of the smallest levels can be
+read as one direct-address int32 table (bounded by ``DENSE_TABLE_BYTES``) and only the larger
+levels' keys go to spconv's hash table.
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ from .validation import as_level_spatial_shapes, broadcast_shapes, check_index_r
 __all__ = ["SparseCoordinateIndex", "corner_offsets"]
 
 _MAX_KEY = 2**62
+
+#: memory bound of the corner table's direct-address part: the key blocks of the smallest levels
+#: (each ``batch_size * prod(shape + 3)`` int32 ids, the guard key first) are kept as one dense
+#: int32 table while its size stays within this many bytes -- one read per query instead of a hash
+#: probe (spconv's CPU query: ~15 ns per key on 2 cores); the other levels stay in spconv's hash
+#: table. Real scan: the 3D encoder's three coarser levels (61 MiB), every BEV level (1 MiB)
+DENSE_TABLE_BYTES = 64 << 20
 
 
 def corner_offsets(position_dim: int, device=None) -> torch.Tensor:
@@ -108,7 +121,7 @@ class SparseCoordinateIndex:
             raise ValueError(
                 f"key space (batch_size * n_levels + 1) * prod(max spatial shape + 3) = {key_space} overflows int64 keys"
             )
-        self._cell_key_consts: dict = {}  # device -> the constants of _base_cell_keys
+        self._cell_key_consts: dict = {}  # device -> the constants of _base_cell_keys (_key_layout)
 
         check_voxel_bounds("SparseCoordinateIndex", self.batch_indices, self.level_indices, self.spatial_indices, shapes, batch_size)
         keys, _ = self._query_keys(self.batch_indices, self.level_indices, self.spatial_indices)
@@ -365,58 +378,75 @@ class SparseCoordinateIndex:
         key.masked_fill_(~valid, -1)
         return key, valid
 
+    def _key_layout(self, device: torch.device) -> tuple:
+        """Per-device constants of the base-cell key layout (:meth:`_base_cell_keys`), built once.
+
+        Returns ``(start [L], per_b [L], upper [L, D], strides [L, D], lower, order)``: int64 tensors
+        on ``device`` (``start`` includes the ``+2`` slot shift of every axis), ``lower`` the 0-dim
+        ``-2``, ``order`` the levels in key-space order (Python list).
+        """
+        layout = self._cell_key_consts.get(device)
+        if layout is None:
+            shapes = [[int(e) for e in row] for row in self.level_spatial_shapes.tolist()]
+            radix = [[e + 3 for e in row] for row in shapes]
+            strides = [[math.prod(r[a + 1 :]) for a in range(len(r))] for r in radix]
+            per_b = [math.prod(r) for r in radix]
+            # levels by block size, smallest first (the blocks the corner table keeps dense, see
+            # _corner_table, are a prefix of the key space); key 0: the guard of out-of-range (b, l)
+            order = sorted(range(len(shapes)), key=lambda lv: (per_b[lv], lv))
+            start, at = [0] * len(shapes), 1
+            for lv in order:
+                start[lv] = at + 2 * sum(strides[lv])
+                at += self.batch_size * per_b[lv]
+            t = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+            layout = (t(start), t(per_b), t(shapes), t(strides), t(-2), order)
+            self._cell_key_consts[device] = layout
+        return layout
+
+    def _level_block(self, level: int) -> tuple[int, int]:
+        """``[first, stop)`` keys of ``level``'s block (every batch item) in the base-cell key space."""
+        start, per_b, _, strides, _, _ = self._key_layout(torch.device("cpu"))
+        first = int(start[level]) - 2 * int(strides[level].sum())
+        return first, first + self.batch_size * int(per_b[level])
+
     def _base_cell_keys(self, b: torch.Tensor, l: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Keys ``[...]`` of base cells ``cells [..., D]`` in the corner table's key space (the one
         layout of the table and of its queries); ``b``, ``l`` int64 broadcastable to ``cells.shape[:-1]``.
 
-        Axis ``a`` of a base cell ``c`` takes the slot ``clamp(c_a, -2, E_a) + 2`` out of ``E_a + 3``
-        (``E_a``: the largest level shape on that axis). The table's base cells (``c_a`` in
-        ``[-1, shape_l - 1]``) take slots ``1 .. E_a``; a coordinate below ``-1`` or at or above
-        ``E_a`` lands in slot 0 or ``E_a + 2``, which no stored base cell holds, so it is a plain
-        miss and never aliases another cell. A cell outside its own level but inside ``E`` has a
-        key of its own, which the table does not hold either: no per-level bounds are needed.
-        ``(b, l)`` out of range takes the extra leading slot ``batch_size * n_levels`` (never
-        stored). Cost on CPU with every ``(b, l)`` in range: per axis one clamp and one
-        multiply-add over the cells (int64, exact: the constructor checks the key space), the
-        ``(b, l)`` part at their own sizes; otherwise one clamp of the cells, one product with the
-        strides and a ``(b, l)`` slot per cell.
+        Each level ``l`` has a block of its own, ``batch_size`` items of ``prod(S_l + 3)`` keys
+        (``S_l``: the level's own shape), the blocks ordered by size (smallest first) after the
+        guard key 0. Axis ``a`` of a base cell ``c`` of level ``l`` takes the slot
+        ``clamp(c_a, -2, S_la) + 2`` out of ``S_la + 3``: the table's base cells (``c_a`` in
+        ``[-1, S_la - 1]``) take slots ``1 .. S_la``; a coordinate below ``-1`` or at or above
+        ``S_la`` lands in slot 0 or ``S_la + 2``, which no stored base cell holds, so it is a
+        plain miss and never aliases another cell. ``(b, l)`` out of range takes the guard key 0
+        (never stored). The blocks are dense in the cells of their level, so a small level's block
+        can be a direct-address table (:meth:`_corner_table`). Cost on CPU with every ``(b, l)`` in
+        range: the level's constants gathered at ``l``'s size, the ``(b, l)`` part at the broadcast
+        size of ``b`` and ``l``, then per axis one clamp and one multiply-add over the cells (int64,
+        exact: the constructor checks the key space); otherwise one clamp of the cells, one product
+        with the strides and a guard per cell.
         """
-        cache = self._cell_key_consts
-        consts = cache.get(cells.device)
-        if consts is None:
-            radix = [e + 3 for e in self._axis_extent]
-            strides = [math.prod(radix[a + 1 :]) for a in range(len(radix))]
-            consts = (
-                torch.full((len(radix),), -2, dtype=torch.int64, device=cells.device),
-                torch.tensor(self._axis_extent, dtype=torch.int64, device=cells.device),
-                torch.tensor(strides, dtype=torch.int64, device=cells.device),
-                math.prod(radix),
-                2 * sum(strides),
-            )
-            cache[cells.device] = consts
-        lower, upper, strides, per_bl, shift = consts
+        start, per_b, upper, strides, lower, _ = self._key_layout(cells.device)
         b_ok, l_ok = (b >= 0) & (b < self.batch_size), (l >= 0) & (l < self.n_levels)
         if cells.device.type == "cpu" and bool(b_ok.all()) and bool(l_ok.all()):
-            # every (b, l) in range (the usual case; checked at their own sizes): the key formed
-            # axis by axis, each axis clamped with its own bounds and added with its stride in one
-            # pass, the (b, l) part added at b's and l's broadcast sizes; no [..., D] clamped copy,
-            # no [...] mask or (b, l) tensor
-            key = None
-            for axis, (extent, stride) in enumerate(zip(self._axis_extent, strides.tolist())):
-                clamped = torch.clamp(cells[..., axis], -2, extent)
-                if key is None:
-                    key = torch.add(b * (self.n_levels * per_bl) + shift, clamped, alpha=stride)
+            # every (b, l) in range (the usual case; checked at their own sizes): no [...] mask
+            # and no [..., D] clamped copy; per axis the level's bound and stride broadcast from
+            # l's size (e.g. [1, J] in the deformable encoder)
+            up, st = upper[l], strides[l]
+            key = torch.addcmul(start[l], b, per_b[l])
+            for axis in range(self.position_dim):
+                clamped = torch.clamp(cells[..., axis], lower, up[..., axis])
+                if axis == 0:  # broadcast to the cells' shape once, then in place
+                    key = torch.addcmul(key, clamped, st[..., axis])
                 else:
-                    key.add_(clamped, alpha=stride)
-            return key.add_(l * per_bl)
-        n_bl = self.batch_size * self.n_levels
+                    key.addcmul_(clamped, st[..., axis])
+            return key
         ok = b_ok & l_ok
-        bl = torch.where(ok, b * self.n_levels + l, n_bl)  # at the broadcast size of b and l
-        clamped = torch.clamp(cells, lower, upper)
-        # CPU: an exact int64 matrix-vector product (one pass); CUDA has no integer matmul
-        key = clamped @ strides if cells.device.type == "cpu" else (clamped * strides).sum(-1)
-        key += bl * per_bl + shift
-        return key
+        lv = torch.where(ok, l, 0)
+        clamped = torch.clamp(cells, lower, upper[lv])
+        key = (clamped * strides[lv]).sum(-1) + torch.addcmul(start[lv], torch.where(ok, b, 0), per_b[lv])
+        return torch.where(ok, key, 0)
 
     def lookup_corners(
         self, batch_indices: torch.Tensor, level_indices: torch.Tensor, base_cells: torch.Tensor
@@ -427,7 +457,8 @@ class SparseCoordinateIndex:
         around it. Instead of ``2**D`` lookups per point, the index keeps (built once, on first
         use, through spconv's ``HashTable``) a table of every base cell that has at least one
         voxel among its corners, holding the rows of those corners; a point then costs one
-        query. Base cells range over ``[-1, shape_l - 1]`` per axis (a point in the first half
+        query (on CPU, for the smallest levels within :data:`DENSE_TABLE_BYTES`, one read of a
+        direct-address table over the level's key block instead of a hash probe). Base cells range over ``[-1, shape_l - 1]`` per axis (a point in the first half
         of cell 0 has base cell -1). Equivalent to ``corner_rows(base_cell_ids(...))``.
 
         Args:
@@ -490,30 +521,29 @@ class SparseCoordinateIndex:
                 )
         table, corner_rows = self._corner_table()
         absent = corner_rows.shape[0] - 1  # the last row of the table is all -1
-        if table is None or not base_cells.numel():
+        if not self.n_voxels or not base_cells.numel():
             if out is None:
                 return torch.full(lead, absent, dtype=torch.int64, device=base_cells.device)
             return out.fill_(absent)
         keys = self._base_cell_keys(batch_indices.to(torch.int64), level_indices.to(torch.int64), base_cells.to(torch.int64))
         # out-of-range cells carry guard keys that no base cell holds: plain misses (_base_cell_keys)
         keys = keys.expand(lead).reshape(-1)
-        if not table.is_cpu:
+        if self.device.type != "cpu":  # CUDA: every level hashed
             ids, found = hash_query(table, keys)
             ids = ids.masked_fill_(~found, absent).view(lead)
             return ids if out is None else out.copy_(ids)
-        # CPU: the query writes the table's ids into `out` itself where it can (contiguous, the
-        # table's dtype), the misses then take the absent row in place; else into a buffer whose
-        # misses are filled while it is copied out. One pass after the query either way.
-        direct = out is not None and out.dtype == table.value_dtype and out.is_contiguous()
-        values = out.view(-1) if direct else torch.empty(keys.shape[0], dtype=table.value_dtype)
-        empty = query_cpu(table, keys, values).view(torch.bool).view(lead)  # 0/1 flags (checked) as bool
-        values = values.view(lead)
+        # CPU: the ids are written into `out` itself where it can hold them (contiguous int32),
+        # else into a buffer that is copied out
+        direct = out is not None and out.dtype == torch.int32 and out.is_contiguous()
+        buffer = out.view(-1) if direct else torch.empty(keys.shape[0], dtype=torch.int32)
+        if table is not None and table.value_dtype != torch.int32:  # > 2**31 base cells: int64 ids
+            ids, found = hash_query(table, keys)
+            ids = ids.masked_fill_(~found, absent).view(lead)
+            return ids if out is None else out.copy_(ids)
+        self._ids_of_keys(keys, buffer)
         if direct:
-            return out.masked_fill_(empty, absent)
-        if out is None:
-            out = torch.empty(lead, dtype=torch.int64)
-        return torch.where(empty, torch.tensor(absent, dtype=values.dtype), values, out=out) if out.dtype == values.dtype \
-            else out.copy_(values.masked_fill_(empty, absent))
+            return out
+        return buffer.view(lead).to(torch.int64) if out is None else out.copy_(buffer.view(lead))
 
     def corner_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """``[..., 2**D]`` rows of the corners of base cells given by :meth:`base_cell_ids` ids.
@@ -533,12 +563,14 @@ class SparseCoordinateIndex:
         return self._corner_table()[1]
 
     def _corner_table(self):
-        """(hash table of base-cell keys -> id or None, ``[n_base_cells + 1, 2**D]`` corner rows)."""
+        """(hash table of the hashed levels' base-cell keys -> id, or None; ``[n_base_cells + 1, 2**D]``
+        corner rows), built on first use with the direct-address part (``self._dense``)."""
         if getattr(self, "_corners", None) is None:
             dim, device = self.position_dim, self.device
             offsets = corner_offsets(dim, device)
             k = offsets.shape[0]
             row_dtype = torch.int32 if self.n_voxels < 2**31 else torch.int64
+            self._dense = None
             if not self.n_voxels:
                 self._corners = (None, torch.full((1, k), -1, dtype=row_dtype, device=device))
                 return self._corners
@@ -551,6 +583,7 @@ class SparseCoordinateIndex:
             first = new_hash_table(device, n_cand)  # key -> one representative candidate
             hash_insert(first, keys, torch.arange(n_cand, dtype=torch.int64, device=device))
             rep, _ = hash_query(first, keys)
+            del first
             is_rep = torch.zeros(n_cand, dtype=torch.bool, device=device)
             is_rep[rep] = True
             unique = is_rep.nonzero().squeeze(1)
@@ -560,12 +593,55 @@ class SparseCoordinateIndex:
             corner_rows = torch.full((unique.numel() + 1, k), -1, dtype=row_dtype, device=device)
             corner_rows[ids[rep], cand % k] = (cand // k).to(row_dtype)
             # CPU: int32 ids while they fit (base_cell_ids writes them into the caller's int32
-            # buffer directly); CUDA tables keep int64 values
+            # buffer directly); CUDA tables keep int64 values and every level hashed
             id_dtype = torch.int32 if device.type == "cpu" and unique.numel() < 2**31 - 1 else torch.int64
-            table = new_hash_table(device, unique.numel(), value_dtype=id_dtype)
-            hash_insert(table, keys[unique], torch.arange(unique.numel(), dtype=id_dtype, device=device))
+            unique_keys = keys[unique]
+            n_dense = self._dense_prefix() if id_dtype == torch.int32 else 0
+            if n_dense:  # the small levels' blocks (a prefix of the key space) as a direct-address table
+                dense = torch.full((n_dense,), unique.numel(), dtype=torch.int32)  # absent: the all -1 row
+                in_dense = unique_keys < n_dense
+                dense[unique_keys[in_dense]] = in_dense.nonzero().squeeze(1).to(torch.int32)
+                self._dense = dense
+            hashed = (unique_keys >= n_dense).nonzero().squeeze(1)
+            table = None
+            if hashed.numel():
+                table = new_hash_table(device, hashed.numel(), value_dtype=id_dtype)
+                hash_insert(table, unique_keys[hashed], hashed.to(id_dtype))
             self._corners = (table, corner_rows)
         return self._corners
+
+    def _dense_prefix(self) -> int:
+        """Keys ``[0, n)`` kept as a direct-address int32 table (0: none): the guard key and the
+        blocks of the smallest levels (key-space order) while the table stays within
+        :data:`DENSE_TABLE_BYTES`."""
+        n = 0
+        for level in self._key_layout(torch.device("cpu"))[5]:
+            stop = self._level_block(level)[1]
+            if 4 * stop > DENSE_TABLE_BYTES:
+                break
+            n = stop
+        return n
+
+    def _ids_of_keys(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Corner-table ids of base-cell keys ``[n]`` (CPU) into the int32 ``[n]`` contiguous ``out``:
+        direct-address reads for the keys of the dense prefix (guard included), one spconv query
+        for the rest; a miss is the all-absent row. ``keys`` is overwritten."""
+        table, corner_rows = self._corner_table()
+        absent = corner_rows.shape[0] - 1
+        dense = self._dense
+        if dense is None:  # every level hashed: the query writes the ids, the misses then in place
+            return out.masked_fill_(query_cpu(table, keys, out).view(torch.bool), absent)
+        if dense.shape[0] == self._level_block(self._key_layout(torch.device("cpu"))[5][-1])[1]:
+            return torch.index_select(dense, 0, keys, out=out)  # every level dense: one gather
+        far = keys >= dense.shape[0]
+        where = far.nonzero().squeeze(1)
+        far_keys = keys.index_select(0, where)
+        torch.index_select(dense, 0, keys.masked_fill_(far, 0), out=out)  # far keys read the guard (absent)
+        if table is None:  # the levels past the dense prefix hold no base cell
+            return out.index_fill_(0, where, absent)
+        values = torch.empty(far_keys.shape[0], dtype=torch.int32)
+        empty = query_cpu(table, far_keys, values).view(torch.bool)
+        return out.index_copy_(0, where, values.masked_fill_(empty, absent))
 
     def matches(self, batch_indices: torch.Tensor, level_indices: torch.Tensor, spatial_indices: torch.Tensor) -> bool:
         """True when the given per-row coordinates are exactly those the index was built from (O(N))."""

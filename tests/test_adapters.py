@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from spconv.pytorch import SparseConvTensor
 
 import adapters
+from adapters import coordinate_index
 from adapters import (
     SparseCoordinateIndex,
     coo_stack_to_spconv,
@@ -191,6 +192,30 @@ def test_gradients_flow_both_ways():
 
 
 # --- the coordinate index ----------------------------------------------------------------------
+#: DENSE_TABLE_BYTES per corner-table regime of _small_index's map (key blocks of 7,728 and
+#: 39,216 int32 ids after the guard key): every level direct-address, the smaller level
+#: direct-address and the larger one hashed, every level hashed
+CORNER_REGIMES = {"dense": 4 * 46_945, "hybrid": 4 * 7_729, "hashed": 4 * 7_728}
+
+
+@pytest.fixture(params=list(CORNER_REGIMES))
+def corner_regime(request, monkeypatch):
+    """Runs a test with each corner-table regime (the direct-address / hash split of _corner_table)."""
+    monkeypatch.setattr(coordinate_index, "DENSE_TABLE_BYTES", CORNER_REGIMES[request.param])
+    return request.param
+
+
+def _check_regime(index, regime):
+    table, _ = index._corner_table()
+    dense = index._dense
+    if index.device.type != "cpu" or regime == "hashed":
+        assert dense is None and table is not None
+    elif regime == "dense":
+        assert dense is not None and table is None
+    else:
+        assert dense is not None and table is not None and table.value_dtype == torch.int32
+
+
 def _random_queries(index, n, gen, margin=2):
     """Queries spread over [-margin, extent + margin) per axis, batch and level slightly out of range too."""
     extent = index.level_spatial_shapes.max(0).values
@@ -368,7 +393,7 @@ def test_base_cell_ids_broadcast_batch_and_level():
         index.base_cell_ids(torch.zeros(3, dtype=torch.long), l, base)
 
 
-def test_base_cell_ids_out_buffers_equal_the_int64_result():
+def test_base_cell_ids_out_buffers_equal_the_int64_result(corner_regime):
     """``out=`` (int32 contiguous: written by the query itself; an int32 strided column slice and
     int64: through a buffer) holds exactly the ids of the plain call, out-of-range cells and
     cells far past every border included (never another cell's id), and is what is returned;
@@ -381,7 +406,10 @@ def test_base_cell_ids_out_buffers_equal_the_int64_result():
     expected = index.base_cell_ids(b, l, c)
     absent = index.corner_row_table().shape[0] - 1
     assert expected.dtype == torch.int64 and 0 < int((expected != absent).sum()) < expected.numel()
-    assert index._corner_table()[0].value_dtype == torch.int32  # CPU corner table: int32 ids
+    _check_regime(index, corner_regime)
+    offsets = adapters.corner_offsets(index.position_dim)
+    corners, _ = index.lookup(b[..., None], l[..., None], c[..., None, :] + offsets)  # one by one
+    assert torch.equal(index.corner_rows(expected).to(torch.int64), corners)
     wide = torch.full((200, 20), -7, dtype=torch.int32)
     for out in (torch.empty(200, 12, dtype=torch.int32), torch.empty(200, 12, dtype=torch.int64), wide[:, 3:15]):
         got = index.base_cell_ids(b, l, c, out=out)
@@ -399,12 +427,14 @@ def test_base_cell_ids_out_buffers_equal_the_int64_result():
         index.base_cell_ids(b, l, c, out=torch.empty(200, 12))
 
 
-def test_base_cell_ids_query_that_did_not_run_is_an_error():
+@pytest.mark.parametrize("slots", [CORNER_REGIMES["hybrid"], CORNER_REGIMES["hashed"]])
+def test_base_cell_ids_query_that_did_not_run_is_an_error(slots, monkeypatch):
     """The corner table's CPU query writes the ids into the caller's buffer; a spconv query that
     raises the no-CUDA message without doing its work is still an error there (never ids left as
     the buffer held them), with and without ``out=``."""
     from test_spconv_compat import _FakeCppTable
 
+    monkeypatch.setattr(coordinate_index, "DENSE_TABLE_BYTES", slots)
     index, gen = _small_index("cpu")
     b, l, c = _random_queries(index, 100, gen)
     table, _ = index._corner_table()
@@ -508,7 +538,7 @@ def _small_index(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_out_of_range_lookups_equal_compacted_queries(device):
+def test_out_of_range_lookups_equal_compacted_queries(device, corner_regime):
     """Out-of-range queries go to the hash table with the key -1 (no compaction): the rows equal
     those of querying only the in-range keys and scattering them back (the former CUDA path)."""
     from adapters.spconv_compat import hash_query
@@ -533,14 +563,18 @@ def test_out_of_range_lookups_equal_compacted_queries(device):
     valid = (b >= 0) & (b < index.batch_size) & (l >= 0) & (l < index.n_levels) & ((c >= -1) & (c < shape)).all(-1)
     keys = index._base_cell_keys(b, l, c)
     expected = torch.full_like(keys, absent)
-    values, hit = hash_query(table, keys[valid])
-    expected[valid] = torch.where(hit, values.long(), absent)
+    if device == "cpu":  # the direct-address part and the hash table (_ids_of_keys)
+        expected[valid] = index._ids_of_keys(keys[valid], torch.empty(int(valid.sum()), dtype=torch.int32)).long()
+    else:
+        values, hit = hash_query(table, keys[valid])
+        expected[valid] = torch.where(hit, values.long(), absent)
+    _check_regime(index, corner_regime)
     ids = index.base_cell_ids(b, l, c)
     assert torch.equal(ids, expected) and bool((ids != absent).any()) and bool((ids[~valid] == absent).all())
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_base_cell_ids_equal_corner_enumeration_out_of_range(device):
+def test_base_cell_ids_equal_corner_enumeration_out_of_range(device, corner_regime):
     """The corner rows of every base cell (ids by the one-clamp key routine _base_cell_keys) equal
     the rows of its 2**D corners looked up one by one in the voxel table (per-level bounds),
     for cells on, past and far beyond every border (-2, the extent, +-2**40), cells outside
@@ -552,23 +586,32 @@ def test_base_cell_ids_equal_corner_enumeration_out_of_range(device):
     edges = torch.tensor([-2**40, -3, -2, -1, 0, 1, 2**40])
     c[:700] = edges[torch.randint(0, edges.numel(), (700, c.shape[1]), generator=gen)]
     c[700:900] = extent - torch.randint(-1, 3, (200, c.shape[1]), generator=gen)  # around the key-space edge
+    own = index.level_spatial_shapes.cpu()[l[900:1100].clamp(0, index.n_levels - 1)]
+    c[900:1100] = own - torch.randint(-1, 3, (200, c.shape[1]), generator=gen)  # around the own level's edge
     b, l, c = (t.to(device) for t in (b, l, c))
+    _check_regime(index, corner_regime)
     rows = index.corner_rows(index.base_cell_ids(b, l, c)).to(torch.int64)
     offsets = adapters.corner_offsets(index.position_dim, device)
     expected, _ = index.lookup(b[:, None], l[:, None], c[:, None, :] + offsets)
     assert torch.equal(rows, expected)
     assert bool((rows >= 0).any()) and bool((rows < 0).all(-1).any())
-    # the keys of in-range base cells are distinct over (batch, level, cell)
+    # the keys of in-level base cells ([-1, shape_l - 1] per axis) are distinct over (batch, level,
+    # cell) and never the guard 0; the cells of the extent outside their own level get none of them
     cells = torch.cartesian_prod(*[torch.arange(-1, int(e)) for e in extent]).to(device)
-    keys = torch.cat([
-        index._base_cell_keys(torch.tensor(bb, device=device), torch.tensor(ll, device=device), cells)
-        for bb in range(index.batch_size) for ll in range(index.n_levels)
-    ])
-    assert keys.unique().numel() == keys.numel()
+    inside, outside = [], []
+    for ll in range(index.n_levels):
+        in_level = (cells < index.level_spatial_shapes[ll]).all(-1)
+        for bb in range(index.batch_size):
+            keys = index._base_cell_keys(torch.tensor(bb, device=device), torch.tensor(ll, device=device), cells)
+            inside.append(keys[in_level])
+            outside.append(keys[~in_level])
+    inside, outside = torch.cat(inside), torch.cat(outside)
+    assert inside.unique().numel() == inside.numel() and bool((inside > 0).all())
+    assert outside.numel() and not bool(torch.isin(outside, inside).any())
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_base_cell_keys_in_range_path_equals_general_path(device):
+def test_base_cell_keys_in_range_path_equals_general_path(device, corner_regime):
     """With every batch and level index in range, _base_cell_keys forms the key axis by axis (the
     CPU fast path of the deformable encoder); its keys equal the general path's (taken when one
     index is out of range), also for b [S, 1] and l [1, J] broadcast as the sampling passes them,
