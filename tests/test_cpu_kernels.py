@@ -105,6 +105,81 @@ def test_kernels_float32(kernels, monkeypatch, one_thread):
         torch.testing.assert_close(gk, gt, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n", [1, 3, 8, 16, 17, 40])
+def test_kernel_softmax_matches_float64(kernels, n):
+    """The softmax the kernels take of logit rows (deformable mode; float32: a vectorised
+    polynomial exp, ``softmax_row`` in csrc/sparse_sample_cpu.cpp; float64: std::exp) against
+    the float64 softmax: logits of every scale, rows whose length is not a multiple of the
+    vector width, -inf entries, and rows that come out NaN as torch.softmax's do."""
+    gen = torch.Generator().manual_seed(n)
+    scale = torch.tensor([1e-3, 0.1, 1.0, 10.0, 60.0, 200.0]).repeat(200)[:, None]
+    x = torch.randn(1200, n, generator=gen, dtype=torch.float64) * scale
+    x[::7, 0] = -float("inf")  # an absent sample; with n == 1 the whole row, NaN as in torch
+    x[5::11, n // 2] += 300.0  # one dominant logit: the others' exp far below float's range
+    ref = torch.softmax(x, 1)
+    got64 = kernels.sample_softmax(x.contiguous())
+    torch.testing.assert_close(got64, ref, rtol=1e-13, atol=1e-15, equal_nan=True)
+    x32 = x.float()
+    got = kernels.sample_softmax(x32).double()
+    ref32 = torch.softmax(x32.double(), 1)  # exact softmax of the float32 logits
+    assert torch.equal(got.isnan(), ref32.isnan())
+    fin = ~ref32.isnan()
+    # float32 logits x - max (rounded in float32, as torch's float softmax does): relative error
+    # up to |x - max| * 2**-24, plus the exp's own ~2 ulp
+    bound = 3e-7 * ref32 + 2**-24 * (x32.double() - x32.double().amax(1, keepdim=True)).abs() * ref32 + 1.7e-38  # x - max < -87: 0
+    bound = bound.nan_to_num(nan=1.7e-38)  # -inf logits: weight 0 exactly
+    assert bool(((got - ref32).abs()[fin] <= bound[fin]).all())
+    torch.testing.assert_close(got, torch.softmax(x32, 1).double(), rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def test_kernel_softmax_exp_accuracy_and_non_finite(kernels):
+    """exp(t) for t in [-87, 0] (row [t, 0]: weight e^t / (1 + e^t)) within 3e-7 relative of
+    float64 (float32's own rounding is 6e-8); beyond -87 the weight is 0 (true value < 2e-38);
+    NaN and +inf logits make the row NaN, -inf logits weigh 0."""
+    t = torch.linspace(-87.0, 0.0, 200001, dtype=torch.float64).float()
+    rows = torch.stack([t, torch.zeros_like(t)], 1)
+    got = kernels.sample_softmax(rows)[:, 0].double()
+    e = torch.exp(t.double())
+    ref = e / (1 + e)
+    assert float(((got - ref).abs() / ref).max()) < 3e-7
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor(
+        [[0.0, -inf, 1.0, 2.0], [nan, 0.0, 1.0, 2.0], [inf, 0.0, 1.0, 2.0], [-inf] * 4, [-100.0, 0.0, -88.0, -86.0]]
+    )
+    for dtype in (torch.float32, torch.float64):
+        got = kernels.sample_softmax(x.to(dtype))
+        ref = torch.softmax(x.double(), 1).to(dtype)
+        assert torch.equal(got.isnan(), ref.isnan())
+        torch.testing.assert_close(got[[0, 4]], ref[[0, 4]], rtol=1e-6, atol=1e-37)
+        assert float(got[0, 1]) == 0.0
+
+
+def test_kernel_forward_writes_into_the_given_output(kernels, monkeypatch):
+    """``sample_forward(..., out_into)`` (the fused deformable path writes each chunk into its slice
+    of the whole output) returns that tensor, with the values of a fresh result."""
+    f, inputs = _problem(2, True, 50, torch.float64, 5)
+    seen = []
+    real = kernels.sample_forward
+
+    class Spy:  # the cpu backend calls sampling_kernels(auto=False).sample_forward
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def sample_forward(self, *args):
+            fresh = real(*args[:-1], torch.empty(0))
+            into = torch.full_like(fresh, float("nan"))
+            got = real(*args[:-1], into)
+            seen.append(got.data_ptr() == into.data_ptr() and torch.equal(got, fresh))
+            return real(*args)
+
+    from sparse_msda.backends import cpu as cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "sampling_kernels", lambda auto=False: Spy())
+    with torch.no_grad():
+        f(*inputs)
+    assert seen == [True]
+
+
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("with_bg", [False, True])
 def test_kernels_gradcheck(kernels, monkeypatch, dim, with_bg, one_thread):

@@ -102,7 +102,7 @@ def gather_forward(table: Tensor, positions: Tensor, weights: Tensor, ids: Tenso
     kernel (``csrc/sparse_sample_cpu.cpp``), one pass per sample."""
     positions, weights = positions.contiguous(), weights.contiguous()
     return sampling_kernels(auto=False).sample_forward(
-        table, positions, weights, ids, *_kernel_args(ctx, positions), torch.get_num_threads(), ABSENT, 1, False
+        table, positions, weights, ids, *_kernel_args(ctx, positions), torch.get_num_threads(), ABSENT, 1, False, ABSENT
     )
 
 

@@ -146,9 +146,9 @@ class _FusedDeformable(torch.autograd.Function):
             base = ext.sample_base_cells(off, level, ch.shapes, ref_c, h, threads)
             ids_c = ids[q0 * h : q1 * h]
             spec.index.base_cell_ids(batch[:, :1], ch.level, base, out=ids_c)  # int32 ids written in place
-            out[q0 * h : q1 * h] = ext.sample_forward(
+            ext.sample_forward(  # writes the chunk's rows of out in place
                 table, off, logit, ids_c, ch.corners, batch, level, head, ch.shapes, h, spec.background_offset,
-                threads, ref_c, h, True,
+                threads, ref_c, h, True, out[q0 * h : q1 * h],
             )
         ctx.save_for_backward(
             x, w_off, b_off, w_att, b_att, ref, w_v, b_v, bg, ids, off_all, logit_all,

@@ -32,6 +32,7 @@
 #include <cmath>
 #include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -90,6 +91,96 @@ inline scalar_t dot_row(const scalar_t* a, const scalar_t* b, int64_t dh) {
     scalar_t acc = 0;
     for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) acc += a[e] * b[e];
     return acc;
+  }
+}
+
+// exp(x) lane-wise for x <= 0 (a softmax row's logits minus their maximum), float: x = n ln2 + r
+// with n = round(x / ln2), |r| <= ln2 / 2 (ln2 in two parts, so r is exact to ~1e-10), then e^r by
+// its Taylor polynomial of degree 7 (truncation < 6e-9 relative, below float rounding) times 2^n
+// from the exponent bits. Within 2 ulp of std::exp for x in [-87, 0] (tests/test_cpu_kernels.py
+// compares it with the float64 softmax); 0 for x < -87 (std::exp: below 1.7e-38, denormal or
+// 0), -inf -> 0, NaN -> NaN. x > 0 is outside its domain (the caller subtracts the row's maximum).
+inline sparse_msda_simd::Vec<float>::type exp_nonpositive(sparse_msda_simd::Vec<float>::type x) {
+  using V = sparse_msda_simd::Vec<float>;
+  typedef int32_t vi __attribute__((vector_size(sparse_msda_simd::kVecBytes)));
+  const V::type lo = V::broadcast(-87.0f);
+  const V::type xc = x < lo ? lo : x;  // NaN stays NaN here, selected back below
+  // x / ln2 rounded to an integer by adding 1.5 * 2^23: n sits in the low bits of t's mantissa
+  const V::type shifter = V::broadcast(12582912.0f);
+  const V::type t = xc * V::broadcast(1.44269504088896341f) + shifter;
+  const V::type n = t - shifter;
+  V::type r = xc - n * V::broadcast(0.693145751953125f);  // ln2's 16 leading bits: n * hi exact
+  r = r - n * V::broadcast(1.42860682030941723212e-6f);  // ln2 - hi
+  V::type p = V::broadcast(1.0f / 5040.0f);
+  p = p * r + V::broadcast(1.0f / 720.0f);
+  p = p * r + V::broadcast(1.0f / 120.0f);
+  p = p * r + V::broadcast(1.0f / 24.0f);
+  p = p * r + V::broadcast(1.0f / 6.0f);
+  p = p * r + V::broadcast(0.5f);
+  p = p * r + V::broadcast(1.0f);
+  p = p * r + V::broadcast(1.0f);
+  // 2^n: (n + 127) << 23 as float bits; n = bits(t) - bits(shifter) in [-126, 0]
+  const vi two_n = (((vi)t - 0x4B400000) + 127) << 23;
+  const V::type e = p * (V::type)two_n;
+  const V::type zero = V::broadcast(0.0f);
+  const V::type below = x < lo ? zero : e;  // -inf and x < -87: 0
+  return x != x ? x : below;                  // NaN: NaN
+}
+
+// softmax of the float row x[0, n) into a[0, n), as the scalar loop (and torch.softmax) on
+// non-finite input: NaN logits are skipped by the maximum (as std::max), so a row with a NaN, a
+// +inf, or only -inf logits comes out NaN. Vectors of V::N entries, the last padded with -inf;
+// sums in a fixed order (deterministic).
+inline void softmax_row(const float* x, int64_t n, float* a) {
+  using V = sparse_msda_simd::Vec<float>;
+  constexpr int64_t N = V::N;
+  const int64_t full = n / N * N;
+  const bool part = n > full;
+  alignas(64) float tail[N];
+  if (part)
+    for (int64_t i = 0; i < N; ++i) tail[i] = i < n - full ? x[full + i] : -std::numeric_limits<float>::infinity();
+  V::type m = V::broadcast(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j <= full; j += N) {
+    if (j == full && !part) break;
+    const V::type v = V::load(j < full ? x + j : tail);
+    m = m < v ? v : m;  // std::max(m, v) lane-wise: a NaN v leaves m
+  }
+  alignas(64) float lanes[N];
+  V::store(lanes, m);
+  float mx = lanes[0];
+  for (int64_t i = 1; i < N; ++i) mx = std::max(mx, lanes[i]);
+  const V::type vm = V::broadcast(mx);
+  V::type sum = V::broadcast(0.0f);
+  for (int64_t j = 0; j <= full; j += N) {
+    if (j == full && !part) break;
+    const V::type e = exp_nonpositive(V::load(j < full ? x + j : tail) - vm);
+    V::store(j < full ? a + j : tail, e);
+    sum += e;
+  }
+  V::store(lanes, sum);
+  for (int64_t w = N / 2; w >= 1; w /= 2)
+    for (int64_t i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+  const V::type inv = V::broadcast(1.0f / lanes[0]);
+  for (int64_t j = 0; j < full; j += N) V::store(a + j, V::load(a + j) * inv);
+  for (int64_t i = 0; i < n - full; ++i) a[full + i] = tail[i] * inv[0];
+}
+
+// softmax of the row x[0, n) into a[0, n): float by softmax_row (vectorised), double one std::exp
+// at a time.
+template <typename scalar_t>
+inline void softmax_weights(const scalar_t* x, int64_t n, scalar_t* a) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    softmax_row(x, n, a);
+  } else {
+    scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+    scalar_t sum = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      a[j] = std::exp(x[j] - m);
+      sum += a[j];
+    }
+    const scalar_t inv = scalar_t(1) / sum;
+    for (int64_t j = 0; j < n; ++j) a[j] *= inv;
   }
 }
 
@@ -205,19 +296,10 @@ struct SampleInputs {
   // The attention weights of row s into a[0, J): as given, or the softmax of the row's logits.
   void weights(int64_t s, scalar_t* a) const {
     const scalar_t* x = att + s * J;
-    if (!logits) {
+    if (logits)
+      softmax_weights(x, J, a);
+    else
       std::copy(x, x + J, a);
-      return;
-    }
-    scalar_t m = -std::numeric_limits<scalar_t>::infinity();
-    for (int64_t j = 0; j < J; ++j) m = std::max(m, x[j]);
-    scalar_t sum = 0;
-    for (int64_t j = 0; j < J; ++j) {
-      a[j] = std::exp(x[j] - m);
-      sum += a[j];
-    }
-    const scalar_t inv = scalar_t(1) / sum;
-    for (int64_t j = 0; j < J; ++j) a[j] *= inv;
   }
 };
 
@@ -441,13 +523,24 @@ void check_deformable(const at::Tensor& positions, const at::Tensor& ref, int64_
   TORCH_CHECK(!logits || head.stride(1) == 0 || head.size(1) == 1, "logits need one head per row");
 }
 
+// out_into: empty, or the contiguous [S, Dh] tensor of the table's dtype to write the result into
+// (e.g. the caller's slice of its whole output: no per-chunk result to copy); returned.
 at::Tensor sample_forward(const at::Tensor& table, const at::Tensor& positions, const at::Tensor& weights,
                           const at::Tensor& ids, const at::Tensor& corner_rows, const at::Tensor& batch,
                           const at::Tensor& level, const at::Tensor& head, const at::Tensor& shapes, int64_t n_heads,
-                          int64_t bg_offset, int64_t n_threads, const at::Tensor& ref, int64_t ref_group, bool logits) {
+                          int64_t bg_offset, int64_t n_threads, const at::Tensor& ref, int64_t ref_group, bool logits,
+                          const at::Tensor& out_into) {
   check_inputs(table, positions, weights, ids, corner_rows);
   check_deformable(positions, ref, ref_group, logits, head);
-  auto out = at::empty({positions.size(0), table.size(1)}, table.options());
+  at::Tensor out;
+  if (out_into.defined() && out_into.numel()) {
+    TORCH_CHECK(out_into.dim() == 2 && out_into.size(0) == positions.size(0) && out_into.size(1) == table.size(1) &&
+                    out_into.scalar_type() == table.scalar_type() && out_into.is_contiguous(),
+                "out_into must be a contiguous [S, Dh] tensor of the table's dtype");
+    out = out_into;
+  } else {
+    out = at::empty({positions.size(0), table.size(1)}, table.options());
+  }
   const Layout L = make_layout(batch, level, head, shapes, n_heads, shapes.size(0), bg_offset);
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "sample_forward", [&] {
     SPARSE_SAMPLE_DISPATCH(positions.size(2), table.size(1), SPARSE_SAMPLE_FORWARD)
@@ -502,9 +595,24 @@ at::Tensor sample_base_cells(const at::Tensor& positions, const at::Tensor& leve
   return out;
 }
 
+// The attention weights the kernels take from logits [S, J] (float32 or float64): one softmax per
+// row, by the code the kernels run (SampleInputs::weights); for the tests.
+at::Tensor sample_softmax(const at::Tensor& logits) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous(), "logits must be a contiguous CPU [S, J]");
+  auto out = at::empty_like(logits);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sample_softmax", [&] {
+    const int64_t S = logits.size(0), J = logits.size(1);
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t s = 0; s < S; ++s) softmax_weights<scalar_t>(x + s * J, J, o + s * J);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd_isa", [] { return std::string(sparse_msda_simd::kIsa); }, "the vector ISA this build targets (simd.h)");
   m.def("sample_forward", &sample_forward, "fused sparse bilinear/trilinear weighted gather (CPU)");
   m.def("sample_backward", &sample_backward, "its backward (CPU)");
+  m.def("sample_softmax", &sample_softmax, "the kernels' softmax of logit rows [S, J] (tests)");
   m.def("sample_base_cells", &sample_base_cells, "int64 base cells of the samples (positions, or offsets + reference points)");
 }
