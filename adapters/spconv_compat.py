@@ -26,6 +26,7 @@ idempotently, for programs that run spconv without ever calling our attention;
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from typing import Iterator, Optional
 
@@ -106,6 +107,16 @@ def hash_insert(table: HashTable, keys: torch.Tensor, values: torch.Tensor) -> N
         )
 
 
+_QUERY_THREAD: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+
+def _query_thread() -> concurrent.futures.ThreadPoolExecutor:
+    global _QUERY_THREAD
+    if _QUERY_THREAD is None:
+        _QUERY_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapters-query")
+    return _QUERY_THREAD
+
+
 def query_cpu(table: HashTable, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """The CPU part of :func:`hash_query`, writing into a given buffer: ``values[i]`` the value of
     ``keys[i]`` where found (left as it was elsewhere), and returns the uint8 "is empty" flags
@@ -113,10 +124,16 @@ def query_cpu(table: HashTable, keys: torch.Tensor, values: torch.Tensor) -> tor
 
     ``keys`` int64 and ``values`` (of the table's value dtype) contiguous ``[n]`` CPU tensors.
     The flags are pre-filled with a sentinel (2) that spconv's query must overwrite for every key;
-    a query that did not run (or did not finish) is an error, never a silent miss. spconv's CPU
-    query is an OpenMP loop over ``torch.get_num_threads()`` threads (``tv::kernel_1d_cpu``; the
-    OpenMP runtime that torch's thread setting governs in the spconv wheels): no thread split of
-    our own on top of it.
+    a query that did not run (or did not finish) is an error, never a silent miss.
+
+    Threads: spconv's CPU query is an OpenMP loop (``tv::kernel_1d_cpu``) in spconv's own copy of
+    libgomp (``spconv.libs``), a second OpenMP runtime beside torch's. It is run on one worker
+    thread of ours, never on the calling thread: entered from the thread that also runs torch's
+    parallel ops, it made those ops several times slower afterwards (measured 2026-11-30: 30 steps
+    of 7 ``clamp`` over ``[32768, 16]`` int64, 81-156 ms alone, 490-850 ms after a 130k-key query
+    on the calling thread, 98-113 ms after the same query on a worker thread; the deformable
+    encoder's forward loop slowed 2x). One worker: the queries of all callers run one at a time,
+    each over spconv's OpenMP threads.
     """
     n = keys.shape[0]
     if values.dtype != table.value_dtype or values.shape != (n,) or not values.is_contiguous():
@@ -127,13 +144,16 @@ def query_cpu(table: HashTable, keys: torch.Tensor, values: torch.Tensor) -> tor
     is_empty = torch.full((n,), 2, dtype=torch.uint8)
     if n == 0:
         return is_empty
-    try:
-        table._table.query(
-            torch_tensor_to_tv(keys.contiguous()), torch_tensor_to_tv(values), torch_tensor_to_tv(is_empty), 0
-        )
-    except RuntimeError as err:
-        if not _is_no_cuda_error(err):
-            raise
+    keys = keys.contiguous()
+
+    def query() -> None:
+        try:
+            table._table.query(torch_tensor_to_tv(keys), torch_tensor_to_tv(values), torch_tensor_to_tv(is_empty), 0)
+        except RuntimeError as err:
+            if not _is_no_cuda_error(err):
+                raise
+
+    _query_thread().submit(query).result()
     if bool((is_empty > 1).any()):
         raise RuntimeError("spconv HashTable.query did not write every result")
     return is_empty

@@ -321,3 +321,27 @@ def test_check_spconv_command():
         assert "unpatched spconv, 1 thread: forward ok in 2/2 runs; backward FAILS" in proc.stdout
         assert "NEEDS adapters.patch_spconv()" in lines[-1]
     assert "[Exception|" not in proc.stdout  # spconv's debug dump is silenced
+
+
+def test_cpu_query_runs_off_the_calling_thread():
+    """spconv's CPU query (an OpenMP loop in spconv's own libgomp) runs on the adapters' worker
+    thread, never on the caller's (there it slowed torch's later parallel ops several times), and
+    its answer and errors come back to the caller."""
+    import threading
+
+    table = new_hash_table("cpu", 4, value_dtype=torch.int32)
+    hash_insert(table, torch.tensor([1, 2]), torch.tensor([10, 20], dtype=torch.int32))
+    seen = []
+
+    class _Recording(_FakeCppTable):
+        def query(self, *args, **kwargs):
+            seen.append(threading.get_ident())
+            return super().query(*args, **kwargs)
+
+    table._table = _Recording(table._table)
+    values, found = hash_query(table, torch.tensor([1, 3, 2]))
+    assert found.tolist() == [True, False, True] and values[found].tolist() == [10, 20]
+    assert seen and threading.get_ident() not in seen
+    table._table = _Recording(table._table.real, query_error="out of memory")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        hash_query(table, torch.tensor([1, 3]))
