@@ -528,7 +528,8 @@ class SparseCoordinateIndex:
         keys = self._base_cell_keys(batch_indices.to(torch.int64), level_indices.to(torch.int64), base_cells.to(torch.int64))
         # out-of-range cells carry guard keys that no base cell holds: plain misses (_base_cell_keys)
         keys = keys.expand(lead).reshape(-1)
-        if self.device.type != "cpu":  # CUDA: every level hashed
+        if self.device.type != "cpu" or (table is not None and table.value_dtype != torch.int32):
+            # every level hashed, int64 ids: CUDA, or a CPU index of 2**31 base cells or more
             ids, found = hash_query(table, keys)
             ids = ids.masked_fill_(~found, absent).view(lead)
             return ids if out is None else out.copy_(ids)
@@ -536,10 +537,6 @@ class SparseCoordinateIndex:
         # else into a buffer that is copied out
         direct = out is not None and out.dtype == torch.int32 and out.is_contiguous()
         buffer = out.view(-1) if direct else torch.empty(keys.shape[0], dtype=torch.int32)
-        if table is not None and table.value_dtype != torch.int32:  # > 2**31 base cells: int64 ids
-            ids, found = hash_query(table, keys)
-            ids = ids.masked_fill_(~found, absent).view(lead)
-            return ids if out is None else out.copy_(ids)
         self._ids_of_keys(keys, buffer)
         if direct:
             return out
