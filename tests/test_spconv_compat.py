@@ -9,7 +9,7 @@ from spconv.pytorch.hash import HashTable
 import adapters  # noqa: F401  (applies patch_spconv_cpu_stream)
 import spconv.pytorch as spconv
 from adapters import hash_insert, hash_query, patch_spconv_cpu_scatter_add, patch_spconv_cpu_stream
-from adapters.spconv_compat import new_hash_table
+from adapters.spconv_compat import new_hash_table, query_cpu
 from spconv.pytorch.cppcore import torch_tensor_to_tv
 
 CPU_ONLY = not torch.cuda.is_available()
@@ -345,3 +345,22 @@ def test_cpu_query_runs_off_the_calling_thread():
     table._table = _Recording(table._table.real, query_error="out of memory")
     with pytest.raises(RuntimeError, match="out of memory"):
         hash_query(table, torch.tensor([1, 3]))
+
+
+def test_bad_value_dtype_and_values_buffer_are_named_errors():
+    """``new_hash_table(value_dtype=)`` takes int64 or int32 only, and ``query_cpu`` a contiguous
+    ``[n]`` values buffer of the table's value dtype: anything else is a ValueError naming it."""
+    with pytest.raises(ValueError, match="value_dtype must be torch.int64 or torch.int32"):
+        new_hash_table("cpu", 4, value_dtype=torch.float32)
+    table = new_hash_table("cpu", 4, value_dtype=torch.int32)
+    keys = torch.arange(4, dtype=torch.int64)
+    hash_insert(table, keys, torch.arange(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"values must be a contiguous \[4\] torch.int32 tensor.*values.dtype=torch.int64"):
+        query_cpu(table, keys, torch.empty(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"values must be a contiguous \[4\] torch.int32 tensor.*values.shape=\(3,\)"):
+        query_cpu(table, keys, torch.empty(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"values must be a contiguous \[4\]"):
+        query_cpu(table, keys, torch.empty(8, dtype=torch.int32)[::2])
+    values = torch.full((4,), -7, dtype=torch.int32)
+    empty = query_cpu(table, keys, values)
+    assert values.tolist() == [0, 1, 2, 3] and empty.tolist() == [0, 0, 0, 0]
