@@ -22,8 +22,10 @@ alias another voxel.
 The interpolation corners of deformable sampling are found per *base cell* through a second
 table (``lookup_corners`` / ``base_cell_ids``): base-cell keys take one block per level laid out
 with the level's own shape (``_base_cell_keys``), so on CPU the blocks of the smallest levels can be
-read as one direct-address int32 table (bounded by ``DENSE_TABLE_BYTES``) and only the larger
-levels' keys go to spconv's hash table.
+read as one direct-address int32 table (bounded by ``DENSE_TABLE_BYTES``), the larger levels' as a
+paged direct-address table (a directory over pages of consecutive keys, only the pages holding a
+base cell stored; bounded by ``PAGED_TABLE_BYTES``), and only what fits in neither goes to
+spconv's hash table (CUDA: every level in spconv's table).
 """
 
 from __future__ import annotations
@@ -33,12 +35,23 @@ from typing import Optional
 
 import torch
 
-from .spconv_compat import hash_insert, hash_query, new_hash_table, query_cpu, table_size
+from .spconv_compat import hash_insert, hash_query, new_hash_table, query_cpu, query_cpu_async, table_size
 from .validation import as_level_spatial_shapes, broadcast_shapes, check_index_range, check_integer_tensor, check_voxel_bounds
 
 __all__ = ["SparseCoordinateIndex", "corner_offsets"]
 
 _MAX_KEY = 2**62
+#: memory bound of the corner table's paged direct-address part (CPU): the key blocks past the
+#: dense prefix (:data:`DENSE_TABLE_BYTES`) as a directory over pages of ``2**shift`` consecutive
+#: keys (one int32 per page) and, for the pages holding at least one base cell, the pages
+#: themselves (``2**shift`` int32 ids each; one shared all-absent page). A lookup is two reads, no
+#: hash probe. Used while directory and pages fit in this many bytes (``shift`` in 3..8, the
+#: smallest), else those levels stay in spconv's hash table. Real scan: the 3D encoder's finest
+#: level (99.5M keys, 164k base cells at batch 1) takes 12 MiB at ``shift`` 6.
+PAGED_TABLE_BYTES = 64 << 20
+_PAGE_SHIFTS = range(3, 9)
+#: most columns (the last axis of the base cells) for which base_cell_ids reads the levels per column
+_MAX_COLUMNS = 1024
 
 #: memory bound of the corner table's direct-address part: the key blocks of the smallest levels
 #: (each ``batch_size * prod(shape + 3)`` int32 ids, the guard key first) are kept as one dense
@@ -57,6 +70,34 @@ def corner_offsets(position_dim: int, device=None) -> torch.Tensor:
     k = torch.arange(2**position_dim, device=device)
     shifts = torch.arange(position_dim - 1, -1, -1, device=device)
     return (k[:, None] >> shifts[None, :]) & 1
+
+
+def _paged_table(rel_keys: torch.Tensor, ids: torch.Tensor, n_keys: int, absent: int, first: int):
+    """The paged direct-address table of keys ``first + rel_keys`` (``rel_keys`` int64 ``[m]``, distinct,
+    in ``[0, n_keys)``) holding int32 ``ids`` (every other key: ``absent``), or None when it would
+    take more than :data:`PAGED_TABLE_BYTES`.
+
+    Returns ``(shift, first, directory, pages)``: page ``p`` holds the keys ``first + (p << shift)``
+    onwards; ``directory[p]`` (int32) is the offset from a key's relative value to its slot in
+    ``pages`` (``slot = rel + directory[rel >> shift]``), so a page without base cells points into
+    the all-absent page 0. Shift: the smallest table over :data:`_PAGE_SHIFTS`.
+    """
+    best = None
+    for shift in _PAGE_SHIFTS:
+        n_dir = (n_keys + (1 << shift) - 1) >> shift
+        used = torch.unique(torch.bitwise_right_shift(rel_keys, shift))
+        size = 4 * n_dir + 4 * ((used.numel() + 1) << shift)
+        if best is None or size < best[0]:
+            best = (size, shift, n_dir, used)
+    size, shift, n_dir, used = best
+    if size > PAGED_TABLE_BYTES or n_keys >= 2**31:  # int32 offsets (and bounded memory)
+        return None
+    page = torch.arange(n_dir, dtype=torch.int64)
+    offset = torch.bitwise_left_shift(page, shift).neg_()  # every page: page 0 (absent)
+    offset[used] += torch.bitwise_left_shift(torch.arange(1, used.numel() + 1), shift)
+    pages = torch.full(((used.numel() + 1) << shift,), absent, dtype=torch.int32)
+    pages[rel_keys + offset[torch.bitwise_right_shift(rel_keys, shift)]] = ids
+    return shift, first, offset.to(torch.int32), pages
 
 
 class SparseCoordinateIndex:
@@ -458,8 +499,9 @@ class SparseCoordinateIndex:
         use, through spconv's ``HashTable``) a table of every base cell that has at least one
         voxel among its corners, holding the rows of those corners; a point then costs one
         query (on CPU, for the smallest levels within :data:`DENSE_TABLE_BYTES`, one read of a
-        direct-address table over the level's key block instead of a hash probe). Base cells range over ``[-1, shape_l - 1]`` per axis (a point in the first half
-        of cell 0 has base cell -1). Equivalent to ``corner_rows(base_cell_ids(...))``.
+        direct-address table over the level's key block instead of a hash probe; for the others
+        within :data:`PAGED_TABLE_BYTES`, two reads of the paged table). Base cells range over
+        ``[-1, shape_l - 1]`` per axis (a point in the first half of cell 0 has base cell -1). Equivalent to ``corner_rows(base_cell_ids(...))``.
 
         Args:
             batch_indices: integer ``[M]``.
@@ -525,10 +567,21 @@ class SparseCoordinateIndex:
             if out is None:
                 return torch.full(lead, absent, dtype=torch.int64, device=base_cells.device)
             return out.fill_(absent)
-        keys = self._base_cell_keys(batch_indices.to(torch.int64), level_indices.to(torch.int64), base_cells.to(torch.int64))
+        b, l = batch_indices.to(torch.int64), level_indices.to(torch.int64)
+        int32_ids = self.device.type == "cpu" and (table is None or table.value_dtype == torch.int32)
+        if int32_ids and len(lead) >= 2 and lead[-1] <= _MAX_COLUMNS:
+            # the levels vary along the last axis only and the batch along the leading ones (the
+            # deformable sampling's [S, 1] batch and [1, J] levels): per column block of a level
+            direct = out is not None and out.dtype == torch.int32 and out.is_contiguous()
+            buffer = out if direct else torch.empty(lead, dtype=torch.int32)
+            if self._column_ids(b, l, base_cells.to(torch.int64), buffer):
+                if direct or out is None:
+                    return buffer if direct else buffer.to(torch.int64)
+                return out.copy_(buffer)
+        keys = self._base_cell_keys(b, l, base_cells.to(torch.int64))
         # out-of-range cells carry guard keys that no base cell holds: plain misses (_base_cell_keys)
         keys = keys.expand(lead).reshape(-1)
-        if self.device.type != "cpu" or (table is not None and table.value_dtype != torch.int32):
+        if not int32_ids:
             # every level hashed, int64 ids: CUDA, or a CPU index of 2**31 base cells or more
             ids, found = hash_query(table, keys)
             ids = ids.masked_fill_(~found, absent).view(lead)
@@ -561,13 +614,14 @@ class SparseCoordinateIndex:
 
     def _corner_table(self):
         """(hash table of the hashed levels' base-cell keys -> id, or None; ``[n_base_cells + 1, 2**D]``
-        corner rows), built on first use with the direct-address part (``self._dense``)."""
+        corner rows), built on first use with the direct-address parts (``self._dense``: the dense
+        prefix; ``self._paged``: :func:`_paged_table` of the rest while it fits, else the hash table)."""
         if getattr(self, "_corners", None) is None:
             dim, device = self.position_dim, self.device
             offsets = corner_offsets(dim, device)
             k = offsets.shape[0]
             row_dtype = torch.int32 if self.n_voxels < 2**31 else torch.int64
-            self._dense = None
+            self._dense = self._paged = None
             if not self.n_voxels:
                 self._corners = (None, torch.full((1, k), -1, dtype=row_dtype, device=device))
                 return self._corners
@@ -600,12 +654,24 @@ class SparseCoordinateIndex:
                 dense[unique_keys[in_dense]] = in_dense.nonzero().squeeze(1).to(torch.int32)
                 self._dense = dense
             hashed = (unique_keys >= n_dense).nonzero().squeeze(1)
-            table = None
-            if hashed.numel():
+            table = self._paged = None
+            if hashed.numel() and id_dtype == torch.int32:  # the other levels: pages while they fit
+                n_keys = self._level_block(self._key_layout(torch.device("cpu"))[5][-1])[1]
+                self._paged = _paged_table(unique_keys[hashed] - n_dense, hashed.to(torch.int32), n_keys - n_dense,
+                                           unique.numel(), n_dense)
+            if hashed.numel() and self._paged is None:
                 table = new_hash_table(device, hashed.numel(), value_dtype=id_dtype)
                 hash_insert(table, unique_keys[hashed], hashed.to(id_dtype))
             self._corners = (table, corner_rows)
         return self._corners
+
+    def _paged_ids(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Ids of base-cell keys ``[n]`` past the dense prefix from the paged table (``self._paged``)
+        into the int32 ``[n]`` contiguous ``out``; ``keys`` (int64, contiguous) is overwritten."""
+        shift, first, directory, pages = self._paged
+        rel = keys.sub_(first) if first else keys
+        rel.add_(directory.index_select(0, torch.bitwise_right_shift(rel, shift)))  # the key's slot in its page
+        return torch.index_select(pages, 0, rel, out=out)
 
     def _dense_prefix(self) -> int:
         """Keys ``[0, n)`` kept as a direct-address int32 table (0: none): the guard key and the
@@ -621,11 +687,13 @@ class SparseCoordinateIndex:
 
     def _ids_of_keys(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Corner-table ids of base-cell keys ``[n]`` (CPU) into the int32 ``[n]`` contiguous ``out``:
-        direct-address reads for the keys of the dense prefix (guard included), one spconv query
-        for the rest; a miss is the all-absent row. ``keys`` is overwritten."""
+        direct-address reads for the keys of the dense prefix (guard included), the paged table or
+        one spconv query for the rest; a miss is the all-absent row. ``keys`` is overwritten."""
         table, corner_rows = self._corner_table()
         absent = corner_rows.shape[0] - 1
         dense = self._dense
+        if dense is None and self._paged is not None:  # every level paged
+            return self._paged_ids(keys, out)
         if dense is None:  # every level hashed: the query writes the ids, the misses then in place
             return out.masked_fill_(query_cpu(table, keys, out).view(torch.bool), absent)
         if dense.shape[0] == self._level_block(self._key_layout(torch.device("cpu"))[5][-1])[1]:
@@ -634,11 +702,98 @@ class SparseCoordinateIndex:
         where = far.nonzero().squeeze(1)
         far_keys = keys.index_select(0, where)
         torch.index_select(dense, 0, keys.masked_fill_(far, 0), out=out)  # far keys read the guard (absent)
+        values = torch.empty(far_keys.shape[0], dtype=torch.int32)
+        if self._paged is not None:
+            return out.index_copy_(0, where, self._paged_ids(far_keys, values))
         if table is None:  # the levels past the dense prefix hold no base cell
             return out.index_fill_(0, where, absent)
-        values = torch.empty(far_keys.shape[0], dtype=torch.int32)
         empty = query_cpu(table, far_keys, values).view(torch.bool)
         return out.index_copy_(0, where, values.masked_fill_(empty, absent))
+
+    def _column_ids(self, b: torch.Tensor, l: torch.Tensor, cells: torch.Tensor, out: torch.Tensor) -> bool:
+        """:meth:`base_cell_ids` (CPU, int32 ids) of cells ``[..., J, D]`` whose level varies along the
+        last axis only (``l`` broadcastable from ``[J]``) and whose batch along the leading axes only
+        (``b``'s last dim 1), every batch and level index in range, into the contiguous int32 ``out``
+        ``[..., J]``; False (nothing written) where these conditions do not hold.
+
+        The same keys as :meth:`_base_cell_keys` (same layout, same clamps to each level's guard
+        slots), formed with the ``[J, D]`` bounds and strides of the columns' levels: one clamp of the
+        cells and one multiply-add per axis. The columns of the direct-address levels are read from
+        the dense table in one gather; those of the other levels are copied out (their keys replaced
+        by the guard key 0, whose dense entry is the all-absent row) and read from the paged table
+        (:meth:`_paged_ids`), or queried in spconv's table on the worker thread while the gather
+        runs. A level's out-of-range cells keep keys inside its own block, so the split by column is
+        exact. No mask, compaction or scatter over all samples (what :meth:`_ids_of_keys` needs when
+        any sample may be of any level).
+        """
+        lead, dim = cells.shape[:-1], self.position_dim
+        n_cols = lead[-1]
+        if l.numel() > 1 and (l.ndim > len(lead) or l.numel() != l.shape[-1] or l.shape[-1] != n_cols):
+            return False
+        if b.ndim > len(lead) or (b.ndim and b.shape[-1] != 1):
+            return False
+        levels = l.reshape(-1).expand(n_cols)
+        rows_b = b.expand(*lead[:-1], 1).reshape(-1, 1)
+        if not (bool(((levels >= 0) & (levels < self.n_levels)).all()) and bool(((rows_b >= 0) & (rows_b < self.batch_size)).all())):
+            return False
+        table, corner_rows = self._corner_table()
+        absent = corner_rows.shape[0] - 1
+        dense = self._dense
+        start, per_b, upper, strides, lower, _ = self._key_layout(cells.device)
+        cells = cells.reshape(-1, n_cols, dim)
+        clamped = torch.minimum(cells, upper[levels]).clamp_min_(int(lower))
+        st = strides[levels]
+        key = torch.addcmul(start[levels], clamped[..., 0], st[:, 0])  # [rows, J]
+        for axis in range(1, dim - 1):
+            key.addcmul_(clamped[..., axis], st[:, axis])
+        if dim > 1:
+            key.add_(clamped[..., dim - 1])  # the last axis' stride is 1
+        del clamped
+        if self.batch_size > 1:  # (batch_size 1: every batch index in range is 0)
+            key.addcmul_(rows_b, per_b[levels])
+        ids = out.view(-1, n_cols)
+        dense_levels = self._dense_levels()
+        hashed = [j for j, lv in enumerate(levels.tolist()) if not dense_levels[lv]]
+        if not hashed:  # every column's level is in the direct-address table
+            torch.index_select(dense, 0, key.view(-1), out=out.view(-1))
+            return True
+        if len(hashed) == n_cols:  # no dense table: the pages, or the query, write the ids
+            if self._paged is not None:
+                self._paged_ids(key.view(-1), out.view(-1))
+            else:
+                ids.masked_fill_(query_cpu(table, key.view(-1), out.view(-1)).view(ids.shape).view(torch.bool), absent)
+            return True
+        if hashed == list(range(hashed[0], hashed[-1] + 1)):  # a block of columns: slices
+            cols = slice(hashed[0], hashed[-1] + 1)
+            far_keys = key[:, cols].contiguous()
+        else:
+            cols = torch.tensor(hashed)
+            far_keys = key.index_select(1, cols)
+        values = torch.empty(far_keys.shape, dtype=torch.int32)
+        wait = None
+        if self._paged is not None:
+            self._paged_ids(far_keys.view(-1), values.view(-1))
+        elif table is not None:  # spconv's query on the worker thread while the dense gather runs
+            wait = query_cpu_async(table, far_keys.view(-1), values.view(-1))
+        else:  # the levels past the dense prefix hold no base cell
+            values.fill_(absent)
+        if isinstance(cols, slice):  # the guard key 0 reads the all-absent row
+            key[:, cols] = 0
+        else:
+            key.index_fill_(1, cols, 0)
+        torch.index_select(dense, 0, key.view(-1), out=out.view(-1))
+        if wait is not None:
+            values.masked_fill_(wait().view(values.shape).view(torch.bool), absent)
+        if isinstance(cols, slice):
+            ids[:, cols] = values
+        else:
+            ids.index_copy_(1, cols, values)
+        return True
+
+    def _dense_levels(self) -> list:
+        """Per level: True when its key block lies in the direct-address table (``self._dense``)."""
+        n_dense = 0 if self._dense is None else self._dense.shape[0]
+        return [self._level_block(lv)[1] <= n_dense for lv in range(self.n_levels)]
 
     def matches(self, batch_indices: torch.Tensor, level_indices: torch.Tensor, spatial_indices: torch.Tensor) -> bool:
         """True when the given per-row coordinates are exactly those the index was built from (O(N))."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from spconv.pytorch.cppcore import torch_tensor_to_tv
@@ -42,6 +42,7 @@ __all__ = [
     "patch_spconv_cpu_scatter_add",
     "patch_spconv_cpu_stream",
     "query_cpu",
+    "query_cpu_async",
     "spconv_unpatched",
 ]
 
@@ -135,6 +136,14 @@ def query_cpu(table: HashTable, keys: torch.Tensor, values: torch.Tensor) -> tor
     encoder's forward loop slowed 2x). One worker: the queries of all callers run one at a time,
     each over spconv's OpenMP threads.
     """
+    return query_cpu_async(table, keys, values)()
+
+
+def query_cpu_async(table: HashTable, keys: torch.Tensor, values: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """:func:`query_cpu` started on the worker thread: returns ``wait``, which blocks until the query
+    is done and returns the uint8 "is empty" flags (or raises what :func:`query_cpu` raises), so
+    that the caller can do other work meanwhile. ``keys`` and ``values`` must stay untouched until
+    ``wait`` returns; ``wait`` must be called (an unawaited query may still be writing ``values``)."""
     n = keys.shape[0]
     if values.dtype != table.value_dtype or values.shape != (n,) or not values.is_contiguous():
         raise ValueError(
@@ -143,7 +152,7 @@ def query_cpu(table: HashTable, keys: torch.Tensor, values: torch.Tensor) -> tor
         )
     is_empty = torch.full((n,), 2, dtype=torch.uint8)
     if n == 0:
-        return is_empty
+        return lambda: is_empty
     keys = keys.contiguous()
 
     def query() -> None:
@@ -153,10 +162,15 @@ def query_cpu(table: HashTable, keys: torch.Tensor, values: torch.Tensor) -> tor
             if not _is_no_cuda_error(err):
                 raise
 
-    _query_thread().submit(query).result()
-    if bool((is_empty > 1).any()):
-        raise RuntimeError("spconv HashTable.query did not write every result")
-    return is_empty
+    future = _query_thread().submit(query)
+
+    def wait() -> torch.Tensor:
+        future.result()
+        if bool((is_empty > 1).any()):
+            raise RuntimeError("spconv HashTable.query did not write every result")
+        return is_empty
+
+    return wait
 
 
 def hash_query(table: HashTable, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

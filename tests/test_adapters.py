@@ -192,28 +192,38 @@ def test_gradients_flow_both_ways():
 
 
 # --- the coordinate index ----------------------------------------------------------------------
-#: DENSE_TABLE_BYTES per corner-table regime of _small_index's map (key blocks of 7,728 and
-#: 39,216 int32 ids after the guard key): every level direct-address, the smaller level
-#: direct-address and the larger one hashed, every level hashed
-CORNER_REGIMES = {"dense": 4 * 46_945, "hybrid": 4 * 7_729, "hashed": 4 * 7_728}
+#: (DENSE_TABLE_BYTES, PAGED_TABLE_BYTES) per corner-table regime of _small_index's map (key blocks
+#: of 7,728 and 39,216 int32 ids after the guard key): every level direct-address; the smaller level
+#: direct-address and the larger one hashed (spconv) or paged; every level hashed or paged
+CORNER_REGIMES = {
+    "dense": (4 * 46_945, 0),
+    "hybrid": (4 * 7_729, 0),
+    "hashed": (4 * 7_728, 0),
+    "hybrid-paged": (4 * 7_729, 1 << 20),
+    "paged": (4 * 7_728, 1 << 20),
+}
 
 
 @pytest.fixture(params=list(CORNER_REGIMES))
 def corner_regime(request, monkeypatch):
-    """Runs a test with each corner-table regime (the direct-address / hash split of _corner_table)."""
-    monkeypatch.setattr(coordinate_index, "DENSE_TABLE_BYTES", CORNER_REGIMES[request.param])
+    """Runs a test with each corner-table regime (the direct-address / paged / hash split of _corner_table)."""
+    dense_bytes, paged_bytes = CORNER_REGIMES[request.param]
+    monkeypatch.setattr(coordinate_index, "DENSE_TABLE_BYTES", dense_bytes)
+    monkeypatch.setattr(coordinate_index, "PAGED_TABLE_BYTES", paged_bytes)
     return request.param
 
 
 def _check_regime(index, regime):
     table, _ = index._corner_table()
-    dense = index._dense
+    dense, paged = index._dense, index._paged
     if index.device.type != "cpu" or regime == "hashed":
-        assert dense is None and table is not None
+        assert dense is None and paged is None and table is not None
     elif regime == "dense":
-        assert dense is not None and table is None
-    else:
-        assert dense is not None and table is not None and table.value_dtype == torch.int32
+        assert dense is not None and paged is None and table is None
+    elif regime == "hybrid":
+        assert dense is not None and paged is None and table is not None and table.value_dtype == torch.int32
+    else:  # the paged part instead of spconv's table
+        assert (dense is not None) == (regime == "hybrid-paged") and paged is not None and table is None
 
 
 def _random_queries(index, n, gen, margin=2):
@@ -427,7 +437,7 @@ def test_base_cell_ids_out_buffers_equal_the_int64_result(corner_regime):
         index.base_cell_ids(b, l, c, out=torch.empty(200, 12))
 
 
-@pytest.mark.parametrize("slots", [CORNER_REGIMES["hybrid"], CORNER_REGIMES["hashed"]])
+@pytest.mark.parametrize("slots", [CORNER_REGIMES["hybrid"][0], CORNER_REGIMES["hashed"][0]])
 def test_base_cell_ids_query_that_did_not_run_is_an_error(slots, monkeypatch):
     """The corner table's CPU query writes the ids into the caller's buffer; a spconv query that
     raises the no-CUDA message without doing its work is still an error there (never ids left as
@@ -435,19 +445,27 @@ def test_base_cell_ids_query_that_did_not_run_is_an_error(slots, monkeypatch):
     from test_spconv_compat import _FakeCppTable
 
     monkeypatch.setattr(coordinate_index, "DENSE_TABLE_BYTES", slots)
+    monkeypatch.setattr(coordinate_index, "PAGED_TABLE_BYTES", 0)  # spconv's table, not pages
     index, gen = _small_index("cpu")
     b, l, c = _random_queries(index, 100, gen)
     table, _ = index._corner_table()
     real = table._table
     msg = "HashTable_query.cc(1)\nspconv not compiled with cuda, don't support cuda"
     table._table = _FakeCppTable(real, query_error=msg, query_does_work=False)
+    # levels per column ([1, J]) and batch per row: the per-column path's query on the worker thread
+    bc, lc, cc = b[:96, None] % index.batch_size, torch.tensor([[0, 0, 1, 1]]), c[:96, None, :].expand(96, 4, 3)
     try:
         for out in (None, torch.zeros(100, dtype=torch.int32)):
             with pytest.raises(RuntimeError, match="HashTable.query did not write every result"):
                 index.base_cell_ids(b, l, c, out=out)
+        for out in (None, torch.zeros(96, 4, dtype=torch.int32)):
+            with pytest.raises(RuntimeError, match="HashTable.query did not write every result"):
+                index.base_cell_ids(bc, lc, cc, out=out)
         table._table = _FakeCppTable(real, query_error=msg)  # the work done: the message is swallowed
         assert torch.equal(index.base_cell_ids(b, l, c, out=torch.zeros(100, dtype=torch.int32)).long(),
                            index.base_cell_ids(b, l, c))
+        assert torch.equal(index.base_cell_ids(bc, lc, cc, out=torch.zeros(96, 4, dtype=torch.int32)).long(),
+                           index.base_cell_ids(bc.expand(96, 4).reshape(-1), lc.expand(96, 4).reshape(-1), cc.reshape(-1, 3)).view(96, 4))
     finally:
         table._table = real
 
@@ -642,6 +660,101 @@ def test_base_cell_keys_in_range_path_equals_general_path(device, corner_regime)
     expected, _ = index.lookup(b[:, None], l[:, None], c[:, None, :] + offsets)
     assert torch.equal(rows, expected)
     assert bool((rows >= 0).any()) and bool((rows < 0).all(-1).any())
+
+
+def _column_queries(index, rows, levels, gen):
+    """Cells ``[rows, J, D]`` over and past every border (edges -2**40 .. 2**40, around the key-space
+    and the own level's edge), batch ``[rows, 1]`` in range, levels ``[1, J]`` as given."""
+    dim, j = index.position_dim, len(levels)
+    extent = index.level_spatial_shapes.max(0).values
+    l = torch.tensor(levels)[None, :]
+    b = torch.randint(0, index.batch_size, (rows, 1), generator=gen)
+    c = (torch.rand(rows, j, dim, generator=gen) * (extent + 6)).long() - 3
+    edges = torch.tensor([-2**40, -3, -2, -1, 0, 1, 2**40])
+    c[: rows // 6] = edges[torch.randint(0, edges.numel(), (rows // 6, j, dim), generator=gen)]
+    c[rows // 6 : rows // 3] = extent - torch.randint(-1, 3, (rows // 3 - rows // 6, j, dim), generator=gen)
+    own = index.level_spatial_shapes[l[0]]
+    c[rows // 3 : rows // 2] = own - torch.randint(-1, 3, (rows // 2 - rows // 3, j, dim), generator=gen)
+    return b, l, c
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+@pytest.mark.parametrize("levels", [[0, 0, 0, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 0, 1, 1, 0], [1, 1, 1], [0, 0]])
+def test_base_cell_ids_column_levels_equal_general_path(levels, batch_size, corner_regime):
+    """Levels per column ([1, J]) and batch per row ([S, 1]) -- the deformable sampling's layout --
+    take the per-column path (one key pass with the columns' bounds; the direct-address columns
+    gathered, the other levels' columns read from the pages or spconv's table): its ids equal the
+    general path's (the same samples flattened) and the corners looked up one by one, for cells far
+    past every border, with levels in blocks or interleaved, every ``out`` kind; an out-of-range
+    batch or level (general path) gives the same ids too."""
+    gen = torch.Generator().manual_seed(11 + batch_size)
+    # the key blocks of _small_index's map (so that CORNER_REGIMES apply) with batch_size 1 too
+    shapes = [[9, 40, 35], [5, 20, 18]] if batch_size == 2 else [[9, 40, 73], [5, 20, 39]]
+    voxels = [_unravel(torch.randperm(batch_size * math.prod(s), generator=gen)[:700].tolist(), [batch_size, *s]) for s in shapes]
+    index = SparseCoordinateIndex.from_spconv(make_levels(voxels, shapes, batch_size, 1))
+    _check_regime(index, corner_regime)
+    rows = 300
+    b, l, c = _column_queries(index, rows, levels, gen)
+    j = len(levels)
+    flat = index.base_cell_ids(b.expand(rows, j).reshape(-1), l.expand(rows, j).reshape(-1), c.reshape(-1, 3)).view(rows, j)
+    offsets = adapters.corner_offsets(3)
+    corners, _ = index.lookup(b[..., None].expand(rows, j, 1), l[..., None], c[..., None, :] + offsets)
+    assert torch.equal(index.corner_rows(flat).to(torch.int64), corners)
+    absent = index.corner_row_table().shape[0] - 1
+    assert bool((flat != absent).any()) and bool((flat == absent).any())
+    called = []
+    column_ids = SparseCoordinateIndex._column_ids
+    def spy(self, *args):
+        called.append(column_ids(self, *args))
+        return called[-1]
+    SparseCoordinateIndex._column_ids = spy
+    try:
+        assert torch.equal(index.base_cell_ids(b, l, c), flat)
+        wide = torch.full((rows, j + 5), -7, dtype=torch.int32)
+        for out in (torch.empty(rows, j, dtype=torch.int32), torch.empty(rows, j, dtype=torch.int64), wide[:, 2 : 2 + j]):
+            got = index.base_cell_ids(b, l, c, out=out)
+            assert got is out and torch.equal(got.long(), flat)
+        assert bool((wide[:, :2] == -7).all()) and bool((wide[:, 2 + j :] == -7).all())
+        assert called and all(called)  # every call above took the per-column path
+        # a batch index or a level out of range: the general path, the same ids for the others
+        b_bad, l_bad = b.clone(), l.clone()
+        b_bad[0, 0], l_bad[0, -1] = batch_size, index.n_levels
+        called.clear()
+        for bb, ll in ((b_bad, l), (b, l_bad)):
+            got = index.base_cell_ids(bb, ll, c)
+            expect = flat.clone()
+            if bb is b_bad:
+                expect[0] = absent
+            else:
+                expect[:, -1] = absent
+            assert torch.equal(got, expect)
+        assert called == [False, False]
+    finally:
+        SparseCoordinateIndex._column_ids = column_ids
+
+
+def test_paged_table_layout_and_budget(monkeypatch):
+    """The paged part of the corner table: the smallest directory + pages over the page sizes, every
+    stored key found at its id and every other key of the span the absent id; over the budget none."""
+    gen = torch.Generator().manual_seed(3)
+    n_keys = 5000
+    keys = torch.randperm(n_keys, generator=gen)[:300]
+    keys[:50] = torch.arange(2000, 2050)  # a dense run
+    ids = torch.randperm(300, generator=gen).to(torch.int32)
+    paged = coordinate_index._paged_table(keys, ids, n_keys, 999, 17)
+    shift, first, directory, pages = paged
+    sizes = {}
+    for sh in coordinate_index._PAGE_SHIFTS:
+        sizes[sh] = 4 * ((n_keys + (1 << sh) - 1) >> sh) + 4 * ((torch.unique(keys >> sh).numel() + 1) << sh)
+    assert first == 17 and sizes[shift] == min(sizes.values())
+    assert directory.dtype == pages.dtype == torch.int32 and 4 * (directory.numel() + pages.numel()) == sizes[shift]
+    rel = torch.arange(n_keys)
+    got = pages[rel + directory[rel >> shift].long()]
+    expected = torch.full((n_keys,), 999, dtype=torch.int32)
+    expected[keys] = ids
+    assert torch.equal(got, expected)
+    monkeypatch.setattr(coordinate_index, "PAGED_TABLE_BYTES", sizes[shift] - 1)
+    assert coordinate_index._paged_table(keys, ids, n_keys, 999, 17) is None
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,7 +9,7 @@ from spconv.pytorch.hash import HashTable
 import adapters  # noqa: F401  (applies patch_spconv_cpu_stream)
 import spconv.pytorch as spconv
 from adapters import hash_insert, hash_query, patch_spconv_cpu_scatter_add, patch_spconv_cpu_stream
-from adapters.spconv_compat import new_hash_table, query_cpu
+from adapters.spconv_compat import new_hash_table, query_cpu, query_cpu_async
 from spconv.pytorch.cppcore import torch_tensor_to_tv
 
 CPU_ONLY = not torch.cuda.is_available()
@@ -364,3 +364,10 @@ def test_bad_value_dtype_and_values_buffer_are_named_errors():
     values = torch.full((4,), -7, dtype=torch.int32)
     empty = query_cpu(table, keys, values)
     assert values.tolist() == [0, 1, 2, 3] and empty.tolist() == [0, 0, 0, 0]
+    # the asynchronous form: the buffer is checked before the query starts, wait() gives the flags
+    with pytest.raises(ValueError, match=r"values must be a contiguous \[4\] torch.int32 tensor.*values.dtype=torch.int64"):
+        query_cpu_async(table, keys, torch.empty(4, dtype=torch.int64))
+    values = torch.full((6,), -7, dtype=torch.int32)
+    wait = query_cpu_async(table, torch.tensor([3, 9, 0, 2, -1, 1]), values)
+    assert wait().tolist() == [0, 1, 0, 0, 1, 0] and values.tolist() == [3, -7, 0, 2, -7, 1]
+    assert query_cpu_async(table, keys[:0], values[:0])().numel() == 0
