@@ -46,9 +46,17 @@ base-cell lookups). Bounds the ``[corners, head_dim]`` scratch buffer of the bac
 overrides it per call."""
 
 DEFORMABLE_KEEP_BYTES = 64 << 20
-"""Deformable attention on the C++ kernels (:mod:`sparse_msda.backends.cpu_deformable`): the
-offsets and attention logits (``Q * H * L * P * (D + 1)`` floats) are kept for the backward up to
-this size; above it the backward recomputes them chunk by chunk (two small matrix products)."""
+"""Deformable attention on the C++ kernels (:mod:`sparse_msda.backends.cpu_deformable`): what one
+layer keeps from its forward to its backward. Always: the int32 base-cell ids, ``Q * H * L * P * 4``
+bytes (3D scan encoder, Q = 118.5k, H = 8, L * P = 16: 58 MiB), whose recomputation would cost
+the hash lookups again. Each of the projected value table (``N * C`` floats: 116 MiB there) and
+the offsets with the attention logits (``Q * H * L * P * (D + 1)`` floats: 232 MiB there) is
+kept only while it is at most this size, else recomputed in the backward (one ``[N, C_in] x
+[C_in, C]`` product; two small products per chunk). Every kept byte adds to every layer's
+memory between its forward and its backward (an encoder of k layers keeps k of them): in the
+single-layer 3D benchmark the peak falls while the loss's backward runs, after the forward, so
+keeping the table raised it 1:1 (637 -> 765 MiB against the floor's 347, measured 2026-11-30);
+the recomputation costs ~0.12 s (table) + ~0.2 s (offsets, logits) of its ~3.5 s fwd+bwd."""
 
 TABLE_COPY_BYTES = 512 << 20
 """Sampling, C++ kernel backward: memory it may spend on per-thread copies of the table gradient

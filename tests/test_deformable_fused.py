@@ -161,6 +161,48 @@ def test_fused_gradcheck(dim, keep, monkeypatch):
     assert torch.autograd.gradcheck(blocks, inputs, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_backward_storage_reuse(keep, monkeypatch):
+    """The backward's storage reuse changes no gradient: ``grad_in_place=False`` leaves the
+    incoming gradient untouched; ``grad_in_place=True`` writes the query's gradient over it (same
+    storage) with the same values; a recomputed value table holds the feature blocks' gradients
+    afterwards (one storage), a kept one does not; every gradient equal across the modes."""
+    monkeypatch.setattr(tuning, "DEFORMABLE_KEEP_BYTES", 1 << 30 if keep else 0)
+    monkeypatch.setattr(tuning, "CHUNK_CORNERS", 3 * 2 * 2 * 2)  # chunks of 3 queries
+    gen = torch.Generator().manual_seed(23)
+    stack, shapes_t = random_map([[4, 5], [2, 3]], 2, 4, 0.6, torch.float64, gen)
+    index = SparseCoordinateIndex.from_coo_stack(stack, shapes_t)
+    h, l, p, dh, n_q = 2, 2, 2, 3, 7
+    c = h * dh  # the query's width equals the output's, as in the module
+    weights = (torch.randn(h * l * p * 2, c, dtype=torch.float64, generator=gen) * 0.5, torch.randn(h * l * p * 2, dtype=torch.float64, generator=gen),
+               torch.randn(h * l * p, c, dtype=torch.float64, generator=gen), torch.randn(h * l * p, dtype=torch.float64, generator=gen))
+    ref = torch.rand(n_q, 2, dtype=torch.float64, generator=gen)
+    feats = torch.randn(index.n_voxels, 5, dtype=torch.float64, generator=gen)
+    w_v, b_v = torch.randn(c, 5, dtype=torch.float64, generator=gen), torch.randn(c, dtype=torch.float64, generator=gen)
+    x0 = torch.randn(n_q, c, dtype=torch.float64, generator=gen)
+    batch = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    cut = index.n_voxels // 3
+    grad = torch.randn(n_q, c, dtype=torch.float64, generator=gen)
+    results = {}
+    for in_place in (False, True):
+        x = x0.clone().requires_grad_()
+        parts = [feats[:cut].clone().requires_grad_(), feats[cut:].clone().requires_grad_()]
+        out = deformable_fused.fused_deformable_attention(
+            x, *weights, ref, parts, w_v, b_v, None, index, batch, h, l, p, backend="cpu", grad_in_place=in_place
+        )
+        g = grad.clone()
+        out.backward(g)
+        if in_place:
+            assert x.grad.data_ptr() == g.data_ptr(), "the query's gradient was not written over the incoming one"
+        else:
+            torch.testing.assert_close(g, grad, rtol=0, atol=0, msg="grad_in_place=False modified the incoming gradient")
+        shared = parts[0].grad.untyped_storage().data_ptr() == parts[1].grad.untyped_storage().data_ptr()
+        assert shared != keep, "the feature gradients should share the recomputed table's storage exactly when it is recomputed"
+        results[in_place] = [x.grad, parts[0].grad, parts[1].grad]
+    for a, b in zip(results[False], results[True]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_functional_chooses_the_fused_head_through_the_backends(monkeypatch):
     """fused_deformable_attention runs the chosen backend's ``deformable_attention`` (looked up on
     the backend module at call time, so a backend spy sees it); a backend without one (reference)
@@ -180,9 +222,9 @@ def test_functional_chooses_the_fused_head_through_the_backends(monkeypatch):
     expected = cpu_deformable.deformable_attention(*args)
     calls = []
     original = cpu.deformable_attention
-    monkeypatch.setattr(cpu, "deformable_attention", lambda *a: (calls.append(len(a)), original(*a))[1])
+    monkeypatch.setattr(cpu, "deformable_attention", lambda *a, **k: (calls.append((len(a), k)), original(*a, **k))[1])
     torch.testing.assert_close(deformable_fused.fused_deformable_attention(*args, backend="cpu"), expected, rtol=0, atol=0)
-    assert calls == [15]
+    assert calls == [(15, {"grad_in_place": False})]
     assert deformable_fused.fusable("cpu", args[0], args[6])
     assert not deformable_fused.fusable("reference", args[0], args[6])
     with pytest.raises(ValueError, match="the reference backend, which has no fused deformable attention"):

@@ -25,7 +25,13 @@ Memory: kept for the backward are the inputs, the ``[Q * H, L * P]`` int32 base-
 each fits in :data:`~sparse_msda.tuning.DEFORMABLE_KEEP_BYTES`, the value table and the offsets
 and logits; larger problems (e.g. a 3D encoder with 10^5 queries) recompute them in the backward
 (the table by one matrix product, offsets and logits per chunk by two small ones) instead of
-keeping ``N * C + Q * H * L * P * (D + 1)`` floats alive from the forward to the backward.
+keeping ``N * C + Q * H * L * P * (D + 1)`` floats alive from the forward to the backward
+(policy and per-layer costs: :data:`~sparse_msda.tuning.DEFORMABLE_KEEP_BYTES`). The backward
+reuses storage instead of taking fresh pages (each fresh ``[10^5, 256]`` float32 tensor is ~30k
+page faults, tens of ms): the features' gradients are written into the recomputed table once the
+kernel is done with it, and the query's gradient over the incoming gradient, chunk by chunk after
+the chunk's kernel call has read it, when that gradient is the Function's own (``grad_in_place``:
+the module's output goes to its output projection alone; or a contiguous copy made here).
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class _Spec:
     keep: bool  # keep the offsets and logits for the backward (else recompute per chunk)
     keep_table: bool  # keep the projected value table for the backward (else recompute it)
     head_dim: int
+    grad_in_place: bool = False  # the backward may write the query's gradient over the incoming one
 
 
 class _Chunks:
@@ -170,13 +177,23 @@ class _FusedDeformable(torch.autograd.Function):
         need_w = need_x or need_w_att or need_b_att
         ext = sampling_kernels(auto=False)
         h = spec.n_heads
-        if table is None:  # recompute the value projection instead of keeping it since the forward
+        recomputed = table is None
+        if recomputed:  # recompute the value projection instead of keeping it since the forward
             table = _value_table(features, w_v, b_v, bg, spec.head_dim)
         dh = table.shape[1]
         ch = _Chunks(spec, x, w_off, b_off, w_att, b_att, ref, off_all, logit_all)
         g = grad_out.contiguous().view(-1, dh)
         g_table = torch.zeros_like(table) if need_table else None
-        g_x = torch.empty_like(x) if need_x else None
+        g_x = None
+        if need_x:
+            # x's gradient over the incoming one (when the caller allows it, or g is our own
+            # contiguous copy): the kernel call of chunk q0:q1 reads its rows of g before the
+            # chunk's rows of g_x, the same memory, are written; no fresh [Q, C] pages
+            own = spec.grad_in_place or g.data_ptr() != grad_out.data_ptr()
+            if own and g.dtype == x.dtype and g.numel() == x.numel() and not g.requires_grad:
+                g_x = g.view(x.shape)
+            else:
+                g_x = torch.empty_like(x)
         g_w_off = torch.zeros_like(w_off) if need_w_off else None
         g_b_off = torch.zeros_like(b_off) if need_b_off else None
         g_w_att = torch.zeros_like(w_att) if need_w_att else None
@@ -212,17 +229,22 @@ class _FusedDeformable(torch.autograd.Function):
             if need_ref:  # d location / d ref = the level's shape
                 g5 = g_off.view(c, h, spec.n_levels, spec.n_points, -1)
                 g_ref[q0:q1] = (g5 * shapes_f[None, None, :, None, :]).sum((1, 2, 3))
+        n, c_in = sum(p.shape[0] for p in features), w_v.shape[1]
+        # a table recomputed here is dead now: the features' gradients go into its storage (no
+        # fresh [N, C_in] pages; the blocks' gradients then share that one storage)
+        spare = table.view(-1)[: n * c_in] if recomputed and n * c_in <= table.numel() else None
         del table
         g_parts = [None] * len(features)
         g_w_v = g_b_v = g_bg = None
         if need_table:  # through the value projection: rows r * H + h of voxel r are its [C] row
-            n = sum(p.shape[0] for p in features)
             n_value = n * w_v.shape[0] // dh
             g_value = g_table[:n_value].view(n, w_v.shape[0])
             r = 0
             for i, p in enumerate(features):  # per feature block: no [N, C_in] concatenation
                 g_block = g_value[r : r + p.shape[0]]
-                if need_parts[i]:
+                if need_parts[i] and spare is not None:
+                    g_parts[i] = torch.mm(g_block, w_v, out=spare[r * c_in : (r + p.shape[0]) * c_in].view(-1, c_in))
+                elif need_parts[i]:
                     g_parts[i] = g_block @ w_v
                 if need_w_v:
                     g_w_v = g_block.t() @ p if g_w_v is None else g_w_v.addmm_(g_block.t(), p)
@@ -252,6 +274,7 @@ def deformable_attention(
     n_heads: int,
     n_levels: int,
     n_points: int,
+    grad_in_place: bool = False,
 ) -> Tensor:
     """The ``cpu`` backend's fused deformable attention (arguments, shapes and result as
     :func:`sparse_msda.functional.deformable_fused.fused_deformable_attention`, which chooses the
@@ -260,7 +283,9 @@ def deformable_attention(
     :data:`~sparse_msda.tuning.DEFORMABLE_KEEP_BYTES`, else recomputed there. ``features`` may be
     one ``[N, C_in]`` tensor or a sequence of row blocks of it (e.g. one per spconv level): the
     blocks are projected into one table and get their own gradients, so no concatenated copy of
-    the features is made or kept for the backward."""
+    the features is made or kept for the backward. ``grad_in_place``: the output's gradient
+    reaches this Function alone (nobody else reads it), so the backward may write the query's
+    gradient over it (see the module docstring)."""
     parts = [features] if isinstance(features, Tensor) else list(features)
     n_q, h, j, d = x.shape[0], n_heads, n_levels * n_points, index.position_dim
     head_dim = value_weight.shape[0] // n_heads
@@ -271,7 +296,7 @@ def deformable_attention(
         index, batch_indices.to(torch.int64), h, n_levels, n_points,
         -1 if background_table is None else n_value,
         max(1, tuning.CHUNK_CORNERS // max(1, h * j)), n_q * per_query <= tuning.DEFORMABLE_KEEP_BYTES,
-        table_bytes <= tuning.DEFORMABLE_KEEP_BYTES, head_dim,
+        table_bytes <= tuning.DEFORMABLE_KEEP_BYTES, head_dim, grad_in_place,
     )
     return _FusedDeformable.apply(
         x.contiguous(), offset_weight.contiguous(), offset_bias, attn_weight.contiguous(), attn_bias,

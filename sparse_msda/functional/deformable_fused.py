@@ -79,6 +79,7 @@ def fused_deformable_attention(
     n_levels: int,
     n_points: int,
     backend: Optional[str] = None,
+    grad_in_place: bool = False,
 ) -> Tensor:
     """The deformable attention's value projection, offsets, softmax and sampling from the query.
 
@@ -101,6 +102,10 @@ def fused_deformable_attention(
         index: the map's coordinate index; batch_indices: int64 ``[Q]`` (checked by the caller).
         backend: a backend name, or None for the automatic choice
             (:func:`~sparse_msda.backends.choose_backend`); it must implement the fused head.
+        grad_in_place: the output's gradient reaches this call alone (e.g. the output goes
+            straight into a linear layer, whose backward makes a fresh gradient), so the
+            backward may overwrite it (the ``cpu`` backend writes ``x``'s gradient there).
+            False (default): the incoming gradient is never modified.
 
     Returns:
         ``[Q, H * Dh]``; differentiable w.r.t. every tensor argument but the index and batch.
@@ -121,5 +126,5 @@ def fused_deformable_attention(
         raise ValueError(f"backend={backend!r} chose the {name} backend, which has no fused deformable attention (fusable() is False)")
     return module.deformable_attention(
         x, offset_weight, offset_bias, attn_weight, attn_bias, reference_points, features, value_weight, value_bias,
-        background_table, index, batch_indices, n_heads, n_levels, n_points,
+        background_table, index, batch_indices, n_heads, n_levels, n_points, grad_in_place=grad_in_place,
     )

@@ -210,6 +210,7 @@ class SparseMSDeformableAttention(nn.Module):
                 self.value_proj.weight, self.value_proj.bias,
                 None if background_value is None else background_value.reshape(-1, self.head_dim),
                 qb.index, qb.batch_indices, h, l, p, backend=self.backend,
+                grad_in_place=isinstance(self.output_proj, nn.Linear),  # out's gradient comes from it alone
             )
             return self.output_proj(out)
         attn = self.attention_weights(query).view(n_q, h, l * p).softmax(-1).view(n_q, h, l, p)
