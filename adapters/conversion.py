@@ -177,7 +177,8 @@ def multilevel_features(
     stacked_feature_maps: MultiLevelMap,
     level_spatial_shapes=None,
     index: Optional[SparseCoordinateIndex] = None,
-) -> tuple[torch.Tensor, SparseCoordinateIndex]:
+    concatenate: bool = True,
+) -> tuple[Optional[torch.Tensor], SparseCoordinateIndex]:
     """Feature rows of a multi-level sparse map and its coordinate index.
 
     Args:
@@ -187,6 +188,10 @@ def multilevel_features(
         index: a prebuilt :class:`SparseCoordinateIndex` of this map (e.g. built once for all
             layers of an encoder). It is checked (O(N)) to hold exactly the map's voxels in the
             same row order; otherwise one is built.
+        concatenate: False: for a list of ``SparseConvTensor`` return None instead of the
+            concatenation of the levels' features (for a caller that uses the levels' feature
+            blocks themselves: an ``[N, channels]`` copy saved); a COO stack's values are
+            returned either way (no copy).
 
     Returns:
         ``(features, index)``: ``[N, channels]`` rows in the index's row order (differentiable),
@@ -198,6 +203,7 @@ def multilevel_features(
         idx = stacked.indices()
         b, l, c = idx[0], idx[-1], idx[1:-1].T
         features, batch_size = stacked.values(), stacked.shape[0]
+        n_rows = features.shape[0]
     else:
         levels, batch_size, shapes = check_spconv_levels(stacked_feature_maps)
         if level_spatial_shapes is not None:
@@ -207,7 +213,8 @@ def multilevel_features(
                     f"level_spatial_shapes={given.tolist()} does not match the SparseConvTensor "
                     f"spatial shapes {shapes.tolist()}"
                 )
-        features = torch.cat([lvl.features for lvl in levels])
+        features = torch.cat([lvl.features for lvl in levels]) if concatenate else None
+        n_rows = sum(lvl.features.shape[0] for lvl in levels)
         if index is None:
             return features, SparseCoordinateIndex.from_spconv(levels)
         all_idx = torch.cat([lvl.indices for lvl in levels])
@@ -221,13 +228,13 @@ def multilevel_features(
     if not isinstance(index, SparseCoordinateIndex):
         raise TypeError(f"index must be a SparseCoordinateIndex, got {type(index).__name__}")
     if (
-        index.n_voxels != features.shape[0]
+        index.n_voxels != n_rows
         or index.batch_size != batch_size
         or not torch.equal(index.level_spatial_shapes, shapes.to(index.device))
         or not index.matches(b, l, c)
     ):
         raise ValueError(
-            f"index {index!r} was not built from this map (n_voxels={features.shape[0]}, "
+            f"index {index!r} was not built from this map (n_voxels={n_rows}, "
             f"batch_size={batch_size}, level_spatial_shapes={shapes.tolist()}) or its voxels are in another order"
         )
     return features, index

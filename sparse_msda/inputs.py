@@ -80,7 +80,9 @@ class QueryBatch:
     """Normalised inputs of one attention call.
 
     Attributes:
-        features: ``[N_voxels, C]`` voxel features in the index's row order.
+        features: ``[N_voxels, C]`` voxel features in the index's row order; None when the map
+            came as a list of ``SparseConvTensor`` and ``prepare_inputs(concatenate_levels=False)``
+            (then ``feature_parts`` holds them: see :meth:`all_features`).
         index: the map's :class:`adapters.SparseCoordinateIndex`.
         level_spatial_shapes: int64 ``[n_levels, position_dim]`` (on the query device).
         batch_indices: int64 ``[n_queries]`` batch item of each query.
@@ -92,13 +94,17 @@ class QueryBatch:
             these, so that the concatenation need not outlive the call (e.g. kept for a backward).
     """
 
-    features: Tensor
+    features: Optional[Tensor]
     index: SparseCoordinateIndex
     level_spatial_shapes: Tensor
     batch_indices: Tensor
     query_level_indices: Tensor
     query_level_shapes: Tensor
     feature_parts: Optional[tuple] = None
+
+    def all_features(self) -> Tensor:
+        """``features``, or the concatenation of ``feature_parts`` where it was not made."""
+        return self.features if self.features is not None else torch.cat(self.feature_parts)
 
 
 def prepare_inputs(
@@ -115,13 +121,16 @@ def prepare_inputs(
     background_embedding: Optional[Tensor] = None,
     index: Optional[SparseCoordinateIndex] = None,
     dtype: Optional[torch.dtype] = None,
+    concatenate_levels: bool = True,
 ) -> QueryBatch:
     """Check every public input of an attention call and normalise it (before any layer runs).
 
     Policies: ``query`` has the module's dtype ``dtype`` (:func:`check_query`); the features
     (``QueryBatch.features``) are cast to the query's dtype; positions are finite (NaN / inf
     raise, huge finite positions are queries outside the map); every index (offsets, levels)
-    lies in its range. Any strides are accepted.
+    lies in its range. Any strides are accepted. ``concatenate_levels=False``: a list of
+    ``SparseConvTensor`` levels is not concatenated (``QueryBatch.features`` None, the levels'
+    features in ``feature_parts``), for a caller that takes the blocks (saves an ``[N, C]`` copy).
 
     Raises:
         TypeError: wrong kinds or dtypes (e.g. integer positions, float offsets, a query of
@@ -149,18 +158,19 @@ def prepare_inputs(
             f"query outside the map), got query {bad} at {query_spatial_positions[bad].tolist()}"
         )
 
-    features, index = multilevel_features(stacked_feature_maps, level_spatial_shapes, index)
+    features, index = multilevel_features(stacked_feature_maps, level_spatial_shapes, index, concatenate_levels)
+    first = features if features is not None else stacked_feature_maps[0].features  # levels agree (checked)
     shapes = index.level_spatial_shapes.to(query.device)
     if shapes.shape != (n_levels, position_dim):
         raise ValueError(
             f"the feature maps have level_spatial_shapes of shape {tuple(shapes.shape)}, "
             f"expected [n_levels={n_levels}, position_dim={position_dim}]"
         )
-    if features.shape[-1] != embed_dim:
-        raise ValueError(f"feature maps must have {embed_dim} channels, got {features.shape[-1]}")
-    if not features.is_floating_point():
-        raise TypeError(f"the feature maps must be floating-point, got {features.dtype}")
-    features = features.to(query.dtype)
+    if first.shape[-1] != embed_dim:
+        raise ValueError(f"feature maps must have {embed_dim} channels, got {first.shape[-1]}")
+    if not first.is_floating_point():
+        raise TypeError(f"the feature maps must be floating-point, got {first.dtype}")
+    features = None if features is None else features.to(query.dtype)
     parts = None
     if not isinstance(stacked_feature_maps, Tensor):  # spconv levels: features is their concatenation
         parts = tuple(lvl.features.to(query.dtype) for lvl in stacked_feature_maps)

@@ -100,6 +100,22 @@ def test_fused_module_on_spconv_levels_matches(dim, fused_calls, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"item {i}: {m}")
 
 
+def test_module_prepare_does_not_concatenate_spconv_levels():
+    """The deformable module's checked inputs keep spconv levels as blocks (the fused path takes
+    them; no ``[N, C]`` concatenation per call); ``all_features()`` concatenates on demand (the
+    unfused paths), equal to the levels' features in index row order."""
+    import adapters
+
+    shapes = SHAPES[3]
+    stack, shapes_t = random_map(shapes, 2, 16, 0.5, torch.float64, torch.Generator().manual_seed(31))
+    levels = adapters.coo_stack_to_spconv(stack.coalesce(), shapes_t)
+    module = SparseMSDeformableAttention(16, 4, len(shapes), 3, 3).double()
+    query, pos, offsets, lev = random_queries([3, 2], shapes, 16, torch.float64, torch.Generator().manual_seed(32))
+    qb = module.prepare(query, pos, offsets, levels, None, lev)
+    assert qb.features is None and len(qb.feature_parts) == len(levels)
+    torch.testing.assert_close(qb.all_features(), torch.cat([lvl.features for lvl in levels]), rtol=0, atol=0)
+
+
 def test_fused_module_float32_matches(fused_calls):
     fused = _module_run("cpu", 2, torch.float32, True, seed=5)
     assert fused_calls

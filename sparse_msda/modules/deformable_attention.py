@@ -181,6 +181,7 @@ class SparseMSDeformableAttention(nn.Module):
             background_embedding=background_embedding,
             index=coordinate_index,
             dtype=self.value_proj.weight.dtype,
+            concatenate_levels=False,  # the fused path takes the levels' blocks; the others concatenate in _attend
         )
 
     def _attend(self, qb: QueryBatch, query: Tensor, query_spatial_positions: Tensor, background_embedding) -> Tensor:
@@ -200,19 +201,21 @@ class SparseMSDeformableAttention(nn.Module):
         # copy the gradient back in backward)
         weight = self.sampling_offsets.weight.view(h, l, p, d, -1).flip(3).reshape(h * l * p * d, -1)
         bias = self.sampling_offsets.bias.view(h, l, p, d).flip(3).reshape(-1)
-        features, plan = qb.features, None
+        plan = None
+        first_features = qb.features if qb.features is not None else qb.feature_parts[0]
         if n_q * h * l * p * 2**d >= self.plan_below * qb.index.n_voxels and fusable(
-            self.backend, query, ref, qb.features, self.value_proj.weight
+            self.backend, query, ref, first_features, self.value_proj.weight
         ):  # an encoder on the C++ kernels: values, offsets, softmax and sampling fused, per chunk of queries
             out = fused_deformable_attention(
                 query, weight, bias, self.attention_weights.weight, self.attention_weights.bias, ref,
-                features if qb.feature_parts is None else qb.feature_parts,
+                qb.features if qb.feature_parts is None else qb.feature_parts,
                 self.value_proj.weight, self.value_proj.bias,
                 None if background_value is None else background_value.reshape(-1, self.head_dim),
                 qb.index, qb.batch_indices, h, l, p, backend=self.backend,
                 grad_in_place=isinstance(self.output_proj, nn.Linear),  # out's gradient comes from it alone
             )
             return self.output_proj(out)
+        features = qb.all_features()
         attn = self.attention_weights(query).view(n_q, h, l * p).softmax(-1).view(n_q, h, l, p)
         offsets = F.linear(query, weight, bias).view(n_q, h, l, p, d).to(ref.dtype)
         if torch.is_grad_enabled() and (offsets.requires_grad or ref.requires_grad):

@@ -185,7 +185,7 @@ class VoxelQueries:
                 raise TypeError(
                     f"coordinate_index must be a SparseCoordinateIndex or None, got {type(coordinate_index).__name__}"
                 )
-            _, index = multilevel_features(levels, None, coordinate_index)  # validates, O(N)
+            _, index = multilevel_features(levels, None, coordinate_index, concatenate=False)  # validates, O(N)
         batch = index.batch_indices
         if batch.numel() and bool((batch[1:] < batch[:-1]).any()):
             order = torch.argsort(batch, stable=True)
