@@ -126,5 +126,5 @@ def fused_deformable_attention(
         raise ValueError(f"backend={backend!r} chose the {name} backend, which has no fused deformable attention (fusable() is False)")
     return module.deformable_attention(
         x, offset_weight, offset_bias, attn_weight, attn_bias, reference_points, features, value_weight, value_bias,
-        background_table, index, batch_indices, n_heads, n_levels, n_points, grad_in_place=grad_in_place,
+        background_table, index, batch_indices, n_heads, n_levels, n_points, grad_in_place,
     )
