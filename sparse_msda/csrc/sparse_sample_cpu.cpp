@@ -192,49 +192,71 @@ inline int64_t base_cell(scalar_t b) {
   return static_cast<int64_t>(std::isnan(b) ? scalar_t(-2) : std::min(std::max(b, scalar_t(-2)), scalar_t(1LL << 40)));
 }
 
+// The present corners of the sample at pos (row s, sample j) appended to rows / w / corner from n
+// on, in corner order k = 0 .. 2**D - 1 (bit D - 1 - d of k: the upper neighbour along axis d);
+// returns the new count. rows: table row; w: the corner's weight c_k = prod_d (frac_d or 1 - frac_d);
+// frac [DIM]: the per-axis fractions. finite: whether the position is finite (if not: no corner,
+// frac 0). Branch-free for the absent voxel corners when there are no background rows (each
+// corner written, the count advanced only for a present one): a sample's corners are present at
+// random (a quarter of them in the 3D encoder), so branching on them was mispredicted ~1 in 4.
 template <typename scalar_t, int DIM>
-inline bool corners(const Layout& L, const scalar_t* pos, const int32_t* crow, int64_t s, int64_t j,
-                    int64_t* rows, scalar_t* w, scalar_t* frac) {
+inline int64_t append_corners(const Layout& L, const scalar_t* pos, const int32_t* crow, int64_t s, int64_t j,
+                              int64_t* rows, scalar_t* w, uint8_t* corner, int64_t n, scalar_t* frac, bool& finite) {
   constexpr int K = 1 << DIM;
   int64_t base[DIM];
-  bool finite = true;
+  scalar_t lo[DIM];
+  finite = true;
+#pragma GCC unroll 3
   for (int d = 0; d < DIM; ++d) {
     scalar_t shifted = pos[d] - scalar_t(0.5);
     scalar_t b = std::floor(shifted);
     finite = finite && std::isfinite(pos[d]);
     base[d] = base_cell(b);
     frac[d] = shifted - b;
+    lo[d] = scalar_t(1) - frac[d];
   }
   if (!finite) {
     for (int d = 0; d < DIM; ++d) frac[d] = 0;
-    for (int k = 0; k < K; ++k) {
-      rows[k] = -1;
-      w[k] = 0;
-    }
-    return false;
+    return n;
   }
   const int64_t h = L.head[s * L.hs0 + j * L.hs1];
+  if (L.bg_offset < 0) {
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      scalar_t wk = 1;
+#pragma GCC unroll 3
+      for (int d = 0; d < DIM; ++d) wk *= ((k >> (DIM - 1 - d)) & 1) ? frac[d] : lo[d];
+      const int32_t r = crow[k];
+      rows[n] = static_cast<int64_t>(r) * L.n_heads + h;
+      w[n] = wk;
+      corner[n] = static_cast<uint8_t>(k);
+      n += r >= 0;
+    }
+    return n;
+  }
+  const int64_t l = L.level[s * L.ls0 + j * L.ls1];
   for (int k = 0; k < K; ++k) {
     scalar_t wk = 1;
-    for (int d = 0; d < DIM; ++d) wk *= ((k >> (DIM - 1 - d)) & 1) ? frac[d] : scalar_t(1) - frac[d];
-    w[k] = wk;
+    for (int d = 0; d < DIM; ++d) wk *= ((k >> (DIM - 1 - d)) & 1) ? frac[d] : lo[d];
     const int32_t r = crow[k];
+    int64_t row = -1;
     if (r >= 0) {
-      rows[k] = static_cast<int64_t>(r) * L.n_heads + h;
-      continue;
+      row = static_cast<int64_t>(r) * L.n_heads + h;
+    } else if (l >= 0 && l < L.n_levels) {  // a background row where the corner is inside its level
+      bool inside = true;
+      for (int d = 0; d < DIM; ++d) {
+        const int64_t c = base[d] + ((k >> (DIM - 1 - d)) & 1);
+        inside = inside && c >= 0 && c < L.shapes[l * DIM + d];
+      }
+      if (inside) row = L.bg_offset + (L.batch[s * L.bs0 + j * L.bs1] * L.n_levels + l) * L.n_heads + h;
     }
-    rows[k] = -1;
-    if (L.bg_offset < 0) continue;
-    const int64_t l = L.level[s * L.ls0 + j * L.ls1];
-    if (l < 0 || l >= L.n_levels) continue;
-    bool inside = true;
-    for (int d = 0; d < DIM; ++d) {
-      const int64_t c = base[d] + ((k >> (DIM - 1 - d)) & 1);
-      inside = inside && c >= 0 && c < L.shapes[l * DIM + d];
-    }
-    if (inside) rows[k] = L.bg_offset + (L.batch[s * L.bs0 + j * L.bs1] * L.n_levels + l) * L.n_heads + h;
+    if (row < 0) continue;
+    rows[n] = row;
+    w[n] = wk;
+    corner[n] = static_cast<uint8_t>(k);
+    ++n;
   }
-  return true;
+  return n;
 }
 
 // Deformable mode: the sample's location from its offset and its query's reference point (see the top).
@@ -279,18 +301,23 @@ struct SampleInputs {
   // Deformable mode: the reference point of row s (null otherwise); pass it to at().
   const scalar_t* ref_row(int64_t s) const { return ref != nullptr ? ref + (s / ref_group) * DIM : nullptr; }
 
-  // Corners of (s, j) into rows / w / frac (see corners()); in finite whether the position is
-  // finite. rp: ref_row(s).
-  void at(int64_t s, int64_t j, const scalar_t* rp, int64_t* rows, scalar_t* w, scalar_t* frac, bool& finite) const {
+  // The present corners of (s, j) appended at n (see append_corners()); returns the new count.
+  // rp: ref_row(s).
+  int64_t append(int64_t s, int64_t j, const scalar_t* rp, int64_t* rows, scalar_t* w, uint8_t* corner, int64_t n,
+                 scalar_t* frac, bool& finite) const {
     const int64_t sj = s * J + j;
     const int32_t* crow = cr + static_cast<int64_t>(id[sj]) * (1 << DIM);
     if (rp != nullptr) {
       scalar_t loc[DIM];
       location<scalar_t, DIM>(pos + sj * DIM, rp, shape_f.data() + L.level[s * L.ls0 + j * L.ls1] * DIM, loc);
-      finite = corners<scalar_t, DIM>(L, loc, crow, s, j, rows, w, frac);
-    } else {
-      finite = corners<scalar_t, DIM>(L, pos + sj * DIM, crow, s, j, rows, w, frac);
+      return append_corners<scalar_t, DIM>(L, loc, crow, s, j, rows, w, corner, n, frac, finite);
     }
+    return append_corners<scalar_t, DIM>(L, pos + sj * DIM, crow, s, j, rows, w, corner, n, frac, finite);
+  }
+
+  // Prefetch the corner-table rows of row s's samples (cr[id[s, j]]: random reads, the ids sequential).
+  void prefetch_corner_rows(int64_t s) const {
+    for (int64_t j = 0; j < J; ++j) __builtin_prefetch(cr + static_cast<int64_t>(id[s * J + j]) * (1 << DIM), 0, 3);
   }
 
   // The attention weights of row s into a[0, J): as given, or the softmax of the row's logits.
@@ -303,44 +330,93 @@ struct SampleInputs {
   }
 };
 
-// The corners of the J samples of one row s, all set up before any of its table rows is read:
-// rows [J, K] (-1: holds nothing), w [J, K] corner weights, frac [J, DIM], finite [J] (see
-// corners()). The forward prefetches each present corner's table row as soon as its index is
-// known, so a row's 2**D * J independent random row reads are in flight together (the forward is
-// bound by their latency). Kernel-only A/B over the BEV encoder's captured calls, 2 threads,
-// 2026-11-30: forward median 27.5 -> 23.7 ms with the AVX-512 build, 25.6 -> 25.9 ms (no change)
-// with the AVX2 one. The backward does not prefetch: prefetching its table rows, or those and
-// its table-gradient rows, measured no faster there (58.4 and 57.0 against 54.8 ms).
+// Prefetch the cache lines of one table row (bytes [p, p + bytes)): RW 0 for reading, 1 for a
+// read-modify-write (the table gradient).
+template <int RW>
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (uintptr_t l = a & ~uintptr_t(63); l < a + bytes; l += 64) __builtin_prefetch(reinterpret_cast<const void*>(l), RW, 3);
+}
+
+// The present corners of the J samples of one row s, in (j, k) order: sample j's are
+// [start[j], start[j + 1]) of rows (table row), w (corner weight) and corner (k); frac [J, DIM] and
+// finite [J] (see append_corners()); all_finite: every sample finite. fill() prefetches each
+// present corner's table row (and, for the backward, its table-gradient row) as soon as its index
+// is known; the kernels fill a row's corners some rows before they use them (pipelined_rows).
 template <typename scalar_t, int DIM>
 struct RowCorners {
   static constexpr int K = 1 << DIM;
   std::vector<int64_t> rows;
   std::vector<scalar_t> w, frac;
+  std::vector<uint8_t> corner;
+  std::vector<int64_t> start;
   std::vector<char> finite;
-  explicit RowCorners(int64_t J) : rows(J * K), w(J * K), frac(J * DIM), finite(J) {}
+  bool all_finite = true;
+  explicit RowCorners(int64_t J) : rows(J * K), w(J * K), frac(J * DIM), corner(J * K), start(J + 1), finite(J) {}
 
-  // Row s's samples with keep(j) (the others' rows -1); prefetch: the present corners' rows of tab
-  // (dh entries each).
+  // Row s's samples with keep(j) (the others: no corner); prefetches the present corners' rows of
+  // tab (when not null) and of gt (when not null).
   template <typename Keep>
-  void fill(const SampleInputs<scalar_t, DIM>& in, int64_t s, const scalar_t* tab, int64_t dh, bool prefetch,
-            const Keep& keep) {
+  void fill(const SampleInputs<scalar_t, DIM>& in, int64_t s, const scalar_t* tab, const scalar_t* gt,
+            int64_t dh, const Keep& keep) {
     const scalar_t* rp = in.ref_row(s);
+    const int64_t row_bytes = dh * static_cast<int64_t>(sizeof(scalar_t));
+    int64_t n = 0;
+    all_finite = true;
     for (int64_t j = 0; j < in.J; ++j) {
-      int64_t* r = rows.data() + j * K;
+      start[j] = n;
       if (!keep(j)) {
-        for (int k = 0; k < K; ++k) r[k] = -1;
         finite[j] = 1;
         continue;
       }
       bool fin;
-      in.at(s, j, rp, r, w.data() + j * K, frac.data() + j * DIM, fin);
+      const int64_t n0 = n;
+      n = in.append(s, j, rp, rows.data(), w.data(), corner.data(), n, frac.data() + j * DIM, fin);
       finite[j] = fin;
-      if (prefetch)
-        for (int k = 0; k < K; ++k)
-          if (r[k] >= 0) __builtin_prefetch(tab + r[k] * dh, 0, 3);
+      all_finite = all_finite && fin;
+      for (int64_t i = n0; i < n; ++i) {
+        if (tab != nullptr) prefetch_lines<0>(tab + rows[i] * dh, row_bytes);
+        if (gt != nullptr) prefetch_lines<1>(gt + rows[i] * dh, row_bytes);
+      }
     }
+    start[in.J] = n;
   }
 };
+
+// Software pipeline over the rows row(0), ..., row(n - 1) in that order: body(s, c) with c row s's corners
+// (its (s, j) with keep(s, j); the others hold nothing), filled (its table rows, and gt's when gt is
+// not null, prefetched) kRowsAhead rows before, and its samples' corner-table rows prefetched
+// kIdsAhead rows before. The 3D encoder's kernels are bound by the latency of these random reads
+// (its value table and table gradient, 121 MB each, exceed the L3 cache): a row's reads are in
+// flight while the rows before it are computed instead of after.
+#ifndef SPARSE_MSDA_ROWS_AHEAD
+#define SPARSE_MSDA_ROWS_AHEAD 1
+#endif
+#ifndef SPARSE_MSDA_IDS_AHEAD
+#define SPARSE_MSDA_IDS_AHEAD 2
+#endif
+constexpr int kRowsAhead = SPARSE_MSDA_ROWS_AHEAD;
+constexpr int kIdsAhead = SPARSE_MSDA_IDS_AHEAD;
+static_assert(kRowsAhead >= 0 && kIdsAhead >= kRowsAhead, "corner-table rows are needed before the table rows");
+
+template <typename scalar_t, int DIM, typename Row, typename Keep, typename Body>
+void pipelined_rows(const SampleInputs<scalar_t, DIM>& in, const Row& row, int64_t n, const Keep& keep,
+                    const scalar_t* tab, const scalar_t* gt, int64_t dh, const Body& body) {
+  constexpr int R = kRowsAhead + 1;
+  std::vector<RowCorners<scalar_t, DIM>> ring(R, RowCorners<scalar_t, DIM>(in.J));
+  const auto fill = [&](int64_t i) {
+    const int64_t s = row(i);
+    ring[i % R].fill(in, s, tab, gt, dh, [&](int64_t j) { return keep(s, j); });
+  };
+  for (int64_t i = 0; i < std::min<int64_t>(n, kIdsAhead); ++i) in.prefetch_corner_rows(row(i));
+  for (int64_t i = 0; i < std::min<int64_t>(n, kRowsAhead); ++i) fill(i);
+  for (int64_t i = 0; i < n; ++i) {
+    if (kIdsAhead > 0 && i + kIdsAhead < n) in.prefetch_corner_rows(row(i + kIdsAhead));
+    if (i + kRowsAhead < n && kRowsAhead > 0) fill(i + kRowsAhead);
+    if (kRowsAhead == 0) fill(i);
+    body(row(i), ring[i % R]);
+  }
+}
 
 // DH > 0: the head dim at compile time (fully unrolled, vectorised row loops); DH == 0: dh at run time.
 template <typename scalar_t, int DIM, int DH>
@@ -354,31 +430,26 @@ void forward_impl(const at::Tensor& table, const at::Tensor& positions, const at
   const scalar_t* tab = table.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   parallel_range(S, n_threads, [&](int64_t s0, int64_t s1, int) {
-    RowCorners<scalar_t, DIM> c(J);
     std::vector<scalar_t> a(J);
     // the row's sum in a local array (registers when DH is known), stored once per row
     std::vector<scalar_t> heap(DH > 0 ? 0 : dh);
     alignas(64) scalar_t fixed[DH > 0 ? DH : 1];
     scalar_t* acc = DH > 0 ? fixed : heap.data();
-    const auto all = [](int64_t) { return true; };
-    for (int64_t s = s0; s < s1; ++s) {
-      c.fill(in, s, tab, dh, true, all);
+    const auto all = [](int64_t, int64_t) { return true; };
+    pipelined_rows(in, [s0](int64_t i) { return s0 + i; }, s1 - s0, all, tab, static_cast<const scalar_t*>(nullptr), dh,
+                   [&](int64_t s, const RowCorners<scalar_t, DIM>& c) {
       for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) acc[e] = 0;
       in.weights(s, a.data());
-      for (int64_t j = 0; j < J; ++j) {
-        if (!c.finite[j])  // F.grid_sample
-          for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) acc[e] = std::numeric_limits<scalar_t>::quiet_NaN();
-        const int64_t* rows = c.rows.data() + j * K;
-        const scalar_t* w = c.w.data() + j * K;
-        for (int k = 0; k < K; ++k) {
-          if (rows[k] < 0) continue;
-          const scalar_t cw = a[j] * w[k];
-          const scalar_t* t = tab + rows[k] * dh;
+      for (int64_t j = 0; j < J; ++j)
+        for (int64_t i = c.start[j]; i < c.start[j + 1]; ++i) {
+          const scalar_t cw = a[j] * c.w[i];
+          const scalar_t* t = tab + c.rows[i] * dh;
           for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) acc[e] += cw * t[e];
         }
-      }
+      if (!c.all_finite)  // F.grid_sample: a non-finite sample makes its row NaN
+        for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) acc[e] = std::numeric_limits<scalar_t>::quiet_NaN();
       std::copy(acc, acc + dh, o + s * dh);
-    }
+    });
   });
 }
 
@@ -402,25 +473,22 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
   // g: the row's output gradient (a local copy: no reload after each table-gradient store)
   auto process = [&](int64_t s, int64_t j, scalar_t a, scalar_t* gt, const scalar_t* g,
                      const RowCorners<scalar_t, DIM>& c) {
-    const int64_t* rows = c.rows.data() + j * K;
-    const scalar_t* w = c.w.data() + j * K;
     const scalar_t* frac = c.frac.data() + j * DIM;
     const bool finite = c.finite[j];
-    scalar_t dots[K];
+    scalar_t dots[K] = {};  // 0 where the corner holds nothing
     const int64_t sj = s * J + j;
     scalar_t gwj = finite ? scalar_t(0) : std::numeric_limits<scalar_t>::quiet_NaN();
-    for (int k = 0; k < K; ++k) {
-      dots[k] = 0;
-      if (rows[k] < 0) continue;
+    for (int64_t i = c.start[j]; i < c.start[j + 1]; ++i) {
+      const int64_t r = c.rows[i];
       if (need_dots) {
-        const scalar_t acc = dot_row<scalar_t, DH>(tab + rows[k] * dh, g, dh);
-        dots[k] = acc;
-        gwj += w[k] * acc;
+        const scalar_t acc = dot_row<scalar_t, DH>(tab + r * dh, g, dh);
+        dots[c.corner[i]] = acc;
+        gwj += c.w[i] * acc;
       }
       if (gt != nullptr) {
-        const scalar_t c = a * w[k];
-        scalar_t* t = gt + rows[k] * dh;
-        for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) t[e] += c * g[e];
+        const scalar_t cw = a * c.w[i];
+        scalar_t* t = gt + r * dh;
+        for (int64_t e = 0; e < (DH > 0 ? DH : dh); ++e) t[e] += cw * g[e];
       }
     }
     if (need_w) gw[sj] = gwj;
@@ -437,18 +505,16 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
       }
     }
   };
-  // Row s (its (s, j) whose head passes keep), then, with logits, the softmax's backward over the
-  // row: g_logit[j] = a[j] * (g_a[j] - sum_i a[i] g_a[i]) (logits mode has one head per row).
-  auto process_row = [&](int64_t s, scalar_t* gt, scalar_t* a, RowCorners<scalar_t, DIM>& c, int parts, int t) {
-    const auto keep = [&](int64_t j) { return parts <= 1 || L.head[s * L.hs0 + j * L.hs1] % parts == t; };
-    c.fill(in, s, tab, dh, false, keep);
+  // Row s (its (s, j) whose head passes keep(s, j); c: its corners), then, with logits, the softmax's
+  // backward over the row: g_logit[j] = a[j] * (g_a[j] - sum_i a[i] g_a[i]) (logits mode has one head per row).
+  auto process_row = [&](int64_t s, scalar_t* gt, scalar_t* a, const RowCorners<scalar_t, DIM>& c, int parts, int t) {
     alignas(64) scalar_t fixed[DH > 0 ? DH : 1];
     std::vector<scalar_t> heap(DH > 0 ? 0 : dh);
     scalar_t* g = DH > 0 ? fixed : heap.data();
     std::copy(go + s * dh, go + (s + 1) * dh, g);
     in.weights(s, a);
     for (int64_t j = 0; j < J; ++j)
-      if (keep(j)) process(s, j, a[j], gt, g, c);
+      if (parts <= 1 || L.head[s * L.hs0 + j * L.hs1] % parts == t) process(s, j, a[j], gt, g, c);
     if (logits && need_w) {
       scalar_t* row = gw + s * J;
       scalar_t dot = 0;
@@ -456,20 +522,33 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
       for (int64_t j = 0; j < J; ++j) row[j] = a[j] * (row[j] - dot);
     }
   };
+  // the rows row(0..n), their (s, j) of the heads h with h % parts == t (all when parts is 1: the
+  // rows are chosen by head when there is one per row), pipelined (pipelined_rows): the table rows
+  // prefetched when the dots read them, gt's when it is written
+  const scalar_t* tab_read = need_dots ? tab : nullptr;
+  const auto run_rows = [&](const auto& row, int64_t n, scalar_t* gt, int parts, int t) {
+    std::vector<scalar_t> a(J);
+    const auto keep = [&](int64_t s, int64_t j) { return parts <= 1 || L.head[s * L.hs0 + j * L.hs1] % parts == t; };
+    pipelined_rows(in, row, n, keep, tab_read, static_cast<const scalar_t*>(gt), dh,
+                   [&](int64_t s, const RowCorners<scalar_t, DIM>& c) { process_row(s, gt, a.data(), c, parts, t); });
+  };
   int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, S / 256)));
   scalar_t* g_table_ptr = need_table ? g_table.data_ptr<scalar_t>() : nullptr;
   if (need_table && parts > 1 && L.n_heads >= parts) {
     // Table gradient without copies or atomics: every row written for a sample of head h is
     // r * n_heads + h (voxel or background row), so thread t takes the (s, j) of heads h with
-    // h % parts == t and no two threads ever write the same row.
+    // h % parts == t and no two threads ever write the same row; each thread goes through its rows
+    // in order, so every table-gradient row gets its contributions in sample order.
     std::vector<std::thread> threads;
     auto by_head = [&](int t) {
-      std::vector<scalar_t> a(J);
-      RowCorners<scalar_t, DIM> c(J);
-      for (int64_t s = 0; s < S; ++s) {
-        if (L.hs1 == 0 && L.head[s * L.hs0] % parts != t) continue;  // one head per sample
-        process_row(s, g_table_ptr, a.data(), c, parts, t);
+      if (L.hs1 != 0) {  // several heads per row: every row, its (s, j) filtered by head
+        run_rows([](int64_t i) { return i; }, S, g_table_ptr, parts, t);
+        return;
       }
+      std::vector<int64_t> mine;  // one head per row: the thread's rows (no per-sample head test)
+      for (int64_t s = 0; s < S; ++s)
+        if (L.head[s * L.hs0] % parts == t) mine.push_back(s);
+      run_rows([&mine](int64_t i) { return mine[i]; }, static_cast<int64_t>(mine.size()), g_table_ptr, 1, 0);
     };
     for (int t = 1; t < parts; ++t) threads.emplace_back(by_head, t);
     by_head(0);
@@ -484,9 +563,7 @@ void backward_impl(const at::Tensor& table, const at::Tensor& positions, const a
     for (int p = 1; p < parts; ++p) partial.push_back(at::zeros_like(g_table));
   parallel_range(S, parts, [&](int64_t s0, int64_t s1, int p) {
     scalar_t* gt = need_table ? (p == 0 ? g_table_ptr : partial[p - 1].data_ptr<scalar_t>()) : nullptr;
-    std::vector<scalar_t> a(J);
-    RowCorners<scalar_t, DIM> c(J);
-    for (int64_t s = s0; s < s1; ++s) process_row(s, gt, a.data(), c, 1, 0);
+    run_rows([s0](int64_t i) { return s0 + i; }, s1 - s0, gt, 1, 0);
   });
   for (auto& t : partial) g_table.add_(t);
 }
