@@ -298,7 +298,7 @@ struct SampleInputs {
         id(ids.data_ptr<int32_t>()), cr(corner_rows.data_ptr<int32_t>()), S(positions.size(0)),
         J(positions.size(1)), logits(att_logits), shape_f(float_shapes<scalar_t>(layout)) {}
 
-  // Deformable mode: the reference point of row s (null otherwise); pass it to at().
+  // Deformable mode: the reference point of row s (null otherwise); pass it to append().
   const scalar_t* ref_row(int64_t s) const { return ref != nullptr ? ref + (s / ref_group) * DIM : nullptr; }
 
   // The present corners of (s, j) appended at n (see append_corners()); returns the new count.
