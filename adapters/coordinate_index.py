@@ -463,25 +463,26 @@ class SparseCoordinateIndex:
         plain miss and never aliases another cell. ``(b, l)`` out of range takes the guard key 0
         (never stored). The blocks are dense in the cells of their level, so a small level's block
         can be a direct-address table (:meth:`_corner_table`). Cost on CPU with every ``(b, l)`` in
-        range: the level's constants gathered at ``l``'s size, the ``(b, l)`` part at the broadcast
-        size of ``b`` and ``l``, then per axis one clamp and one multiply-add over the cells (int64,
-        exact: the constructor checks the key space); otherwise one clamp of the cells, one product
+        range: the level's constants gathered at ``l``'s size, one clamp of the cells, then per
+        axis one multiply-add over the cells (int64, exact: the constructor checks the key space)
+        and the batch part when ``batch_size > 1``; otherwise one clamp of the cells, one product
         with the strides and a guard per cell.
         """
         start, per_b, upper, strides, lower, _ = self._key_layout(cells.device)
         b_ok, l_ok = (b >= 0) & (b < self.batch_size), (l >= 0) & (l < self.n_levels)
         if cells.device.type == "cpu" and bool(b_ok.all()) and bool(l_ok.all()):
-            # every (b, l) in range (the usual case; checked at their own sizes): no [...] mask
-            # and no [..., D] clamped copy; per axis the level's bound and stride broadcast from
-            # l's size (e.g. [1, J] in the deformable encoder)
-            up, st = upper[l], strides[l]
-            key = torch.addcmul(start[l], b, per_b[l])
-            for axis in range(self.position_dim):
-                clamped = torch.clamp(cells[..., axis], lower, up[..., axis])
-                if axis == 0:  # broadcast to the cells' shape once, then in place
-                    key = torch.addcmul(key, clamped, st[..., axis])
-                else:
-                    key.addcmul_(clamped, st[..., axis])
+            # every (b, l) in range (the usual case; checked at their own sizes): no [...] mask;
+            # the levels' bounds and strides gathered at l's size (e.g. [J] in the deformable
+            # encoder), one clamp of the cells, one multiply-add per axis
+            dim, st = self.position_dim, strides[l]
+            clamped = torch.minimum(cells, upper[l]).clamp_min_(int(lower))
+            key = torch.addcmul(start[l], clamped[..., 0], st[..., 0])  # broadcast to the cells' shape
+            for axis in range(1, dim - 1):
+                key.addcmul_(clamped[..., axis], st[..., axis])
+            if dim > 1:
+                key.add_(clamped[..., dim - 1])  # the last axis' stride is 1
+            if self.batch_size > 1:  # (batch_size 1: every batch index in range is 0)
+                key.addcmul_(b, per_b[l])
             return key
         ok = b_ok & l_ok
         lv = torch.where(ok, l, 0)
@@ -716,11 +717,10 @@ class SparseCoordinateIndex:
         (``b``'s last dim 1), every batch and level index in range, into the contiguous int32 ``out``
         ``[..., J]``; False (nothing written) where these conditions do not hold.
 
-        The same keys as :meth:`_base_cell_keys` (same layout, same clamps to each level's guard
-        slots), formed with the ``[J, D]`` bounds and strides of the columns' levels: one clamp of the
-        cells and one multiply-add per axis. The columns of the direct-address levels are read from
-        the dense table in one gather; those of the other levels are copied out (their keys replaced
-        by the guard key 0, whose dense entry is the all-absent row) and read from the paged table
+        The keys of :meth:`_base_cell_keys` (with ``[J]`` levels and ``[rows, 1]`` batches). The
+        columns of the direct-address levels are read from the dense table in one gather; those of
+        the other levels are copied out (their keys replaced by the guard key 0, whose dense entry
+        is the all-absent row) and read from the paged table
         (:meth:`_paged_ids`), or queried in spconv's table on the worker thread while the gather
         runs. A level's out-of-range cells keep keys inside its own block, so the split by column is
         exact. No mask, compaction or scatter over all samples (what :meth:`_ids_of_keys` needs when
@@ -739,29 +739,15 @@ class SparseCoordinateIndex:
         table, corner_rows = self._corner_table()
         absent = corner_rows.shape[0] - 1
         dense = self._dense
-        start, per_b, upper, strides, lower, _ = self._key_layout(cells.device)
-        cells = cells.reshape(-1, n_cols, dim)
-        clamped = torch.minimum(cells, upper[levels]).clamp_min_(int(lower))
-        st = strides[levels]
-        key = torch.addcmul(start[levels], clamped[..., 0], st[:, 0])  # [rows, J]
-        for axis in range(1, dim - 1):
-            key.addcmul_(clamped[..., axis], st[:, axis])
-        if dim > 1:
-            key.add_(clamped[..., dim - 1])  # the last axis' stride is 1
-        del clamped
-        if self.batch_size > 1:  # (batch_size 1: every batch index in range is 0)
-            key.addcmul_(rows_b, per_b[levels])
+        key = self._base_cell_keys(rows_b, levels, cells.reshape(-1, n_cols, dim))  # [rows, J]
         ids = out.view(-1, n_cols)
         dense_levels = self._dense_levels()
         hashed = [j for j, lv in enumerate(levels.tolist()) if not dense_levels[lv]]
         if not hashed:  # every column's level is in the direct-address table
             torch.index_select(dense, 0, key.view(-1), out=out.view(-1))
             return True
-        if len(hashed) == n_cols:  # no dense table: the pages, or the query, write the ids
-            if self._paged is not None:
-                self._paged_ids(key.view(-1), out.view(-1))
-            else:
-                ids.masked_fill_(query_cpu(table, key.view(-1), out.view(-1)).view(ids.shape).view(torch.bool), absent)
+        if len(hashed) == n_cols:  # no column in the direct-address table: as any keys
+            self._ids_of_keys(key.view(-1), out.view(-1))
             return True
         if hashed == list(range(hashed[0], hashed[-1] + 1)):  # a block of columns: slices
             cols = slice(hashed[0], hashed[-1] + 1)
