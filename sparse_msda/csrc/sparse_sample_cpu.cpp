@@ -184,8 +184,6 @@ inline void softmax_weights(const scalar_t* x, int64_t n, scalar_t* a) {
   }
 }
 
-// Corners of sample (s, j): rows (-1: holds nothing), weights c_k and per-axis fractions. Returns
-// false for a non-finite sample (then every row is -1 and every weight 0).
 // Base cell floor(p - 0.5) clamped to [-2, 2**40] (NaN: -2), as functional.sampling._base_cells.
 template <typename scalar_t>
 inline int64_t base_cell(scalar_t b) {
